@@ -1,0 +1,315 @@
+//! `outbox.enqueue(kind, id [, delay])`: records *which* record changed, in the
+//! caller's transaction, and wakes the worker when that transaction commits.
+//!
+//! Coalescing: at most one fresh (pending, never attempted) job exists per
+//! (kind, id). An enqueue that finds one keeps it locked until its transaction
+//! ends, so the worker cannot claim it and read the record's state before
+//! this transaction's change is visible.
+
+use crate::errors::{raise, require, require_kind, unknown_kind};
+use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::PgOid;
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::HashMap;
+
+/// Longest id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 1024;
+
+/// Inserts a fresh job, or locks (and moves earlier) the fresh one that exists.
+/// `DO UPDATE ... WHERE` locks the conflicting row even when it updates nothing.
+const INSERT_OR_LOCK: &str = "
+INSERT INTO outbox.queue AS q (kind, id, run_at)
+SELECT k.kind, $2, now() + coalesce($3, interval '0')
+  FROM outbox.kinds k
+ WHERE k.kind = $1
+ON CONFLICT (kind, id) WHERE state = 'pending' AND last_attempt_at IS NULL
+DO UPDATE SET run_at = excluded.run_at WHERE q.run_at > excluded.run_at
+RETURNING q.job_id";
+
+/// The fresh job the insert above locked without updating it.
+const LOCKED_FRESH_JOB: &str = "
+SELECT job_id FROM outbox.queue
+ WHERE kind = $1 AND id = $2 AND state = 'pending' AND last_attempt_at IS NULL";
+
+const KIND_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM outbox.kinds WHERE kind = $1)";
+
+thread_local! {
+    static PLANS: OnceCell<[OwnedPreparedStatement; 3]> = const { OnceCell::new() };
+    static XACT: RefCell<XactState> = RefCell::new(XactState::default());
+    static CALLBACKS_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// What this backend's current transaction has enqueued.
+#[derive(Default)]
+struct XactState {
+    wake_on_commit: bool,
+    /// (kind, id) -> job id, for immediate enqueues already made in this
+    /// transaction: repeating one needs no round trip. Cleared when the
+    /// transaction ends and whenever a subtransaction aborts (its inserts and
+    /// row locks are gone).
+    seen: HashMap<(String, String), i64>,
+}
+
+/// Makes the worker's latch be set when the current transaction commits.
+pub fn wake_on_commit() {
+    register_callbacks();
+    XACT.with(|x| x.borrow_mut().wake_on_commit = true);
+}
+
+fn register_callbacks() {
+    if CALLBACKS_REGISTERED.get() {
+        return;
+    }
+    // SAFETY: registering plain function pointers that live as long as the
+    // library; done once per backend.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+    }
+    CALLBACKS_REGISTERED.set(true);
+}
+
+/// Must not raise: an ERROR here would abort the backend after commit.
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    let wake = match event {
+        XACT_EVENT_COMMIT => true,
+        XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => false,
+        _ => return,
+    };
+    let should_wake = XACT.with(|x| match x.try_borrow_mut() {
+        Ok(mut s) => {
+            let w = s.wake_on_commit;
+            s.wake_on_commit = false;
+            s.seen.clear();
+            w
+        }
+        Err(_) => true,
+    });
+    if wake && should_wake {
+        crate::shmem::wake_worker();
+    }
+}
+
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        XACT.with(|x| {
+            if let Ok(mut s) = x.try_borrow_mut() {
+                s.seen.clear();
+            }
+        });
+    }
+}
+
+fn with_plans<R>(f: impl FnOnce(&[OwnedPreparedStatement; 3]) -> R) -> R {
+    PLANS.with(|cell| {
+        let plans = cell.get_or_init(|| {
+            Spi::connect(|c| {
+                let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
+                let interval = PgOid::BuiltIn(pg_sys::BuiltinOid::INTERVALOID);
+                let prep = |sql: &str, args: &[PgOid]| {
+                    c.prepare_mut(sql, args).unwrap_or_else(|e| panic!("preparing enqueue: {e}")).keep()
+                };
+                [prep(INSERT_OR_LOCK, &[text, text, interval]), prep(LOCKED_FRESH_JOB, &[text, text]), prep(KIND_EXISTS, &[text])]
+            })
+        });
+        f(plans)
+    })
+}
+
+/// Validates the id and enqueues; shared by every `enqueue` overload.
+pub fn enqueue_one(kind: Option<&str>, id: Option<&str>, delay: Option<Interval>) -> i64 {
+    let kind = require_kind(kind);
+    let id = require(id, "id");
+    check_id(id);
+    let immediate = delay.is_none();
+    if immediate {
+        let cached = XACT.with(|x| x.borrow().seen.get(&(kind.to_string(), id.to_string())).copied());
+        if let Some(job_id) = cached {
+            return job_id;
+        }
+    }
+    let job_id = insert_or_lock(kind, id, delay);
+    wake_on_commit();
+    if immediate {
+        XACT.with(|x| x.borrow_mut().seen.insert((kind.to_string(), id.to_string()), job_id));
+    }
+    job_id
+}
+
+fn check_id(id: &str) {
+    if id.is_empty() {
+        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "id must not be empty", None);
+    }
+    if id.len() > MAX_ID_LEN {
+        raise(
+            PgSqlErrorCode::ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+            format!("id is {} bytes long; the limit is {MAX_ID_LEN}", id.len()),
+            Some("Enqueue the record's key, not its data."),
+        );
+    }
+}
+
+fn insert_or_lock(kind: &str, id: &str, delay: Option<Interval>) -> i64 {
+    with_plans(|[insert, locked, kind_exists]| {
+        Spi::connect_mut(|c| {
+            let args: [DatumWithOid; 3] =
+                [kind.into(), id.into(), delay.map_or(DatumWithOid::null::<Interval>(), DatumWithOid::from)];
+            let inserted = c.update(insert, None, &args).unwrap_or_else(|e| panic!("enqueue: {e}"));
+            if let Some(job_id) = inserted.first().get_one::<i64>().ok().flatten() {
+                return job_id;
+            }
+            let existing = c.select(locked, None, &[kind.into(), id.into()]).unwrap_or_else(|e| panic!("enqueue: {e}"));
+            if let Some(job_id) = existing.first().get_one::<i64>().ok().flatten() {
+                return job_id;
+            }
+            let exists = c
+                .select(kind_exists, None, &[kind.into()])
+                .ok()
+                .and_then(|t| t.first().get_one::<bool>().ok().flatten())
+                .unwrap_or(false);
+            if !exists {
+                unknown_kind(kind);
+            }
+            // The insert neither inserted nor found a conflict it could lock:
+            // cannot happen while we hold the row lock, so say so plainly.
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!("could not enqueue ({kind}, {id})"),
+                Some("Retry the transaction."),
+            )
+        })
+    })
+}
+
+/// Enqueues a delivery of record `id` of `kind`. Returns the job id.
+#[pg_extern(schema = "outbox", name = "enqueue", security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn enqueue_text(kind: Option<&str>, id: Option<&str>, delay: default!(Option<Interval>, "NULL")) -> i64 {
+    enqueue_one(kind, id, delay)
+}
+
+#[pg_extern(schema = "outbox", name = "enqueue", security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn enqueue_bigint(kind: Option<&str>, id: Option<i64>, delay: default!(Option<Interval>, "NULL")) -> i64 {
+    let id = id.map(|i| i.to_string());
+    enqueue_one(kind, id.as_deref(), delay)
+}
+
+#[pg_extern(schema = "outbox", name = "enqueue", security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn enqueue_uuid(kind: Option<&str>, id: Option<pgrx::Uuid>, delay: default!(Option<Interval>, "NULL")) -> i64 {
+    // pgrx formats a uuid exactly as uuid_out does: lower-case, hyphenated.
+    let id = id.map(|u| u.to_string());
+    enqueue_one(kind, id.as_deref(), delay)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::testing::{error_of, sqlstate_of};
+    use pgrx::prelude::*;
+
+    fn setup() {
+        Spi::run("SELECT outbox.register('user', 'http://127.0.0.1:9/u/{id}')").unwrap();
+    }
+
+    fn count(sql: &str) -> i64 {
+        Spi::get_one::<i64>(sql).unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn enqueue_text_bigint_uuid() {
+        setup();
+        let a = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 'a')").unwrap().unwrap();
+        let b = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 42)").unwrap().unwrap();
+        let c = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid)").unwrap().unwrap();
+        assert!(a != b && b != c);
+        let ids: Vec<String> = Spi::connect(|c| {
+            c.select("SELECT id FROM outbox.jobs ORDER BY job_id", None, &[])
+                .unwrap()
+                .map(|r| r.get::<String>(1).unwrap().unwrap())
+                .collect()
+        });
+        assert_eq!(ids, ["a", "42", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]);
+        assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE state = 'pending' AND attempts = 0"), 3);
+    }
+
+    #[pg_test]
+    fn coalesces_into_one_pending_job() {
+        setup();
+        let first = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 7)").unwrap();
+        let second = Spi::get_one::<i64>("SELECT outbox.enqueue('user', '7')").unwrap();
+        assert_eq!(first, second);
+        assert_eq!(count("SELECT count(*) FROM outbox.queue"), 1);
+    }
+
+    #[pg_test]
+    fn a_rolled_back_subtransaction_forgets_its_enqueues() {
+        setup();
+        let r = crate::subxact::try_subtransaction(|| {
+            Spi::run("SELECT outbox.enqueue('user', 8)").unwrap();
+            panic!("roll the subtransaction back");
+        });
+        assert!(r.is_err());
+        assert_eq!(count("SELECT count(*) FROM outbox.queue WHERE id = '8'"), 0);
+        // The per-transaction cache must not claim the job still exists.
+        Spi::run("SELECT outbox.enqueue('user', 8)").unwrap();
+        assert_eq!(count("SELECT count(*) FROM outbox.queue WHERE id = '8'"), 1);
+    }
+
+    #[pg_test]
+    fn a_running_job_gets_a_new_pending_one() {
+        setup();
+        let first = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 7)").unwrap().unwrap();
+        // As the worker's claim would.
+        Spi::run(&format!("UPDATE outbox.queue SET state = 'running', attempts = 1, last_attempt_at = now() WHERE job_id = {first}")).unwrap();
+        // A fresh transaction-level cache would still map (user, 7) to the
+        // running job; the real worker only claims committed jobs, so clear
+        // it the way a new transaction does.
+        super::XACT.with(|x| x.borrow_mut().seen.clear());
+        let second = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 7)").unwrap().unwrap();
+        assert_ne!(first, second);
+        assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE state = 'pending'"), 1);
+        assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE state = 'running'"), 1);
+    }
+
+    #[pg_test]
+    fn delay_sets_run_at_and_an_immediate_enqueue_moves_it_earlier() {
+        setup();
+        Spi::run("SELECT outbox.enqueue('user', 1, interval '1 hour')").unwrap();
+        assert_eq!(count("SELECT count(*) FROM outbox.queue WHERE run_at > now() + interval '59 min'"), 1);
+        Spi::run("SELECT outbox.enqueue('user', 1)").unwrap();
+        assert_eq!(count("SELECT count(*) FROM outbox.queue WHERE run_at <= now()"), 1);
+        assert_eq!(count("SELECT count(*) FROM outbox.queue"), 1);
+    }
+
+    #[pg_test]
+    fn bad_input_is_rejected_with_sqlstates() {
+        setup();
+        let cases = [
+            ("SELECT outbox.enqueue(NULL, 'x')", "22004"),
+            ("SELECT outbox.enqueue('', 'x')", "22023"),
+            ("SELECT outbox.enqueue('nope', 'x')", "42704"),
+            ("SELECT outbox.enqueue('user', NULL::text)", "22004"),
+            ("SELECT outbox.enqueue('user', NULL::bigint)", "22004"),
+            ("SELECT outbox.enqueue('user', NULL::uuid)", "22004"),
+            ("SELECT outbox.enqueue('user', '')", "22023"),
+            ("SELECT outbox.enqueue('user', repeat('x', 1025))", "22001"),
+        ];
+        for (sql, code) in cases {
+            assert_eq!(sqlstate_of(sql), code, "{sql}");
+        }
+        let msg = error_of("SELECT outbox.enqueue('nope', 'x')").unwrap();
+        assert!(msg.contains("not registered"), "{msg}");
+        assert_eq!(sqlstate_of("SELECT outbox.enqueue('user', repeat('x', 1024))"), "00000");
+        assert_eq!(count("SELECT count(*) FROM outbox.queue"), 1);
+    }
+}

@@ -1,0 +1,116 @@
+//! The `outbox.*` settings. Postmaster-context ones can only be defined while
+//! the library is preloaded, so they are skipped when it is loaded later.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+use std::time::Duration;
+
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256);
+pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(32);
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+pub static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
+pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+
+pub fn init(preloading: bool) {
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"outbox.database",
+            c"Database the outbox worker serves.",
+            c"The worker waits, logging once, until this database exists and has the extension.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_string_guc(
+            c"outbox.role",
+            c"Role the outbox worker connects as (default: the bootstrap superuser).",
+            c"Body functions run as this role.",
+            &ROLE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"outbox.concurrency",
+            c"Requests the worker keeps in flight (HTTP threads).",
+            c"",
+            &CONCURRENCY,
+            1,
+            1024,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"outbox.batch_size",
+        c"Jobs the worker claims per transaction.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.poll_interval",
+        c"Longest sleep between looks at the queue when no commit wakes the worker.",
+        c"",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.retry_base",
+        c"Delay before the first retry; it doubles with each attempt.",
+        c"",
+        &RETRY_BASE_MS,
+        1,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.retry_max",
+        c"Longest delay between two attempts, Retry-After included.",
+        c"",
+        &RETRY_MAX_MS,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.max_response_bytes",
+        c"Most bytes of a response body the worker reads.",
+        c"",
+        &MAX_RESPONSE_BYTES,
+        0,
+        64 * 1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+}
+
+fn millis(setting: &GucSetting<i32>) -> Duration {
+    Duration::from_millis(setting.get().max(0) as u64)
+}
+
+pub fn poll_interval() -> Duration {
+    millis(&POLL_INTERVAL_MS)
+}
+pub fn retry_base() -> Duration {
+    millis(&RETRY_BASE_MS)
+}
+pub fn retry_max() -> Duration {
+    millis(&RETRY_MAX_MS)
+}
+pub fn database() -> Option<String> {
+    DATABASE.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+}
+pub fn role() -> Option<String> {
+    ROLE.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+}

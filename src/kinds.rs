@@ -1,0 +1,335 @@
+//! Kinds: which URL a kind of record goes to, and how. Admin only.
+
+use crate::errors::{raise, require, require_kind, unknown_kind};
+use crate::{signing, template};
+use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+/// Longest kind name, in bytes (also a CHECK on `outbox.kinds`).
+pub const MAX_KIND_LEN: usize = 200;
+
+const UPSERT_KIND: &str = "
+INSERT INTO outbox.kinds AS k (kind, url, body, headers, secret, timeout, max_attempts, on_missing)
+VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8)
+ON CONFLICT (kind) DO UPDATE
+   SET url = excluded.url, body = excluded.body, headers = excluded.headers,
+       secret = excluded.secret, timeout = excluded.timeout,
+       max_attempts = excluded.max_attempts, on_missing = excluded.on_missing,
+       updated_at = now()";
+
+const INSERT_STATS: &str = "INSERT INTO outbox.kind_stats (kind) VALUES ($1) ON CONFLICT DO NOTHING";
+
+/// A body function must be `f(text) RETURNS json|jsonb`, not a set, not a procedure.
+const BODY_SIGNATURE_OK: &str = "
+SELECT p.pronargs = 1 AND p.proargtypes[0] = 'text'::regtype
+       AND p.prorettype IN ('json'::regtype, 'jsonb'::regtype)
+       AND p.prokind = 'f' AND NOT p.proretset
+  FROM pg_catalog.pg_proc p WHERE p.oid = $1";
+
+/// The kind's row is locked so that concurrent `track` calls see the delete.
+const LOCK_KIND: &str = "SELECT 1 FROM outbox.kinds WHERE kind = $1 FOR UPDATE";
+
+/// Triggers created by `track` carry the kind as their first argument.
+const TRACKING_TRIGGERS: &str = "
+SELECT t.tgrelid::regclass::text AS tbl, t.tgname::text AS trigger
+  FROM pg_catalog.pg_trigger t
+ WHERE t.tgfoid = 'outbox.enqueue_trigger()'::regprocedure
+   AND t.tgnargs >= 1
+   AND pg_catalog.split_part(pg_catalog.encode(t.tgargs, 'escape'), E'\\\\000', 1) = $1
+ ORDER BY 1, 2";
+
+const COUNT_JOBS: &str = "SELECT count(*) FROM outbox.queue WHERE kind = $1";
+const DELETE_JOBS: &str = "DELETE FROM outbox.queue WHERE kind = $1";
+const DELETE_KIND: &str = "DELETE FROM outbox.kinds WHERE kind = $1";
+const SET_PAUSED: &str = "UPDATE outbox.kinds SET paused = $2, updated_at = now() WHERE kind = $1";
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(sql = "
+CREATE FUNCTION outbox.register(
+    kind text, url text,
+    body regprocedure DEFAULT NULL,
+    headers jsonb DEFAULT '{}',
+    secret text DEFAULT NULL,
+    timeout interval DEFAULT '10 s',
+    max_attempts int DEFAULT 25,
+    on_missing text DEFAULT 'delete'
+) RETURNS void VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+")]
+fn register(
+    kind: Option<&str>,
+    url: Option<&str>,
+    body: Option<pg_sys::Oid>,
+    headers: Option<JsonB>,
+    secret: Option<&str>,
+    timeout: Option<Interval>,
+    max_attempts: Option<i32>,
+    on_missing: Option<&str>,
+) {
+    let kind = require_kind(kind);
+    let url = require(url, "url");
+    if let Err(e) = template::validate(url) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid url template for kind \"{kind}\": {e}"),
+            Some("Use an http or https URL; {id} and {kind} are replaced per job, e.g. 'https://api.example.com/users/{id}'."),
+        );
+    }
+    if let Some(f) = body {
+        check_body_function(f);
+    }
+    let headers = headers.unwrap_or_else(|| JsonB(serde_json::json!({})));
+    check_headers(&headers.0);
+    if let Some(s) = secret {
+        if let Err(e) = signing::decode_secret(s) {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid secret for kind \"{kind}\": {e}"),
+                Some("Use a Standard Webhooks secret: 'whsec_' followed by base64 of 24 to 64 random bytes."),
+            );
+        }
+    }
+    let timeout = require(timeout, "timeout");
+    let micros = timeout.as_micros();
+    if !(1_000..=3_600_000_000).contains(&micros) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "timeout must be between 1 millisecond and 1 hour",
+            None,
+        );
+    }
+    let max_attempts = require(max_attempts, "max_attempts");
+    if !(1..=1000).contains(&max_attempts) {
+        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "max_attempts must be between 1 and 1000", None);
+    }
+    let on_missing = require(on_missing, "on_missing");
+    if on_missing != "delete" && on_missing != "skip" {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid on_missing \"{on_missing}\""),
+            Some("Use 'delete' (send a DELETE when the body function returns NULL) or 'skip'."),
+        );
+    }
+    Spi::connect_mut(|c| {
+        let args: [DatumWithOid; 8] = [
+            kind.into(),
+            url.into(),
+            body.map_or(DatumWithOid::null::<pg_sys::Oid>(), DatumWithOid::from),
+            headers.into(),
+            secret.into(),
+            timeout.into(),
+            max_attempts.into(),
+            on_missing.into(),
+        ];
+        c.update(UPSERT_KIND, None, &args).unwrap_or_else(|e| panic!("upserting kind: {e}"));
+        c.update(INSERT_STATS, None, &[kind.into()]).unwrap_or_else(|e| panic!("creating kind stats: {e}"));
+    });
+}
+
+fn check_body_function(f: pg_sys::Oid) {
+    let ok = Spi::get_one_with_args::<bool>(BODY_SIGNATURE_OK, &[f.into()]).unwrap_or(None);
+    if ok != Some(true) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_FUNCTION_DEFINITION,
+            "body function has the wrong signature",
+            Some("A body function takes the id as text and returns json or jsonb: f(id text) RETURNS jsonb."),
+        );
+    }
+}
+
+/// Header names the worker sets itself, which a kind may not override.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "outbox-sequence",
+];
+
+fn check_headers(headers: &serde_json::Value) {
+    let bad = |msg: String| -> ! {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            msg,
+            Some("headers is a JSON object of header names to string values, e.g. '{\"Authorization\": \"Bearer ...\"}'."),
+        )
+    };
+    let Some(map) = headers.as_object() else { bad("headers must be a JSON object".into()) };
+    for (name, value) in map {
+        let token = !name.is_empty()
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            bad(format!("invalid header name \"{name}\""));
+        }
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            bad(format!("header \"{name}\" is set by outbox and cannot be overridden"));
+        }
+        let Some(v) = value.as_str() else { bad(format!("header \"{name}\" must have a string value")) };
+        if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            bad(format!("header \"{name}\" must not contain CR, LF or NUL"));
+        }
+    }
+}
+
+#[pg_extern(sql = "
+CREATE FUNCTION outbox.unregister(kind text, \"cascade\" boolean DEFAULT false)
+RETURNS void VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+")]
+fn unregister(kind: Option<&str>, cascade: Option<bool>) {
+    let kind = require_kind(kind);
+    let cascade = cascade.unwrap_or(false);
+    Spi::connect_mut(|c| {
+        let locked = c.update(LOCK_KIND, None, &[kind.into()]).unwrap_or_else(|e| panic!("locking kind: {e}"));
+        if locked.is_empty() {
+            unknown_kind(kind);
+        }
+        let triggers: Vec<(String, String)> = c
+            .select(TRACKING_TRIGGERS, None, &[kind.into()])
+            .unwrap_or_else(|e| panic!("listing triggers: {e}"))
+            .map(|row| {
+                let tbl = row.get::<String>(1).ok().flatten().unwrap_or_default();
+                let trg = row.get::<String>(2).ok().flatten().unwrap_or_default();
+                (tbl, trg)
+            })
+            .collect();
+        let jobs = c
+            .select(COUNT_JOBS, None, &[kind.into()])
+            .ok()
+            .and_then(|t| t.first().get_one::<i64>().ok().flatten())
+            .unwrap_or(0);
+        if !cascade && (!triggers.is_empty() || jobs > 0) {
+            let tables: Vec<&str> = triggers.iter().map(|(t, _)| t.as_str()).collect();
+            raise(
+                PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                format!(
+                    "cannot unregister kind \"{kind}\": {} tracking trigger(s) on [{}] and {jobs} job(s) remain",
+                    triggers.len(),
+                    tables.join(", ")
+                ),
+                Some("Untrack the tables first, or call outbox.unregister(kind, cascade => true) to drop the triggers and jobs too."),
+            );
+        }
+        for (tbl, trg) in &triggers {
+            let sql = format!("DROP TRIGGER {} ON {tbl}", spi::quote_identifier(trg));
+            c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("dropping trigger: {e}"));
+        }
+        c.update(DELETE_JOBS, None, &[kind.into()]).unwrap_or_else(|e| panic!("deleting jobs: {e}"));
+        c.update(DELETE_KIND, None, &[kind.into()]).unwrap_or_else(|e| panic!("deleting kind: {e}"));
+    });
+}
+
+fn set_paused(kind: Option<&str>, paused: bool) {
+    let kind = require_kind(kind);
+    let updated = Spi::connect_mut(|c| {
+        c.update(SET_PAUSED, None, &[kind.into(), paused.into()]).map(|t| t.len()).unwrap_or(0)
+    });
+    if updated == 0 {
+        unknown_kind(kind);
+    }
+    if !paused {
+        crate::enqueue::wake_on_commit();
+    }
+}
+
+/// Stops deliveries of a kind; jobs keep queueing.
+#[pg_extern(schema = "outbox")]
+fn pause(kind: Option<&str>) {
+    set_paused(kind, true);
+}
+
+/// Resumes deliveries of a paused kind.
+#[pg_extern(schema = "outbox")]
+fn resume(kind: Option<&str>) {
+    set_paused(kind, false);
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn err_of(sql: &str) -> String {
+        crate::testing::sqlstate_of(sql)
+    }
+
+    #[pg_test]
+    fn register_upserts_and_validates() {
+        Spi::run("SELECT outbox.register('user', 'http://127.0.0.1:9/u/{id}')").unwrap();
+        Spi::run("SELECT outbox.register('user', 'https://example.com/{kind}/{id}', max_attempts => 3)").unwrap();
+        let (url, max) = Spi::get_two::<String, i32>("SELECT url, max_attempts FROM outbox.kinds WHERE kind = 'user'").unwrap();
+        assert_eq!(url.as_deref(), Some("https://example.com/{kind}/{id}"));
+        assert_eq!(max, Some(3));
+        let cases = [
+            ("SELECT outbox.register(NULL, 'http://h/{id}')", "22004"),
+            ("SELECT outbox.register('', 'http://h/{id}')", "22023"),
+            ("SELECT outbox.register('k', NULL)", "22004"),
+            ("SELECT outbox.register('k', 'ftp://h/{id}')", "22023"),
+            ("SELECT outbox.register('k', 'http:///x')", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{nope}')", "22023"),
+            ("SELECT outbox.register('k', 'http://h /x')", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{id}', body => 'pg_catalog.now()'::regprocedure)", "42P13"),
+            ("SELECT outbox.register('k', 'http://h/{id}', headers => '[]')", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{id}', headers => '{\"a\": 1}')", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{id}', headers => '{\"bad name\": \"x\"}')", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{id}', headers => '{\"webhook-id\": \"x\"}')", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{id}', headers => '{\"x\": \"a\\r\\nb\"}')", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{id}', secret => 'not base64!')", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{id}', timeout => '0 s')", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{id}', timeout => '2 hours')", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{id}', max_attempts => 0)", "22023"),
+            ("SELECT outbox.register('k', 'http://h/{id}', on_missing => 'explode')", "22023"),
+            ("SELECT outbox.register(repeat('k', 201), 'http://h/{id}')", "22001"),
+        ];
+        for (sql, code) in cases {
+            assert_eq!(err_of(sql), code, "{sql}");
+        }
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.kinds WHERE kind = 'k'").unwrap(), Some(0));
+    }
+
+    #[pg_test]
+    fn register_accepts_a_body_function_and_secret() {
+        Spi::run("CREATE FUNCTION public.user_body(id text) RETURNS jsonb LANGUAGE sql AS $$ SELECT jsonb_build_object('id', id) $$").unwrap();
+        Spi::run(
+            "SELECT outbox.register('user', 'http://h/{id}', body => 'public.user_body(text)',
+                    secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', headers => '{\"Authorization\": \"Bearer t\"}')",
+        )
+        .unwrap();
+        let body = Spi::get_one::<String>("SELECT body::text FROM outbox.kinds WHERE kind = 'user'").unwrap();
+        assert_eq!(body.as_deref(), Some("user_body(text)"));
+    }
+
+    #[pg_test]
+    fn unregister_refuses_with_jobs_or_triggers_unless_cascade() {
+        Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
+        Spi::run("CREATE TABLE public.users (id bigint PRIMARY KEY, name text)").unwrap();
+        Spi::run("SELECT outbox.track('public.users', 'user')").unwrap();
+        assert_eq!(err_of("SELECT outbox.unregister('user')"), "2BP01");
+        Spi::run("SELECT outbox.untrack('public.users', 'user')").unwrap();
+        Spi::run("SELECT outbox.enqueue('user', 1)").unwrap();
+        assert_eq!(err_of("SELECT outbox.unregister('user')"), "2BP01");
+        Spi::run("SELECT outbox.track('public.users', 'user')").unwrap();
+        Spi::run("SELECT outbox.unregister('user', cascade => true)").unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue").unwrap(), Some(0));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.users'::regclass").unwrap(),
+            Some(0)
+        );
+        assert_eq!(err_of("SELECT outbox.unregister('user')"), "42704");
+        assert_eq!(err_of("SELECT outbox.unregister(NULL)"), "22004");
+    }
+
+    #[pg_test]
+    fn pause_and_resume() {
+        Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
+        Spi::run("SELECT outbox.pause('user')").unwrap();
+        assert_eq!(Spi::get_one::<bool>("SELECT paused FROM outbox.kinds WHERE kind = 'user'").unwrap(), Some(true));
+        Spi::run("SELECT outbox.resume('user')").unwrap();
+        assert_eq!(Spi::get_one::<bool>("SELECT paused FROM outbox.kinds WHERE kind = 'user'").unwrap(), Some(false));
+        assert_eq!(err_of("SELECT outbox.pause('nope')"), "42704");
+        assert_eq!(err_of("SELECT outbox.resume('')"), "22023");
+    }
+}

@@ -1,0 +1,58 @@
+//! outbox: a transactional outbox for PostgreSQL whose delivery worker runs
+//! inside the server.
+//!
+//! # Layout
+//! - [`schema`]: tables, indexes, the `jobs` view and privileges (DDL).
+//! - [`errors`]: user-facing errors with a SQLSTATE and a hint.
+//! - [`kinds`]: `register`, `unregister`, `pause`, `resume`.
+//! - [`enqueue`]: `enqueue(kind, id [, delay])`, coalescing, the commit wake-up.
+//! - [`triggers`]: `track`, `untrack` and the `enqueue_trigger` trigger function.
+//! - [`inspection`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`, `purge_dead`.
+//! - [`gucs`]: the `outbox.*` settings.
+//! - [`shmem`]: what backends and the worker share (the worker's latch, its status).
+//! - [`worker`]: the background worker: claim, render, deliver over HTTP threads, record.
+//! - Pure decisions, no Postgres: [`template`] (URLs), [`policy`] (classification
+//!   and backoff), [`signing`] (Standard Webhooks HMAC).
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use pgrx::prelude::*;
+
+pub mod enqueue;
+pub mod errors;
+pub mod gucs;
+pub mod inspection;
+pub mod kinds;
+pub mod policy;
+pub mod schema;
+pub mod shmem;
+pub mod signing;
+pub mod subxact;
+pub mod template;
+#[cfg(any(test, feature = "pg_test"))]
+pub mod testing;
+pub mod triggers;
+pub mod worker;
+
+::pgrx::pg_module_magic!(name, version);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: reading a plain global flag set by the postmaster while it loads
+    // shared_preload_libraries; we are on the main thread.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    gucs::init(preloading);
+    if preloading {
+        shmem::init();
+        worker::register();
+    }
+}
+
+/// Used by `cargo pgrx test`: the cluster it starts preloads the extension.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'outbox'", "outbox.database = 'pgrx_tests'"]
+    }
+}

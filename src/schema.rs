@@ -1,0 +1,164 @@
+//! The extension's tables, indexes, view and privileges.
+//!
+//! Job states live twice, as [`JobState`] and as the CHECK on `queue.state`.
+//! A *fresh* job (pending and never attempted) is what enqueues coalesce
+//! into, hence the unique partial index `queue_fresh_key`.
+
+use pgrx::prelude::*;
+
+/// A job's state. Mirrors the CHECK constraint on `outbox.queue.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Pending,
+    Running,
+    Dead,
+}
+
+impl JobState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+/// Lets `#[pg_extern(schema = "outbox")]` name the schema. The bootstrap SQL
+/// below creates it first, so pgrx's `CREATE SCHEMA IF NOT EXISTS` is a no-op.
+#[pg_schema]
+mod outbox {}
+
+extension_sql!(
+    r#"
+CREATE SCHEMA outbox;
+COMMENT ON SCHEMA outbox IS 'transactional outbox: enqueue ids, deliver current state';
+
+CREATE TABLE outbox.kinds (
+    kind         text PRIMARY KEY
+                 CHECK (kind <> '' AND octet_length(kind) <= 200),
+    url          text NOT NULL,
+    body         regprocedure,
+    headers      jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(headers) = 'object'),
+    secret       text,
+    timeout      interval NOT NULL DEFAULT '10 s'
+                 CHECK (timeout >= '1 ms' AND timeout <= '1 hour'),
+    max_attempts int NOT NULL DEFAULT 25 CHECK (max_attempts BETWEEN 1 AND 1000),
+    on_missing   text NOT NULL DEFAULT 'delete' CHECK (on_missing IN ('delete', 'skip')),
+    paused       boolean NOT NULL DEFAULT false,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+
+-- Counters the worker bumps once per batch and kind.
+CREATE TABLE outbox.kind_stats (
+    kind            text PRIMARY KEY REFERENCES outbox.kinds ON DELETE CASCADE,
+    delivered       bigint NOT NULL DEFAULT 0,
+    failed_attempts bigint NOT NULL DEFAULT 0,
+    last_success_at timestamptz,
+    last_failure_at timestamptz
+);
+
+-- No foreign key to kinds: it would lock the kind's row in every enqueuing
+-- transaction. The worker dead-letters a job whose kind has gone.
+CREATE TABLE outbox.queue (
+    job_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind            text NOT NULL,
+    id              text NOT NULL,
+    state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'dead')),
+    attempts        int NOT NULL DEFAULT 0,
+    run_at          timestamptz NOT NULL DEFAULT now(),
+    enqueued_at     timestamptz NOT NULL DEFAULT now(),
+    last_attempt_at timestamptz,
+    last_status     int,
+    last_error      text
+);
+
+-- Coalescing: at most one fresh job per record.
+CREATE UNIQUE INDEX queue_fresh_key ON outbox.queue (kind, id)
+    WHERE state = 'pending' AND last_attempt_at IS NULL;
+-- The claim's scan order.
+CREATE INDEX queue_due ON outbox.queue (run_at, job_id) WHERE state = 'pending';
+-- One in-flight delivery per record.
+CREATE INDEX queue_running_key ON outbox.queue (kind, id) WHERE state = 'running';
+CREATE INDEX queue_dead ON outbox.queue (kind) WHERE state = 'dead';
+"#,
+    name = "schema",
+    bootstrap
+);
+
+extension_sql!(
+    r#"
+CREATE VIEW outbox.jobs AS
+SELECT job_id, kind, id, state, attempts, run_at, enqueued_at,
+       last_attempt_at, last_status, last_error
+  FROM outbox.queue;
+
+-- Application roles may enqueue (directly or through tracked tables) and do
+-- nothing else. Everything else is for admins.
+REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
+GRANT USAGE ON SCHEMA outbox TO PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, interval) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.enqueue(text, bigint, interval) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.enqueue(text, uuid, interval) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.enqueue_trigger() TO PUBLIC;
+"#,
+    name = "privileges",
+    finalize
+);
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::testing::sqlstate_of;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn an_application_role_can_enqueue_and_nothing_else() {
+        Spi::run("SELECT outbox.register('user', 'http://h/{id}', secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')").unwrap();
+        Spi::run("CREATE TABLE public.users (id int PRIMARY KEY, name text)").unwrap();
+        Spi::run("SELECT outbox.track('public.users', 'user')").unwrap();
+        Spi::run("CREATE ROLE outbox_test_app NOLOGIN NOSUPERUSER").unwrap();
+        Spi::run("GRANT ALL ON public.users TO outbox_test_app").unwrap();
+        Spi::run("SET ROLE outbox_test_app").unwrap();
+        let allowed = [
+            "SELECT outbox.enqueue('user', 1)",
+            "SELECT outbox.enqueue('user', 'x', interval '1 min')",
+            "INSERT INTO public.users VALUES (2, 'a')",
+            "UPDATE public.users SET name = 'b'",
+            "DELETE FROM public.users",
+        ];
+        for sql in allowed {
+            assert_eq!(sqlstate_of(sql), "00000", "{sql}");
+        }
+        let denied = [
+            "SELECT * FROM outbox.jobs",
+            "SELECT * FROM outbox.queue",
+            "SELECT secret FROM outbox.kinds",
+            "SELECT * FROM outbox.kind_stats",
+            "INSERT INTO outbox.queue (kind, id) VALUES ('user', '9')",
+            "SELECT outbox.register('evil', 'http://attacker/{id}')",
+            "SELECT outbox.unregister('user', true)",
+            "SELECT outbox.pause('user')",
+            "SELECT outbox.resume('user')",
+            "SELECT outbox.track('public.users', 'user')",
+            "SELECT outbox.untrack('public.users', 'user')",
+            "SELECT * FROM outbox.stats()",
+            "SELECT * FROM outbox.worker_status()",
+            "SELECT outbox.retry(1)",
+            "SELECT outbox.retry_dead()",
+            "SELECT outbox.discard(1)",
+            "SELECT outbox.purge_dead('1 day')",
+            "SELECT outbox.wake()",
+        ];
+        for sql in denied {
+            assert_eq!(sqlstate_of(sql), "42501", "{sql}");
+        }
+        Spi::run("RESET ROLE").unwrap();
+        let ids = Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue WHERE id IN ('1', 'x', '2')").unwrap();
+        assert_eq!(ids, Some(3));
+    }
+}

@@ -1,0 +1,150 @@
+//! Shared memory between backends and the worker: where the worker's latch is,
+//! and what `worker_status()` reports. Only exists when preloaded.
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, Ordering};
+
+/// The worker's life cycle as `worker_status()` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum WorkerState {
+    Stopped = 0,
+    Starting = 1,
+    /// The database or the extension is missing; checked again on a timer.
+    WaitingForExtension = 2,
+    /// Hot standby: nothing is delivered until promotion.
+    Standby = 3,
+    Idle = 4,
+    Delivering = 5,
+}
+
+impl WorkerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::WaitingForExtension => "waiting for extension",
+            Self::Standby => "standby",
+            Self::Idle => "idle",
+            Self::Delivering => "delivering",
+        }
+    }
+    fn from_u32(v: u32) -> Self {
+        match v {
+            1 => Self::Starting,
+            2 => Self::WaitingForExtension,
+            3 => Self::Standby,
+            4 => Self::Idle,
+            5 => Self::Delivering,
+            _ => Self::Stopped,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct WorkerSlot {
+    /// The worker's PGPROC number plus one; 0 means no worker to wake.
+    procno_plus_one: AtomicI32,
+    pid: AtomicI32,
+    state: AtomicU32,
+    in_flight: AtomicU32,
+    /// TimestampTz (µs since 2000-01-01) of the last claimed batch; 0 = never.
+    last_batch_at: AtomicI64,
+}
+
+// SAFETY: only atomics, no pointers: valid in any process that maps the segment.
+unsafe impl PGRXSharedMemory for WorkerSlot {}
+
+// SAFETY: the name is unique to this extension.
+static WORKER: PgAtomic<WorkerSlot> = unsafe { PgAtomic::new(c"outbox_worker_slot") };
+
+/// Set in the postmaster before backends fork, so every backend inherits it.
+static READY: AtomicBool = AtomicBool::new(false);
+
+pub fn init() {
+    pg_shmem_init!(WORKER = WorkerSlot::default());
+    READY.store(true, Ordering::Relaxed);
+}
+
+fn slot() -> Option<&'static WorkerSlot> {
+    READY.load(Ordering::Relaxed).then(|| WORKER.get())
+}
+
+/// Sets the worker's latch. Safe in commit callbacks: it cannot raise an ERROR.
+pub fn wake_worker() {
+    let Some(slot) = slot() else { return };
+    let n = slot.procno_plus_one.load(Ordering::Acquire);
+    if n <= 0 {
+        return;
+    }
+    // SAFETY: ProcGlobal is set up by the postmaster before any backend runs,
+    // allProcs has a fixed number of entries, and the worker published a valid
+    // index. A stale index only sets another process's latch: a spurious wake.
+    unsafe {
+        let global = pg_sys::ProcGlobal;
+        if global.is_null() || (n as u32) > (*global).allProcCount {
+            return;
+        }
+        let proc_ = (*global).allProcs.add((n - 1) as usize);
+        pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+    }
+}
+
+/// Called by the worker once it runs: publishes its latch and pid.
+pub fn publish_worker() {
+    let Some(slot) = slot() else { return };
+    // SAFETY: MyProc is set for a connected background worker.
+    let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    slot.pid.store(std::process::id() as i32, Ordering::Relaxed);
+    slot.procno_plus_one.store(procno + 1, Ordering::Release);
+}
+
+/// Called at worker exit so nobody wakes a recycled PGPROC on purpose.
+pub fn unpublish_worker() {
+    let Some(slot) = slot() else { return };
+    slot.procno_plus_one.store(0, Ordering::Release);
+    slot.state.store(WorkerState::Stopped as u32, Ordering::Relaxed);
+    slot.in_flight.store(0, Ordering::Relaxed);
+}
+
+pub fn set_state(state: WorkerState) {
+    if let Some(slot) = slot() {
+        slot.state.store(state as u32, Ordering::Relaxed);
+    }
+}
+
+pub fn set_in_flight(n: usize) {
+    if let Some(slot) = slot() {
+        slot.in_flight.store(n as u32, Ordering::Relaxed);
+    }
+}
+
+pub fn mark_batch() {
+    if let Some(slot) = slot() {
+        // SAFETY: a plain clock read.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        slot.last_batch_at.store(now, Ordering::Relaxed);
+    }
+}
+
+/// A consistent-enough copy for `worker_status()`.
+pub struct Snapshot {
+    pub pid: Option<i32>,
+    pub state: WorkerState,
+    pub in_flight: i32,
+    pub last_batch_at: Option<i64>,
+}
+
+pub fn snapshot() -> Option<Snapshot> {
+    let slot = slot()?;
+    let state = WorkerState::from_u32(slot.state.load(Ordering::Relaxed));
+    let pid = slot.pid.load(Ordering::Relaxed);
+    let last = slot.last_batch_at.load(Ordering::Relaxed);
+    Some(Snapshot {
+        pid: (state != WorkerState::Stopped && pid > 0).then_some(pid),
+        state,
+        in_flight: slot.in_flight.load(Ordering::Relaxed) as i32,
+        last_batch_at: (last != 0).then_some(last),
+    })
+}

@@ -1,0 +1,77 @@
+//! Running a piece of SQL work so that its ERROR is caught and rolled back on
+//! its own, leaving the surrounding transaction usable. The worker renders
+//! each job's body this way, so one bad body function can't sink a batch.
+
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+/// A caught ERROR: its SQLSTATE and message.
+#[derive(Debug, Clone)]
+pub struct Caught {
+    pub sqlstate: String,
+    pub message: String,
+}
+
+/// The five-character SQLSTATE of an error code.
+pub fn sqlstate(code: PgSqlErrorCode) -> String {
+    let mut v = code as i32;
+    let mut out = String::with_capacity(5);
+    for _ in 0..5 {
+        out.push(char::from(((v & 0x3F) as u8) + b'0'));
+        v >>= 6;
+    }
+    out
+}
+
+/// Runs `f` in an internal subtransaction. On success the subtransaction is
+/// released; on an ERROR (or panic) it is rolled back and the error returned.
+pub fn try_subtransaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, Caught> {
+    // SAFETY: we are in a transaction on the main thread; the memory context
+    // and resource owner are restored after either outcome, as PL/pgSQL does.
+    let (mcx, owner) = unsafe {
+        let mcx = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(mcx);
+        (mcx, owner)
+    };
+    let mut f = Some(f);
+    PgTryBuilder::new(move || {
+        let r = (f.take().expect("runs once"))();
+        // SAFETY: releasing the subtransaction begun above.
+        unsafe {
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(mcx);
+            pg_sys::CurrentResourceOwner = owner;
+        }
+        Ok(r)
+    })
+    .catch_others(move |e| {
+        // SAFETY: rolling back the subtransaction begun above, then restoring state.
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(mcx);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(mcx);
+            pg_sys::CurrentResourceOwner = owner;
+        }
+        Err(match e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => {
+                Caught { sqlstate: sqlstate(r.sql_error_code()), message: r.message().to_string() }
+            }
+        })
+    })
+    .execute()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlstate;
+    use pgrx::prelude::PgSqlErrorCode;
+
+    #[test]
+    fn sqlstates() {
+        assert_eq!(sqlstate(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED), "22004");
+        assert_eq!(sqlstate(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT), "42704");
+        assert_eq!(sqlstate(PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION), "00000");
+    }
+}

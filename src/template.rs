@@ -1,0 +1,154 @@
+//! URL templates: `{id}` and `{kind}` placeholders, validated at `register`
+//! time and rendered per job. Pure: no Postgres in here.
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+/// Everything but RFC 3986 unreserved characters is encoded, so an id can
+/// never add a path segment, a query or a fragment.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Longest URL template accepted by `register`.
+pub const MAX_TEMPLATE_LEN: usize = 2048;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum TemplateError {
+    Empty,
+    TooLong,
+    UnknownPlaceholder(String),
+    Unbalanced,
+    Whitespace,
+    Invalid(String),
+    Scheme(String),
+    NoHost,
+    Credentials,
+}
+
+impl std::fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Empty => write!(f, "url must not be empty"),
+            Self::TooLong => write!(f, "url is longer than {MAX_TEMPLATE_LEN} bytes"),
+            Self::UnknownPlaceholder(p) => write!(f, "url has an unknown placeholder {{{p}}}"),
+            Self::Unbalanced => write!(f, "url has an unbalanced brace"),
+            Self::Whitespace => write!(f, "url must not contain whitespace or control characters"),
+            Self::Invalid(cause) => write!(f, "url is not a valid URL: {cause}"),
+            Self::Scheme(s) => write!(f, "url scheme \"{s}\" is not allowed"),
+            Self::NoHost => write!(f, "url has no host"),
+            Self::Credentials => write!(f, "url must not embed credentials"),
+        }
+    }
+}
+
+/// Substitutes `{id}` and `{kind}`, percent-encoding both values.
+pub fn render(template: &str, kind: &str, id: &str) -> String {
+    let mut out = String::with_capacity(template.len() + id.len() * 3);
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start..];
+        if let Some(tail) = after.strip_prefix("{id}") {
+            out.extend(utf8_percent_encode(id, COMPONENT));
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix("{kind}") {
+            out.extend(utf8_percent_encode(kind, COMPONENT));
+            rest = tail;
+        } else {
+            // validate() rejects this; render stays total anyway.
+            out.push('{');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Checks a template the way `register` needs: only known placeholders,
+/// http(s) only, a host, and a URL that parses once rendered.
+pub fn validate(template: &str) -> Result<(), TemplateError> {
+    if template.trim().is_empty() {
+        return Err(TemplateError::Empty);
+    }
+    if template.len() > MAX_TEMPLATE_LEN {
+        return Err(TemplateError::TooLong);
+    }
+    if template.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(TemplateError::Whitespace);
+    }
+    let mut rest = template;
+    while let Some(start) = rest.find(['{', '}']) {
+        let after = &rest[start..];
+        if after.starts_with('}') {
+            return Err(TemplateError::Unbalanced);
+        }
+        let close = after.find('}').ok_or(TemplateError::Unbalanced)?;
+        let name = &after[1..close];
+        if name.contains('{') {
+            return Err(TemplateError::Unbalanced);
+        }
+        if name != "id" && name != "kind" {
+            return Err(TemplateError::UnknownPlaceholder(name.to_string()));
+        }
+        rest = &after[close + 1..];
+    }
+    let sample = render(template, "kind", "id");
+    // The URL parser would read "http:///x" as host "x"; insist on an authority.
+    if sample.split_once("://").is_none_or(|(_, rest)| rest.is_empty() || rest.starts_with('/')) {
+        return Err(TemplateError::NoHost);
+    }
+    let parsed = url::Url::parse(&sample).map_err(|e| TemplateError::Invalid(e.to_string()))?;
+    match parsed.scheme() {
+        "http" | "https" => {}
+        other => return Err(TemplateError::Scheme(other.to_string())),
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(TemplateError::NoHost);
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(TemplateError::Credentials);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_and_encodes() {
+        let t = "http://127.0.0.1:8080/{kind}/{id}?x=1";
+        assert_eq!(render(t, "user", "42"), "http://127.0.0.1:8080/user/42?x=1");
+        assert_eq!(render(t, "user", "a/b?c#d e"), "http://127.0.0.1:8080/user/a%2Fb%3Fc%23d%20e?x=1");
+        assert_eq!(render(t, "us er", "é"), "http://127.0.0.1:8080/us%20er/%C3%A9?x=1");
+        assert_eq!(render("http://h/{id}{id}", "k", "-._~"), "http://h/-._~-._~");
+        assert_eq!(render("http://h/static", "k", "1"), "http://h/static");
+    }
+
+    #[test]
+    fn validates() {
+        assert_eq!(validate("http://localhost/{id}"), Ok(()));
+        assert_eq!(validate("https://example.com:8443/{kind}/{id}"), Ok(()));
+        assert_eq!(validate("http://[::1]:80/x"), Ok(()));
+        let cases = [
+            ("", TemplateError::Empty),
+            ("   ", TemplateError::Empty),
+            ("ftp://h/{id}", TemplateError::Scheme("ftp".into())),
+            ("file:///etc/passwd", TemplateError::Scheme("file".into())),
+            ("http://h/{ID}", TemplateError::UnknownPlaceholder("ID".into())),
+            ("http://h/{id", TemplateError::Unbalanced),
+            ("http://h/id}", TemplateError::Unbalanced),
+            ("http://h/{{id}}", TemplateError::Unbalanced),
+            ("http://h /x", TemplateError::Whitespace),
+            ("http://h/x\n", TemplateError::Whitespace),
+            ("http://u:p@h/x", TemplateError::Credentials),
+            ("http:///x", TemplateError::NoHost),
+            ("http:/x", TemplateError::NoHost),
+        ];
+        for (input, want) in cases {
+            assert_eq!(validate(input), Err(want), "{input:?}");
+        }
+        assert!(matches!(validate("not a url"), Err(TemplateError::Whitespace)));
+        assert!(matches!(validate("nourl"), Err(TemplateError::Invalid(_))));
+        assert_eq!(validate("http://"), Err(TemplateError::NoHost));
+        assert_eq!(validate(&format!("http://h/{}", "a".repeat(MAX_TEMPLATE_LEN))), Err(TemplateError::TooLong));
+    }
+}

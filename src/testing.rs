@@ -1,0 +1,19 @@
+//! Helpers for `#[pg_test]` tests.
+
+use crate::subxact::try_subtransaction;
+use pgrx::prelude::*;
+
+/// Runs `sql` in a subtransaction and returns its SQLSTATE ("00000" on success).
+pub fn sqlstate_of(sql: &str) -> String {
+    let sql = sql.to_string();
+    match try_subtransaction(move || Spi::run(&sql).expect("SPI")) {
+        Ok(()) => "00000".into(),
+        Err(e) => e.sqlstate,
+    }
+}
+
+/// Runs `sql` in a subtransaction and returns the error message, if any.
+pub fn error_of(sql: &str) -> Option<String> {
+    let sql = sql.to_string();
+    try_subtransaction(move || Spi::run(&sql).expect("SPI")).err().map(|e| e.message)
+}

@@ -1,0 +1,270 @@
+//! The delivery worker's loop. Each turn, in order: interrupts and config
+//! reload; standby check; one short transaction that records finished
+//! deliveries, claims due jobs and renders them; hand-off to the HTTP threads;
+//! wait (latch, outcome pipe, or the next due job, whichever comes first).
+//! No HTTP call ever runs inside a transaction.
+
+use super::http::{Method, Outcome, Pool, Request};
+use super::queue::{self, Failure};
+use super::render::{self, Rendered};
+use super::signals::{handle_interrupts, in_transaction, install_handlers, report_activity, wait};
+use crate::policy::{classify, retry_delay, Response, Verdict};
+use crate::schema::JobState;
+use crate::shmem::{self, WorkerState};
+use crate::gucs;
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How often a worker without its extension looks again.
+const EXTENSION_RECHECK: Duration = Duration::from_secs(1);
+
+/// A job handed to the HTTP threads, until its outcome is recorded.
+struct InFlight {
+    kind: String,
+    attempts: i32,
+    max_attempts: i32,
+    is_delete: bool,
+}
+
+/// A finished attempt waiting to be written down.
+struct Finished {
+    job: InFlight,
+    job_id: i64,
+    response: Response,
+    retry_after: Option<Duration>,
+    detail: Option<String>,
+}
+
+enum Turn {
+    NoExtension,
+    Worked { requests: Vec<(Request, InFlight)>, next_due: Option<Duration> },
+}
+
+struct Worker {
+    pool: Pool,
+    in_flight: HashMap<i64, InFlight>,
+    finished: Vec<Finished>,
+    recovered: bool,
+    said_no_extension: bool,
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
+    install_handlers();
+    let database = BackgroundWorker::get_extra().to_string();
+    let role = gucs::role();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), role.as_deref());
+    shmem::publish_worker();
+    shmem::set_state(WorkerState::Starting);
+    // SAFETY: registering a plain function for process exit.
+    unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
+    // Losing the last commits in a crash only means delivering again, which
+    // at-least-once allows; not waiting for each flush is much faster.
+    // SAFETY: setting a GUC on the main thread, outside a transaction is fine.
+    unsafe {
+        pg_sys::SetConfigOption(c"synchronous_commit".as_ptr(), c"off".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
+        pg_sys::SetConfigOption(c"application_name".as_ptr(), c"outbox worker".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
+    }
+    let threads = gucs::CONCURRENCY.get().max(1) as usize;
+    let pool = with_signals_blocked(|| Pool::start(threads)).unwrap_or_else(|e| panic!("starting HTTP threads: {e}"));
+    log!("outbox worker started for database \"{database}\" with {threads} HTTP threads");
+    let mut w = Worker { pool, in_flight: HashMap::new(), finished: Vec::new(), recovered: false, said_no_extension: false };
+    loop {
+        handle_interrupts();
+        // SAFETY: a plain query of shared recovery state.
+        if unsafe { pg_sys::RecoveryInProgress() } {
+            shmem::set_state(WorkerState::Standby);
+            report_activity(false, c"standby: not delivering");
+            wait(None, gucs::poll_interval().min(Duration::from_secs(1)));
+            continue;
+        }
+        w.collect_outcomes();
+        report_activity(true, c"claiming");
+        let turn = in_transaction(|| w.turn());
+        match turn {
+            Turn::NoExtension => {
+                shmem::set_state(WorkerState::WaitingForExtension);
+                report_activity(false, c"waiting for CREATE EXTENSION outbox");
+                wait(None, EXTENSION_RECHECK);
+            }
+            Turn::Worked { requests, next_due } => {
+                let claimed_any = !requests.is_empty();
+                for (request, job) in requests {
+                    w.in_flight.insert(request.job_id, job);
+                    w.pool.submit(request);
+                }
+                if claimed_any {
+                    shmem::mark_batch();
+                }
+                shmem::set_in_flight(w.in_flight.len());
+                shmem::set_state(if w.in_flight.is_empty() { WorkerState::Idle } else { WorkerState::Delivering });
+                report_activity(false, c"waiting");
+                let timeout = next_due.unwrap_or(gucs::poll_interval()).min(gucs::poll_interval());
+                if !timeout.is_zero() {
+                    wait(Some(w.pool.wake_fd()), timeout);
+                }
+            }
+        }
+    }
+}
+
+unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
+    shmem::unpublish_worker();
+}
+
+/// Runs `f` with every signal blocked, so threads it spawns inherit the mask
+/// and Postgres' handlers only ever run on the main thread.
+fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: sigset_t is plain data; pthread_sigmask only touches this thread.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
+
+impl Worker {
+    /// Moves outcomes reported by the HTTP threads into `finished`.
+    fn collect_outcomes(&mut self) {
+        for Outcome { job_id, response, retry_after, detail } in self.pool.drain() {
+            if let Some(job) = self.in_flight.remove(&job_id) {
+                self.finished.push(Finished { job, job_id, response, retry_after, detail });
+            }
+        }
+    }
+
+    /// One transaction: record, claim, render.
+    fn turn(&mut self) -> Turn {
+        // SAFETY: a syscache lookup inside a transaction.
+        let present = unsafe { pg_sys::get_extension_oid(c"outbox".as_ptr(), true) } != pg_sys::InvalidOid;
+        if !present {
+            if !self.said_no_extension {
+                log!("outbox worker: extension \"outbox\" is not installed in this database; waiting for CREATE EXTENSION outbox");
+                self.said_no_extension = true;
+            }
+            // Whatever was in flight belonged to the dropped extension.
+            self.finished.clear();
+            self.recovered = false;
+            return Turn::NoExtension;
+        }
+        if self.said_no_extension {
+            log!("outbox worker: extension \"outbox\" found; delivering");
+            self.said_no_extension = false;
+        }
+        Spi::connect_mut(|c| {
+            if !self.recovered {
+                let n = c.update(queue::RECOVER_RUNNING, None, &[]).map(|t| t.len()).unwrap_or_else(|e| panic!("recover: {e}"));
+                if n > 0 {
+                    log!("outbox worker: {n} job(s) left running by a previous worker are pending again");
+                }
+                c.update(queue::DEAD_LETTER_ORPHANS, None, &[]).unwrap_or_else(|e| panic!("orphans: {e}"));
+                self.in_flight.clear();
+                self.recovered = true;
+            }
+            let finished = std::mem::take(&mut self.finished);
+            record(c, finished);
+
+            let batch = gucs::BATCH_SIZE.get().max(1) as usize;
+            let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
+            let room = limit.saturating_sub(self.in_flight.len()).min(batch);
+            if room == 0 {
+                return Turn::Worked { requests: Vec::new(), next_due: None };
+            }
+            let claimed = queue::claim(c, room as i64);
+            let kinds = render::load_kinds(c);
+            let max_response = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
+            let rendered = render::render(&kinds, &claimed, max_response);
+            let mut requests = Vec::new();
+            let mut done_now = Vec::new();
+            for (job, r) in claimed.iter().zip(rendered) {
+                let kind = kinds.get(&job.kind);
+                let max_attempts = kind.map_or(1, |k| k.max_attempts);
+                let info = |is_delete| InFlight { kind: job.kind.clone(), attempts: job.attempts, max_attempts, is_delete };
+                match r {
+                    Rendered::Send(req) => {
+                        let is_delete = req.method == Method::Delete;
+                        requests.push((req, info(is_delete)));
+                    }
+                    Rendered::Skip => done_now.push(Finished {
+                        job: info(false),
+                        job_id: job.job_id,
+                        response: Response::Status(204),
+                        retry_after: None,
+                        detail: None,
+                    }),
+                    Rendered::Broken(e) => done_now.push(Finished {
+                        job: InFlight { max_attempts: if kind.is_none() { 1 } else { max_attempts }, ..info(false) },
+                        job_id: job.job_id,
+                        response: Response::BuildError,
+                        retry_after: None,
+                        detail: Some(e),
+                    }),
+                }
+            }
+            record(c, done_now);
+            // A full batch means more is probably due: come straight back.
+            let next_due = if claimed.len() >= room { Some(Duration::ZERO) } else { queue::next_due_ms(c).map(|ms| Duration::from_millis(ms as u64)) };
+            Turn::Worked { requests, next_due }
+        })
+    }
+}
+
+/// Writes finished attempts down: deletes the delivered, reschedules or
+/// buries the failed, and bumps the per-kind counters. Batched.
+fn record(c: &mut pgrx::spi::SpiClient<'_>, finished: Vec<Finished>) {
+    if finished.is_empty() {
+        return;
+    }
+    let base = gucs::retry_base();
+    let max = gucs::retry_max();
+    let mut delivered = Vec::new();
+    let mut failures = Vec::new();
+    let mut per_kind: HashMap<String, (i64, i64)> = HashMap::new();
+    for f in finished {
+        let verdict = classify(f.job.is_delete, f.response);
+        let counts = per_kind.entry(f.job.kind.clone()).or_default();
+        let status = match f.response {
+            Response::Status(s) => Some(s as i32),
+            _ => None,
+        };
+        match verdict {
+            Verdict::Success => {
+                counts.0 += 1;
+                delivered.push(f.job_id);
+            }
+            Verdict::Retry | Verdict::Permanent => {
+                counts.1 += 1;
+                let give_up = verdict == Verdict::Permanent || f.job.attempts >= f.job.max_attempts;
+                let delay = retry_delay(f.job.attempts.max(1) as u32, f.retry_after, base, max, rand::random::<f64>());
+                let error = match (status, f.detail) {
+                    (Some(s), Some(d)) => Some(format!("HTTP {s}: {d}")),
+                    (Some(s), None) => Some(format!("HTTP {s}")),
+                    (None, d) => d,
+                };
+                failures.push(Failure {
+                    job_id: f.job_id,
+                    state: if give_up { JobState::Dead } else { JobState::Pending },
+                    delay_ms: if give_up { 0 } else { delay.as_millis() as i64 },
+                    status,
+                    error,
+                });
+            }
+        }
+    }
+    queue::complete(c, delivered);
+    queue::fail(c, failures);
+    let (mut kinds, mut ok, mut bad) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, (d, f)) in per_kind {
+        kinds.push(k);
+        ok.push(d);
+        bad.push(f);
+    }
+    queue::bump_stats(c, kinds, ok, bad);
+}

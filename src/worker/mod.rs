@@ -1,0 +1,33 @@
+//! The background workers.
+//!
+//! - [`launcher`]: one per cluster, connected to no database. It waits until
+//!   the database named by `outbox.database` exists, then starts the delivery
+//!   worker there, and starts it again if it exits.
+//! - [`delivery`]: the delivery worker's main loop: claim, render, hand off to
+//!   the [`http`] threads, record outcomes, wait.
+//! - [`queue`]: the worker's SQL. [`render`]: jobs into requests.
+//! - [`signals`]: signal handlers, waiting, transactions.
+
+pub mod delivery;
+pub mod http;
+pub mod launcher;
+pub mod queue;
+pub mod render;
+pub mod signals;
+
+use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
+use std::time::Duration;
+
+/// Registers the launcher; called from `_PG_init` while preloading.
+pub fn register() {
+    BackgroundWorkerBuilder::new("outbox launcher")
+        .set_type("outbox launcher")
+        .set_library("outbox")
+        .set_function("outbox_launcher_main")
+        .enable_shmem_access(None)
+        .enable_spi_access()
+        // Also on a hot standby, so the worker can report that it idles there.
+        .set_start_time(BgWorkerStartTime::ConsistentState)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}

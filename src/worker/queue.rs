@@ -1,0 +1,158 @@
+//! The worker's SQL, one named statement per transition of a job. Every
+//! transition is guarded by the state it leaves (`... AND state = 'running'`),
+//! and batches go through arrays.
+
+use crate::schema::JobState;
+use pgrx::datum::DatumWithOid;
+use pgrx::spi::SpiClient;
+
+/// Startup repair: deliveries that a dead worker left `running` go back to
+/// `pending`, due now. They stay out of coalescing (last_attempt_at is set).
+pub const RECOVER_RUNNING: &str = "
+UPDATE outbox.queue SET state = 'pending', run_at = now()
+ WHERE state = 'running'";
+
+/// Jobs whose kind was unregistered under them cannot be delivered.
+pub const DEAD_LETTER_ORPHANS: &str = "
+UPDATE outbox.queue q
+   SET state = 'dead', last_error = 'kind is not registered', last_attempt_at = now()
+ WHERE q.state = 'pending'
+   AND NOT EXISTS (SELECT 1 FROM outbox.kinds k WHERE k.kind = q.kind)";
+
+/// Claims up to $1 due jobs of unpaused kinds, at most one per record, and
+/// none for a record that is already in flight. The claiming transaction's
+/// id is the delivery's sequence number: it grows with every claim.
+pub const CLAIM: &str = "
+WITH due AS (
+    SELECT q.job_id, q.kind, q.id
+      FROM outbox.queue q
+      JOIN outbox.kinds k ON k.kind = q.kind
+     WHERE q.state = 'pending'
+       AND q.run_at <= now()
+       AND NOT k.paused
+       AND NOT EXISTS (SELECT 1 FROM outbox.queue r
+                        WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id)
+     ORDER BY q.run_at, q.job_id
+     LIMIT $1
+       FOR UPDATE OF q SKIP LOCKED
+), one_per_record AS (
+    SELECT DISTINCT ON (kind, id) job_id FROM due ORDER BY kind, id, job_id
+)
+UPDATE outbox.queue q
+   SET state = 'running', attempts = q.attempts + 1, last_attempt_at = now()
+  FROM one_per_record o
+ WHERE q.job_id = o.job_id
+RETURNING q.job_id, q.kind, q.id, q.attempts, pg_catalog.pg_current_xact_id()::text::bigint";
+
+/// When the next job falls due (among those the claim could take).
+pub const NEXT_DUE: &str = "
+SELECT min(q.run_at) - now()
+  FROM outbox.queue q
+  JOIN outbox.kinds k ON k.kind = q.kind
+ WHERE q.state = 'pending' AND NOT k.paused
+   AND NOT EXISTS (SELECT 1 FROM outbox.queue r
+                    WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id)";
+
+/// Delivered jobs are done: remove them.
+pub const COMPLETE: &str = "
+DELETE FROM outbox.queue
+ WHERE job_id = ANY ($1::bigint[]) AND state = 'running'";
+
+/// Failed attempts: back to `pending` after a delay, or `dead`.
+pub const FAIL: &str = "
+UPDATE outbox.queue q
+   SET state = u.state,
+       run_at = now() + u.delay_ms * interval '1 millisecond',
+       last_status = u.status,
+       last_error = u.error
+  FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::int[], $5::text[])
+       AS u(job_id, state, delay_ms, status, error)
+ WHERE q.job_id = u.job_id AND q.state = 'running'";
+
+pub const BUMP_STATS: &str = "
+UPDATE outbox.kind_stats s
+   SET delivered = s.delivered + u.delivered,
+       failed_attempts = s.failed_attempts + u.failed,
+       last_success_at = CASE WHEN u.delivered > 0 THEN now() ELSE s.last_success_at END,
+       last_failure_at = CASE WHEN u.failed > 0 THEN now() ELSE s.last_failure_at END
+  FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(kind, delivered, failed)
+ WHERE s.kind = u.kind";
+
+/// Everything the worker needs to know about each kind.
+pub const LOAD_KINDS: &str = "
+SELECT kind, url, body::regproc::text, headers::text, secret,
+       (extract(epoch FROM timeout) * 1000)::bigint, max_attempts, on_missing
+  FROM outbox.kinds";
+
+pub struct Claimed {
+    pub job_id: i64,
+    pub kind: String,
+    pub id: String,
+    pub attempts: i32,
+    pub sequence: i64,
+}
+
+pub fn claim(c: &mut SpiClient<'_>, limit: i64) -> Vec<Claimed> {
+    let rows = c.update(CLAIM, None, &[limit.into()]).unwrap_or_else(|e| panic!("claim: {e}"));
+    rows.filter_map(|r| {
+        Some(Claimed {
+            job_id: r.get::<i64>(1).ok()??,
+            kind: r.get::<String>(2).ok()??,
+            id: r.get::<String>(3).ok()??,
+            attempts: r.get::<i32>(4).ok()??,
+            sequence: r.get::<i64>(5).ok()??,
+        })
+    })
+    .collect()
+}
+
+/// Milliseconds until the next job is due (0 if overdue), None if none.
+pub fn next_due_ms(c: &SpiClient<'_>) -> Option<i64> {
+    let t = c.select(NEXT_DUE, None, &[]).unwrap_or_else(|e| panic!("next due: {e}"));
+    let iv = t.first().get_one::<pgrx::datum::Interval>().ok().flatten()?;
+    Some((iv.as_micros() / 1000).max(0) as i64)
+}
+
+/// A failed attempt, as recorded by [`FAIL`].
+pub struct Failure {
+    pub job_id: i64,
+    pub state: JobState,
+    pub delay_ms: i64,
+    pub status: Option<i32>,
+    pub error: Option<String>,
+}
+
+pub fn complete(c: &mut SpiClient<'_>, job_ids: Vec<i64>) {
+    if job_ids.is_empty() {
+        return;
+    }
+    c.update(COMPLETE, None, &[job_ids.into()]).unwrap_or_else(|e| panic!("complete: {e}"));
+}
+
+pub fn fail(c: &mut SpiClient<'_>, failures: Vec<Failure>) {
+    if failures.is_empty() {
+        return;
+    }
+    let mut ids = Vec::with_capacity(failures.len());
+    let mut states = Vec::with_capacity(failures.len());
+    let mut delays = Vec::with_capacity(failures.len());
+    let mut statuses = Vec::with_capacity(failures.len());
+    let mut errors = Vec::with_capacity(failures.len());
+    for f in failures {
+        ids.push(f.job_id);
+        states.push(f.state.as_str().to_string());
+        delays.push(f.delay_ms);
+        statuses.push(f.status);
+        errors.push(f.error);
+    }
+    let args: [DatumWithOid; 5] = [ids.into(), states.into(), delays.into(), statuses.into(), errors.into()];
+    c.update(FAIL, None, &args).unwrap_or_else(|e| panic!("fail: {e}"));
+}
+
+pub fn bump_stats(c: &mut SpiClient<'_>, kinds: Vec<String>, delivered: Vec<i64>, failed: Vec<i64>) {
+    if kinds.is_empty() {
+        return;
+    }
+    let args: [DatumWithOid; 3] = [kinds.into(), delivered.into(), failed.into()];
+    c.update(BUMP_STATS, None, &args).unwrap_or_else(|e| panic!("stats: {e}"));
+}

@@ -1,0 +1,156 @@
+//! Turning claimed jobs into requests: the kind's URL template, its body
+//! function (called now, so the body is the record's current state), its
+//! headers and signing key.
+
+use super::http::{Method, Request};
+use super::queue::{Claimed, LOAD_KINDS};
+use crate::subxact::try_subtransaction;
+use crate::{signing, template};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Header that grows with every delivery of a record, so a receiver can drop
+/// a stale PUT that arrives late.
+pub const SEQUENCE_HEADER: &str = "outbox-sequence";
+
+pub struct Kind {
+    pub url: String,
+    /// The body function, as a name Postgres resolves (regproc output).
+    pub body_fn: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub key: Option<Arc<Vec<u8>>>,
+    pub timeout: Duration,
+    pub max_attempts: i32,
+    pub delete_when_missing: bool,
+}
+
+pub fn load_kinds(c: &SpiClient<'_>) -> HashMap<String, Kind> {
+    let rows = c.select(LOAD_KINDS, None, &[]).unwrap_or_else(|e| panic!("loading kinds: {e}"));
+    let mut kinds = HashMap::new();
+    for r in rows {
+        let Ok(Some(name)) = r.get::<String>(1) else { continue };
+        let headers: Vec<(String, String)> = r
+            .get::<String>(4)
+            .ok()
+            .flatten()
+            .and_then(|h| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok())
+            .map(|m| m.into_iter().filter_map(|(k, v)| Some((k, v.as_str()?.to_string()))).collect())
+            .unwrap_or_default();
+        let key = r
+            .get::<String>(5)
+            .ok()
+            .flatten()
+            .and_then(|s| signing::decode_secret(&s).ok())
+            .map(Arc::new);
+        kinds.insert(
+            name,
+            Kind {
+                url: r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                body_fn: r.get::<String>(3).ok().flatten(),
+                headers,
+                key,
+                timeout: Duration::from_millis(r.get::<i64>(6).ok().flatten().unwrap_or(10_000).max(1) as u64),
+                max_attempts: r.get::<i32>(7).ok().flatten().unwrap_or(25),
+                delete_when_missing: r.get::<String>(8).ok().flatten().as_deref() != Some("skip"),
+            },
+        );
+    }
+    kinds
+}
+
+/// What a claimed job turned into.
+pub enum Rendered {
+    Send(Request),
+    /// The record is gone and the kind says `skip`: nothing to send.
+    Skip,
+    /// The request could not be built (bad URL, body function raised).
+    Broken(String),
+}
+
+/// Calls the body function of `kind` for each id; `None` means the function
+/// returned NULL. One statement for all; if it raises, one subtransaction per
+/// id so that only the bad ids fail.
+fn bodies(function: &str, ids: &[String]) -> Vec<Result<Option<String>, String>> {
+    let batch_sql =
+        format!("SELECT {function}(u.id)::text FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n) ORDER BY u.n");
+    let ids_owned = ids.to_vec();
+    // Read-write SPI (update) takes a fresh snapshot per statement, so the
+    // body is read after the claim's snapshot: never older than the job.
+    let batch = try_subtransaction(move || {
+        Spi::connect_mut(|c| {
+            c.update(batch_sql.as_str(), None, &[ids_owned.into()])
+                .unwrap_or_else(|e| panic!("{e}"))
+                .map(|r| r.get::<String>(1).ok().flatten())
+                .collect::<Vec<_>>()
+        })
+    });
+    if let Ok(rows) = batch {
+        if rows.len() == ids.len() {
+            return rows.into_iter().map(Ok).collect();
+        }
+    }
+    let one_sql = format!("SELECT {function}($1)::text");
+    ids.iter()
+        .map(|id| {
+            let sql = one_sql.clone();
+            let id = id.clone();
+            try_subtransaction(move || {
+                Spi::connect_mut(|c| {
+                    let t = c.update(sql.as_str(), None, &[id.as_str().into()]).unwrap_or_else(|e| panic!("{e}"));
+                    t.first().get_one::<String>().unwrap_or_else(|e| panic!("{e}"))
+                })
+            })
+                .map_err(|e| format!("body function {function} failed: {} (SQLSTATE {})", e.message, e.sqlstate))
+        })
+        .collect()
+}
+
+pub fn render(kinds: &HashMap<String, Kind>, jobs: &[Claimed], max_response_bytes: usize) -> Vec<Rendered> {
+    // Body functions, one call per kind.
+    let mut by_kind: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, j) in jobs.iter().enumerate() {
+        by_kind.entry(j.kind.as_str()).or_default().push(i);
+    }
+    let mut body_of: Vec<Option<Result<Option<String>, String>>> = (0..jobs.len()).map(|_| None).collect();
+    for (kind, idx) in &by_kind {
+        let Some(function) = kinds.get(*kind).and_then(|k| k.body_fn.as_deref()) else { continue };
+        let ids: Vec<String> = idx.iter().map(|&i| jobs[i].id.clone()).collect();
+        for (&i, b) in idx.iter().zip(bodies(function, &ids)) {
+            body_of[i] = Some(b);
+        }
+    }
+    jobs.iter()
+        .zip(body_of)
+        .map(|(job, body)| {
+            let Some(kind) = kinds.get(&job.kind) else {
+                return Rendered::Broken("kind is not registered".into());
+            };
+            let url = template::render(&kind.url, &job.kind, &job.id);
+            let (method, body) = match body {
+                None => {
+                    let doc = serde_json::json!({ "kind": job.kind, "id": job.id });
+                    (Method::Put, Some(doc.to_string().into_bytes()))
+                }
+                Some(Err(e)) => return Rendered::Broken(e),
+                Some(Ok(Some(json))) => (Method::Put, Some(json.into_bytes())),
+                Some(Ok(None)) if kind.delete_when_missing => (Method::Delete, None),
+                Some(Ok(None)) => return Rendered::Skip,
+            };
+            let mut headers = kind.headers.clone();
+            headers.push((SEQUENCE_HEADER.to_string(), job.sequence.to_string()));
+            Rendered::Send(Request {
+                job_id: job.job_id,
+                method,
+                url,
+                body,
+                headers,
+                key: kind.key.clone(),
+                timeout: kind.timeout,
+                max_response_bytes,
+            })
+        })
+        .collect()
+}

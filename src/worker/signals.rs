@@ -1,0 +1,80 @@
+//! Signals, waiting and transactions for the workers, in the discipline of
+//! Postgres' own processes: SIGTERM is Postgres' `die` (so even a COMMIT that
+//! waits for a synchronous standby ends promptly), SIGHUP sets
+//! `ConfigReloadPending` and the loop reloads, and a wait ends the process
+//! when the postmaster is gone.
+
+use pgrx::prelude::*;
+use std::time::Duration;
+
+// The raw C handlers: pgrx's `pg_sys::die` is a guarded Rust wrapper, not a
+// function a signal may call.
+unsafe extern "C-unwind" {
+    #[link_name = "die"]
+    fn pg_die(signal: std::ffi::c_int);
+    #[link_name = "SignalHandlerForConfigReload"]
+    fn pg_config_reload(signal: std::ffi::c_int);
+}
+
+pub fn install_handlers() {
+    // SAFETY: installing Postgres' own handlers, then unblocking signals, as
+    // every background worker does at start; main thread only.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(pg_config_reload));
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(pg_die));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+}
+
+/// Ends the process if SIGTERM came (via `die`); reloads config after SIGHUP.
+pub fn handle_interrupts() {
+    pg_sys::check_for_interrupts!();
+    // SAFETY: plain reads and writes of a sig_atomic_t flag on the main thread.
+    unsafe {
+        if pg_sys::ConfigReloadPending != 0 {
+            pg_sys::ConfigReloadPending = 0;
+            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        }
+    }
+}
+
+/// Sleeps until the latch is set, `fd` is readable, or `timeout` passes.
+pub fn wait(fd: Option<i32>, timeout: Duration) {
+    let ms = timeout.as_millis().min(i32::MAX as u128) as std::ffi::c_long;
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    if fd.is_some() {
+        events |= pg_sys::WL_SOCKET_READABLE;
+    }
+    // SAFETY: MyLatch is this process's latch; the fd stays open while we wait.
+    unsafe {
+        pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, events as i32, fd.unwrap_or(-1), ms, pg_sys::PG_WAIT_EXTENSION);
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    handle_interrupts();
+}
+
+/// Runs `f` in a transaction with a snapshot. An ERROR inside ends the
+/// worker (exit 1); the launcher starts it again.
+pub fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: the standard way a background worker opens and commits a
+    // transaction, on the main thread, outside any other transaction.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let r = f();
+    // SAFETY: closes what was opened above.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommitTransactionCommand();
+    }
+    r
+}
+
+/// Shows `activity` in pg_stat_activity.query.
+pub fn report_activity(running: bool, activity: &std::ffi::CStr) {
+    let state = if running { pg_sys::BackendState::STATE_RUNNING } else { pg_sys::BackendState::STATE_IDLE };
+    // SAFETY: Postgres copies the string.
+    unsafe { pg_sys::pgstat_report_activity(state, activity.as_ptr()) };
+}
