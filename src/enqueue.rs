@@ -88,6 +88,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         }
         Err(_) => true,
     });
+    crate::triggers::forget_appended();
     if wake && should_wake {
         crate::shmem::wake_worker();
     }
@@ -105,6 +106,7 @@ unsafe extern "C-unwind" fn on_subxact_event(
                 s.seen.clear();
             }
         });
+        crate::triggers::forget_appended();
     }
 }
 

@@ -12,9 +12,9 @@ RETURNS TABLE (kind text, pending bigint, running bigint, dead bigint,
                last_success_at timestamptz, last_failure_at timestamptz, paused boolean)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 SELECT k.kind,
-       count(q.job_id) FILTER (WHERE q.state = 'pending'),
-       count(q.job_id) FILTER (WHERE q.state = 'running'),
-       count(q.job_id) FILTER (WHERE q.state = 'dead'),
+       count(q.id) FILTER (WHERE q.state = 'pending'),
+       count(q.id) FILTER (WHERE q.state = 'running'),
+       count(q.id) FILTER (WHERE q.state = 'dead'),
        coalesce(s.delivered, 0),
        coalesce(s.failed_attempts, 0),
        now() - min(q.enqueued_at) FILTER (WHERE q.state = 'pending'),
@@ -23,7 +23,7 @@ SELECT k.kind,
        k.paused
   FROM outbox.kinds k
   LEFT JOIN outbox.kind_stats s ON s.kind = k.kind
-  LEFT JOIN outbox.queue q ON q.kind = k.kind
+  LEFT JOIN outbox.jobs q ON q.kind = k.kind
  GROUP BY k.kind, k.paused, s.delivered, s.failed_attempts, s.last_success_at, s.last_failure_at
  ORDER BY k.kind
 $$;

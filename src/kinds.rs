@@ -39,8 +39,10 @@ SELECT t.tgrelid::regclass::text AS tbl, t.tgname::text AS trigger
    AND pg_catalog.split_part(pg_catalog.encode(t.tgargs, 'escape'), E'\\\\000', 1) = $1
  ORDER BY 1, 2";
 
-const COUNT_JOBS: &str = "SELECT count(*) FROM outbox.queue WHERE kind = $1";
-const DELETE_JOBS: &str = "DELETE FROM outbox.queue WHERE kind = $1";
+const COUNT_JOBS: &str = "SELECT count(*) FROM outbox.jobs WHERE kind = $1";
+const DELETE_JOBS: &str = "
+WITH q AS (DELETE FROM outbox.queue WHERE kind = $1)
+DELETE FROM outbox.inbox WHERE kind = $1";
 const DELETE_KIND: &str = "DELETE FROM outbox.kinds WHERE kind = $1";
 const SET_PAUSED: &str = "UPDATE outbox.kinds SET paused = $2, updated_at = now() WHERE kind = $1";
 
@@ -312,8 +314,9 @@ mod tests {
         Spi::run("SELECT outbox.enqueue('user', 1)").unwrap();
         assert_eq!(err_of("SELECT outbox.unregister('user')"), "2BP01");
         Spi::run("SELECT outbox.track('public.users', 'user')").unwrap();
+        Spi::run("INSERT INTO public.users VALUES (5, 'e')").unwrap();
         Spi::run("SELECT outbox.unregister('user', cascade => true)").unwrap();
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue").unwrap(), Some(0));
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.jobs").unwrap(), Some(0));
         assert_eq!(
             Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.users'::regclass").unwrap(),
             Some(0)

@@ -75,14 +75,31 @@ CREATE TABLE outbox.queue (
     last_error      text
 );
 
+-- What tracked tables changed, appended by enqueue_trigger with direct heap
+-- inserts. No indexes, on purpose: the worker empties it into the queue.
+CREATE TABLE outbox.inbox (
+    kind        text NOT NULL,
+    id          text NOT NULL,
+    enqueued_at timestamptz NOT NULL
+);
+
 -- Coalescing: at most one fresh job per record.
 CREATE UNIQUE INDEX queue_fresh_key ON outbox.queue (kind, id)
     WHERE state = 'pending' AND last_attempt_at IS NULL;
--- The claim's scan order.
-CREATE INDEX queue_due ON outbox.queue (run_at, job_id) WHERE state = 'pending';
+-- The claim's scan order, per kind (so paused kinds cost nothing to skip).
+CREATE INDEX queue_due ON outbox.queue (kind, run_at, job_id) WHERE state = 'pending';
 -- One in-flight delivery per record.
 CREATE INDEX queue_running_key ON outbox.queue (kind, id) WHERE state = 'running';
 CREATE INDEX queue_dead ON outbox.queue (kind) WHERE state = 'dead';
+
+-- Changes still in the inbox are pending jobs without a job_id yet.
+CREATE VIEW outbox.jobs AS
+SELECT job_id, kind, id, state, attempts, run_at, enqueued_at,
+       last_attempt_at, last_status, last_error
+  FROM outbox.queue
+UNION ALL
+SELECT NULL, kind, id, 'pending', 0, enqueued_at, enqueued_at, NULL, NULL, NULL
+  FROM outbox.inbox;
 "#,
     name = "schema",
     bootstrap
@@ -90,10 +107,6 @@ CREATE INDEX queue_dead ON outbox.queue (kind) WHERE state = 'dead';
 
 extension_sql!(
     r#"
-CREATE VIEW outbox.jobs AS
-SELECT job_id, kind, id, state, attempts, run_at, enqueued_at,
-       last_attempt_at, last_status, last_error
-  FROM outbox.queue;
 
 -- Application roles may enqueue (directly or through tracked tables) and do
 -- nothing else. Everything else is for admins.
@@ -140,6 +153,8 @@ mod tests {
             "SELECT secret FROM outbox.kinds",
             "SELECT * FROM outbox.kind_stats",
             "INSERT INTO outbox.queue (kind, id) VALUES ('user', '9')",
+            "SELECT * FROM outbox.inbox",
+            "INSERT INTO outbox.inbox VALUES ('user', '9', now())",
             "SELECT outbox.register('evil', 'http://attacker/{id}')",
             "SELECT outbox.unregister('user', true)",
             "SELECT outbox.pause('user')",
@@ -158,7 +173,7 @@ mod tests {
             assert_eq!(sqlstate_of(sql), "42501", "{sql}");
         }
         Spi::run("RESET ROLE").unwrap();
-        let ids = Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue WHERE id IN ('1', 'x', '2')").unwrap();
+        let ids = Spi::get_one::<i64>("SELECT count(*) FROM outbox.jobs WHERE id IN ('1', 'x', '2')").unwrap();
         assert_eq!(ids, Some(3));
     }
 }

@@ -1,57 +1,180 @@
 //! `track` / `untrack` and the `enqueue_trigger` trigger function.
 //!
-//! `track` creates three AFTER ... FOR EACH STATEMENT triggers (Postgres allows
-//! transition tables only on single-event triggers). Each one enqueues every
-//! affected id with one set-based INSERT over the transition tables, so a bulk
-//! statement costs one statement, not one round trip per row.
+//! `track` creates one `AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW`
+//! trigger. The trigger function is plain C-level code: it compares the old
+//! and new row itself and appends `(kind, id)` to `outbox.inbox` with a direct
+//! heap insert: no SPI, no planner, no index to maintain. That keeps a tracked
+//! single-row UPDATE nearly as cheap as an untracked one, and a bulk UPDATE
+//! free of per-row round trips. The worker moves the inbox into the queue,
+//! coalescing as it goes (see `worker::queue::ABSORB_INBOX`).
 
 use crate::errors::{raise, require, require_kind, unknown_kind};
 use pgrx::prelude::*;
-use pgrx::spi::{quote_identifier, quote_literal, OwnedPreparedStatement};
-use pgrx::{Array, PgOid};
+use pgrx::spi::{quote_identifier, quote_literal};
+use pgrx::Array;
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::ffi::CStr;
+use std::collections::HashSet;
+use std::ffi::{CStr, CString};
 
-/// How the transition-table rows become fresh jobs; shared tail of every
-/// trigger statement. Locks an existing fresh job, as `enqueue` does.
-const ON_CONFLICT: &str = "
-ON CONFLICT (kind, id) WHERE state = 'pending' AND last_attempt_at IS NULL
-DO UPDATE SET run_at = excluded.run_at WHERE q.run_at > excluded.run_at";
-
-/// INSERT and DELETE: every row's id.
-fn rows_sql(table: &str, id: &str) -> String {
-    format!(
-        "INSERT INTO outbox.queue AS q (kind, id)
-SELECT DISTINCT $1, t.{id}::text FROM {table} t WHERE t.{id} IS NOT NULL{ON_CONFLICT}"
-    )
-}
-
-/// UPDATE: ids whose row (or watched columns) changed, and both ids of a row
-/// whose id changed. `*=` compares binary images, so it works for every type.
-fn update_sql(old: &str, new: &str, id: &str, watched: &str) -> String {
-    format!(
-        "WITH o AS (SELECT t.{id}::text AS k, {watched} AS v FROM {old} t),
-     n AS (SELECT t.{id}::text AS k, {watched} AS v FROM {new} t)
-INSERT INTO outbox.queue AS q (kind, id)
-SELECT DISTINCT $1, c.k FROM (
-    SELECT n.k FROM n LEFT JOIN o ON o.k = n.k AND o.v OPERATOR(pg_catalog.*=) n.v WHERE o.k IS NULL
-    UNION ALL
-    SELECT o.k FROM o LEFT JOIN n ON n.k = o.k WHERE n.k IS NULL
-) c WHERE c.k IS NOT NULL{ON_CONFLICT}"
-    )
-}
+/// Most distinct records remembered per transaction to skip repeats; past
+/// it, repeats are simply appended again (the worker coalesces them).
+const DEDUPE_LIMIT: usize = 100_000;
 
 thread_local! {
-    /// Plans per (trigger oid, event), kept for the backend's life. The SQL of
-    /// a trigger depends only on its arguments, which cannot change.
-    static PLANS: RefCell<HashMap<(pg_sys::Oid, u8), OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    /// (kind, id) appended to the inbox by this transaction. Cleared at
+    /// transaction end and when a subtransaction aborts (its rows are gone).
+    static APPENDED: RefCell<HashSet<(String, String)>> = RefCell::new(HashSet::new());
+}
+
+pub(crate) fn forget_appended() {
+    APPENDED.with(|a| {
+        if let Ok(mut a) = a.try_borrow_mut() {
+            a.clear();
+            a.shrink_to(1024);
+        }
+    });
+}
+
+unsafe extern "C-unwind" {
+    // Postgres' binary-image equality (utils/adt/datum.c); not in pgrx's bindings.
+    fn datum_image_eq(value1: pg_sys::Datum, value2: pg_sys::Datum, typ_by_val: bool, typ_len: std::ffi::c_int) -> bool;
+}
+
+/// A column's value in a row: None for NULL.
+///
+/// # Safety
+/// `tuple` and `tupdesc` must describe the same row; `attno` is 1-based and in range.
+unsafe fn attr(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attno: i32) -> Option<pg_sys::Datum> {
+    let mut is_null = false;
+    // SAFETY: guaranteed by the caller.
+    let d = unsafe { pg_sys::heap_getattr(tuple, attno, tupdesc, &mut is_null) };
+    (!is_null).then_some(d)
+}
+
+/// # Safety
+/// `tupdesc` must be valid and `attno` 1-based and in range.
+unsafe fn attribute(tupdesc: pg_sys::TupleDesc, attno: i32) -> &'static pg_sys::FormData_pg_attribute {
+    // SAFETY: attrs holds natts entries; the caller keeps attno in range.
+    unsafe { &*(*tupdesc).attrs.as_ptr().add((attno - 1) as usize) }
+}
+
+/// The id column's value as text (its type's output function), None if NULL.
+///
+/// # Safety
+/// As for [`attr`].
+unsafe fn id_text(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attno: i32) -> Option<String> {
+    // SAFETY: guaranteed by the caller.
+    let datum = unsafe { attr(tuple, tupdesc, attno) }?;
+    let (mut out, mut varlena) = (pg_sys::InvalidOid, false);
+    // SAFETY: the attribute's type oid is valid; output functions return a palloc'd C string.
+    unsafe {
+        pg_sys::getTypeOutputInfo(attribute(tupdesc, attno).atttypid, &mut out, &mut varlena);
+        let cstr = pg_sys::OidOutputFunctionCall(out, datum);
+        Some(CStr::from_ptr(cstr).to_string_lossy().into_owned())
+    }
+}
+
+/// Whether any of `attnos` differs between the two rows, by binary image
+/// (so it works for every type, json and point included).
+///
+/// # Safety
+/// Both tuples must be rows of `tupdesc`; every attno must be in range.
+unsafe fn changed(old: *mut pg_sys::HeapTupleData, new: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attnos: &[i32]) -> bool {
+    attnos.iter().any(|&n| {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let a = attribute(tupdesc, n);
+            match (attr(old, tupdesc, n), attr(new, tupdesc, n)) {
+                (None, None) => false,
+                (Some(x), Some(y)) => !datum_image_eq(x, y, a.attbyval, a.attlen as i32),
+                _ => true,
+            }
+        }
+    })
+}
+
+/// Attribute number of a column, or an ERROR naming it.
+///
+/// # Safety
+/// `tupdesc` must be valid.
+unsafe fn attno_of(tupdesc: pg_sys::TupleDesc, column: &str) -> i32 {
+    let c = CString::new(column).unwrap_or_default();
+    // SAFETY: SPI_fnumber only reads the descriptor.
+    let n = unsafe { pg_sys::SPI_fnumber(tupdesc, c.as_ptr()) };
+    if n <= 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("outbox.enqueue_trigger: column \"{column}\" does not exist"),
+            Some("The tracked table changed; call outbox.track(table, kind, ...) again."),
+        );
+    }
+    n
+}
+
+fn inbox_relid() -> pg_sys::Oid {
+    // SAFETY: syscache lookups; missing_ok so we can raise a clear error.
+    let oid = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
+        if ns == pg_sys::InvalidOid { ns } else { pg_sys::get_relname_relid(c"inbox".as_ptr(), ns) }
+    };
+    if oid == pg_sys::InvalidOid {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "outbox.inbox does not exist", Some("Is the outbox extension installed?"));
+    }
+    oid
+}
+
+/// Appends `(kind, id)` rows to `outbox.inbox` with direct heap inserts.
+fn append_to_inbox(kind: &str, ids: &[String]) {
+    let fresh: Vec<&String> = APPENDED.with(|a| {
+        let mut a = a.borrow_mut();
+        ids.iter()
+            .filter(|id| {
+                let key = (kind.to_string(), (*id).clone());
+                if a.contains(&key) {
+                    return false;
+                }
+                if a.len() < DEDUPE_LIMIT {
+                    a.insert(key);
+                }
+                true
+            })
+            .collect()
+    });
+    if fresh.is_empty() {
+        return;
+    }
+    // SAFETY: the inbox is our own plain heap table; we hold RowExclusiveLock
+    // while inserting, as the executor would. It has no indexes (checked), so
+    // a heap insert is the whole insert.
+    unsafe {
+        let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(inbox_relid(), lock);
+        if (*(*rel).rd_rel).relhasindex {
+            pg_sys::table_close(rel, lock);
+            raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "outbox.inbox must not have indexes", None);
+        }
+        let kind_datum = text_datum(kind);
+        let at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
+        for id in fresh {
+            let mut values = [kind_datum, text_datum(id), at];
+            let mut nulls = [false; 3];
+            let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::simple_heap_insert(rel, tuple);
+            pg_sys::heap_freetuple(tuple);
+        }
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+    crate::enqueue::wake_on_commit();
+}
+
+fn text_datum(s: &str) -> pg_sys::Datum {
+    // SAFETY: copies the bytes into a palloc'd text.
+    pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32) })
 }
 
 #[pg_trigger(sql = "
 CREATE FUNCTION outbox.enqueue_trigger() RETURNS trigger
-LANGUAGE c SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 ")]
 fn enqueue_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -63,51 +186,41 @@ fn enqueue_trigger<'a>(
             Some("Create tracking triggers with outbox.track(table, kind)."),
         )
     };
-    if !matches!(trigger.level(), PgTriggerLevel::Statement) {
-        misuse("must fire FOR EACH STATEMENT");
+    if !matches!(trigger.level(), PgTriggerLevel::Row) || !matches!(trigger.when(), Ok(PgTriggerWhen::After)) {
+        misuse("must fire AFTER ... FOR EACH ROW");
     }
     let args = trigger.extra_args().unwrap_or_default();
     if args.len() < 2 {
         misuse("needs the arguments (kind, id_column [, column ...])");
     }
     let (kind, id_column, watched) = (&args[0], &args[1], &args[2..]);
-    let op = trigger.op().unwrap_or_else(|_| misuse("fired for an unknown event"));
-    let old = trigger.old_transition_table_name().ok().flatten();
-    let new = trigger.new_transition_table_name().ok().flatten();
-    let id = quote_identifier(id_column);
-    let (event, sql) = match (op, old, new) {
-        (PgTriggerOperation::Insert, _, Some(new)) => (0u8, rows_sql(&quote_identifier(new), &id)),
-        (PgTriggerOperation::Delete, Some(old), _) => (1, rows_sql(&quote_identifier(old), &id)),
-        (PgTriggerOperation::Update, Some(old), Some(new)) => {
-            let watched = if watched.is_empty() {
-                "t".to_string()
-            } else {
-                let cols: Vec<String> = watched.iter().map(|c| format!("t.{}", quote_identifier(c))).collect();
-                format!("ROW({})", cols.join(", "))
-            };
-            (2, update_sql(&quote_identifier(old), &quote_identifier(new), &id, &watched))
-        }
-        _ => misuse("needs REFERENCING transition tables for INSERT, UPDATE or DELETE"),
-    };
-    let key = (trigger.trigger().tgoid, event);
-    Spi::connect_mut(|c| {
-        // SAFETY: the trigger data comes from Postgres for this very call; it
-        // makes the transition tables visible to this SPI connection.
-        unsafe {
-            pg_sys::SPI_register_trigger_data(trigger.trigger_data() as *const _ as *mut _);
-        }
-        PLANS.with(|plans| {
-            let mut plans = plans.borrow_mut();
-            if !plans.contains_key(&key) {
-                let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
-                let plan = c.prepare_mut(sql.as_str(), &[text]).unwrap_or_else(|e| panic!("preparing trigger SQL: {e}")).keep();
-                plans.insert(key, plan);
+    let td = trigger.trigger_data();
+    // SAFETY: Postgres hands us the fired row(s) and the table's descriptor;
+    // they stay valid for this call. Attribute numbers come from SPI_fnumber.
+    let ids = unsafe {
+        let tupdesc = (*td.tg_relation).rd_att;
+        let id_attno = attno_of(tupdesc, id_column);
+        let (old, new) = (td.tg_trigtuple, td.tg_newtuple);
+        match trigger.op() {
+            Ok(PgTriggerOperation::Insert | PgTriggerOperation::Delete) => id_text(old, tupdesc, id_attno).into_iter().collect(),
+            Ok(PgTriggerOperation::Update) => {
+                let before = id_text(old, tupdesc, id_attno);
+                let after = id_text(new, tupdesc, id_attno);
+                if before != after {
+                    before.into_iter().chain(after).collect()
+                } else {
+                    let attnos: Vec<i32> = if watched.is_empty() {
+                        (1..=(*tupdesc).natts).filter(|&n| !attribute(tupdesc, n).attisdropped).collect()
+                    } else {
+                        watched.iter().map(|c| attno_of(tupdesc, c)).collect()
+                    };
+                    if changed(old, new, tupdesc, &attnos) { after.into_iter().collect() } else { Vec::new() }
+                }
             }
-            let plan = &plans[&key];
-            c.update(plan, None, &[kind.as_str().into()]).unwrap_or_else(|e| panic!("enqueue from trigger: {e}"));
-        });
-    });
-    crate::enqueue::wake_on_commit();
+            _ => misuse("fired for an unsupported event"),
+        }
+    };
+    append_to_inbox(kind, &ids);
     Ok(None)
 }
 
@@ -131,10 +244,10 @@ SELECT t.tgname::text
    AND t.tgnargs >= 1
    AND pg_catalog.split_part(pg_catalog.encode(t.tgargs, 'escape'), E'\\\\000', 1) = $2";
 
-/// `outbox_<kind>`, shortened with a hash so `<name>_upd` fits in 63 bytes.
+/// `outbox_<kind>`, shortened with a hash to fit in 63 bytes.
 fn trigger_base_name(kind: &str) -> String {
     let full = format!("outbox_{kind}");
-    if full.len() <= 59 {
+    if full.len() <= 63 {
         return full;
     }
     let hash = kind.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
@@ -253,23 +366,17 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
         }
         // Tracking again replaces the triggers, e.g. to change the columns.
         drop_kind_triggers(c, tbl, &table, kind);
-        let base = trigger_base_name(kind);
+        let name = trigger_base_name(kind);
         let mut args = vec![quote_literal(kind), quote_literal(&id_column)];
         args.extend(watched.iter().map(quote_literal));
-        let args = args.join(", ");
-        for (suffix, event, referencing) in [
-            ("ins", "INSERT", "NEW TABLE AS outbox_new"),
-            ("upd", "UPDATE", "OLD TABLE AS outbox_old NEW TABLE AS outbox_new"),
-            ("del", "DELETE", "OLD TABLE AS outbox_old"),
-        ] {
-            let sql = format!(
-                "CREATE TRIGGER {} AFTER {event} ON {table} REFERENCING {referencing}
-                 FOR EACH STATEMENT EXECUTE FUNCTION outbox.enqueue_trigger({args})",
-                quote_identifier(format!("{base}_{suffix}"))
-            );
-            c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("creating trigger: {e}"));
-        }
-        base
+        let sql = format!(
+            "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {table}
+             FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger({})",
+            quote_identifier(&name),
+            args.join(", ")
+        );
+        c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("creating trigger: {e}"));
+        name
     })
 }
 
@@ -300,7 +407,7 @@ mod unit {
     fn base_names_fit() {
         assert_eq!(trigger_base_name("user"), "outbox_user");
         let long = trigger_base_name(&"é".repeat(100));
-        assert!(long.len() + 4 <= 63, "{long}");
+        assert!(long.len() <= 63, "{long}");
         assert_ne!(trigger_base_name(&"a".repeat(80)), trigger_base_name(&"a".repeat(81)));
     }
 }
@@ -313,7 +420,7 @@ mod tests {
 
     fn ids() -> Vec<String> {
         Spi::connect(|c| {
-            c.select("SELECT id FROM outbox.queue ORDER BY id", None, &[])
+            c.select("SELECT id FROM outbox.inbox ORDER BY id", None, &[])
                 .unwrap()
                 .map(|r| r.get::<String>(1).unwrap().unwrap())
                 .collect()
@@ -321,7 +428,8 @@ mod tests {
     }
 
     fn reset() {
-        Spi::run("DELETE FROM outbox.queue").unwrap();
+        Spi::run("DELETE FROM outbox.inbox").unwrap();
+        super::forget_appended();
     }
 
     #[pg_test]
@@ -346,12 +454,17 @@ mod tests {
         Spi::run("DELETE FROM public.users WHERE id = 2").unwrap();
         assert_eq!(ids(), ["2"]);
         reset();
-        // Bulk: one job per row, one statement.
+        // Bulk: one entry per row.
         Spi::run("INSERT INTO public.users SELECT g, 'x' FROM generate_series(100, 1099) g").unwrap();
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue").unwrap(), Some(1000));
-        // Coalesced: the same rows again add no job.
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.inbox").unwrap(), Some(1000));
+        // Within a transaction, the same records again add nothing.
         Spi::run("UPDATE public.users SET name = 'y' WHERE id >= 100").unwrap();
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue").unwrap(), Some(1000));
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.inbox").unwrap(), Some(1000));
+        // The jobs view shows not-yet-absorbed entries as pending.
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM outbox.jobs WHERE state = 'pending' AND job_id IS NULL").unwrap(),
+            Some(1000)
+        );
     }
 
     #[pg_test]
@@ -382,7 +495,7 @@ mod tests {
         Spi::run("SELECT outbox.track('public.users', 'user', columns => '{a}')").unwrap();
         Spi::run("SELECT outbox.track('public.users', 'user', columns => '{b}')").unwrap();
         let n = Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.users'::regclass").unwrap();
-        assert_eq!(n, Some(3));
+        assert_eq!(n, Some(1));
         Spi::run("INSERT INTO public.users VALUES (1, 1, 1)").unwrap();
         reset();
         Spi::run("UPDATE public.users SET a = 2").unwrap();
@@ -410,8 +523,17 @@ mod tests {
             ("SELECT outbox.track('public.users', 'user', columns => '{nope}')", "42703"),
             ("SELECT outbox.track('public.users', 'user', columns => '{}')", "22023"),
             ("SELECT outbox.track('public.users', 'user', columns => '{a,NULL}')", "22004"),
-            ("CREATE TRIGGER t AFTER INSERT ON public.users FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger('user', 'id')", "00000"),
+            ("CREATE TRIGGER t AFTER INSERT ON public.users FOR EACH STATEMENT EXECUTE FUNCTION outbox.enqueue_trigger('user', 'id')", "00000"),
             ("INSERT INTO public.users VALUES (1, 1)", "0A000"),
+            ("DROP TRIGGER t ON public.users", "00000"),
+            ("CREATE TRIGGER t BEFORE INSERT ON public.users FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger('user', 'id')", "00000"),
+            ("INSERT INTO public.users VALUES (1, 1)", "0A000"),
+            ("DROP TRIGGER t ON public.users", "00000"),
+            ("CREATE TRIGGER t AFTER INSERT ON public.users FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger('user')", "00000"),
+            ("INSERT INTO public.users VALUES (1, 1)", "0A000"),
+            ("DROP TRIGGER t ON public.users", "00000"),
+            ("CREATE TRIGGER t AFTER INSERT ON public.users FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger('user', 'nope')", "00000"),
+            ("INSERT INTO public.users VALUES (1, 1)", "42703"),
         ];
         for (sql, code) in cases {
             assert_eq!(sqlstate_of(sql), code, "{sql}");

@@ -7,7 +7,7 @@
 use super::http::{Method, Outcome, Pool, Request};
 use super::queue::{self, Failure};
 use super::render::{self, Rendered};
-use super::signals::{handle_interrupts, in_transaction, install_handlers, report_activity, wait};
+use super::signals::{handle_interrupts, in_transaction, install_handlers, pause, report_activity, wait};
 use crate::policy::{classify, retry_delay, Response, Verdict};
 use crate::schema::JobState;
 use crate::shmem::{self, WorkerState};
@@ -15,10 +15,16 @@ use crate::gucs;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often a worker without its extension looks again.
 const EXTENSION_RECHECK: Duration = Duration::from_secs(1);
+
+/// Least time between the starts of two turns. Under a stream of commits
+/// every commit sets the latch; pacing turns lets each one absorb and claim
+/// several jobs instead of paying a transaction per job. An idle worker is
+/// woken at once, so light-load latency is not affected.
+const MIN_TURN_GAP: Duration = Duration::from_millis(2);
 
 /// A job handed to the HTTP threads, until its outcome is recorded.
 struct InFlight {
@@ -71,6 +77,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     let threads = gucs::CONCURRENCY.get().max(1) as usize;
     let pool = with_signals_blocked(|| Pool::start(threads)).unwrap_or_else(|e| panic!("starting HTTP threads: {e}"));
     log!("outbox worker started for database \"{database}\" with {threads} HTTP threads");
+    let mut last_turn = Instant::now() - MIN_TURN_GAP;
     let mut w = Worker { pool, in_flight: HashMap::new(), finished: Vec::new(), recovered: false, said_no_extension: false };
     loop {
         handle_interrupts();
@@ -81,6 +88,10 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
             wait(None, gucs::poll_interval().min(Duration::from_secs(1)));
             continue;
         }
+        if let Some(rest) = MIN_TURN_GAP.checked_sub(last_turn.elapsed()) {
+            pause(rest);
+        }
+        last_turn = Instant::now();
         w.collect_outcomes();
         report_activity(true, c"claiming");
         let turn = in_transaction(|| w.turn());
@@ -152,6 +163,7 @@ impl Worker {
             // Whatever was in flight belonged to the dropped extension.
             self.finished.clear();
             self.recovered = false;
+            super::plans::forget();
             return Turn::NoExtension;
         }
         if self.said_no_extension {
@@ -172,13 +184,18 @@ impl Worker {
             record(c, finished);
 
             let batch = gucs::BATCH_SIZE.get().max(1) as usize;
+            // Absorb more than a batch: the inbox holds raw changes, many of
+            // which coalesce, and an empty inbox keeps the jobs view exact.
+            let absorb_limit = (batch * 16) as i64;
+            let inbox_full = queue::absorb_inbox(c, absorb_limit) >= absorb_limit;
+            let kinds = render::load_kinds(c);
+            let active: Vec<String> = kinds.iter().filter(|(_, k)| !k.paused).map(|(n, _)| n.clone()).collect();
             let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
             let room = limit.saturating_sub(self.in_flight.len()).min(batch);
             if room == 0 {
-                return Turn::Worked { requests: Vec::new(), next_due: None };
+                return Turn::Worked { requests: Vec::new(), next_due: if inbox_full { Some(Duration::ZERO) } else { None } };
             }
-            let claimed = queue::claim(c, room as i64);
-            let kinds = render::load_kinds(c);
+            let claimed = queue::claim(c, active.clone(), room as i64);
             let max_response = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
             let rendered = render::render(&kinds, &claimed, max_response);
             let mut requests = Vec::new();
@@ -210,7 +227,7 @@ impl Worker {
             }
             record(c, done_now);
             // A full batch means more is probably due: come straight back.
-            let next_due = if claimed.len() >= room { Some(Duration::ZERO) } else { queue::next_due_ms(c).map(|ms| Duration::from_millis(ms as u64)) };
+            let next_due = if claimed.len() >= room || inbox_full { Some(Duration::ZERO) } else { queue::next_due_ms(c, active).map(|ms| Duration::from_millis(ms as u64)) };
             Turn::Worked { requests, next_due }
         })
     }

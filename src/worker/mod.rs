@@ -11,6 +11,7 @@
 pub mod delivery;
 pub mod http;
 pub mod launcher;
+pub mod plans;
 pub mod queue;
 pub mod render;
 pub mod signals;

@@ -2,6 +2,7 @@
 //! transition is guarded by the state it leaves (`... AND state = 'running'`),
 //! and batches go through arrays.
 
+use super::plans::{execute, types::*};
 use crate::schema::JobState;
 use pgrx::datum::DatumWithOid;
 use pgrx::spi::SpiClient;
@@ -19,22 +20,52 @@ UPDATE outbox.queue q
  WHERE q.state = 'pending'
    AND NOT EXISTS (SELECT 1 FROM outbox.kinds k WHERE k.kind = q.kind)";
 
-/// Claims up to $1 due jobs of unpaused kinds, at most one per record, and
-/// none for a record that is already in flight. The claiming transaction's
-/// id is the delivery's sequence number: it grows with every claim.
+/// Moves what tracked tables appended to the inbox into the queue, at most
+/// $1 rows per call. A record with a fresh job already coalesces into it.
+/// The worker is the only claimer and runs this in its claim transaction, so
+/// a fresh job can't be claimed between the commit that appended and here.
+pub const ABSORB_INBOX: &str = "
+WITH moved AS (
+    DELETE FROM outbox.inbox
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM outbox.inbox LIMIT $1))
+    RETURNING kind, id, enqueued_at
+), absorbed AS (
+    -- A change of a kind nobody registered can never be delivered: it goes
+    -- straight to dead, where an admin sees it.
+    INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
+    SELECT m.kind, m.id, min(m.enqueued_at), now(),
+           CASE WHEN k.kind IS NULL THEN 'dead' ELSE 'pending' END,
+           CASE WHEN k.kind IS NULL THEN now() END,
+           CASE WHEN k.kind IS NULL THEN 'kind is not registered' END
+      FROM moved m
+      LEFT JOIN outbox.kinds k ON k.kind = m.kind
+     GROUP BY m.kind, m.id, k.kind
+    ON CONFLICT (kind, id) WHERE state = 'pending' AND last_attempt_at IS NULL DO NOTHING
+)
+SELECT count(*) FROM moved";
+
+/// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), oldest
+/// first, at most one per record, and none for a record already in flight.
+/// The claiming transaction's id is the delivery's sequence number: it grows
+/// with every claim.
 pub const CLAIM: &str = "
 WITH due AS (
-    SELECT q.job_id, q.kind, q.id
-      FROM outbox.queue q
-      JOIN outbox.kinds k ON k.kind = q.kind
-     WHERE q.state = 'pending'
-       AND q.run_at <= now()
-       AND NOT k.paused
-       AND NOT EXISTS (SELECT 1 FROM outbox.queue r
-                        WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id)
-     ORDER BY q.run_at, q.job_id
-     LIMIT $1
-       FOR UPDATE OF q SKIP LOCKED
+    SELECT d.job_id, d.kind, d.id, d.run_at
+      FROM unnest($1::text[]) AS k(kind)
+     CROSS JOIN LATERAL (
+        SELECT q.job_id, q.kind, q.id, q.run_at
+          FROM outbox.queue q
+         WHERE q.kind = k.kind
+           AND q.state = 'pending'
+           AND q.run_at <= now()
+           AND NOT EXISTS (SELECT 1 FROM outbox.queue r
+                            WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id)
+         ORDER BY q.run_at, q.job_id
+         LIMIT $2
+           FOR UPDATE SKIP LOCKED
+     ) d
+     ORDER BY d.run_at, d.job_id
+     LIMIT $2
 ), one_per_record AS (
     SELECT DISTINCT ON (kind, id) job_id FROM due ORDER BY kind, id, job_id
 )
@@ -44,14 +75,21 @@ UPDATE outbox.queue q
  WHERE q.job_id = o.job_id
 RETURNING q.job_id, q.kind, q.id, q.attempts, pg_catalog.pg_current_xact_id()::text::bigint";
 
-/// When the next job falls due (among those the claim could take).
+/// How long until the next job of the kinds in $1 falls due (among those the
+/// claim could take: not blocked by a delivery in flight).
 pub const NEXT_DUE: &str = "
-SELECT min(q.run_at) - now()
-  FROM outbox.queue q
-  JOIN outbox.kinds k ON k.kind = q.kind
- WHERE q.state = 'pending' AND NOT k.paused
-   AND NOT EXISTS (SELECT 1 FROM outbox.queue r
-                    WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id)";
+SELECT min(d.run_at) - now()
+  FROM unnest($1::text[]) AS k(kind)
+ CROSS JOIN LATERAL (
+    SELECT q.run_at
+      FROM outbox.queue q
+     WHERE q.kind = k.kind
+       AND q.state = 'pending'
+       AND NOT EXISTS (SELECT 1 FROM outbox.queue r
+                        WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id)
+     ORDER BY q.run_at, q.job_id
+     LIMIT 1
+ ) d";
 
 /// Delivered jobs are done: remove them.
 pub const COMPLETE: &str = "
@@ -81,7 +119,7 @@ UPDATE outbox.kind_stats s
 /// Everything the worker needs to know about each kind.
 pub const LOAD_KINDS: &str = "
 SELECT kind, url, body::regproc::text, headers::text, secret,
-       (extract(epoch FROM timeout) * 1000)::bigint, max_attempts, on_missing
+       (extract(epoch FROM timeout) * 1000)::bigint, max_attempts, on_missing, paused
   FROM outbox.kinds";
 
 pub struct Claimed {
@@ -92,8 +130,19 @@ pub struct Claimed {
     pub sequence: i64,
 }
 
-pub fn claim(c: &mut SpiClient<'_>, limit: i64) -> Vec<Claimed> {
-    let rows = c.update(CLAIM, None, &[limit.into()]).unwrap_or_else(|e| panic!("claim: {e}"));
+/// Moves up to `limit` inbox rows into the queue; returns how many moved.
+pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64) -> i64 {
+    execute(c, ABSORB_INBOX, &[INT8], &[limit.into()])
+        .unwrap_or_else(|e| panic!("absorb inbox: {e}"))
+        .first()
+        .get_one::<i64>()
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+pub fn claim(c: &mut SpiClient<'_>, kinds: Vec<String>, limit: i64) -> Vec<Claimed> {
+    let rows = execute(c, CLAIM, &[TEXT_ARRAY, INT8], &[kinds.into(), limit.into()]).unwrap_or_else(|e| panic!("claim: {e}"));
     rows.filter_map(|r| {
         Some(Claimed {
             job_id: r.get::<i64>(1).ok()??,
@@ -107,8 +156,8 @@ pub fn claim(c: &mut SpiClient<'_>, limit: i64) -> Vec<Claimed> {
 }
 
 /// Milliseconds until the next job is due (0 if overdue), None if none.
-pub fn next_due_ms(c: &SpiClient<'_>) -> Option<i64> {
-    let t = c.select(NEXT_DUE, None, &[]).unwrap_or_else(|e| panic!("next due: {e}"));
+pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>) -> Option<i64> {
+    let t = execute(c, NEXT_DUE, &[TEXT_ARRAY], &[kinds.into()]).unwrap_or_else(|e| panic!("next due: {e}"));
     let iv = t.first().get_one::<pgrx::datum::Interval>().ok().flatten()?;
     Some((iv.as_micros() / 1000).max(0) as i64)
 }
@@ -126,7 +175,7 @@ pub fn complete(c: &mut SpiClient<'_>, job_ids: Vec<i64>) {
     if job_ids.is_empty() {
         return;
     }
-    c.update(COMPLETE, None, &[job_ids.into()]).unwrap_or_else(|e| panic!("complete: {e}"));
+    execute(c, COMPLETE, &[INT8_ARRAY], &[job_ids.into()]).unwrap_or_else(|e| panic!("complete: {e}"));
 }
 
 pub fn fail(c: &mut SpiClient<'_>, failures: Vec<Failure>) {
@@ -146,7 +195,7 @@ pub fn fail(c: &mut SpiClient<'_>, failures: Vec<Failure>) {
         errors.push(f.error);
     }
     let args: [DatumWithOid; 5] = [ids.into(), states.into(), delays.into(), statuses.into(), errors.into()];
-    c.update(FAIL, None, &args).unwrap_or_else(|e| panic!("fail: {e}"));
+    execute(c, FAIL, &[INT8_ARRAY, TEXT_ARRAY, INT8_ARRAY, INT4_ARRAY, TEXT_ARRAY], &args).unwrap_or_else(|e| panic!("fail: {e}"));
 }
 
 pub fn bump_stats(c: &mut SpiClient<'_>, kinds: Vec<String>, delivered: Vec<i64>, failed: Vec<i64>) {
@@ -154,5 +203,5 @@ pub fn bump_stats(c: &mut SpiClient<'_>, kinds: Vec<String>, delivered: Vec<i64>
         return;
     }
     let args: [DatumWithOid; 3] = [kinds.into(), delivered.into(), failed.into()];
-    c.update(BUMP_STATS, None, &args).unwrap_or_else(|e| panic!("stats: {e}"));
+    execute(c, BUMP_STATS, &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("stats: {e}"));
 }

@@ -25,10 +25,11 @@ pub struct Kind {
     pub timeout: Duration,
     pub max_attempts: i32,
     pub delete_when_missing: bool,
+    pub paused: bool,
 }
 
-pub fn load_kinds(c: &SpiClient<'_>) -> HashMap<String, Kind> {
-    let rows = c.select(LOAD_KINDS, None, &[]).unwrap_or_else(|e| panic!("loading kinds: {e}"));
+pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
+    let rows = super::plans::execute(c, LOAD_KINDS, &[], &[]).unwrap_or_else(|e| panic!("loading kinds: {e}"));
     let mut kinds = HashMap::new();
     for r in rows {
         let Ok(Some(name)) = r.get::<String>(1) else { continue };
@@ -55,6 +56,7 @@ pub fn load_kinds(c: &SpiClient<'_>) -> HashMap<String, Kind> {
                 timeout: Duration::from_millis(r.get::<i64>(6).ok().flatten().unwrap_or(10_000).max(1) as u64),
                 max_attempts: r.get::<i32>(7).ok().flatten().unwrap_or(25),
                 delete_when_missing: r.get::<String>(8).ok().flatten().as_deref() != Some("skip"),
+                paused: r.get::<bool>(9).ok().flatten().unwrap_or(false),
             },
         );
     }
@@ -81,7 +83,7 @@ fn bodies(function: &str, ids: &[String]) -> Vec<Result<Option<String>, String>>
     // body is read after the claim's snapshot: never older than the job.
     let batch = try_subtransaction(move || {
         Spi::connect_mut(|c| {
-            c.update(batch_sql.as_str(), None, &[ids_owned.into()])
+            super::plans::execute(c, &batch_sql, &[super::plans::types::TEXT_ARRAY], &[ids_owned.into()])
                 .unwrap_or_else(|e| panic!("{e}"))
                 .map(|r| r.get::<String>(1).ok().flatten())
                 .collect::<Vec<_>>()

@@ -53,6 +53,17 @@ pub fn wait(fd: Option<i32>, timeout: Duration) {
     handle_interrupts();
 }
 
+/// Sleeps `d` without waking for the latch (it stays set for the next wait);
+/// still ends on postmaster death, and handles SIGTERM right after.
+pub fn pause(d: Duration) {
+    let ms = d.as_millis().max(1) as std::ffi::c_long;
+    // SAFETY: as in `wait`, without WL_LATCH_SET.
+    unsafe {
+        pg_sys::WaitLatch(pg_sys::MyLatch, (pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32, ms, pg_sys::PG_WAIT_EXTENSION);
+    }
+    handle_interrupts();
+}
+
 /// Runs `f` in a transaction with a snapshot. An ERROR inside ends the
 /// worker (exit 1); the launcher starts it again.
 pub fn in_transaction<R>(f: impl FnOnce() -> R) -> R {

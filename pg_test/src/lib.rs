@@ -1,0 +1,23 @@
+//! Test tooling for outbox's end-to-end suite: a throwaway cluster with the
+//! extension preloaded ([`cluster`]) and a programmable HTTP receiver
+//! ([`receiver`]). Everything started here is stopped on drop.
+
+pub mod cluster;
+pub mod receiver;
+pub mod webhooks;
+
+use std::time::{Duration, Instant};
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,207 @@
+//! A programmable HTTP/1.1 receiver on a free loopback port. It records every
+//! request (method, path, headers, body, arrival time) as it arrives, then
+//! acts on the next scripted [`Action`] for that path (or the default one):
+//! answer with a status, headers and delay, hang, or drop the connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub enum Action {
+    Respond { status: u16, headers: Vec<(String, String)>, body: String, delay: Duration },
+    /// Read the request, then answer nothing for this long, then close.
+    Hang(Duration),
+    /// Close the connection without answering.
+    Drop,
+}
+
+impl Action {
+    pub fn status(status: u16) -> Action {
+        Action::Respond { status, headers: vec![], body: String::new(), delay: Duration::ZERO }
+    }
+    pub fn delayed(status: u16, delay: Duration) -> Action {
+        Action::Respond { status, headers: vec![], body: String::new(), delay }
+    }
+    pub fn with_body(status: u16, body: &str) -> Action {
+        Action::Respond { status, headers: vec![], body: body.into(), delay: Duration::ZERO }
+    }
+    pub fn with_header(status: u16, name: &str, value: &str) -> Action {
+        Action::Respond { status, headers: vec![(name.into(), value.into())], body: String::new(), delay: Duration::ZERO }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    /// Lower-cased names.
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    requests: Mutex<Vec<Recorded>>,
+    by_path: Mutex<HashMap<String, VecDeque<Action>>>,
+    default_actions: Mutex<VecDeque<Action>>,
+    /// Applied when no script is left.
+    fallback: Mutex<Option<Action>>,
+}
+
+pub struct Receiver {
+    pub port: u16,
+    state: Arc<State>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    pub fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(State::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (Arc::clone(&state), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (s, st) = (Arc::clone(&s), Arc::clone(&st));
+                std::thread::spawn(move || serve(conn, s, st));
+            }
+        });
+        Receiver { port, state, stop, thread: Some(thread) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Scripts the next responses for `path`, in order.
+    pub fn script(&self, path: &str, actions: impl IntoIterator<Item = Action>) {
+        self.state.by_path.lock().unwrap().entry(path.into()).or_default().extend(actions);
+    }
+
+    /// Scripts the next responses for any path without its own script.
+    pub fn script_any(&self, actions: impl IntoIterator<Item = Action>) {
+        self.state.default_actions.lock().unwrap().extend(actions);
+    }
+
+    /// What to do once scripts run out (default: 201 at once).
+    pub fn set_fallback(&self, action: Option<Action>) {
+        *self.state.fallback.lock().unwrap() = action;
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn requests_for(&self, path: &str) -> Vec<Recorded> {
+        self.requests().into_iter().filter(|r| r.path == path).collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    pub fn clear(&self) {
+        self.state.requests.lock().unwrap().clear();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn next_action(state: &State, path: &str) -> Action {
+    if let Some(a) = state.by_path.lock().unwrap().get_mut(path).and_then(VecDeque::pop_front) {
+        return a;
+    }
+    if let Some(a) = state.default_actions.lock().unwrap().pop_front() {
+        return a;
+    }
+    state.fallback.lock().unwrap().clone().unwrap_or(Action::status(201))
+}
+
+fn serve(conn: TcpStream, state: Arc<State>, stop: Arc<AtomicBool>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(conn);
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(method), Some(path)) = (parts.next(), parts.next()) else { return };
+        let (method, path) = (method.to_string(), path.to_string());
+        let mut headers = HashMap::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        state.requests.lock().unwrap().push(Recorded { method, path: path.clone(), headers, body, at: Instant::now() });
+        match next_action(&state, &path) {
+            Action::Drop => return,
+            Action::Hang(d) => {
+                std::thread::sleep(d);
+                return;
+            }
+            Action::Respond { status, headers, body, delay } => {
+                std::thread::sleep(delay);
+                let mut resp = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
+                for (k, v) in headers {
+                    resp.push_str(&format!("{k}: {v}\r\n"));
+                }
+                resp.push_str("\r\n");
+                resp.push_str(&body);
+                if writer.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

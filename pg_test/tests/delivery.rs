@@ -1,0 +1,353 @@
+//! End to end: a real cluster with outbox preloaded, a real HTTP receiver.
+
+use outbox_e2e::cluster::Cluster;
+use outbox_e2e::receiver::{Action, Receiver};
+use outbox_e2e::{wait_until, webhooks};
+use postgres::Client;
+use std::time::Duration;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const LONG: Duration = Duration::from_secs(30);
+
+/// A tracked `users` table whose body function returns the row as JSON.
+fn users(c: &mut Client, r: &Receiver, options: &str) {
+    c.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text);
+         CREATE FUNCTION user_body(id text) RETURNS jsonb LANGUAGE sql STABLE
+             AS $$ SELECT to_jsonb(u) FROM users u WHERE u.id = $1::bigint $$;",
+    )
+    .unwrap();
+    let url = r.url("/users/{id}");
+    c.batch_execute(&format!(
+        "SELECT outbox.register('user', '{url}', body => 'user_body(text)', secret => '{SECRET}'{options});
+         SELECT outbox.track('users', 'user');"
+    ))
+    .unwrap();
+}
+
+fn jobs_left(c: &mut Client) -> i64 {
+    c.query_one("SELECT count(*) FROM outbox.jobs", &[]).unwrap().get(0)
+}
+
+fn job_row(c: &mut Client, id: &str) -> Option<(String, i32, Option<i32>, Option<String>)> {
+    c.query_opt("SELECT state, attempts, last_status, last_error FROM outbox.jobs WHERE id = $1", &[&id])
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+}
+
+#[test]
+fn commit_delivers_one_signed_put_with_the_current_body() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    c.batch_execute("INSERT INTO users VALUES (1, 'ann')").unwrap();
+    assert!(wait_until(LONG, || r.count() >= 1 && jobs_left(&mut c) == 0));
+    std::thread::sleep(Duration::from_millis(300));
+    let reqs = r.requests();
+    assert_eq!(reqs.len(), 1, "exactly one request");
+    let q = &reqs[0];
+    assert_eq!(q.method, "PUT");
+    assert_eq!(q.path, "/users/1");
+    assert_eq!(q.header("content-type"), Some("application/json"));
+    assert_eq!(q.json(), serde_json::json!({"id": 1, "name": "ann"}));
+    let (id, ts, sig) = (q.header("webhook-id").unwrap(), q.header("webhook-timestamp").unwrap(), q.header("webhook-signature").unwrap());
+    webhooks::verify(SECRET, id, ts, &q.body, sig).unwrap();
+    assert!(webhooks::verify("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", id, ts, &q.body, sig).is_err());
+    assert!(q.header("outbox-sequence").unwrap().parse::<i64>().is_ok());
+    let delivered: i64 = c.query_one("SELECT delivered FROM outbox.stats() WHERE kind = 'user'", &[]).unwrap().get(0);
+    assert_eq!(delivered, 1);
+}
+
+#[test]
+fn rollback_sends_nothing() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    c.batch_execute("BEGIN; INSERT INTO users VALUES (1, 'ann'); SELECT outbox.enqueue('user', 2); ROLLBACK;").unwrap();
+    // A committed marker afterwards proves the worker was awake and done.
+    c.batch_execute("INSERT INTO users VALUES (3, 'cid')").unwrap();
+    assert!(wait_until(LONG, || r.count() >= 1 && jobs_left(&mut c) == 0));
+    std::thread::sleep(Duration::from_millis(500));
+    let paths: Vec<String> = r.requests().into_iter().map(|q| q.path).collect();
+    assert_eq!(paths, ["/users/3"]);
+}
+
+#[test]
+fn quick_updates_coalesce_and_the_last_request_has_the_final_state() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    // Slow receiver: updates pile up while a delivery is in flight.
+    r.set_fallback(Some(Action::delayed(201, Duration::from_millis(300))));
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    c.batch_execute("INSERT INTO users VALUES (1, 'v0')").unwrap();
+    for i in 1..=10 {
+        c.batch_execute(&format!("UPDATE users SET name = 'v{i}' WHERE id = 1")).unwrap();
+    }
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    let reqs = r.requests_for("/users/1");
+    assert!(reqs.len() < 11, "{} requests for 11 changes", reqs.len());
+    assert_eq!(reqs.last().unwrap().json()["name"], "v10");
+    let seqs: Vec<i64> = reqs.iter().map(|q| q.header("outbox-sequence").unwrap().parse().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequence must grow: {seqs:?}");
+}
+
+#[test]
+fn server_errors_are_retried_with_backoff() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    r.script("/users/1", [Action::status(500), Action::status(503), Action::status(201)]);
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    c.batch_execute("INSERT INTO users VALUES (1, 'ann')").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    let reqs = r.requests_for("/users/1");
+    assert_eq!(reqs.len(), 3);
+    // retry_base = 100ms, jitter keeps at least half: >= 50ms, then >= 100ms.
+    let gap1 = reqs[1].at - reqs[0].at;
+    let gap2 = reqs[2].at - reqs[1].at;
+    assert!(gap1 >= Duration::from_millis(50), "{gap1:?}");
+    assert!(gap2 >= Duration::from_millis(100), "{gap2:?}");
+    // Same job, same webhook-id on every attempt.
+    let ids: Vec<&str> = reqs.iter().map(|q| q.header("webhook-id").unwrap()).collect();
+    assert!(ids.iter().all(|i| *i == ids[0]));
+    let failed: i64 = c.query_one("SELECT failed_attempts FROM outbox.stats() WHERE kind = 'user'", &[]).unwrap().get(0);
+    assert_eq!(failed, 2);
+}
+
+#[test]
+fn retry_after_is_honoured() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    r.script("/users/1", [Action::with_header(429, "Retry-After", "1"), Action::status(201)]);
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    c.batch_execute("INSERT INTO users VALUES (1, 'ann')").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    let reqs = r.requests_for("/users/1");
+    assert_eq!(reqs.len(), 2);
+    assert!(reqs[1].at - reqs[0].at >= Duration::from_millis(900));
+}
+
+#[test]
+fn a_client_error_kills_the_job_and_retry_delivers_it() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    r.script("/users/1", [Action::with_body(400, "name is required")]);
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    c.batch_execute("INSERT INTO users VALUES (1, 'ann')").unwrap();
+    assert!(wait_until(LONG, || job_row(&mut c, "1").is_some_and(|j| j.0 == "dead")));
+    let (_, attempts, status, error) = job_row(&mut c, "1").unwrap();
+    assert_eq!((attempts, status), (1, Some(400)));
+    assert!(error.unwrap().contains("name is required"));
+    let dead: i64 = c.query_one("SELECT dead FROM outbox.stats() WHERE kind = 'user'", &[]).unwrap().get(0);
+    assert_eq!(dead, 1);
+    let job: i64 = c.query_one("SELECT job_id FROM outbox.jobs", &[]).unwrap().get(0);
+    c.execute("SELECT outbox.retry($1)", &[&job]).unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    assert_eq!(r.requests_for("/users/1").len(), 2);
+}
+
+#[test]
+fn max_attempts_then_dead() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    r.set_fallback(Some(Action::status(502)));
+    let mut c = db.client();
+    users(&mut c, &r, ", max_attempts => 3");
+    db.wait_for_worker();
+    c.batch_execute("INSERT INTO users VALUES (1, 'ann')").unwrap();
+    assert!(wait_until(LONG, || job_row(&mut c, "1").is_some_and(|j| j.0 == "dead")));
+    assert_eq!(job_row(&mut c, "1").unwrap().1, 3);
+    assert_eq!(r.requests_for("/users/1").len(), 3);
+}
+
+#[test]
+fn a_timeout_is_retried() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    r.script("/users/1", [Action::delayed(201, Duration::from_secs(3)), Action::status(201)]);
+    let mut c = db.client();
+    users(&mut c, &r, ", timeout => '300 ms'");
+    db.wait_for_worker();
+    c.batch_execute("INSERT INTO users VALUES (1, 'ann')").unwrap();
+    assert!(wait_until(LONG, || r.requests_for("/users/1").len() >= 2 && jobs_left(&mut c) == 0));
+    let reqs = r.requests_for("/users/1");
+    assert!(reqs[1].at - reqs[0].at < Duration::from_secs(2), "retried after the timeout, not the slow answer");
+}
+
+#[test]
+fn an_unreachable_host_is_retried_and_the_worker_lives() {
+    let db = Cluster::start();
+    let mut c = db.client();
+    let closed = outbox_e2e::cluster::free_port();
+    c.batch_execute(&format!("SELECT outbox.register('gone', 'http://127.0.0.1:{closed}/{{id}}')")).unwrap();
+    let pid = db.wait_for_worker();
+    c.batch_execute("SELECT outbox.enqueue('gone', 'x')").unwrap();
+    assert!(wait_until(LONG, || job_row(&mut c, "x").is_some_and(|j| j.1 >= 2)));
+    let (state, _, status, error) = job_row(&mut c, "x").unwrap();
+    assert_eq!(state, "pending");
+    assert_eq!(status, None);
+    assert!(error.is_some());
+    assert_eq!(db.worker_pid(), Some(pid), "the worker did not restart");
+}
+
+#[test]
+fn a_raising_body_function_fails_only_its_job() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    let mut c = db.client();
+    c.batch_execute(&format!(
+        "CREATE FUNCTION picky(id text) RETURNS json LANGUAGE plpgsql AS $$
+         BEGIN IF id = 'bad' THEN RAISE EXCEPTION 'no body for %', id; END IF;
+               RETURN json_build_object('id', id); END $$;
+         SELECT outbox.register('p', '{}', body => 'picky(text)');",
+        r.url("/p/{id}")
+    ))
+    .unwrap();
+    let pid = db.wait_for_worker();
+    c.batch_execute("SELECT outbox.enqueue('p', 'bad'); SELECT outbox.enqueue('p', 'good');").unwrap();
+    assert!(wait_until(LONG, || r.requests_for("/p/good").len() == 1 && job_row(&mut c, "bad").is_some_and(|j| j.3.is_some())));
+    let (state, _, _, error) = job_row(&mut c, "bad").unwrap();
+    assert_eq!(state, "pending");
+    assert!(error.unwrap().contains("no body for bad"));
+    assert!(r.requests_for("/p/bad").is_empty());
+    assert_eq!(db.worker_pid(), Some(pid));
+}
+
+#[test]
+fn a_deleted_record_is_sent_as_delete_or_skipped() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    r.script("/users/1", [Action::status(404)]);
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    c.batch_execute("SELECT outbox.pause('user'); INSERT INTO users VALUES (1, 'a'); DELETE FROM users; SELECT outbox.resume('user');")
+        .unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    let reqs = r.requests_for("/users/1");
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].method, "DELETE");
+    assert!(reqs[0].body.is_empty());
+    // on_missing = 'skip': nothing is sent, the job is done.
+    c.batch_execute("SELECT outbox.register('user', 'http://127.0.0.1:9/{id}', body => 'user_body(text)', on_missing => 'skip')").unwrap();
+    c.batch_execute("SELECT outbox.enqueue('user', 2)").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    assert_eq!(r.count(), 1);
+}
+
+#[test]
+fn a_paused_kind_waits_until_resumed() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    c.batch_execute("SELECT outbox.pause('user'); INSERT INTO users VALUES (1, 'a');").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(r.count(), 0);
+    assert_eq!(jobs_left(&mut c), 1);
+    c.batch_execute("SELECT outbox.resume('user')").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0 && r.count() == 1));
+}
+
+#[test]
+fn kill_9_of_the_worker_mid_batch_loses_nothing() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    r.set_fallback(Some(Action::delayed(201, Duration::from_millis(20))));
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    let pid = db.wait_for_worker();
+    c.batch_execute("INSERT INTO users SELECT g, 'n' || g FROM generate_series(1, 500) g").unwrap();
+    assert!(wait_until(LONG, || r.count() >= 50));
+    // SAFETY: signalling a process of the test's own cluster.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(60), || db.worker_pid().is_some_and(|p| p != pid)));
+    assert!(wait_until(Duration::from_secs(60), || db.try_client().is_some_and(|mut c| jobs_left(&mut c) == 0)));
+    let mut seen: Vec<String> = r.requests().into_iter().map(|q| q.path).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 500, "every record delivered");
+}
+
+#[test]
+fn restarts_with_a_backlog_lose_nothing_and_leave_nothing_running() {
+    let db_ = Cluster::start();
+    let mut db = db_;
+    let r = Receiver::start();
+    r.set_fallback(Some(Action::delayed(201, Duration::from_millis(10))));
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    c.batch_execute("INSERT INTO users SELECT g, 'n' || g FROM generate_series(1, 600) g").unwrap();
+    drop(c);
+    assert!(wait_until(LONG, || r.count() >= 30));
+    db.restart("fast");
+    assert!(wait_until(LONG, || r.count() >= 200));
+    db.restart("immediate");
+    let mut c = db.client();
+    let running: i64 = c.query_one("SELECT count(*) FROM outbox.jobs WHERE state = 'running'", &[]).unwrap().get(0);
+    // Right after start-up the worker may already have claimed some again;
+    // what matters is that all drain and none is stuck.
+    let _ = running;
+    assert!(wait_until(Duration::from_secs(60), || jobs_left(&mut c) == 0));
+    let mut seen: Vec<String> = r.requests().into_iter().map(|q| q.path).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 600);
+    assert!(db.log().contains("pending again"), "recovery of running jobs is logged");
+}
+
+#[test]
+fn the_worker_waits_for_the_database_and_the_extension() {
+    let opts = outbox_e2e::cluster::Options { create_extension: false, ..Default::default() };
+    let db = Cluster::start_with(opts);
+    let r = Receiver::start();
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = db.log();
+    assert_eq!(log.matches("does not exist yet").count(), 1, "said once:\n{log}");
+    db.admin("postgres").batch_execute("CREATE DATABASE outbox_e2e").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(db.log().matches("is not installed in this database").count(), 1);
+    let mut c = db.client();
+    c.batch_execute(&format!("CREATE EXTENSION outbox; SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
+    c.batch_execute("SELECT outbox.enqueue('k', 'a')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 1));
+    // DROP EXTENSION puts it back to waiting, without a crash.
+    let pid = db.worker_pid().unwrap();
+    c.batch_execute("DROP EXTENSION outbox").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(db.worker_pid(), Some(pid));
+    c.batch_execute(&format!("CREATE EXTENSION outbox; SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
+    c.batch_execute("SELECT outbox.enqueue('k', 'b')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 2));
+}
+
+#[test]
+fn commit_wakes_the_worker_without_polling() {
+    // A poll interval of a minute: only the commit wake-up can explain a
+    // prompt delivery.
+    let mut opts = outbox_e2e::cluster::Options::default();
+    opts.conf.push("outbox.poll_interval = '60s'".into());
+    let db = Cluster::start_with(opts);
+    let r = Receiver::start();
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 1..=5 {
+        c.batch_execute(&format!("INSERT INTO users VALUES ({i}, 'x')")).unwrap();
+        assert!(wait_until(Duration::from_secs(5), || r.count() == i), "delivery {i} came late");
+    }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Enqueue overhead: pgbench single-row UPDATEs on a table tracked by
+# outbox.track versus the same table untracked, alternated in one run.
+# Prints both TPS figures and the ratio; appends JSON lines to
+# target/bench/results.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
+ROUNDS=${ROUNDS:-3}
+ROWS=100000
+BENCH_CONF=(${BENCH_CONF_LINES:-})
+DIR=$(mktemp -d /tmp/outbox-bench-XXXX)
+PORT=$(free_port)
+trap 'cluster_stop "$DIR"' EXIT
+
+cluster_start "$DIR" "$PORT" bench "${BENCH_CONF[@]}"
+psql() { $PGBIN/psql -qX -h 127.0.0.1 -p "$PORT" -U postgres -d bench "$@"; }
+psql <<SQL
+CREATE TABLE plain   (id int PRIMARY KEY, v int NOT NULL, note text);
+CREATE TABLE tracked (id int PRIMARY KEY, v int NOT NULL, note text);
+INSERT INTO plain   SELECT g, 0, 'row ' || g FROM generate_series(1, $ROWS) g;
+INSERT INTO tracked SELECT g, 0, 'row ' || g FROM generate_series(1, $ROWS) g;
+-- Paused: the jobs pile up and the worker stays out of the measurement.
+SELECT outbox.register('row', 'http://127.0.0.1:9/{id}');
+SELECT outbox.pause('row');
+${TRACK_SQL:-SELECT outbox.track('tracked', 'row');}
+VACUUM ANALYZE;
+SQL
+
+for t in plain tracked; do
+    printf '\\set id random(1, %d)\nUPDATE %s SET v = v + 1 WHERE id = :id;\n' "$ROWS" "$t" >"$DIR/$t.sql"
+done
+tps() {
+    $PGBIN/pgbench -n -M simple -c 4 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$PORT" -U postgres -f "$DIR/$1.sql" bench 2>/dev/null |
+        awk '/^tps = / { print $3 }'
+}
+echo "pgbench: simple protocol, 4 clients, 2 threads, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds alternated"
+results=()
+for r in $(seq "$ROUNDS"); do
+    p=$(tps plain)
+    t=$(tps tracked)
+    printf '  round %d: untracked %8.1f tps   tracked %8.1f tps\n' "$r" "$p" "$t"
+    results+=("$p $t")
+done
+jobs=$(psql -tAc "SELECT count(*) FROM outbox.queue")
+mkdir -p target/bench
+printf '%s\n' "${results[@]}" | awk -v jobs="$jobs" -v at="$(date -u +%FT%TZ)" '
+    { p += $1; t += $2; n++ }
+    END {
+        printf "enqueue overhead: untracked %.1f tps, tracked %.1f tps, ratio %.3f (target >= 0.90); %d jobs queued\n", p/n, t/n, t/p, jobs > "/dev/stderr"
+        printf "{\"figure\":\"enqueue_overhead\",\"untracked_tps\":%.1f,\"tracked_tps\":%.1f,\"ratio\":%.4f,\"at\":\"%s\"}\n", p/n, t/n, t/p, at
+    }' >>target/bench/results.json
