@@ -95,7 +95,11 @@ pub fn wake_worker() {
 pub fn publish_worker() {
     let Some(slot) = slot() else { return };
     // SAFETY: MyProc is set for a connected background worker.
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    // SAFETY: a plain read of this process's own proc number.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    let procno = unsafe { pg_sys::MyProcNumber };
     slot.pid.store(std::process::id() as i32, Ordering::Relaxed);
     slot.procno_plus_one.store(procno + 1, Ordering::Release);
 }

@@ -1,0 +1,39 @@
+# outbox: the two commands a fresh machine needs are `make demo` and
+# `make test`. Each installs what it needs first (scripts/setup.sh).
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
+SUDO := $(if $(filter 0,$(shell id -u)),,--sudo)
+
+.PHONY: setup test demo install install-release bench bench-enqueue bench-latency clean
+
+setup:
+	@scripts/setup.sh
+
+## test: unit, #[pg_test] and end-to-end tests
+test:
+	scripts/test.sh
+
+## demo: a throwaway cluster, a receiver, and records flowing
+demo:
+	scripts/demo.sh
+
+install: setup
+	cargo pgrx install $(SUDO) --pg-config $(PG_CONFIG)
+
+install-release: setup
+	cargo pgrx install --release $(SUDO) --pg-config $(PG_CONFIG)
+
+## bench: benchmarks, figures side by side (QUICK=1 for a short run)
+bench: bench-enqueue bench-latency
+
+bench-enqueue: install-release
+	$(if $(QUICK),SECONDS_PER_RUN=5 ROUNDS=1,) scripts/bench-enqueue.sh
+
+bench-latency: install-release
+	cargo build --release -q --manifest-path pg_test/Cargo.toml --bin bench-latency
+	mkdir -p target/bench
+	$(CARGO_TARGET_DIR)/release/bench-latency $(if $(QUICK),500,2000) | tee /dev/stderr | grep '^{' >> target/bench/results.json
+
+clean:
+	cargo clean
