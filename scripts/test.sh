@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 
+# Every runner's output also goes to a log, for the closing tally.
+log=$(mktemp /tmp/outbox-test-log.XXXXXX)
+base=""
+trap 'rm -rf "$log" ${base:+"$base"}' EXIT
+exec > >(tee "$log") 2>&1
+
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 
@@ -14,7 +20,6 @@ if [ "$(id -u)" = 0 ]; then
     # Postgres refuses to run as root: cargo-pgrx runs it as postgres, in a
     # data directory postgres owns (its parent holds the socket).
     base=$(mktemp -d /var/tmp/outbox-pgrx.XXXXXX)
-    trap 'rm -rf "$base"' EXIT
     chown postgres:postgres "$base"
     cargo pgrx test pg15 --runas postgres --pgdata "$base/pgdata"
 else
@@ -27,4 +32,8 @@ if [ "$(id -u)" = 0 ]; then
 else
     cargo pgrx install --sudo --pg-config "$PG_CONFIG"
 fi
-cargo test --manifest-path pg_test/Cargo.toml
+cargo test --manifest-path pg_test/Cargo.toml --tests
+
+# One closing line over every runner above.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
