@@ -153,8 +153,7 @@ impl Worker {
 
     /// One transaction: record, claim, render.
     fn turn(&mut self) -> Turn {
-        // SAFETY: a syscache lookup inside a transaction.
-        let present = unsafe { pg_sys::get_extension_oid(c"outbox".as_ptr(), true) } != pg_sys::InvalidOid;
+        let present = lock_extension();
         if !present {
             if !self.said_no_extension {
                 log!("outbox worker: extension \"outbox\" is not installed in this database; waiting for CREATE EXTENSION outbox");
@@ -230,6 +229,23 @@ impl Worker {
             let next_due = if claimed.len() >= room || inbox_full { Some(Duration::ZERO) } else { queue::next_due_ms(c, active).map(|ms| Duration::from_millis(ms as u64)) };
             Turn::Worked { requests, next_due }
         })
+    }
+}
+
+/// Whether the extension is installed; if so, it stays installed until this
+/// transaction ends: we hold a share lock on it, which DROP EXTENSION waits
+/// for, so a drop can't pull the tables from under a turn.
+fn lock_extension() -> bool {
+    // SAFETY: catalog lookups and a lock inside a transaction. The lookup is
+    // repeated after locking, which processes invalidations, to see a drop
+    // that committed while we waited.
+    unsafe {
+        let oid = pg_sys::get_extension_oid(c"outbox".as_ptr(), true);
+        if oid == pg_sys::InvalidOid {
+            return false;
+        }
+        pg_sys::LockDatabaseObject(pg_sys::ExtensionRelationId, oid, 0, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        pg_sys::get_extension_oid(c"outbox".as_ptr(), true) == oid
     }
 }
 
