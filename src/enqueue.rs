@@ -146,7 +146,7 @@ pub fn enqueue_one(kind: Option<&str>, id: Option<&str>, delay: Option<Interval>
     job_id
 }
 
-fn check_id(id: &str) {
+pub(crate) fn check_id(id: &str) {
     if id.is_empty() {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "id must not be empty", None);
     }

@@ -125,6 +125,9 @@ fn inbox_relid() -> pg_sys::Oid {
 
 /// Appends `(kind, id)` rows to `outbox.inbox` with direct heap inserts.
 fn append_to_inbox(kind: &str, ids: &[String]) {
+    for id in ids {
+        crate::enqueue::check_id(id);
+    }
     let fresh: Vec<&String> = APPENDED.with(|a| {
         let mut a = a.borrow_mut();
         ids.iter()
@@ -534,6 +537,12 @@ mod tests {
             ("DROP TRIGGER t ON public.users", "00000"),
             ("CREATE TRIGGER t AFTER INSERT ON public.users FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger('user', 'nope')", "00000"),
             ("INSERT INTO public.users VALUES (1, 1)", "42703"),
+            ("DROP TRIGGER t ON public.users", "00000"),
+            ("CREATE TABLE public.long_ids (id text PRIMARY KEY)", "00000"),
+            ("SELECT outbox.track('public.long_ids', 'user')", "00000"),
+            ("INSERT INTO public.long_ids VALUES (repeat('x', 1025))", "22001"),
+            ("INSERT INTO public.long_ids VALUES ('')", "22023"),
+            ("INSERT INTO public.long_ids VALUES (repeat('x', 1024))", "00000"),
         ];
         for (sql, code) in cases {
             assert_eq!(sqlstate_of(sql), code, "{sql}");
