@@ -5,7 +5,7 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 SUDO := $(if $(filter 0,$(shell id -u)),,--sudo)
 
-.PHONY: setup test demo install install-release bench bench-enqueue bench-latency clean
+.PHONY: setup test demo install install-release bench bench-enqueue bench-latency bench-throughput clean
 
 setup:
 	@scripts/setup.sh
@@ -25,10 +25,15 @@ install-release: setup
 	cargo pgrx install --release $(SUDO) --pg-config $(PG_CONFIG)
 
 ## bench: benchmarks, figures side by side (QUICK=1 for a short run)
-bench: bench-enqueue bench-latency
+bench: bench-throughput bench-latency bench-enqueue
 
 bench-enqueue: install-release
 	$(if $(QUICK),SECONDS_PER_RUN=5 ROUNDS=1,) scripts/bench-enqueue.sh
+
+bench-throughput: install-release
+	cargo build --release -q --manifest-path pg_test/Cargo.toml --bin bench-throughput
+	mkdir -p target/bench
+	$(CARGO_TARGET_DIR)/release/bench-throughput $(if $(QUICK),20000,100000) | tee /dev/stderr | grep '^{' >> target/bench/results.json
 
 bench-latency: install-release
 	cargo build --release -q --manifest-path pg_test/Cargo.toml --bin bench-latency

@@ -73,6 +73,11 @@ CREATE TABLE outbox.queue (
     last_attempt_at timestamptz,
     last_status     int,
     last_error      text
+) WITH (
+    -- A queue churns: vacuum it early so dead index entries stay few.
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_insert_scale_factor = 0.02,
+    autovacuum_vacuum_cost_delay = 0
 );
 
 -- What tracked tables changed, appended by enqueue_trigger with direct heap
@@ -81,7 +86,7 @@ CREATE TABLE outbox.inbox (
     kind        text NOT NULL,
     id          text NOT NULL,
     enqueued_at timestamptz NOT NULL
-);
+) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
 
 -- Coalescing: at most one fresh job per record.
 CREATE UNIQUE INDEX queue_fresh_key ON outbox.queue (kind, id)

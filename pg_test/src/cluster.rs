@@ -64,6 +64,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             conf: vec![
+                // Tests need no durability across OS crashes; benchmarks keep it.
+                "fsync = off".into(),
                 "outbox.retry_base = '100ms'".into(),
                 "outbox.retry_max = '2s'".into(),
                 "outbox.poll_interval = '1s'".into(),
@@ -101,7 +103,7 @@ impl Cluster {
         let mut conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              shared_preload_libraries = 'outbox'\noutbox.database = '{DATABASE}'\n\
-             fsync = off\nmax_wal_senders = 4\nwal_level = replica\nhot_standby = on\n\
+             max_wal_senders = 4\nwal_level = replica\nhot_standby = on\n\
              log_line_prefix = '%m [%p] %b '\n",
             dir.display()
         );

@@ -26,6 +26,9 @@ const EXTENSION_RECHECK: Duration = Duration::from_secs(1);
 /// woken at once, so light-load latency is not affected.
 const MIN_TURN_GAP: Duration = Duration::from_millis(2);
 
+/// How often claim scans start from the front again (see `queue::CLAIM`).
+const CURSOR_RESET: Duration = Duration::from_secs(1);
+
 /// A job handed to the HTTP threads, until its outcome is recorded.
 struct InFlight {
     kind: String,
@@ -54,6 +57,8 @@ struct Worker {
     finished: Vec<Finished>,
     recovered: bool,
     said_no_extension: bool,
+    cursors: queue::Cursors,
+    cursors_reset_at: Instant,
 }
 
 #[pg_guard]
@@ -78,7 +83,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     let pool = with_signals_blocked(|| Pool::start(threads)).unwrap_or_else(|e| panic!("starting HTTP threads: {e}"));
     log!("outbox worker started for database \"{database}\" with {threads} HTTP threads");
     let mut last_turn = Instant::now() - MIN_TURN_GAP;
-    let mut w = Worker { pool, in_flight: HashMap::new(), finished: Vec::new(), recovered: false, said_no_extension: false };
+    let mut w = Worker { pool, in_flight: HashMap::new(), finished: Vec::new(), recovered: false, said_no_extension: false, cursors: queue::Cursors::new(), cursors_reset_at: Instant::now() };
     loop {
         handle_interrupts();
         // SAFETY: a plain query of shared recovery state.
@@ -194,7 +199,15 @@ impl Worker {
             if room == 0 {
                 return Turn::Worked { requests: Vec::new(), next_due: if inbox_full { Some(Duration::ZERO) } else { None } };
             }
-            let claimed = queue::claim(c, active.clone(), room as i64);
+            if self.cursors_reset_at.elapsed() >= CURSOR_RESET {
+                self.cursors.clear();
+                self.cursors_reset_at = Instant::now();
+            }
+            let claimed = queue::claim(c, &active, &mut self.cursors, room as i64);
+            if claimed.len() < room {
+                // Short: the scans reached the end; start the next ones over.
+                self.cursors.clear();
+            }
             let max_response = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
             let rendered = render::render(&kinds, &claimed, max_response);
             let mut requests = Vec::new();

@@ -46,20 +46,30 @@ SELECT count(*) FROM moved";
 
 /// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), oldest
 /// first, at most one per record, and none for a record already in flight.
+/// Each kind's scan starts after a cursor, ($3 run_at in µs since the Unix
+/// epoch, $4 job_id; NULL for the front): the entries before it are mostly jobs claimed a moment
+/// ago, dead in the index until vacuum, and skipping them keeps a claim's
+/// cost flat however deep the backlog. The worker resets the cursors when a
+/// scan comes up short and every second, so nothing behind one waits long.
 /// The claiming transaction's id is the delivery's sequence number: it grows
 /// with every claim.
 pub const CLAIM: &str = "
 WITH due AS (
     SELECT d.job_id, d.kind, d.id, d.run_at
-      FROM unnest($1::text[]) AS k(kind)
+      FROM unnest($1::text[], $3::bigint[], $4::bigint[]) AS k(kind, after_us, after_id)
      CROSS JOIN LATERAL (
         SELECT q.job_id, q.kind, q.id, q.run_at
           FROM outbox.queue q
          WHERE q.kind = k.kind
            AND q.state = 'pending'
            AND q.run_at <= now()
+           AND (q.run_at, q.job_id) > (coalesce('epoch'::timestamptz + k.after_us * interval '1 microsecond', '-infinity'),
+                                       coalesce(k.after_id, 0))
+           -- OFFSET 0 keeps this a per-row probe of queue_running_key: as an
+           -- anti-join it would scan every running entry of the kind, dead
+           -- ones (delivered since the last vacuum) included.
            AND NOT EXISTS (SELECT 1 FROM outbox.queue r
-                            WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id)
+                            WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id OFFSET 0)
          ORDER BY q.run_at, q.job_id
          LIMIT $2
            FOR UPDATE SKIP LOCKED
@@ -69,11 +79,13 @@ WITH due AS (
 ), one_per_record AS (
     SELECT DISTINCT ON (kind, id) job_id FROM due ORDER BY kind, id, job_id
 )
+-- An array, not a join: a generic plan can't know the CTE is small and
+-- would hash-join it against a scan of the whole queue.
 UPDATE outbox.queue q
    SET state = 'running', attempts = q.attempts + 1, last_attempt_at = now()
-  FROM one_per_record o
- WHERE q.job_id = o.job_id
-RETURNING q.job_id, q.kind, q.id, q.attempts, pg_catalog.pg_current_xact_id()::text::bigint";
+ WHERE q.job_id = ANY (ARRAY(SELECT job_id FROM one_per_record))
+RETURNING q.job_id, q.kind, q.id, q.attempts, pg_catalog.pg_current_xact_id()::text::bigint,
+          (extract(epoch FROM q.run_at) * 1000000)::bigint";
 
 /// How long until the next job of the kinds in $1 falls due (among those the
 /// claim could take: not blocked by a delivery in flight).
@@ -86,15 +98,18 @@ SELECT min(d.run_at) - now()
      WHERE q.kind = k.kind
        AND q.state = 'pending'
        AND NOT EXISTS (SELECT 1 FROM outbox.queue r
-                        WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id)
+                        WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id OFFSET 0)
      ORDER BY q.run_at, q.job_id
      LIMIT 1
  ) d";
 
-/// Delivered jobs are done: remove them.
+/// Delivered jobs are done: remove them. The state guard is spelled so that
+/// the planner can't answer it from queue_running_key, whose dead entries
+/// (every delivery since the last vacuum) it would then walk: the primary
+/// key is the cheap way in.
 pub const COMPLETE: &str = "
 DELETE FROM outbox.queue
- WHERE job_id = ANY ($1::bigint[]) AND state = 'running'";
+ WHERE job_id = ANY ($1::bigint[]) AND state || '' = 'running'";
 
 /// Failed attempts: back to `pending` after a delay, or `dead`.
 pub const FAIL: &str = "
@@ -105,7 +120,7 @@ UPDATE outbox.queue q
        last_error = u.error
   FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::int[], $5::text[])
        AS u(job_id, state, delay_ms, status, error)
- WHERE q.job_id = u.job_id AND q.state = 'running'";
+ WHERE q.job_id = u.job_id AND q.state || '' = 'running'";
 
 pub const BUMP_STATS: &str = "
 UPDATE outbox.kind_stats s
@@ -128,7 +143,13 @@ pub struct Claimed {
     pub id: String,
     pub attempts: i32,
     pub sequence: i64,
+    /// run_at in µs since the Unix epoch, for the kind's cursor.
+    pub run_at_us: i64,
 }
+
+/// Where each kind's next claim scan starts: (run_at µs, job_id).
+pub type Cursors = std::collections::HashMap<String, (i64, i64)>;
+
 
 /// Moves up to `limit` inbox rows into the queue; returns how many moved.
 pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64) -> i64 {
@@ -141,18 +162,37 @@ pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64) -> i64 {
         .unwrap_or(0)
 }
 
-pub fn claim(c: &mut SpiClient<'_>, kinds: Vec<String>, limit: i64) -> Vec<Claimed> {
-    let rows = execute(c, CLAIM, &[TEXT_ARRAY, INT8], &[kinds.into(), limit.into()]).unwrap_or_else(|e| panic!("claim: {e}"));
-    rows.filter_map(|r| {
-        Some(Claimed {
-            job_id: r.get::<i64>(1).ok()??,
-            kind: r.get::<String>(2).ok()??,
-            id: r.get::<String>(3).ok()??,
-            attempts: r.get::<i32>(4).ok()??,
-            sequence: r.get::<i64>(5).ok()??,
+/// Claims up to `limit` jobs of `kinds`, each kind scanned from its cursor.
+/// A kind whose scan claimed nothing has its cursor reset for the next turn.
+pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, limit: i64) -> Vec<Claimed> {
+    let (after_us, after_id): (Vec<Option<i64>>, Vec<Option<i64>>) =
+        kinds.iter().map(|k| cursors.get(k).map_or((None, None), |&(t, j)| (Some(t), Some(j)))).unzip();
+    let args: [DatumWithOid; 4] = [kinds.to_vec().into(), limit.into(), after_us.into(), after_id.into()];
+    let rows = execute(c, CLAIM, &[TEXT_ARRAY, INT8, INT8_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("claim: {e}"));
+    let claimed: Vec<Claimed> = rows
+        .filter_map(|r| {
+            Some(Claimed {
+                job_id: r.get::<i64>(1).ok()??,
+                kind: r.get::<String>(2).ok()??,
+                id: r.get::<String>(3).ok()??,
+                attempts: r.get::<i32>(4).ok()??,
+                sequence: r.get::<i64>(5).ok()??,
+                run_at_us: r.get::<i64>(6).ok()??,
+            })
         })
-    })
-    .collect()
+        .collect();
+    for kind in kinds {
+        let last = claimed.iter().filter(|j| &j.kind == kind).map(|j| (j.run_at_us, j.job_id)).max();
+        match last {
+            Some(pos) => {
+                cursors.insert(kind.clone(), pos);
+            }
+            None => {
+                cursors.remove(kind);
+            }
+        }
+    }
+    claimed
 }
 
 /// Milliseconds until the next job is due (0 if overdue), None if none.
