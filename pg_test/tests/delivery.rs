@@ -349,3 +349,21 @@ fn sighup_reloads_settings_and_response_reads_are_bounded() {
     assert_eq!(job_row(&mut c, "2").unwrap().3.unwrap(), "HTTP 400: xxxxxxxxxx");
     assert_eq!(db.worker_pid(), Some(pid), "reloaded in place");
 }
+
+#[test]
+fn a_bulk_statement_on_a_tracked_table_delivers_every_row() {
+    let Setup { db: _db, r, mut c, .. } = started("");
+    c.batch_execute("INSERT INTO users SELECT g, 'n' FROM generate_series(1, 20000) g").unwrap();
+    // More rows than one turn absorbs: the inbox drains over several turns.
+    assert!(wait_until(Duration::from_secs(120), || jobs_left(&mut c) == 0 && r.count() >= 20000));
+    let mut seen: Vec<String> = r.requests().into_iter().map(|q| q.path).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 20000);
+    c.batch_execute("UPDATE users SET name = 'm' WHERE id % 2 = 0").unwrap();
+    assert!(wait_until(Duration::from_secs(120), || jobs_left(&mut c) == 0 && r.count() >= 30000));
+    let mut updated: Vec<String> = r.requests().into_iter().filter(|q| q.json()["name"] == "m").map(|q| q.path).collect();
+    updated.sort();
+    updated.dedup();
+    assert_eq!(updated.len(), 10000, "every updated row, with its new state");
+}

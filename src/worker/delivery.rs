@@ -26,7 +26,8 @@ const EXTENSION_RECHECK: Duration = Duration::from_secs(1);
 /// woken at once, so light-load latency is not affected.
 const MIN_TURN_GAP: Duration = Duration::from_millis(2);
 
-/// How often claim scans start from the front again (see `queue::CLAIM`).
+/// How often claim and absorb scans start from the front again (see
+/// `queue::CLAIM` and `queue::ABSORB_INBOX`).
 const CURSOR_RESET: Duration = Duration::from_secs(1);
 
 /// A job handed to the HTTP threads, until its outcome is recorded.
@@ -58,6 +59,8 @@ struct Worker {
     recovered: bool,
     said_no_extension: bool,
     cursors: queue::Cursors,
+    /// Heap block of the inbox where the next absorb starts.
+    inbox_block: i64,
     cursors_reset_at: Instant,
 }
 
@@ -83,7 +86,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     let pool = with_signals_blocked(|| Pool::start(threads)).unwrap_or_else(|e| panic!("starting HTTP threads: {e}"));
     log!("outbox worker started for database \"{database}\" with {threads} HTTP threads");
     let mut last_turn = Instant::now() - MIN_TURN_GAP;
-    let mut w = Worker { pool, in_flight: HashMap::new(), finished: Vec::new(), recovered: false, said_no_extension: false, cursors: queue::Cursors::new(), cursors_reset_at: Instant::now() };
+    let mut w = Worker { pool, in_flight: HashMap::new(), finished: Vec::new(), recovered: false, said_no_extension: false, cursors: queue::Cursors::new(), inbox_block: 0, cursors_reset_at: Instant::now() };
     loop {
         handle_interrupts();
         // SAFETY: a plain query of shared recovery state.
@@ -191,17 +194,18 @@ impl Worker {
             // Absorb more than a batch: the inbox holds raw changes, many of
             // which coalesce, and an empty inbox keeps the jobs view exact.
             let absorb_limit = (batch * 16) as i64;
-            let inbox_full = queue::absorb_inbox(c, absorb_limit) >= absorb_limit;
+            if self.cursors_reset_at.elapsed() >= CURSOR_RESET {
+                self.cursors.clear();
+                self.inbox_block = 0;
+                self.cursors_reset_at = Instant::now();
+            }
+            let inbox_full = queue::absorb_inbox(c, absorb_limit, &mut self.inbox_block) >= absorb_limit;
             let kinds = render::load_kinds(c);
             let active: Vec<String> = kinds.iter().filter(|(_, k)| !k.paused).map(|(n, _)| n.clone()).collect();
             let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
             let room = limit.saturating_sub(self.in_flight.len()).min(batch);
             if room == 0 {
                 return Turn::Worked { requests: Vec::new(), next_due: if inbox_full { Some(Duration::ZERO) } else { None } };
-            }
-            if self.cursors_reset_at.elapsed() >= CURSOR_RESET {
-                self.cursors.clear();
-                self.cursors_reset_at = Instant::now();
             }
             let claimed = queue::claim(c, &active, &mut self.cursors, room as i64);
             if claimed.len() < room {

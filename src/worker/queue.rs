@@ -24,11 +24,16 @@ UPDATE outbox.queue q
 /// $1 rows per call. A record with a fresh job already coalesces into it.
 /// The worker is the only claimer and runs this in its claim transaction, so
 /// a fresh job can't be claimed between the commit that appended and here.
+/// The scan starts at heap block $2: the blocks before it hold mostly rows
+/// absorbed a moment ago, dead until vacuum. Returns how many rows moved and
+/// the last block they came from.
 pub const ABSORB_INBOX: &str = "
 WITH moved AS (
     DELETE FROM outbox.inbox
-     WHERE ctid = ANY (ARRAY(SELECT ctid FROM outbox.inbox LIMIT $1))
-    RETURNING kind, id, enqueued_at
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM outbox.inbox
+                              WHERE ctid >= pg_catalog.format('(%s,0)', $2)::tid
+                              LIMIT $1))
+    RETURNING kind, id, enqueued_at, ctid
 ), absorbed AS (
     -- A change of a kind nobody registered can never be delivered: it goes
     -- straight to dead, where an admin sees it.
@@ -42,7 +47,7 @@ WITH moved AS (
      GROUP BY m.kind, m.id, k.kind
     ON CONFLICT (kind, id) WHERE state = 'pending' AND last_attempt_at IS NULL DO NOTHING
 )
-SELECT count(*) FROM moved";
+SELECT count(*), coalesce(max((ctid::text::point)[0]), 0)::bigint FROM moved";
 
 /// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), oldest
 /// first, at most one per record, and none for a record already in flight.
@@ -151,15 +156,16 @@ pub struct Claimed {
 pub type Cursors = std::collections::HashMap<String, (i64, i64)>;
 
 
-/// Moves up to `limit` inbox rows into the queue; returns how many moved.
-pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64) -> i64 {
-    execute(c, ABSORB_INBOX, &[INT8], &[limit.into()])
-        .unwrap_or_else(|e| panic!("absorb inbox: {e}"))
-        .first()
-        .get_one::<i64>()
-        .ok()
-        .flatten()
-        .unwrap_or(0)
+/// Moves up to `limit` inbox rows, from heap block `*from` on, into the
+/// queue; returns how many moved and leaves `*from` at the last block read.
+/// A scan that moves nothing starts from block 0 next time.
+pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, from: &mut i64) -> i64 {
+    let t = execute(c, ABSORB_INBOX, &[INT8, INT8], &[limit.into(), (*from).into()])
+        .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
+    let (moved, last) = t.first().get_two::<i64, i64>().unwrap_or((None, None));
+    let moved = moved.unwrap_or(0);
+    *from = if moved > 0 { last.unwrap_or(0) } else { 0 };
+    moved
 }
 
 /// Claims up to `limit` jobs of `kinds`, each kind scanned from its cursor.
