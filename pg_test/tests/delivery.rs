@@ -367,3 +367,12 @@ fn a_bulk_statement_on_a_tracked_table_delivers_every_row() {
     updated.dedup();
     assert_eq!(updated.len(), 10000, "every updated row, with its new state");
 }
+
+#[test]
+fn a_dropped_connection_is_retried() {
+    let Setup { db: _db, r, mut c, .. } = started("");
+    r.script("/users/1", [Action::Drop, Action::status(201)]);
+    c.batch_execute("INSERT INTO users VALUES (1, 'a')").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    assert_eq!(r.requests_for("/users/1").len(), 2);
+}
