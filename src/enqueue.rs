@@ -306,9 +306,7 @@ mod tests {
             ("SELECT outbox.enqueue('user', '')", "22023"),
             ("SELECT outbox.enqueue('user', repeat('x', 1025))", "22001"),
         ];
-        for (sql, code) in cases {
-            assert_eq!(sqlstate_of(sql), code, "{sql}");
-        }
+        crate::testing::assert_sqlstates(&cases);
         let msg = error_of("SELECT outbox.enqueue('nope', 'x')").unwrap();
         assert!(msg.contains("not registered"), "{msg}");
         assert_eq!(sqlstate_of("SELECT outbox.enqueue('user', repeat('x', 1024))"), "00000");

@@ -286,9 +286,7 @@ mod tests {
             ("SELECT outbox.register('k', 'http://h/{id}', on_missing => 'explode')", "22023"),
             ("SELECT outbox.register(repeat('k', 201), 'http://h/{id}')", "22001"),
         ];
-        for (sql, code) in cases {
-            assert_eq!(err_of(sql), code, "{sql}");
-        }
+        crate::testing::assert_sqlstates(&cases);
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.kinds WHERE kind = 'k'").unwrap(), Some(0));
     }
 

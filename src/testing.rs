@@ -17,3 +17,10 @@ pub fn error_of(sql: &str) -> Option<String> {
     let sql = sql.to_string();
     try_subtransaction(move || Spi::run(&sql).expect("SPI")).err().map(|e| e.message)
 }
+
+/// Runs each statement in its own subtransaction and checks its SQLSTATE.
+pub fn assert_sqlstates(cases: &[(&str, &str)]) {
+    for (sql, code) in cases {
+        assert_eq!(sqlstate_of(sql), *code, "{sql}");
+    }
+}

@@ -544,8 +544,6 @@ mod tests {
             ("INSERT INTO public.long_ids VALUES ('')", "22023"),
             ("INSERT INTO public.long_ids VALUES (repeat('x', 1024))", "00000"),
         ];
-        for (sql, code) in cases {
-            assert_eq!(sqlstate_of(sql), code, "{sql}");
-        }
+        crate::testing::assert_sqlstates(&cases);
     }
 }
