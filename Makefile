@@ -5,7 +5,7 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 SUDO := $(if $(filter 0,$(shell id -u)),,--sudo)
 
-.PHONY: setup test demo install install-release bench bench-enqueue bench-latency bench-throughput clean
+.PHONY: soak setup test demo install install-release bench bench-enqueue bench-latency bench-throughput clean
 
 setup:
 	@scripts/setup.sh
@@ -23,6 +23,10 @@ install: setup
 
 install-release: setup
 	cargo pgrx install --release $(SUDO) --pg-config $(PG_CONFIG)
+
+## soak: the randomized convergence test, for SOAK_SECS (default 600)
+soak: install
+	OUTBOX_SOAK_SECS=$(or $(SOAK_SECS),600) cargo test --manifest-path pg_test/Cargo.toml --test convergence -- --nocapture
 
 ## bench: benchmarks, figures side by side (QUICK=1 for a short run)
 bench: bench-throughput bench-latency bench-enqueue

@@ -37,6 +37,8 @@ impl Action {
 
 #[derive(Clone, Debug)]
 pub struct Recorded {
+    /// The status this receiver answered with; None if it hung or dropped.
+    pub answered: Option<u16>,
     pub method: String,
     pub path: String,
     /// Lower-cased names.
@@ -61,6 +63,42 @@ struct State {
     default_actions: Mutex<VecDeque<Action>>,
     /// Applied when no script is left.
     fallback: Mutex<Option<Action>>,
+    /// Random faults, when set (takes precedence over the fallback).
+    chaos: Mutex<Option<Chaos>>,
+}
+
+/// Random faults from a seeded generator: the same seed, the same sequence.
+pub struct Chaos {
+    rng: rand::rngs::StdRng,
+    /// Probability that a request fails, split evenly over 500, 429 with
+    /// Retry-After, a hang past the client's timeout, and a dropped connection.
+    pub fault_rate: f64,
+    pub hang: Duration,
+    pub counts: HashMap<&'static str, u64>,
+}
+
+impl Chaos {
+    pub fn new(seed: u64, fault_rate: f64, hang: Duration) -> Chaos {
+        use rand::SeedableRng;
+        Chaos { rng: rand::rngs::StdRng::seed_from_u64(seed), fault_rate, hang, counts: HashMap::new() }
+    }
+
+    fn next(&mut self) -> Action {
+        use rand::Rng;
+        let roll: f64 = self.rng.gen();
+        let (name, action) = if roll >= self.fault_rate {
+            ("ok", Action::status(201))
+        } else {
+            match (roll / self.fault_rate * 4.0) as u32 {
+                0 => ("500", Action::status(500)),
+                1 => ("429+Retry-After", Action::with_header(429, "Retry-After", "0")),
+                2 => ("timeout", Action::Hang(self.hang)),
+                _ => ("drop", Action::Drop),
+            }
+        };
+        *self.counts.entry(name).or_default() += 1;
+        action
+    }
 }
 
 pub struct Receiver {
@@ -109,6 +147,13 @@ impl Receiver {
         *self.state.fallback.lock().unwrap() = action;
     }
 
+    /// Turns random faults on (Some) or off (None); returns the counts of
+    /// what the previous chaos did.
+    pub fn set_chaos(&self, chaos: Option<Chaos>) -> HashMap<&'static str, u64> {
+        let old = std::mem::replace(&mut *self.state.chaos.lock().unwrap(), chaos);
+        old.map(|c| c.counts).unwrap_or_default()
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.requests.lock().unwrap().clone()
     }
@@ -137,6 +182,9 @@ impl Drop for Receiver {
 }
 
 fn next_action(state: &State, path: &str) -> Action {
+    if let Some(chaos) = state.chaos.lock().unwrap().as_mut() {
+        return chaos.next();
+    }
     if let Some(a) = state.by_path.lock().unwrap().get_mut(path).and_then(VecDeque::pop_front) {
         return a;
     }
@@ -183,8 +231,13 @@ fn serve(conn: TcpStream, state: Arc<State>, stop: Arc<AtomicBool>) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        state.requests.lock().unwrap().push(Recorded { method, path: path.clone(), headers, body, at: Instant::now() });
-        match next_action(&state, &path) {
+        let action = next_action(&state, &path);
+        let answered = match &action {
+            Action::Respond { status, .. } => Some(*status),
+            _ => None,
+        };
+        state.requests.lock().unwrap().push(Recorded { answered, method, path: path.clone(), headers, body, at: Instant::now() });
+        match action {
             Action::Drop => return,
             Action::Hang(d) => {
                 std::thread::sleep(d);
