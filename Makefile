@@ -37,12 +37,14 @@ bench-enqueue: install-release
 bench-throughput: install-release
 	cargo build --release -q --manifest-path pg_test/Cargo.toml --bin bench-throughput
 	mkdir -p target/bench
-	$(CARGO_TARGET_DIR)/release/bench-throughput $(if $(QUICK),20000,100000) | tee /dev/stderr | grep '^{' >> target/bench/results.json
+	$(CARGO_TARGET_DIR)/release/bench-throughput $(if $(QUICK),20000,100000) > target/bench/throughput.txt
+	cat target/bench/throughput.txt; grep '^{' target/bench/throughput.txt >> target/bench/results.json
 
 bench-latency: install-release
 	cargo build --release -q --manifest-path pg_test/Cargo.toml --bin bench-latency
 	mkdir -p target/bench
-	$(CARGO_TARGET_DIR)/release/bench-latency $(if $(QUICK),500,2000) | tee /dev/stderr | grep '^{' >> target/bench/results.json
+	$(CARGO_TARGET_DIR)/release/bench-latency $(if $(QUICK),500,2000) > target/bench/latency.txt
+	cat target/bench/latency.txt; grep '^{' target/bench/latency.txt >> target/bench/results.json
 
 clean:
 	cargo clean
