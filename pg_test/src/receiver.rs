@@ -18,6 +18,11 @@ pub enum Action {
     Hang(Duration),
     /// Close the connection without answering.
     Drop,
+    /// Write these bytes as they are, one every `drip` if set, then close.
+    Raw { bytes: Vec<u8>, drip: Option<Duration> },
+    /// Answer 200 with a body of this many bytes, written until the client
+    /// stops reading.
+    Huge(u64),
 }
 
 impl Action {
@@ -239,6 +244,37 @@ fn serve(conn: TcpStream, state: Arc<State>, stop: Arc<AtomicBool>) {
         state.requests.lock().unwrap().push(Recorded { answered, method, path: path.clone(), headers, body, at: Instant::now() });
         match action {
             Action::Drop => return,
+            Action::Raw { bytes, drip } => {
+                match drip {
+                    None => {
+                        let _ = writer.write_all(&bytes);
+                    }
+                    Some(d) => {
+                        for b in bytes {
+                            if writer.write_all(&[b]).is_err() {
+                                break;
+                            }
+                            std::thread::sleep(d);
+                        }
+                    }
+                }
+                return;
+            }
+            Action::Huge(n) => {
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n");
+                if writer.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(chunk.len() as u64) as usize;
+                    if writer.write_all(&chunk[..k]).is_err() {
+                        return;
+                    }
+                    left -= k as u64;
+                }
+            }
             Action::Hang(d) => {
                 std::thread::sleep(d);
                 return;

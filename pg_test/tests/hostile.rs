@@ -1,0 +1,134 @@
+//! Hostile receivers: each one misbehaves while another kind keeps being
+//! delivered, and the worker stays up with bounded memory.
+
+use outbox_e2e::cluster::Cluster;
+use outbox_e2e::receiver::{Action, Receiver};
+use outbox_e2e::wait_until;
+use postgres::Client;
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// A cluster with kind `bad` (to `bad`, with a 500 ms timeout) and kind `good`.
+fn setup(bad: &Receiver) -> (Cluster, Receiver, Client, i32) {
+    let db = Cluster::start();
+    let good = Receiver::start();
+    let mut c = db.client();
+    c.batch_execute(&format!(
+        "SELECT outbox.register('bad', '{}', timeout => '500 ms');
+         SELECT outbox.register('good', '{}');",
+        bad.url("/bad/{id}"),
+        good.url("/good/{id}")
+    ))
+    .unwrap();
+    let pid = db.wait_for_worker();
+    (db, good, c, pid)
+}
+
+fn job(c: &mut Client, kind: &str, id: &str) -> Option<(String, i32, Option<i32>, Option<String>)> {
+    c.query_opt("SELECT state, attempts, last_status, last_error FROM outbox.jobs WHERE kind = $1 AND id = $2", &[&kind, &id])
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+}
+
+/// The good kind is still delivered and the worker is the same process.
+fn still_healthy(db: &Cluster, c: &mut Client, good: &Receiver, pid: i32) {
+    c.batch_execute("SELECT outbox.enqueue('good', 'after')").unwrap();
+    assert!(wait_until(LONG, || good.requests_for("/good/after").len() == 1), "the other kind is still delivered");
+    assert_eq!(db.worker_pid(), Some(pid), "the worker did not restart");
+}
+
+fn rss_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn a_receiver_that_never_answers_times_out_without_exhausting_capacity() {
+    let bad = Receiver::start();
+    bad.set_fallback(Some(Action::Hang(Duration::from_secs(20))));
+    let (db, good, mut c, pid) = setup(&bad);
+    // More hung requests than there are HTTP threads (32).
+    c.batch_execute("SELECT outbox.enqueue('bad', g) FROM generate_series(1, 64) g").unwrap();
+    c.batch_execute("SELECT outbox.enqueue('good', g) FROM generate_series(1, 20) g").unwrap();
+    assert!(wait_until(LONG, || good.count() >= 20), "timeouts free the threads");
+    assert!(wait_until(LONG, || job(&mut c, "bad", "1").is_some_and(|j| j.1 >= 2 && j.3.is_some())));
+    still_healthy(&db, &mut c, &good, pid);
+}
+
+#[test]
+fn a_huge_response_is_read_only_up_to_the_limit() {
+    let bad = Receiver::start();
+    bad.set_fallback(Some(Action::Huge(100 * 1024 * 1024)));
+    let (db, good, mut c, pid) = setup(&bad);
+    let before = rss_kb(pid);
+    c.batch_execute("SELECT outbox.enqueue('bad', g) FROM generate_series(1, 8) g").unwrap();
+    assert!(wait_until(LONG, || job(&mut c, "bad", "8").is_none() && bad.count() >= 8), "2xx with a huge body counts as delivered");
+    let after = rss_kb(pid);
+    eprintln!("worker RSS: {before} kB before, {after} kB after 8 × 100 MB responses");
+    assert!(after < before + 50 * 1024, "RSS grew from {before} kB to {after} kB");
+    still_healthy(&db, &mut c, &good, pid);
+}
+
+#[test]
+fn a_redirect_is_not_followed_and_the_job_is_dead() {
+    let bad = Receiver::start();
+    let target = Receiver::start();
+    bad.set_fallback(Some(Action::with_header(302, "Location", &target.url("/elsewhere"))));
+    let (db, good, mut c, pid) = setup(&bad);
+    c.batch_execute("SELECT outbox.enqueue('bad', 'r')").unwrap();
+    assert!(wait_until(LONG, || job(&mut c, "bad", "r").is_some_and(|j| j.0 == "dead")));
+    let (_, attempts, status, error) = job(&mut c, "bad", "r").unwrap();
+    assert_eq!((attempts, status), (1, Some(302)));
+    assert!(error.unwrap().starts_with("HTTP 302"));
+    assert_eq!(target.count(), 0, "the redirect was not followed");
+    still_healthy(&db, &mut c, &good, pid);
+}
+
+#[test]
+fn invalid_http_and_a_slow_drip_are_retried() {
+    let bad = Receiver::start();
+    bad.script("/bad/garbage", [Action::Raw { bytes: b"this is not HTTP\r\n\r\n".to_vec(), drip: None }]);
+    let drip = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec();
+    bad.script("/bad/drip", [Action::Raw { bytes: drip, drip: Some(Duration::from_millis(100)) }]);
+    let (db, good, mut c, pid) = setup(&bad);
+    c.batch_execute("SELECT outbox.enqueue('bad', 'garbage'); SELECT outbox.enqueue('bad', 'drip');").unwrap();
+    // Both fail once (protocol error, timeout), then the fallback 201 delivers them.
+    assert!(wait_until(LONG, || job(&mut c, "bad", "garbage").is_none() && job(&mut c, "bad", "drip").is_none()));
+    assert_eq!(bad.requests_for("/bad/garbage").len(), 2);
+    assert_eq!(bad.requests_for("/bad/drip").len(), 2);
+    still_healthy(&db, &mut c, &good, pid);
+}
+
+#[test]
+fn https_to_a_self_signed_certificate_fails_clearly_and_is_retried() {
+    // A TLS server with a certificate no root vouches for.
+    let dir = std::env::temp_dir().join(format!("outbox-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .arg("-keyout").arg(&key).arg("-out").arg(&cert)
+        .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null())
+        .status().unwrap().success();
+    assert!(ok, "openssl req");
+    let port = outbox_e2e::cluster::free_port();
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+        .arg("-key").arg(&key).arg("-cert").arg(&cert)
+        .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null())
+        .spawn().unwrap();
+    let placeholder = Receiver::start();
+    let (db, good, mut c, pid) = setup(&placeholder);
+    c.batch_execute(&format!("SELECT outbox.register('tls', 'https://127.0.0.1:{port}/{{id}}')")).unwrap();
+    c.batch_execute("SELECT outbox.enqueue('tls', 'x')").unwrap();
+    let retried = wait_until(LONG, || job(&mut c, "tls", "x").is_some_and(|j| j.1 >= 2 && j.0 == "pending"));
+    let row = job(&mut c, "tls", "x");
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(retried, "retried: {row:?}");
+    let error = row.unwrap().3.unwrap_or_default().to_lowercase();
+    assert!(error.contains("certificate") || error.contains("issuer"), "a clear TLS error: {error}");
+    still_healthy(&db, &mut c, &good, pid);
+}
