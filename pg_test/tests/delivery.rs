@@ -376,3 +376,24 @@ fn a_dropped_connection_is_retried() {
     assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
     assert_eq!(r.requests_for("/users/1").len(), 2);
 }
+
+#[test]
+fn a_job_coalesced_into_by_an_open_transaction_waits_for_its_commit() {
+    let Setup { db, r, mut c, .. } = started("");
+    c.batch_execute("INSERT INTO users VALUES (1, 'old')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 1));
+    // A pending job for record 1 while the kind is paused.
+    c.batch_execute("SELECT outbox.pause('user'); SELECT outbox.enqueue('user', 1);").unwrap();
+    // Another transaction changes the record and enqueues it again: that
+    // coalesces into the pending job, which it keeps locked until commit.
+    let mut t = db.client();
+    t.batch_execute("BEGIN; UPDATE users SET name = 'new' WHERE id = 1; SELECT outbox.enqueue('user', 1);").unwrap();
+    c.batch_execute("SELECT outbox.resume('user')").unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    // Delivering now would send 'old' and consume the job the open
+    // transaction is counting on: its change would be lost.
+    assert_eq!(r.count(), 1, "nothing is sent while the job is locked");
+    t.batch_execute("COMMIT").unwrap();
+    assert!(wait_until(LONG, || r.count() == 2 && jobs_left(&mut c) == 0));
+    assert_eq!(r.requests()[1].json()["name"], "new");
+}

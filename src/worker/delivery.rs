@@ -26,6 +26,9 @@ const EXTENSION_RECHECK: Duration = Duration::from_secs(1);
 /// woken at once, so light-load latency is not affected.
 const MIN_TURN_GAP: Duration = Duration::from_millis(2);
 
+/// How long to wait when a due job is locked by an open transaction.
+const LOCKED_BACKOFF: Duration = Duration::from_millis(100);
+
 /// How often claim and absorb scans start from the front again (see
 /// `queue::CLAIM` and `queue::ABSORB_INBOX`).
 const CURSOR_RESET: Duration = Duration::from_secs(1);
@@ -243,7 +246,17 @@ impl Worker {
             }
             record(c, done_now);
             // A full batch means more is probably due: come straight back.
-            let next_due = if claimed.len() >= room || inbox_full { Some(Duration::ZERO) } else { queue::next_due_ms(c, active).map(|ms| Duration::from_millis(ms as u64)) };
+            let next_due = if claimed.len() >= room || inbox_full {
+                Some(Duration::ZERO)
+            } else {
+                queue::next_due_ms(c, active).map(|ms| match ms {
+                    // Due, yet nothing could be claimed: the job is locked by
+                    // a transaction that enqueued it again. Its commit wakes
+                    // us; until then, don't spin.
+                    0 if claimed.is_empty() => LOCKED_BACKOFF,
+                    ms => Duration::from_millis(ms as u64),
+                })
+            };
             Turn::Worked { requests, next_due }
         })
     }
