@@ -30,15 +30,6 @@ SELECT p.pronargs = 1 AND p.proargtypes[0] = 'text'::regtype
 /// The kind's row is locked so that concurrent `track` calls see the delete.
 const LOCK_KIND: &str = "SELECT 1 FROM outbox.kinds WHERE kind = $1 FOR UPDATE";
 
-/// Triggers created by `track` carry the kind as their first argument.
-const TRACKING_TRIGGERS: &str = "
-SELECT t.tgrelid::regclass::text AS tbl, t.tgname::text AS trigger
-  FROM pg_catalog.pg_trigger t
- WHERE t.tgfoid = 'outbox.enqueue_trigger()'::regprocedure
-   AND t.tgnargs >= 1
-   AND pg_catalog.split_part(pg_catalog.encode(t.tgargs, 'escape'), E'\\\\000', 1) = $1
- ORDER BY 1, 2";
-
 const COUNT_JOBS: &str = "SELECT count(*) FROM outbox.jobs WHERE kind = $1";
 const DELETE_JOBS: &str = "
 WITH q AS (DELETE FROM outbox.queue WHERE kind = $1)
@@ -189,15 +180,7 @@ fn unregister(kind: Option<&str>, cascade: Option<bool>) {
         if locked.is_empty() {
             unknown_kind(kind);
         }
-        let triggers: Vec<(String, String)> = c
-            .select(TRACKING_TRIGGERS, None, &[kind.into()])
-            .unwrap_or_else(|e| panic!("listing triggers: {e}"))
-            .map(|row| {
-                let tbl = row.get::<String>(1).ok().flatten().unwrap_or_default();
-                let trg = row.get::<String>(2).ok().flatten().unwrap_or_default();
-                (tbl, trg)
-            })
-            .collect();
+        let triggers = crate::triggers::kind_triggers(c, kind, None);
         let jobs = c
             .select(COUNT_JOBS, None, &[kind.into()])
             .ok()
@@ -215,10 +198,7 @@ fn unregister(kind: Option<&str>, cascade: Option<bool>) {
                 Some("Untrack the tables first, or call outbox.unregister(kind, cascade => true) to drop the triggers and jobs too."),
             );
         }
-        for (tbl, trg) in &triggers {
-            let sql = format!("DROP TRIGGER {} ON {tbl}", spi::quote_identifier(trg));
-            c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("dropping trigger: {e}"));
-        }
+        crate::triggers::drop_triggers(c, &triggers);
         c.update(DELETE_JOBS, None, &[kind.into()]).unwrap_or_else(|e| panic!("deleting jobs: {e}"));
         c.update(DELETE_KIND, None, &[kind.into()]).unwrap_or_else(|e| panic!("deleting kind: {e}"));
     });

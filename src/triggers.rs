@@ -238,14 +238,16 @@ SELECT a.attname::text
   FROM pg_catalog.pg_index i
   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
  WHERE i.indrelid = $1 AND i.indisprimary";
-/// Triggers of `kind` on a table (the kind is the first trigger argument).
-const KIND_TRIGGERS_ON: &str = "
-SELECT t.tgname::text
+/// Tracking triggers of kind $1 (the kind is their first argument), on table
+/// $2, or on every table when $2 is NULL.
+const KIND_TRIGGERS: &str = "
+SELECT t.tgrelid::regclass::text, t.tgname::text
   FROM pg_catalog.pg_trigger t
- WHERE t.tgrelid = $1
-   AND t.tgfoid = 'outbox.enqueue_trigger()'::regprocedure
+ WHERE t.tgfoid = 'outbox.enqueue_trigger()'::regprocedure
+   AND ($2::oid IS NULL OR t.tgrelid = $2)
    AND t.tgnargs >= 1
-   AND pg_catalog.split_part(pg_catalog.encode(t.tgargs, 'escape'), E'\\\\000', 1) = $2";
+   AND pg_catalog.split_part(pg_catalog.encode(t.tgargs, 'escape'), E'\\\\000', 1) = $1
+ ORDER BY 1, 2";
 
 /// `outbox_<kind>`, shortened with a hash to fit in 63 bytes.
 fn trigger_base_name(kind: &str) -> String {
@@ -261,17 +263,27 @@ fn trigger_base_name(kind: &str) -> String {
     format!("{}_{:08x}", &full[..cut], hash as u32)
 }
 
-fn drop_kind_triggers(c: &mut pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid, table: &str, kind: &str) -> usize {
-    let names: Vec<String> = c
-        .select(KIND_TRIGGERS_ON, None, &[tbl.into(), kind.into()])
+/// (table, trigger name) of each trigger tracking `kind`, on `tbl` or anywhere.
+pub(crate) fn kind_triggers(c: &pgrx::spi::SpiClient<'_>, kind: &str, tbl: Option<pg_sys::Oid>) -> Vec<(String, String)> {
+    let tbl = tbl.map_or(pgrx::datum::DatumWithOid::null::<pg_sys::Oid>(), Into::into);
+    c.select(KIND_TRIGGERS, None, &[kind.into(), tbl])
         .unwrap_or_else(|e| panic!("listing triggers: {e}"))
-        .filter_map(|r| r.get::<String>(1).ok().flatten())
-        .collect();
-    for name in &names {
+        .filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??)))
+        .collect()
+}
+
+pub(crate) fn drop_triggers(c: &mut pgrx::spi::SpiClient<'_>, triggers: &[(String, String)]) {
+    for (table, name) in triggers {
         let sql = format!("DROP TRIGGER {} ON {table}", quote_identifier(name));
         c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("dropping trigger: {e}"));
     }
-    names.len()
+}
+
+/// Drops the triggers tracking `kind` on `tbl`; returns how many there were.
+fn drop_kind_triggers(c: &mut pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid, kind: &str) -> usize {
+    let triggers = kind_triggers(c, kind, Some(tbl));
+    drop_triggers(c, &triggers);
+    triggers.len()
 }
 
 /// Resolves the table and checks it can be tracked: returns its quoted name.
@@ -368,7 +380,7 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
             }
         }
         // Tracking again replaces the triggers, e.g. to change the columns.
-        drop_kind_triggers(c, tbl, &table, kind);
+        drop_kind_triggers(c, tbl, kind);
         let name = trigger_base_name(kind);
         let mut args = vec![quote_literal(kind), quote_literal(&id_column)];
         args.extend(watched.iter().map(quote_literal));
@@ -392,7 +404,7 @@ fn untrack(tbl: Option<pg_sys::Oid>, kind: Option<&str>) {
     let kind = require_kind(kind);
     Spi::connect_mut(|c| {
         let table = table_name(c, tbl);
-        if drop_kind_triggers(c, tbl, &table, kind) == 0 {
+        if drop_kind_triggers(c, tbl, kind) == 0 {
             raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
                 format!("{table} is not tracked for kind \"{kind}\""),
