@@ -167,6 +167,14 @@ impl Receiver {
         self.requests().into_iter().filter(|r| r.path == path).collect()
     }
 
+    /// How many different paths were requested (records reached at least once).
+    pub fn distinct_paths(&self) -> usize {
+        let mut paths: Vec<String> = self.requests().into_iter().map(|q| q.path).collect();
+        paths.sort();
+        paths.dedup();
+        paths.len()
+    }
+
     pub fn count(&self) -> usize {
         self.state.requests.lock().unwrap().len()
     }
