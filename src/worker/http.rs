@@ -5,6 +5,7 @@
 //! loop waits on together with its latch.
 
 use crate::policy::{parse_retry_after, Response};
+use super::resolver::CachingResolver;
 use crate::signing;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -59,15 +60,16 @@ impl Pool {
         let (req_tx, req_rx) = channel::<Request>();
         let (out_tx, out_rx) = channel::<Outcome>();
         let req_rx = Arc::new(Mutex::new(req_rx));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
             .max_redirects_will_error(false)
             .user_agent(concat!("outbox/", env!("CARGO_PKG_VERSION")))
             .max_idle_connections(threads.max(8) * 2)
             .max_idle_connections_per_host(threads.max(8) * 2)
-            .build()
-            .into();
+            .build();
+        let connector = ureq::unversioned::transport::DefaultConnector::new();
+        let agent = ureq::Agent::with_parts(config, connector, CachingResolver::default());
         for i in 0..threads {
             let req_rx = Arc::clone(&req_rx);
             let out_tx = out_tx.clone();

@@ -14,6 +14,7 @@ pub mod launcher;
 pub mod plans;
 pub mod queue;
 pub mod render;
+pub mod resolver;
 pub mod signals;
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
