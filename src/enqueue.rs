@@ -58,7 +58,7 @@ pub fn wake_on_commit() {
     XACT.with(|x| x.borrow_mut().wake_on_commit = true);
 }
 
-fn register_callbacks() {
+pub(crate) fn register_callbacks() {
     if CALLBACKS_REGISTERED.get() {
         return;
     }

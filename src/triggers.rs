@@ -13,7 +13,8 @@ use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal};
 use pgrx::Array;
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 
 /// Most distinct records remembered per transaction to skip repeats; past
@@ -23,14 +24,17 @@ const DEDUPE_LIMIT: usize = 100_000;
 thread_local! {
     /// (kind, id) appended to the inbox by this transaction. Cleared at
     /// transaction end and when a subtransaction aborts (its rows are gone).
-    static APPENDED: RefCell<HashSet<(String, String)>> = RefCell::new(HashSet::new());
+    /// Keyed by kind, so that a row is looked up without allocating.
+    static APPENDED: RefCell<(HashMap<String, HashSet<String>>, usize)> = RefCell::new((HashMap::new(), 0));
+    /// outbox.inbox's oid, looked up once per transaction.
+    static INBOX: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
 pub(crate) fn forget_appended() {
+    INBOX.with(|i| i.set(pg_sys::InvalidOid));
     APPENDED.with(|a| {
         if let Ok(mut a) = a.try_borrow_mut() {
-            a.clear();
-            a.shrink_to(1024);
+            *a = (HashMap::new(), 0);
         }
     });
 }
@@ -112,6 +116,10 @@ unsafe fn attno_of(tupdesc: pg_sys::TupleDesc, column: &str) -> i32 {
 }
 
 fn inbox_relid() -> pg_sys::Oid {
+    let cached = INBOX.with(Cell::get);
+    if cached != pg_sys::InvalidOid {
+        return cached;
+    }
     // SAFETY: syscache lookups; missing_ok so we can raise a clear error.
     let oid = unsafe {
         let ns = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
@@ -120,6 +128,9 @@ fn inbox_relid() -> pg_sys::Oid {
     if oid == pg_sys::InvalidOid {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "outbox.inbox does not exist", Some("Is the outbox extension installed?"));
     }
+    // The transaction-end callback forgets it.
+    crate::enqueue::register_callbacks();
+    INBOX.with(|i| i.set(oid));
     oid
 }
 
@@ -129,15 +140,15 @@ fn append_to_inbox(kind: &str, ids: &[String]) {
         crate::enqueue::check_id(id);
     }
     let fresh: Vec<&String> = APPENDED.with(|a| {
-        let mut a = a.borrow_mut();
+        let (by_kind, count) = &mut *a.borrow_mut();
         ids.iter()
             .filter(|id| {
-                let key = (kind.to_string(), (*id).clone());
-                if a.contains(&key) {
+                if by_kind.get(kind).is_some_and(|seen| seen.contains(id.as_str())) {
                     return false;
                 }
-                if a.len() < DEDUPE_LIMIT {
-                    a.insert(key);
+                if *count < DEDUPE_LIMIT {
+                    by_kind.entry(kind.to_string()).or_default().insert((*id).clone());
+                    *count += 1;
                 }
                 true
             })

@@ -2,7 +2,9 @@
 //! extension preloaded ([`cluster`]) and a programmable HTTP receiver
 //! ([`receiver`]). Everything started here is stopped on drop.
 
+pub mod bench;
 pub mod cluster;
+pub mod nginx;
 pub mod receiver;
 pub mod webhooks;
 

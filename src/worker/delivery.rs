@@ -125,7 +125,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
                 shmem::set_state(if w.in_flight.is_empty() { WorkerState::Idle } else { WorkerState::Delivering });
                 report_activity(false, c"waiting");
                 let timeout = next_due.unwrap_or(gucs::poll_interval()).min(gucs::poll_interval());
-                if !timeout.is_zero() {
+                if !timeout.is_zero() && w.pool.arm() {
                     wait(Some(w.pool.wake_fd()), timeout);
                 }
             }

@@ -1,57 +1,71 @@
-//! Delivery throughput with default settings: N jobs enqueued in one
-//! transaction; the clock stops when the receiver has counted them all and
-//! no job is left. Usage: bench-throughput [N]   (default 100000)
+//! Figures 1 and 6. Delivery throughput with default settings: N jobs
+//! enqueued in one transaction; the clock starts at its commit and stops when
+//! the receiver has counted them all and no job is left. Table health: the
+//! queue's size (table + indexes + inbox) after each round and a VACUUM,
+//! against its size before the first; a second round shows whether the
+//! space is reused or grows. Usage: bench-throughput [N] [ROUNDS]
+//! (defaults 100000 and 3).
 
+use outbox_e2e::bench::{self, Figure};
 use outbox_e2e::cluster::{Cluster, Options};
-use outbox_e2e::receiver::Receiver;
+use outbox_e2e::nginx::Nginx;
 use outbox_e2e::wait_until;
 use std::time::{Duration, Instant};
 
 fn main() {
     let n: i64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
-    // BENCH_CONF: extra postgresql.conf lines separated by ';' (for profiling).
-    let conf = std::env::var("BENCH_CONF").map(|v| v.split(';').map(str::to_string).collect()).unwrap_or_default();
-    let db = Cluster::start_with(Options { conf, create_extension: true });
-    let r = Receiver::start();
+    let rounds: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let conf = bench::conf_from_env();
+    let db = Cluster::start_with(Options { conf: conf.clone(), create_extension: true });
+    let r = Nginx::start();
     let mut c = db.client();
     c.batch_execute(&format!("SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
     db.wait_for_worker();
-    let size = |c: &mut postgres::Client| -> i64 {
-        c.query_one("SELECT pg_total_relation_size('outbox.queue') + pg_total_relation_size('outbox.inbox')", &[]).unwrap().get(0)
-    };
-    let before = size(&mut c);
-    let start = Instant::now();
-    c.execute("SELECT count(outbox.enqueue('k', g)) FROM generate_series(1, $1::bigint) g", &[&n]).unwrap();
-    let enqueued = start.elapsed();
-    let ok = wait_until(Duration::from_secs(600), || {
-        r.count() as i64 >= n && c.query_one("SELECT count(*) FROM outbox.jobs", &[]).unwrap().get::<_, i64>(0) == 0
-    });
-    assert!(ok, "not all delivered: {} of {n}", r.count());
-    let total = start.elapsed();
-    let delivery = total - enqueued;
-    c.batch_execute("VACUUM outbox.queue, outbox.inbox").unwrap();
-    let after = size(&mut c);
-    if let Ok(v) = std::env::var("BENCH_CONF") {
-        println!("settings changed: {v}");
-        if v.contains("pg_stat_statements") {
-            c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").unwrap();
-            for row in c.query("SELECT round(total_exec_time)::bigint, calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 90) FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12", &[]).unwrap() {
-                println!("  {:>8} ms {:>8} calls  {}", row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, String>(2));
-            }
-        }
+    let before = bench::queue_bytes(&mut c);
+    let mut sizes = Vec::new();
+    let mut rates = Vec::new();
+    for round in 1..=rounds {
+        let counted = r.count();
+        let start = Instant::now();
+        c.execute("SELECT count(outbox.enqueue('k', g)) FROM generate_series(1, $1::bigint) g", &[&n]).unwrap();
+        let enqueued = start.elapsed();
+        let committed = Instant::now();
+        // The receiver's count is cheap to poll; the queue only at the end.
+        assert!(wait_until(Duration::from_secs(600), || r.count() - counted >= n as u64), "not all delivered");
+        assert!(wait_until(Duration::from_secs(60), || bench::jobs_left(&mut c) == 0), "jobs left after delivery");
+        let delivery = committed.elapsed();
+        let requests = r.count() - counted;
+        c.batch_execute("VACUUM outbox.queue, outbox.inbox").unwrap();
+        let size = bench::queue_bytes(&mut c);
+        let rate = n as f64 / delivery.as_secs_f64();
+        println!(
+            "round {round}: {n} jobs enqueued in one transaction in {:.2}s; delivered in {:.2}s: {rate:.0} deliveries/s; {requests} requests ({} duplicates); queue {} kB after VACUUM",
+            enqueued.as_secs_f64(),
+            delivery.as_secs_f64(),
+            requests as i64 - n,
+            size / 1024
+        );
+        println!("  {}", bench::relation_sizes(&mut c));
+        rates.push(rate);
+        sizes.push(size);
     }
-    println!("settings: default Postgres and outbox settings; receiver: outbox-e2e's Rust receiver, 201 at once");
-    println!(
-        "throughput: {n} jobs enqueued in one transaction in {:.2}s, delivered in {:.2}s after: {:.0} deliveries/s (target >= 30000); {} requests ({} duplicates)",
-        enqueued.as_secs_f64(),
-        delivery.as_secs_f64(),
-        n as f64 / delivery.as_secs_f64(),
-        r.count(),
-        r.count() as i64 - n
-    );
-    println!("table health: queue+inbox {} kB before, {} kB after the run and a VACUUM", before / 1024, after / 1024);
-    println!(
-        "{{\"figure\":\"throughput\",\"jobs\":{n},\"deliveries_per_s\":{:.0},\"bytes_before\":{before},\"bytes_after\":{after}}}",
-        n as f64 / delivery.as_secs_f64()
-    );
+    bench::print_settings(&conf, "nginx, one worker process, `return 201`");
+    bench::report(Figure {
+        name: "throughput",
+        summary: format!("{:.0} deliveries/s (round 1 of {rounds}; target >= 30000)", rates[0]),
+        json: format!("\"jobs\":{n},\"deliveries_per_s\":{:.0},\"rounds\":{rates:.0?}", rates[0]),
+    });
+    // Index pages emptied in one round are reusable only after the next
+    // VACUUM, so round 2 may add to round 1; compounding would show after.
+    let growth = if sizes.len() >= 3 { sizes[sizes.len() - 1] as f64 / sizes[sizes.len() - 2] as f64 } else { f64::NAN };
+    bench::report(Figure {
+        name: "table health",
+        summary: format!(
+            "queue {} kB before, {} kB after each round and a VACUUM; last round against the one before x{growth:.2} (target: no growth that compounds)",
+            before / 1024,
+            sizes.iter().map(|s| (s / 1024).to_string()).collect::<Vec<_>>().join(" kB, ")
+        ),
+        json: format!("\"bytes_before\":{before},\"bytes_after_rounds\":{sizes:?},\"last_round_growth\":{growth:.3}"),
+    });
+    bench::pg_stat_statements(&mut c, &conf);
 }

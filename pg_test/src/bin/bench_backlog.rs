@@ -1,0 +1,57 @@
+//! Figure 4, backlog scaling: the drain rate with a deep backlog against a
+//! shallow one. The kind is paused while jobs are enqueued, the clock starts
+//! at `resume` and stops when the receiver has counted them all and no job
+//! is left. The shallow drain is run three times and its best rate kept, so
+//! the ratio is not flattered by a slow first run.
+//! Usage: bench-backlog [DEEP] [SHALLOW]   (defaults 1000000 and 10000)
+
+use outbox_e2e::bench::{self, Figure};
+use outbox_e2e::cluster::{Cluster, Options};
+use outbox_e2e::nginx::Nginx;
+use outbox_e2e::wait_until;
+use postgres::Client;
+use std::time::{Duration, Instant};
+
+/// Enqueues `n` jobs with the kind paused, then times their delivery.
+fn drain(c: &mut Client, r: &Nginx, n: i64) -> f64 {
+    c.batch_execute("SELECT outbox.pause('k')").unwrap();
+    let chunk = 100_000i64;
+    let mut from = 1i64;
+    let enqueue_start = Instant::now();
+    while from <= n {
+        let to = (from + chunk - 1).min(n);
+        c.execute("SELECT count(outbox.enqueue('k', g)) FROM generate_series($1::bigint, $2::bigint) g", &[&from, &to]).unwrap();
+        from = to + 1;
+    }
+    c.batch_execute("VACUUM ANALYZE outbox.queue").unwrap();
+    let enqueued = enqueue_start.elapsed();
+    let counted = r.count();
+    let start = Instant::now();
+    c.batch_execute("SELECT outbox.resume('k')").unwrap();
+    assert!(wait_until(Duration::from_secs(1800), || r.count() - counted >= n as u64), "not all delivered");
+    assert!(wait_until(Duration::from_secs(60), || bench::jobs_left(c) == 0), "jobs left after delivery");
+    let took = start.elapsed();
+    let rate = n as f64 / took.as_secs_f64();
+    println!("  {n} pending (enqueued in {:.1}s): drained in {:.2}s, {rate:.0} deliveries/s", enqueued.as_secs_f64(), took.as_secs_f64());
+    rate
+}
+
+fn main() {
+    let deep: i64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let shallow: i64 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let conf = bench::conf_from_env();
+    let db = Cluster::start_with(Options { conf: conf.clone(), create_extension: true });
+    let r = Nginx::start();
+    let mut c = db.client();
+    c.batch_execute(&format!("SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
+    db.wait_for_worker();
+    let shallow_rate = (0..3).map(|_| drain(&mut c, &r, shallow)).fold(0.0f64, f64::max);
+    let deep_rate = drain(&mut c, &r, deep);
+    bench::print_settings(&conf, "nginx, one worker process, `return 201`");
+    let ratio = deep_rate / shallow_rate;
+    bench::report(Figure {
+        name: "backlog scaling",
+        summary: format!("{deep} pending drain at {deep_rate:.0}/s, {shallow} pending at {shallow_rate:.0}/s (best of 3): ratio {ratio:.2} (target >= 0.8)"),
+        json: format!("\"deep\":{deep},\"shallow\":{shallow},\"deep_per_s\":{deep_rate:.0},\"shallow_per_s\":{shallow_rate:.0},\"ratio\":{ratio:.3}"),
+    });
+}
