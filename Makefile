@@ -5,7 +5,7 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 SUDO := $(if $(filter 0,$(shell id -u)),,--sudo)
 
-.PHONY: soak setup test demo install install-release bench bench-enqueue bench-latency bench-throughput clean
+.PHONY: soak setup test demo install install-release bench bench-enqueue clean
 
 setup:
 	@scripts/setup.sh
@@ -28,23 +28,14 @@ install-release: setup
 soak: install
 	OUTBOX_SOAK_SECS=$(or $(SOAK_SECS),600) cargo test --manifest-path pg_test/Cargo.toml --test convergence -- --nocapture
 
-## bench: benchmarks, figures side by side (QUICK=1 for a short run)
-bench: bench-throughput bench-latency bench-enqueue
+## bench: every benchmark figure side by side in one run (QUICK=1: smaller)
+bench: install-release
+	@scripts/setup.sh bench
+	cargo build --release -q --manifest-path pg_test/Cargo.toml --bins
+	QUICK=$(QUICK) scripts/bench.sh
 
 bench-enqueue: install-release
 	$(if $(QUICK),SECONDS_PER_RUN=5 ROUNDS=1,) scripts/bench-enqueue.sh
-
-bench-throughput: install-release
-	cargo build --release -q --manifest-path pg_test/Cargo.toml --bin bench-throughput
-	mkdir -p target/bench
-	$(CARGO_TARGET_DIR)/release/bench-throughput $(if $(QUICK),20000,100000) > target/bench/throughput.txt
-	cat target/bench/throughput.txt; grep '^{' target/bench/throughput.txt >> target/bench/results.json
-
-bench-latency: install-release
-	cargo build --release -q --manifest-path pg_test/Cargo.toml --bin bench-latency
-	mkdir -p target/bench
-	$(CARGO_TARGET_DIR)/release/bench-latency $(if $(QUICK),500,2000) > target/bench/latency.txt
-	cat target/bench/latency.txt; grep '^{' target/bench/latency.txt >> target/bench/results.json
 
 clean:
 	cargo clean

@@ -7,6 +7,8 @@ PG_MAJOR=15
 PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
 PGRX_VERSION=0.18.0
 APT_PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo openssl)
+# `setup.sh bench`: also the benchmarks' receiver.
+if [ "${1:-}" = bench ]; then APT_PACKAGES+=(nginx-light); fi
 
 as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
@@ -20,8 +22,10 @@ if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    # Debian's package creates and may start a cluster we don't use.
+    # Debian's packages create and may start a cluster and a web server we
+    # don't use (the benchmarks start nginx with a config of their own).
     as_root pg_ctlcluster $PG_MAJOR main stop 2>/dev/null || true
+    as_root service nginx stop >/dev/null 2>&1 || true
 fi
 
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then

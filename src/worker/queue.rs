@@ -60,10 +60,10 @@ SELECT count(*), coalesce(max((ctid::text::point)[0]), 0)::bigint FROM moved";
 /// with every claim.
 pub const CLAIM: &str = "
 WITH due AS (
-    SELECT d.job_id, d.kind, d.id, d.run_at
+    SELECT d.ctid, d.job_id, d.kind, d.id, d.run_at
       FROM unnest($1::text[], $3::bigint[], $4::bigint[]) AS k(kind, after_us, after_id)
      CROSS JOIN LATERAL (
-        SELECT q.job_id, q.kind, q.id, q.run_at
+        SELECT q.ctid, q.job_id, q.kind, q.id, q.run_at
           FROM outbox.queue q
          WHERE q.kind = k.kind
            AND q.state = 'pending'
@@ -82,15 +82,16 @@ WITH due AS (
      ORDER BY d.run_at, d.job_id
      LIMIT $2
 ), one_per_record AS (
-    SELECT DISTINCT ON (kind, id) job_id FROM due ORDER BY kind, id, job_id
+    SELECT DISTINCT ON (kind, id) ctid FROM due ORDER BY kind, id, job_id
 )
--- An array, not a join: a generic plan can't know the CTE is small and
--- would hash-join it against a scan of the whole queue.
+-- Rows by their ctid (we hold their locks, so they stay put): a TID scan,
+-- no index descent. An array, not a join: a generic plan can't know the CTE
+-- is small and would hash-join it against a scan of the whole queue.
 UPDATE outbox.queue q
    SET state = 'running', attempts = q.attempts + 1, last_attempt_at = now()
- WHERE q.job_id = ANY (ARRAY(SELECT job_id FROM one_per_record))
+ WHERE q.ctid = ANY (ARRAY(SELECT ctid FROM one_per_record))
 RETURNING q.job_id, q.kind, q.id, q.attempts, pg_catalog.pg_current_xact_id()::text::bigint,
-          (extract(epoch FROM q.run_at) * 1000000)::bigint";
+          (extract(epoch FROM q.run_at) * 1000000)::bigint, q.ctid::text";
 
 /// How long until the next job of the kinds in $1 falls due (among those the
 /// claim could take: not blocked by a delivery in flight).
@@ -108,13 +109,14 @@ SELECT min(d.run_at) - now()
      LIMIT 1
  ) d";
 
-/// Delivered jobs are done: remove them. The state guard is spelled so that
-/// the planner can't answer it from queue_running_key, whose dead entries
-/// (every delivery since the last vacuum) it would then walk: the primary
-/// key is the cheap way in.
+/// Delivered jobs are done: remove them, found by the ctid their claim
+/// returned (a TID scan: no index descent). Only the worker changes a running
+/// job, so the tuple is still there, unless an admin discarded the job; then
+/// the job_id check keeps a tuple that took its place. The state guard is
+/// spelled so that the planner can't answer it from queue_running_key.
 pub const COMPLETE: &str = "
 DELETE FROM outbox.queue
- WHERE job_id = ANY ($1::bigint[]) AND state || '' = 'running'";
+ WHERE ctid = ANY ($1::text[]::tid[]) AND job_id = ANY ($2::bigint[]) AND state || '' = 'running'";
 
 /// Failed attempts: back to `pending` after a delay, or `dead`.
 pub const FAIL: &str = "
@@ -150,6 +152,8 @@ pub struct Claimed {
     pub sequence: i64,
     /// run_at in µs since the Unix epoch, for the kind's cursor.
     pub run_at_us: i64,
+    /// Where the running job's tuple is, for [`COMPLETE`].
+    pub ctid: String,
 }
 
 /// Where each kind's next claim scan starts: (run_at µs, job_id).
@@ -184,6 +188,7 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, lim
                 attempts: r.get::<i32>(4).ok()??,
                 sequence: r.get::<i64>(5).ok()??,
                 run_at_us: r.get::<i64>(6).ok()??,
+                ctid: r.get::<String>(7).ok()??,
             })
         })
         .collect();
@@ -217,11 +222,13 @@ pub struct Failure {
     pub error: Option<String>,
 }
 
-pub fn complete(c: &mut SpiClient<'_>, job_ids: Vec<i64>) {
-    if job_ids.is_empty() {
+/// Deletes delivered jobs, given as (job_id, ctid) pairs.
+pub fn complete(c: &mut SpiClient<'_>, jobs: Vec<(i64, String)>) {
+    if jobs.is_empty() {
         return;
     }
-    execute(c, COMPLETE, &[INT8_ARRAY], &[job_ids.into()]).unwrap_or_else(|e| panic!("complete: {e}"));
+    let (ids, ctids): (Vec<i64>, Vec<String>) = jobs.into_iter().unzip();
+    execute(c, COMPLETE, &[TEXT_ARRAY, INT8_ARRAY], &[ctids.into(), ids.into()]).unwrap_or_else(|e| panic!("complete: {e}"));
 }
 
 pub fn fail(c: &mut SpiClient<'_>, failures: Vec<Failure>) {
