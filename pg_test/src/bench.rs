@@ -62,3 +62,20 @@ pub fn relation_sizes(c: &mut Client) -> String {
                 ORDER BY 1";
     c.query(sql, &[]).unwrap().iter().map(|r| format!("{} {} kB", r.get::<_, String>(0), r.get::<_, i64>(1) / 1024)).collect::<Vec<_>>().join(", ")
 }
+
+/// The `i`th command-line argument, or `default`.
+pub fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
+    std::env::args().nth(i).and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// A cluster (with BENCH_CONF), an nginx receiver, a client, and kind `k`
+/// registered to deliver to `/k/{id}` with the worker running.
+pub fn start_delivery() -> (crate::cluster::Cluster, crate::nginx::Nginx, Client, Vec<String>) {
+    let conf = conf_from_env();
+    let db = crate::cluster::Cluster::start_with(crate::cluster::Options { conf: conf.clone(), create_extension: true });
+    let r = crate::nginx::Nginx::start();
+    let mut c = db.client();
+    c.batch_execute(&format!("SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
+    db.wait_for_worker();
+    (db, r, c, conf)
+}

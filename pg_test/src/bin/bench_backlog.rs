@@ -6,7 +6,6 @@
 //! Usage: bench-backlog [DEEP] [SHALLOW]   (defaults 1000000 and 10000)
 
 use outbox_e2e::bench::{self, Figure};
-use outbox_e2e::cluster::{Cluster, Options};
 use outbox_e2e::nginx::Nginx;
 use outbox_e2e::wait_until;
 use postgres::Client;
@@ -37,14 +36,9 @@ fn drain(c: &mut Client, r: &Nginx, n: i64) -> f64 {
 }
 
 fn main() {
-    let deep: i64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
-    let shallow: i64 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(10_000);
-    let conf = bench::conf_from_env();
-    let db = Cluster::start_with(Options { conf: conf.clone(), create_extension: true });
-    let r = Nginx::start();
-    let mut c = db.client();
-    c.batch_execute(&format!("SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
-    db.wait_for_worker();
+    let deep: i64 = bench::arg(1, 1_000_000);
+    let shallow: i64 = bench::arg(2, 10_000);
+    let (_db, r, mut c, conf) = bench::start_delivery();
     let shallow_rate = (0..3).map(|_| drain(&mut c, &r, shallow)).fold(0.0f64, f64::max);
     let deep_rate = drain(&mut c, &r, deep);
     bench::print_settings(&conf, "nginx, one worker process, `return 201`");

@@ -12,8 +12,8 @@ use outbox_e2e::wait_until;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let rows: i64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
-    let rounds: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let rows: i64 = bench::arg(1, 1_000_000);
+    let rounds: usize = bench::arg(2, 3);
     let conf = bench::conf_from_env();
     let db = Cluster::start_with(Options { conf: conf.clone(), create_extension: true });
     let mut c = db.client();

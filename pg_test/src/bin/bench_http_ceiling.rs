@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let secs: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let threads: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(32);
+    let secs: u64 = bench::arg(1, 5);
+    let threads: usize = bench::arg(2, 32);
     let r = Nginx::start();
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));

@@ -7,20 +7,13 @@
 //! (defaults 100000 and 3).
 
 use outbox_e2e::bench::{self, Figure};
-use outbox_e2e::cluster::{Cluster, Options};
-use outbox_e2e::nginx::Nginx;
 use outbox_e2e::wait_until;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let n: i64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
-    let rounds: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let conf = bench::conf_from_env();
-    let db = Cluster::start_with(Options { conf: conf.clone(), create_extension: true });
-    let r = Nginx::start();
-    let mut c = db.client();
-    c.batch_execute(&format!("SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
-    db.wait_for_worker();
+    let n: i64 = bench::arg(1, 100_000);
+    let rounds: usize = bench::arg(2, 3);
+    let (_db, r, mut c, conf) = bench::start_delivery();
     let before = bench::queue_bytes(&mut c);
     let mut sizes = Vec::new();
     let mut rates = Vec::new();
