@@ -37,6 +37,6 @@ run bulk "$BIN/bench-bulk" $BULK
 
 echo
 echo "== figures (this run; JSON lines in $OUT/results.json)"
-grep -h -E '^(http ceiling|throughput|latency commit|enqueue overhead|backlog scaling|bulk|table health):' \
+grep -h -E '^(http ceiling|throughput|latency|enqueue overhead|backlog scaling|bulk|table health):' \
     "$OUT"/http-ceiling.txt "$OUT"/throughput.txt "$OUT"/latency.txt "$OUT"/enqueue.txt "$OUT"/backlog.txt "$OUT"/bulk.txt |
     sed 's/^/  /'

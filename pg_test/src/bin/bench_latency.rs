@@ -46,7 +46,7 @@ fn main() {
     let commit_p50 = commits[commits.len() / 2];
     println!("settings: default Postgres and outbox settings, receiver answers 201 at once; timed from COMMIT sent to request received");
     println!(
-        "latency commit->request over {} jobs at {:.0}/s: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms (targets: p50 <= 1 ms, p99 <= 10 ms); COMMIT alone took p50 {commit_p50:.2} ms",
+        "latency: commit->request over {} jobs at {:.0}/s: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms (targets: p50 <= 1 ms, p99 <= 10 ms); COMMIT alone took p50 {commit_p50:.2} ms",
         lat.len(),
         rate,
         pct(0.50),
