@@ -41,6 +41,9 @@ results=()
 for r in $(seq "$ROUNDS"); do
     p=$(tps plain)
     t=$(tps tracked)
+    # The worker's share of the tracked run must not spill into the next
+    # untracked one: wait until it has moved the inbox into the queue.
+    until [ "$(psql -tAc "SELECT NOT EXISTS (SELECT FROM outbox.inbox)")" = t ]; do sleep 0.2; done
     printf '  round %d: untracked %8.1f tps   tracked %8.1f tps\n' "$r" "$p" "$t"
     results+=("$p $t")
 done
@@ -52,3 +55,8 @@ printf '%s\n' "${results[@]}" | awk -v jobs="$jobs" -v at="$(date -u +%FT%TZ)" '
         printf "enqueue overhead: untracked %.1f tps, tracked %.1f tps, ratio %.3f (target >= 0.90); %d jobs queued\n", p/n, t/n, t/p, jobs > "/dev/stderr"
         printf "{\"figure\":\"enqueue_overhead\",\"untracked_tps\":%.1f,\"tracked_tps\":%.1f,\"ratio\":%.4f,\"at\":\"%s\"}\n", p/n, t/n, t/p, at
     }' >>target/bench/results.json
+if [[ "${BENCH_CONF_LINES:-}" == *pg_stat_statements* ]]; then
+    psql -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
+    psql -c "SELECT round(total_exec_time)::bigint AS ms, calls, left(regexp_replace(query, '\s+', ' ', 'g'), 80) AS query
+               FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 10"
+fi

@@ -26,6 +26,13 @@ const EXTENSION_RECHECK: Duration = Duration::from_secs(1);
 /// woken at once, so light-load latency is not affected.
 const MIN_TURN_GAP: Duration = Duration::from_millis(2);
 
+/// The gap once turns find work in numbers (at least [`BUSY_WORK`] rows
+/// absorbed or claimed): a turn's fixed cost is then spread over more rows.
+/// Measured with pgbench on tracked tables, this cut the worker's share of
+/// two cores by about half; it adds at most a few ms under such load.
+const BUSY_TURN_GAP: Duration = Duration::from_millis(10);
+const BUSY_WORK: usize = 8;
+
 /// How long to wait when a due job is locked by an open transaction.
 const LOCKED_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -66,6 +73,10 @@ struct Worker {
     /// Heap block of the inbox where the next absorb starts.
     inbox_block: i64,
     cursors_reset_at: Instant,
+    /// Rows absorbed and jobs claimed by the last turn.
+    last_work: usize,
+    /// The last turn left work that was due at once.
+    more_due: bool,
 }
 
 #[pg_guard]
@@ -104,7 +115,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     let pool = with_signals_blocked(|| Pool::start(threads)).unwrap_or_else(|e| panic!("starting HTTP threads: {e}"));
     log!("outbox worker started for database \"{database}\" with {threads} HTTP threads");
     let mut last_turn = Instant::now() - MIN_TURN_GAP;
-    let mut w = Worker { pool, in_flight: HashMap::new(), finished: Vec::new(), recovered: false, said_no_extension: false, cursors: queue::Cursors::new(), inbox_block: 0, cursors_reset_at: Instant::now() };
+    let mut w = Worker { pool, in_flight: HashMap::new(), finished: Vec::new(), recovered: false, said_no_extension: false, cursors: queue::Cursors::new(), inbox_block: 0, cursors_reset_at: Instant::now(), last_work: 0, more_due: false };
     loop {
         handle_interrupts();
         // SAFETY: a plain query of shared recovery state.
@@ -114,7 +125,9 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
             wait(None, gucs::poll_interval().min(Duration::from_secs(1)));
             continue;
         }
-        if let Some(rest) = MIN_TURN_GAP.checked_sub(last_turn.elapsed()) {
+        // More due at once (a full batch): no reason to wait longer.
+        let gap = if w.last_work >= BUSY_WORK && !w.more_due { BUSY_TURN_GAP } else { MIN_TURN_GAP };
+        if let Some(rest) = gap.checked_sub(last_turn.elapsed()) {
             pause(rest);
         }
         last_turn = Instant::now();
@@ -128,6 +141,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
                 wait(None, EXTENSION_RECHECK);
             }
             Turn::Worked { requests, next_due } => {
+                w.more_due = next_due == Some(Duration::ZERO);
                 let claimed_any = !requests.is_empty();
                 for (request, job) in requests {
                     w.in_flight.insert(request.job_id, job);
@@ -217,7 +231,9 @@ impl Worker {
                 self.inbox_block = 0;
                 self.cursors_reset_at = Instant::now();
             }
-            let inbox_full = queue::absorb_inbox(c, absorb_limit, &mut self.inbox_block) >= absorb_limit;
+            let absorbed = queue::absorb_inbox(c, absorb_limit, &mut self.inbox_block);
+            let inbox_full = absorbed >= absorb_limit;
+            self.last_work = absorbed as usize;
             let kinds = render::load_kinds(c);
             let active: Vec<String> = kinds.iter().filter(|(_, k)| !k.paused).map(|(n, _)| n.clone()).collect();
             let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
@@ -226,6 +242,7 @@ impl Worker {
                 return Turn::Worked { requests: Vec::new(), next_due: if inbox_full { Some(Duration::ZERO) } else { None } };
             }
             let claimed = queue::claim(c, &active, &mut self.cursors, room as i64);
+            self.last_work += claimed.len();
             if claimed.len() < room {
                 // Short: the scans reached the end; start the next ones over.
                 self.cursors.clear();
