@@ -45,6 +45,8 @@ thread_local! {
 #[derive(Default)]
 struct XactState {
     wake_on_commit: bool,
+    /// This transaction appended to the inbox (through a tracked table).
+    inbox_on_commit: bool,
     /// (kind, id) -> job id, for immediate enqueues already made in this
     /// transaction: repeating one needs no round trip. Cleared when the
     /// transaction ends and whenever a subtransaction aborts (its inserts and
@@ -56,6 +58,16 @@ struct XactState {
 pub fn wake_on_commit() {
     register_callbacks();
     XACT.with(|x| x.borrow_mut().wake_on_commit = true);
+}
+
+/// Like [`wake_on_commit`], and tells the worker the inbox has rows.
+pub fn wake_on_commit_for_inbox() {
+    register_callbacks();
+    XACT.with(|x| {
+        let mut x = x.borrow_mut();
+        x.wake_on_commit = true;
+        x.inbox_on_commit = true;
+    });
 }
 
 pub(crate) fn register_callbacks() {
@@ -79,16 +91,20 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => false,
         _ => return,
     };
-    let should_wake = XACT.with(|x| match x.try_borrow_mut() {
+    let (should_wake, inbox) = XACT.with(|x| match x.try_borrow_mut() {
         Ok(mut s) => {
-            let w = s.wake_on_commit;
+            let w = (s.wake_on_commit, s.inbox_on_commit);
             s.wake_on_commit = false;
+            s.inbox_on_commit = false;
             s.seen.clear();
             w
         }
-        Err(_) => true,
+        Err(_) => (true, true),
     });
     crate::triggers::forget_appended();
+    if wake && inbox {
+        crate::shmem::mark_inbox_dirty();
+    }
     if wake && should_wake {
         crate::shmem::wake_worker();
     }

@@ -51,6 +51,9 @@ pub struct WorkerSlot {
     in_flight: AtomicU32,
     /// TimestampTz (µs since 2000-01-01) of the last claimed batch; 0 = never.
     last_batch_at: AtomicI64,
+    /// A transaction that appended to the inbox committed since the worker
+    /// last looked: the worker skips the inbox statement while it is clear.
+    inbox_dirty: AtomicBool,
 }
 
 // SAFETY: only atomics, no pointers: valid in any process that maps the segment.
@@ -122,6 +125,20 @@ pub fn set_in_flight(n: usize) {
     if let Some(slot) = slot() {
         slot.in_flight.store(n as u32, Ordering::Relaxed);
     }
+}
+
+/// Called on commit by a transaction that appended to the inbox, before it
+/// wakes the worker. Cannot raise.
+pub fn mark_inbox_dirty() {
+    if let Some(slot) = slot() {
+        slot.inbox_dirty.store(true, Ordering::Release);
+    }
+}
+
+/// Whether the inbox may have rows the worker hasn't seen; clears the mark.
+/// Without shared memory, always true.
+pub fn take_inbox_dirty() -> bool {
+    slot().is_none_or(|slot| slot.inbox_dirty.swap(false, Ordering::AcqRel))
 }
 
 pub fn mark_batch() {

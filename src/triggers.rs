@@ -178,7 +178,7 @@ fn append_to_inbox(kind: &str, ids: &[String]) {
         }
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
-    crate::enqueue::wake_on_commit();
+    crate::enqueue::wake_on_commit_for_inbox();
 }
 
 fn text_datum(s: &str) -> pg_sys::Datum {

@@ -77,6 +77,8 @@ struct Worker {
     last_work: usize,
     /// The last turn left work that was due at once.
     more_due: bool,
+    /// The last absorb stopped at its limit: the inbox has more.
+    inbox_backlog: bool,
 }
 
 #[pg_guard]
@@ -115,7 +117,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     let pool = with_signals_blocked(|| Pool::start(threads)).unwrap_or_else(|e| panic!("starting HTTP threads: {e}"));
     log!("outbox worker started for database \"{database}\" with {threads} HTTP threads");
     let mut last_turn = Instant::now() - MIN_TURN_GAP;
-    let mut w = Worker { pool, in_flight: HashMap::new(), finished: Vec::new(), recovered: false, said_no_extension: false, cursors: queue::Cursors::new(), inbox_block: 0, cursors_reset_at: Instant::now(), last_work: 0, more_due: false };
+    let mut w = Worker { pool, in_flight: HashMap::new(), finished: Vec::new(), recovered: false, said_no_extension: false, cursors: queue::Cursors::new(), inbox_block: 0, cursors_reset_at: Instant::now(), last_work: 0, more_due: false, inbox_backlog: true };
     loop {
         handle_interrupts();
         // SAFETY: a plain query of shared recovery state.
@@ -226,13 +228,19 @@ impl Worker {
             // Absorb more than a batch: the inbox holds raw changes, many of
             // which coalesce, and an empty inbox keeps the jobs view exact.
             let absorb_limit = (batch * 16) as i64;
+            // The inbox is read when a commit said it appended, while a
+            // backlog is left, and every CURSOR_RESET in case a mark was
+            // missed (a prepared transaction, a worker restart).
+            let mut absorb = shmem::take_inbox_dirty() || self.inbox_backlog;
             if self.cursors_reset_at.elapsed() >= CURSOR_RESET {
                 self.cursors.clear();
                 self.inbox_block = 0;
                 self.cursors_reset_at = Instant::now();
+                absorb = true;
             }
-            let absorbed = queue::absorb_inbox(c, absorb_limit, &mut self.inbox_block);
+            let absorbed = if absorb { queue::absorb_inbox(c, absorb_limit, &mut self.inbox_block) } else { 0 };
             let inbox_full = absorbed >= absorb_limit;
+            self.inbox_backlog = inbox_full;
             self.last_work = absorbed as usize;
             let kinds = render::load_kinds(c);
             let active: Vec<String> = kinds.iter().filter(|(_, k)| !k.paused).map(|(n, _)| n.clone()).collect();
@@ -280,6 +288,9 @@ impl Worker {
             // A full batch means more is probably due: come straight back.
             let next_due = if claimed.len() >= room || inbox_full {
                 Some(Duration::ZERO)
+            } else if !requests.is_empty() {
+                // Their outcomes wake us, and that turn looks again.
+                None
             } else {
                 queue::next_due_ms(c, active).map(|ms| match ms {
                     // Due, yet nothing could be claimed: the job is locked by
