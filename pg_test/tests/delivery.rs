@@ -376,3 +376,27 @@ fn a_job_coalesced_into_by_an_open_transaction_waits_for_its_commit() {
     assert!(wait_until(LONG, || r.count() == 2 && jobs_left(&mut c) == 0));
     assert_eq!(r.requests()[1].json()["name"], "new");
 }
+
+#[test]
+fn a_prepared_transaction_is_delivered_after_commit_prepared_only() {
+    // No commit callback runs for COMMIT PREPARED, so it is the worker's
+    // periodic look at the inbox (and the poll) that finds these rows.
+    let mut opts = outbox_e2e::cluster::Options::default();
+    opts.conf.push("max_prepared_transactions = 2".into());
+    let db = Cluster::start_with(opts);
+    let r = Receiver::start();
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    db.wait_for_worker();
+    c.batch_execute("BEGIN; INSERT INTO users VALUES (1, 'kept'); PREPARE TRANSACTION 'keep'").unwrap();
+    c.batch_execute("BEGIN; INSERT INTO users VALUES (2, 'dropped'); PREPARE TRANSACTION 'drop'").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(r.count(), 0, "a prepared, uncommitted change was delivered");
+    c.batch_execute("COMMIT PREPARED 'keep'").unwrap();
+    c.batch_execute("ROLLBACK PREPARED 'drop'").unwrap();
+    assert!(wait_until(LONG, || r.count() >= 1 && jobs_left(&mut c) == 0), "the committed prepared change was not delivered");
+    std::thread::sleep(Duration::from_millis(1500));
+    let paths: Vec<String> = r.requests().into_iter().map(|q| q.path).collect();
+    assert_eq!(paths, vec!["/users/1".to_string()]);
+    assert_eq!(r.requests()[0].json()["name"], "kept");
+}
