@@ -98,20 +98,6 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     unsafe {
         pg_sys::SetConfigOption(c"synchronous_commit".as_ptr(), c"off".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
         pg_sys::SetConfigOption(c"application_name".as_ptr(), c"outbox worker".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
-        // The worker's statements (src/worker/queue.rs) are written for
-        // generic plans. Left to choose, the plan cache re-planned the claim
-        // on every turn (about half its cost), and JIT would compile it each
-        // time. A generic plan is made once, often while the queue is empty,
-        // when a sequential scan looks cheapest; every statement has an
-        // index or TID path that stays cheap at any size, so take that.
-        for (name, value) in [
-            (c"plan_cache_mode", c"force_generic_plan"),
-            (c"jit", c"off"),
-            (c"enable_seqscan", c"off"),
-            (c"enable_bitmapscan", c"off"),
-        ] {
-            pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
-        }
     }
     let threads = gucs::CONCURRENCY.get().max(1) as usize;
     let pool = with_signals_blocked(|| Pool::start(threads)).unwrap_or_else(|e| panic!("starting HTTP threads: {e}"));

@@ -2,19 +2,69 @@
 //! process: planning the claim on every turn would cost more than running it.
 //! A plan whose tables are dropped and re-created (DROP/CREATE EXTENSION) is
 //! re-planned by Postgres' plan cache on its next use.
+//!
+//! The worker's own statements (src/worker/queue.rs) are written for generic
+//! plans, and run with [`OWN_SETTINGS`]. Left to choose, the plan cache
+//! re-planned the claim on every turn (about half its cost: its generic cost,
+//! estimated for a LIMIT it can't see, looks high), and JIT compiled it each
+//! time. A generic plan is made once, often while the queue is empty, when a
+//! sequential scan looks cheapest; every statement has an index or TID path
+//! that stays cheap at any size, so take that. The settings hold only while
+//! such a statement runs: body functions plan as the database is configured.
 
 use pgrx::datum::DatumWithOid;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
 use pgrx::PgOid;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ffi::CStr;
+use pgrx::pg_sys;
+
+const OWN_SETTINGS: [(&CStr, &CStr); 4] = [
+    (c"plan_cache_mode", c"force_generic_plan"),
+    (c"jit", c"off"),
+    (c"enable_seqscan", c"off"),
+    (c"enable_bitmapscan", c"off"),
+];
 
 thread_local! {
     static PLANS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
 }
 
-/// Runs `sql` (read-write, fresh snapshot per statement) through its cached plan.
+/// Runs one of the worker's own statements (read-write, fresh snapshot per
+/// statement) through its cached plan, with [`OWN_SETTINGS`].
 pub fn execute<'c>(
+    c: &mut SpiClient<'c>,
+    sql: &str,
+    types: &[PgOid],
+    args: &[DatumWithOid<'_>],
+) -> SpiResult<SpiTupleTable<'c>> {
+    // SAFETY: what a function's SET clause does: a GUC nest level, values
+    // saved in it, and popped afterwards (or by the abort of the (sub)
+    // transaction, should the statement raise). Main thread, in a transaction.
+    unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        for (name, value) in OWN_SETTINGS {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+        let result = execute_plain(c, sql, types, args);
+        pg_sys::AtEOXact_GUC(true, level);
+        result
+    }
+}
+
+/// Like [`execute`], with the session's settings: for statements that run
+/// body functions.
+pub fn execute_plain<'c>(
     c: &mut SpiClient<'c>,
     sql: &str,
     types: &[PgOid],

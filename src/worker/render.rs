@@ -83,7 +83,7 @@ fn bodies(function: &str, ids: &[String]) -> Vec<Result<Option<String>, String>>
     // body is read after the claim's snapshot: never older than the job.
     let batch = try_subtransaction(move || {
         Spi::connect_mut(|c| {
-            super::plans::execute(c, &batch_sql, &[super::plans::types::TEXT_ARRAY], &[ids_owned.into()])
+            super::plans::execute_plain(c, &batch_sql, &[super::plans::types::TEXT_ARRAY], &[ids_owned.into()])
                 .unwrap_or_else(|e| panic!("{e}"))
                 .map(|r| r.get::<String>(1).ok().flatten())
                 .collect::<Vec<_>>()
