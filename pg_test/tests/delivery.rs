@@ -1,6 +1,6 @@
 //! End to end: a real cluster with outbox preloaded, a real HTTP receiver.
 
-use outbox_e2e::cluster::Cluster;
+use outbox_e2e::cluster::{Cluster, Options};
 use outbox_e2e::receiver::{Action, Receiver};
 use outbox_e2e::{wait_until, webhooks};
 use postgres::Client;
@@ -34,7 +34,12 @@ struct Setup {
 }
 
 fn started(options: &str) -> Setup {
-    let db = Cluster::start();
+    started_with(Options::default(), options)
+}
+
+/// Like [`started`], on a cluster with these settings.
+fn started_with(opts: Options, options: &str) -> Setup {
+    let db = Cluster::start_with(opts);
     let r = Receiver::start();
     let mut c = db.client();
     users(&mut c, &r, options);
@@ -272,7 +277,7 @@ fn restarts_with_a_backlog_lose_nothing_and_leave_nothing_running() {
 
 #[test]
 fn the_worker_waits_for_the_database_and_the_extension() {
-    let opts = outbox_e2e::cluster::Options { create_extension: false, ..Default::default() };
+    let opts = Options { create_extension: false, ..Default::default() };
     let db = Cluster::start_with(opts);
     let r = Receiver::start();
     std::thread::sleep(Duration::from_millis(2500));
@@ -299,13 +304,9 @@ fn the_worker_waits_for_the_database_and_the_extension() {
 fn commit_wakes_the_worker_without_polling() {
     // A poll interval of a minute: only the commit wake-up can explain a
     // prompt delivery.
-    let mut opts = outbox_e2e::cluster::Options::default();
+    let mut opts = Options::default();
     opts.conf.push("outbox.poll_interval = '60s'".into());
-    let db = Cluster::start_with(opts);
-    let r = Receiver::start();
-    let mut c = db.client();
-    users(&mut c, &r, "");
-    db.wait_for_worker();
+    let Setup { db: _db, r, mut c, .. } = started_with(opts, "");
     std::thread::sleep(Duration::from_millis(500));
     for i in 1..=5 {
         c.batch_execute(&format!("INSERT INTO users VALUES ({i}, 'x')")).unwrap();
@@ -381,13 +382,9 @@ fn a_job_coalesced_into_by_an_open_transaction_waits_for_its_commit() {
 fn a_prepared_transaction_is_delivered_after_commit_prepared_only() {
     // No commit callback runs for COMMIT PREPARED, so it is the worker's
     // periodic look at the inbox (and the poll) that finds these rows.
-    let mut opts = outbox_e2e::cluster::Options::default();
+    let mut opts = Options::default();
     opts.conf.push("max_prepared_transactions = 2".into());
-    let db = Cluster::start_with(opts);
-    let r = Receiver::start();
-    let mut c = db.client();
-    users(&mut c, &r, "");
-    db.wait_for_worker();
+    let Setup { db: _db, r, mut c, .. } = started_with(opts, "");
     c.batch_execute("BEGIN; INSERT INTO users VALUES (1, 'kept'); PREPARE TRANSACTION 'keep'").unwrap();
     c.batch_execute("BEGIN; INSERT INTO users VALUES (2, 'dropped'); PREPARE TRANSACTION 'drop'").unwrap();
     std::thread::sleep(Duration::from_millis(1500));
