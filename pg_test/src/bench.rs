@@ -37,10 +37,6 @@ pub fn queue_bytes(c: &mut Client) -> i64 {
     c.query_one("SELECT pg_total_relation_size('outbox.queue') + pg_total_relation_size('outbox.inbox')", &[]).unwrap().get(0)
 }
 
-pub fn jobs_left(c: &mut Client) -> i64 {
-    c.query_one("SELECT count(*) FROM outbox.jobs", &[]).unwrap().get(0)
-}
-
 /// With pg_stat_statements preloaded through BENCH_CONF, prints the
 /// statements that took the most time.
 pub fn pg_stat_statements(c: &mut Client, conf: &[String]) {

@@ -178,6 +178,14 @@ impl Cluster {
         Client::connect(&self.conninfo(&self.database), NoTls).ok()
     }
 
+    /// Whether no job is left; false while the cluster can't be reached
+    /// (for waits across restarts and promotions).
+    pub fn drained(&self) -> bool {
+        self.try_client().is_some_and(|mut c| {
+            c.query_one("SELECT count(*) FROM outbox.jobs", &[]).map(|r| r.get::<_, i64>(0) == 0).unwrap_or(false)
+        })
+    }
+
     /// The delivery worker's pid, from pg_stat_activity.
     pub fn worker_pid(&self) -> Option<i32> {
         let mut c = self.try_client()?;

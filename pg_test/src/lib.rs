@@ -10,6 +10,11 @@ pub mod webhooks;
 
 use std::time::{Duration, Instant};
 
+/// Jobs not yet delivered: the queue, dead ones included, and the inbox.
+pub fn jobs_left(c: &mut postgres::Client) -> i64 {
+    c.query_one("SELECT count(*) FROM outbox.jobs", &[]).unwrap().get(0)
+}
+
 /// Polls `cond` until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

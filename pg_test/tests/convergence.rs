@@ -149,9 +149,7 @@ fn every_committed_change_converges_under_faults() {
     let receiver_faults = r.set_chaos(None);
 
     // Quiesce: nothing left to deliver.
-    let drained = wait_until(Duration::from_secs(120), || {
-        db.try_client().is_some_and(|mut c| c.query_one("SELECT count(*) FROM outbox.jobs", &[]).map(|r| r.get::<_, i64>(0) == 0).unwrap_or(false))
-    });
+    let drained = wait_until(Duration::from_secs(120), || db.drained());
     assert!(drained, "queue did not drain (seed {seed})");
     std::thread::sleep(Duration::from_millis(300));
 

@@ -2,7 +2,7 @@
 
 use outbox_e2e::cluster::{Cluster, Options};
 use outbox_e2e::receiver::{Action, Receiver};
-use outbox_e2e::{wait_until, webhooks};
+use outbox_e2e::{jobs_left, wait_until, webhooks};
 use postgres::Client;
 use std::time::Duration;
 
@@ -45,10 +45,6 @@ fn started_with(opts: Options, options: &str) -> Setup {
     users(&mut c, &r, options);
     let pid = db.wait_for_worker();
     Setup { db, r, c, pid }
-}
-
-fn jobs_left(c: &mut Client) -> i64 {
-    c.query_one("SELECT count(*) FROM outbox.jobs", &[]).unwrap().get(0)
 }
 
 fn job_row(c: &mut Client, id: &str) -> Option<(String, i32, Option<i32>, Option<String>)> {

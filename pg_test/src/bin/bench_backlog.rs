@@ -28,7 +28,7 @@ fn drain(c: &mut Client, r: &Nginx, n: i64) -> f64 {
     let start = Instant::now();
     c.batch_execute("SELECT outbox.resume('k')").unwrap();
     assert!(wait_until(Duration::from_secs(1800), || r.count() - counted >= n as u64), "not all delivered");
-    assert!(wait_until(Duration::from_secs(60), || bench::jobs_left(c) == 0), "jobs left after delivery");
+    assert!(wait_until(Duration::from_secs(60), || outbox_e2e::jobs_left(c) == 0), "jobs left after delivery");
     let took = start.elapsed();
     let rate = n as f64 / took.as_secs_f64();
     println!("  {n} pending (enqueued in {:.1}s): drained in {:.2}s, {rate:.0} deliveries/s", enqueued.as_secs_f64(), took.as_secs_f64());

@@ -25,7 +25,7 @@ fn main() {
         let committed = Instant::now();
         // The receiver's count is cheap to poll; the queue only at the end.
         assert!(wait_until(Duration::from_secs(600), || r.count() - counted >= n as u64), "not all delivered");
-        assert!(wait_until(Duration::from_secs(60), || bench::jobs_left(&mut c) == 0), "jobs left after delivery");
+        assert!(wait_until(Duration::from_secs(60), || outbox_e2e::jobs_left(&mut c) == 0), "jobs left after delivery");
         let delivery = committed.elapsed();
         let requests = r.count() - counted;
         c.batch_execute("VACUUM outbox.queue, outbox.inbox").unwrap();
