@@ -25,7 +25,7 @@ impl Nginx {
         let dir = std::env::temp_dir().join(format!("outbox-bench-nginx-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let conf = format!(
-            "worker_processes {workers};
+            "worker_processes 1;
 error_log {dir}/error.log warn;
 pid {dir}/nginx.pid;
 events {{ worker_connections 1024; }}
@@ -40,8 +40,7 @@ http {{
     }}
 }}
 ",
-            dir = dir.display(),
-            workers = std::env::var("NGINX_WORKERS").unwrap_or("1".into())
+            dir = dir.display()
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
         let child = Command::new("nginx")
