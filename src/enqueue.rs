@@ -83,14 +83,26 @@ pub(crate) fn register_callbacks() {
     CALLBACKS_REGISTERED.set(true);
 }
 
-/// Must not raise: an ERROR here would abort the backend after commit.
+/// Only the PRE_ events may raise: an ERROR after commit aborts the backend.
+#[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     let wake = match event {
+        // Tracked changes still buffered go to the inbox while the
+        // transaction can still fail.
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
+            crate::inbox::flush();
+            return;
+        }
         XACT_EVENT_COMMIT => true,
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => false,
         _ => return,
     };
+    if wake && crate::inbox::pending() {
+        // Something appended after our PRE_COMMIT flush (another extension's
+        // callback writing a tracked table): those changes can't be saved now.
+        pgrx::warning!("outbox: changes to tracked tables made during commit were not recorded");
+    }
     let (should_wake, inbox) = XACT.with(|x| match x.try_borrow_mut() {
         Ok(mut s) => {
             let w = (s.wake_on_commit, s.inbox_on_commit);
@@ -101,7 +113,8 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         }
         Err(_) => (true, true),
     });
-    crate::triggers::forget_appended();
+    crate::inbox::forget();
+    crate::triggers::forget_track_info();
     if wake && inbox {
         crate::shmem::mark_inbox_dirty();
     }
@@ -112,7 +125,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
 
 unsafe extern "C-unwind" fn on_subxact_event(
     event: pg_sys::SubXactEvent::Type,
-    _my: pg_sys::SubTransactionId,
+    my: pg_sys::SubTransactionId,
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
@@ -122,7 +135,7 @@ unsafe extern "C-unwind" fn on_subxact_event(
                 s.seen.clear();
             }
         });
-        crate::triggers::forget_appended();
+        crate::inbox::forget_subxact(my);
     }
 }
 

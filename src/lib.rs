@@ -7,6 +7,7 @@
 //! - [`kinds`]: `register`, `unregister`, `pause`, `resume`.
 //! - [`enqueue`]: `enqueue(kind, id [, delay])`, coalescing, the commit wake-up.
 //! - [`triggers`]: `track`, `untrack` and the `enqueue_trigger` trigger function.
+//! - [`inbox`]: buffers what tracked tables changed and writes it to `outbox.inbox`.
 //! - [`inspection`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`, `purge_dead`.
 //! - [`gucs`]: the `outbox.*` settings.
 //! - [`shmem`]: what backends and the worker share (the worker's latch, its status).
@@ -20,6 +21,7 @@ use pgrx::prelude::*;
 pub mod enqueue;
 pub mod errors;
 pub mod gucs;
+pub mod inbox;
 pub mod inspection;
 pub mod kinds;
 pub mod policy;
@@ -41,6 +43,7 @@ pub extern "C-unwind" fn _PG_init() {
     // shared_preload_libraries; we are on the main thread.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     gucs::init(preloading);
+    inbox::install_hooks();
     if preloading {
         shmem::init();
         worker::register();

@@ -80,11 +80,12 @@ CREATE TABLE outbox.queue (
     autovacuum_vacuum_cost_delay = 0
 );
 
--- What tracked tables changed, appended by enqueue_trigger with direct heap
--- inserts. No indexes, on purpose: the worker empties it into the queue.
+-- What tracked tables changed, written by enqueue_trigger with direct heap
+-- inserts, many ids a row. No indexes, on purpose: the worker empties it
+-- into the queue.
 CREATE TABLE outbox.inbox (
     kind        text NOT NULL,
-    id          text NOT NULL,
+    ids         text[] NOT NULL,
     enqueued_at timestamptz NOT NULL
 ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
 
@@ -103,8 +104,9 @@ SELECT job_id, kind, id, state, attempts, run_at, enqueued_at,
        last_attempt_at, last_status, last_error
   FROM outbox.queue
 UNION ALL
-SELECT NULL, kind, id, 'pending', 0, enqueued_at, enqueued_at, NULL, NULL, NULL
-  FROM outbox.inbox;
+SELECT NULL, i.kind, u.id, 'pending', 0, i.enqueued_at, i.enqueued_at, NULL, NULL, NULL
+  FROM outbox.inbox i
+ CROSS JOIN LATERAL unnest(i.ids) AS u(id);
 "#,
     name = "schema",
     bootstrap
@@ -159,7 +161,7 @@ mod tests {
             "SELECT * FROM outbox.kind_stats",
             "INSERT INTO outbox.queue (kind, id) VALUES ('user', '9')",
             "SELECT * FROM outbox.inbox",
-            "INSERT INTO outbox.inbox VALUES ('user', '9', now())",
+            "INSERT INTO outbox.inbox VALUES ('user', '{9}', now())",
             "SELECT outbox.register('evil', 'http://attacker/{id}')",
             "SELECT outbox.unregister('user', true)",
             "SELECT outbox.pause('user')",

@@ -2,39 +2,47 @@
 //!
 //! `track` creates one `AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW`
 //! trigger. The trigger function is plain C-level code: it compares the old
-//! and new row itself and appends `(kind, id)` to `outbox.inbox` with a direct
-//! heap insert: no SPI, no planner, no index to maintain. That keeps a tracked
-//! single-row UPDATE nearly as cheap as an untracked one, and a bulk UPDATE
-//! free of per-row round trips. The worker moves the inbox into the queue,
-//! coalescing as it goes (see `worker::queue::ABSORB_INBOX`).
+//! and new row itself and hands the changed id to [`crate::inbox`], which
+//! writes `outbox.inbox` with direct heap inserts, many ids a row: no SPI, no
+//! planner, no index to maintain. That keeps a tracked single-row UPDATE
+//! nearly as cheap as an untracked one, and a bulk UPDATE free of per-row
+//! round trips. The worker moves the inbox into the queue, coalescing as it
+//! goes (see `worker::queue::ABSORB_INBOX`).
 
 use crate::errors::{raise, require, require_kind, unknown_kind};
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal};
 use pgrx::Array;
 use std::cell::RefCell;
-use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 
-/// Most distinct records remembered per transaction to skip repeats; past
-/// it, repeats are simply appended again (the worker coalesces them).
-const DEDUPE_LIMIT: usize = 100_000;
-
-thread_local! {
-    /// (kind, id) appended to the inbox by this transaction. Cleared at
-    /// transaction end and when a subtransaction aborts (its rows are gone).
-    /// Keyed by kind, so that a row is looked up without allocating.
-    static APPENDED: RefCell<(HashMap<String, HashSet<String>>, usize)> = RefCell::new((HashMap::new(), 0));
-    /// outbox.inbox's oid, looked up once per transaction.
-    static INBOX: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+/// What a tracking trigger needs per row, worked out from its arguments once
+/// per transaction (and again if the table's columns moved under it).
+struct TrackInfo {
+    kind: String,
+    id: Column,
+    /// The watched columns; empty for "any column".
+    watched: Vec<Column>,
 }
 
-pub(crate) fn forget_appended() {
-    INBOX.with(|i| i.set(pg_sys::InvalidOid));
-    APPENDED.with(|a| {
-        if let Ok(mut a) = a.try_borrow_mut() {
-            *a = (HashMap::new(), 0);
+struct Column {
+    name: CString,
+    attno: i32,
+    typid: pg_sys::Oid,
+    /// The type's output function.
+    output: pg_sys::Oid,
+}
+
+thread_local! {
+    /// By trigger oid. Cleared at transaction end.
+    static TRACK_INFO: RefCell<HashMap<pg_sys::Oid, TrackInfo>> = RefCell::new(HashMap::new());
+}
+
+pub(crate) fn forget_track_info() {
+    TRACK_INFO.with(|t| {
+        if let Ok(mut t) = t.try_borrow_mut() {
+            t.clear();
         }
     });
 }
@@ -65,15 +73,13 @@ unsafe fn attribute(tupdesc: pg_sys::TupleDesc, attno: i32) -> &'static pg_sys::
 /// The id column's value as text (its type's output function), None if NULL.
 ///
 /// # Safety
-/// As for [`attr`].
-unsafe fn id_text(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attno: i32) -> Option<String> {
+/// As for [`attr`]; `id` must be current for `tupdesc` ([`TrackInfo::current`]).
+unsafe fn id_text(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, id: &Column) -> Option<String> {
     // SAFETY: guaranteed by the caller.
-    let datum = unsafe { attr(tuple, tupdesc, attno) }?;
-    let (mut out, mut varlena) = (pg_sys::InvalidOid, false);
-    // SAFETY: the attribute's type oid is valid; output functions return a palloc'd C string.
+    let datum = unsafe { attr(tuple, tupdesc, id.attno) }?;
+    // SAFETY: the output function of the column's type returns a palloc'd C string.
     unsafe {
-        pg_sys::getTypeOutputInfo(attribute(tupdesc, attno).atttypid, &mut out, &mut varlena);
-        let cstr = pg_sys::OidOutputFunctionCall(out, datum);
+        let cstr = pg_sys::OidOutputFunctionCall(id.output, datum);
         Some(CStr::from_ptr(cstr).to_string_lossy().into_owned())
     }
 }
@@ -83,8 +89,8 @@ unsafe fn id_text(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc,
 ///
 /// # Safety
 /// Both tuples must be rows of `tupdesc`; every attno must be in range.
-unsafe fn changed(old: *mut pg_sys::HeapTupleData, new: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attnos: &[i32]) -> bool {
-    attnos.iter().any(|&n| {
+unsafe fn changed(old: *mut pg_sys::HeapTupleData, new: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attnos: impl IntoIterator<Item = i32>) -> bool {
+    attnos.into_iter().any(|n| {
         // SAFETY: guaranteed by the caller.
         unsafe {
             let a = attribute(tupdesc, n);
@@ -97,93 +103,77 @@ unsafe fn changed(old: *mut pg_sys::HeapTupleData, new: *mut pg_sys::HeapTupleDa
     })
 }
 
-/// Attribute number of a column, or an ERROR naming it.
-///
-/// # Safety
-/// `tupdesc` must be valid.
-unsafe fn attno_of(tupdesc: pg_sys::TupleDesc, column: &str) -> i32 {
-    let c = CString::new(column).unwrap_or_default();
-    // SAFETY: SPI_fnumber only reads the descriptor.
-    let n = unsafe { pg_sys::SPI_fnumber(tupdesc, c.as_ptr()) };
-    if n <= 0 {
-        raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-            format!("outbox.enqueue_trigger: column \"{column}\" does not exist"),
-            Some("The tracked table changed; call outbox.track(table, kind, ...) again."),
-        );
-    }
-    n
-}
-
-fn inbox_relid() -> pg_sys::Oid {
-    let cached = INBOX.with(Cell::get);
-    if cached != pg_sys::InvalidOid {
-        return cached;
-    }
-    // SAFETY: syscache lookups; missing_ok so we can raise a clear error.
-    let oid = unsafe {
-        let ns = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
-        if ns == pg_sys::InvalidOid { ns } else { pg_sys::get_relname_relid(c"inbox".as_ptr(), ns) }
-    };
-    if oid == pg_sys::InvalidOid {
-        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "outbox.inbox does not exist", Some("Is the outbox extension installed?"));
-    }
-    // The transaction-end callback forgets it.
-    crate::enqueue::register_callbacks();
-    INBOX.with(|i| i.set(oid));
-    oid
-}
-
-/// Appends `(kind, id)` rows to `outbox.inbox` with direct heap inserts.
-fn append_to_inbox(kind: &str, ids: &[String]) {
-    for id in ids {
-        crate::enqueue::check_id(id);
-    }
-    let fresh: Vec<&String> = APPENDED.with(|a| {
-        let (by_kind, count) = &mut *a.borrow_mut();
-        ids.iter()
-            .filter(|id| {
-                if by_kind.get(kind).is_some_and(|seen| seen.contains(id.as_str())) {
-                    return false;
-                }
-                if *count < DEDUPE_LIMIT {
-                    by_kind.entry(kind.to_string()).or_default().insert((*id).clone());
-                    *count += 1;
-                }
-                true
-            })
-            .collect()
-    });
-    if fresh.is_empty() {
-        return;
-    }
-    // SAFETY: the inbox is our own plain heap table; we hold RowExclusiveLock
-    // while inserting, as the executor would. It has no indexes (checked), so
-    // a heap insert is the whole insert.
-    unsafe {
-        let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-        let rel = pg_sys::table_open(inbox_relid(), lock);
-        if (*(*rel).rd_rel).relhasindex {
-            pg_sys::table_close(rel, lock);
-            raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "outbox.inbox must not have indexes", None);
+impl Column {
+    /// Looks a column up by name, or raises an ERROR naming it.
+    ///
+    /// # Safety
+    /// `tupdesc` must be valid.
+    unsafe fn find(tupdesc: pg_sys::TupleDesc, name: &CStr) -> Column {
+        // SAFETY: SPI_fnumber only reads the descriptor.
+        let attno = unsafe { pg_sys::SPI_fnumber(tupdesc, name.as_ptr()) };
+        if attno <= 0 {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!("outbox.enqueue_trigger: column \"{}\" does not exist", name.to_string_lossy()),
+                Some("The tracked table changed; call outbox.track(table, kind, ...) again."),
+            );
         }
-        let kind_datum = text_datum(kind);
-        let at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
-        for id in fresh {
-            let mut values = [kind_datum, text_datum(id), at];
-            let mut nulls = [false; 3];
-            let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
-            pg_sys::simple_heap_insert(rel, tuple);
-            pg_sys::heap_freetuple(tuple);
-        }
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        // SAFETY: attno is in range (SPI_fnumber found it).
+        let typid = unsafe { attribute(tupdesc, attno).atttypid };
+        let (mut output, mut varlena) = (pg_sys::InvalidOid, false);
+        // SAFETY: a syscache lookup of a valid type.
+        unsafe { pg_sys::getTypeOutputInfo(typid, &mut output, &mut varlena) };
+        Column { name: name.to_owned(), attno, typid, output }
     }
-    crate::enqueue::wake_on_commit_for_inbox();
+
+    /// Whether the column still sits at `attno` with the same type.
+    ///
+    /// # Safety
+    /// `tupdesc` must be valid.
+    unsafe fn current(&self, tupdesc: pg_sys::TupleDesc) -> bool {
+        // SAFETY: attno is checked against natts first.
+        self.attno <= unsafe { (*tupdesc).natts } && unsafe {
+            let a = attribute(tupdesc, self.attno);
+            !a.attisdropped && a.atttypid == self.typid && CStr::from_ptr(a.attname.data.as_ptr()) == self.name.as_c_str()
+        }
+    }
 }
 
-fn text_datum(s: &str) -> pg_sys::Datum {
-    // SAFETY: copies the bytes into a palloc'd text.
-    pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32) })
+impl TrackInfo {
+    /// From the trigger's arguments: (kind, id_column [, column ...]).
+    ///
+    /// # Safety
+    /// `trigger` and `tupdesc` must be the fired trigger and its table's descriptor.
+    unsafe fn new(trigger: &pg_sys::Trigger, tupdesc: pg_sys::TupleDesc) -> TrackInfo {
+        // SAFETY: tgargs holds tgnargs C strings.
+        let args: Vec<&CStr> = (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }).collect();
+        if args.len() < 2 {
+            misuse("needs the arguments (kind, id_column [, column ...])");
+        }
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            TrackInfo {
+                kind: args[0].to_string_lossy().into_owned(),
+                id: Column::find(tupdesc, args[1]),
+                watched: args[2..].iter().map(|c| Column::find(tupdesc, c)).collect(),
+            }
+        }
+    }
+
+    /// # Safety
+    /// `tupdesc` must be valid.
+    unsafe fn current(&self, tupdesc: pg_sys::TupleDesc) -> bool {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.id.current(tupdesc) && self.watched.iter().all(|c| c.current(tupdesc)) }
+    }
+}
+
+fn misuse(what: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        format!("outbox.enqueue_trigger {what}"),
+        Some("Create tracking triggers with outbox.track(table, kind)."),
+    )
 }
 
 #[pg_trigger(sql = "
@@ -193,48 +183,49 @@ LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 fn enqueue_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
-    let misuse = |what: &str| -> ! {
-        raise(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("outbox.enqueue_trigger {what}"),
-            Some("Create tracking triggers with outbox.track(table, kind)."),
-        )
-    };
     if !matches!(trigger.level(), PgTriggerLevel::Row) || !matches!(trigger.when(), Ok(PgTriggerWhen::After)) {
         misuse("must fire AFTER ... FOR EACH ROW");
     }
-    let args = trigger.extra_args().unwrap_or_default();
-    if args.len() < 2 {
-        misuse("needs the arguments (kind, id_column [, column ...])");
-    }
-    let (kind, id_column, watched) = (&args[0], &args[1], &args[2..]);
-    let td = trigger.trigger_data();
-    // SAFETY: Postgres hands us the fired row(s) and the table's descriptor;
-    // they stay valid for this call. Attribute numbers come from SPI_fnumber.
-    let ids = unsafe {
-        let tupdesc = (*td.tg_relation).rd_att;
-        let id_attno = attno_of(tupdesc, id_column);
-        let (old, new) = (td.tg_trigtuple, td.tg_newtuple);
-        match trigger.op() {
-            Ok(PgTriggerOperation::Insert | PgTriggerOperation::Delete) => id_text(old, tupdesc, id_attno).into_iter().collect(),
-            Ok(PgTriggerOperation::Update) => {
-                let before = id_text(old, tupdesc, id_attno);
-                let after = id_text(new, tupdesc, id_attno);
-                if before != after {
-                    before.into_iter().chain(after).collect()
-                } else {
-                    let attnos: Vec<i32> = if watched.is_empty() {
-                        (1..=(*tupdesc).natts).filter(|&n| !attribute(tupdesc, n).attisdropped).collect()
-                    } else {
-                        watched.iter().map(|c| attno_of(tupdesc, c)).collect()
-                    };
-                    if changed(old, new, tupdesc, &attnos) { after.into_iter().collect() } else { Vec::new() }
-                }
-            }
-            _ => misuse("fired for an unsupported event"),
-        }
+    let op = match trigger.op() {
+        Ok(op @ (PgTriggerOperation::Insert | PgTriggerOperation::Update | PgTriggerOperation::Delete)) => op,
+        _ => misuse("fired for an unsupported event"),
     };
-    append_to_inbox(kind, &ids);
+    let td = trigger.trigger_data();
+    // SAFETY: Postgres hands us the fired trigger, row(s) and the table's
+    // descriptor; they stay valid for this call. Attribute numbers come from
+    // SPI_fnumber and are checked against the descriptor before each use.
+    unsafe {
+        let tupdesc = (*td.tg_relation).rd_att;
+        let tg = &*td.tg_trigger;
+        TRACK_INFO.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if !cache.get(&tg.tgoid).is_some_and(|info| info.current(tupdesc)) {
+                cache.insert(tg.tgoid, TrackInfo::new(tg, tupdesc));
+            }
+            let info = &cache[&tg.tgoid];
+            let (old, new) = (td.tg_trigtuple, td.tg_newtuple);
+            let ids: Vec<String> = match op {
+                PgTriggerOperation::Update => {
+                    let before = id_text(old, tupdesc, &info.id);
+                    let after = id_text(new, tupdesc, &info.id);
+                    if before != after {
+                        before.into_iter().chain(after).collect()
+                    } else {
+                        let any_change = if info.watched.is_empty() {
+                            changed(old, new, tupdesc, (1..=(*tupdesc).natts).filter(|&n| !attribute(tupdesc, n).attisdropped))
+                        } else {
+                            changed(old, new, tupdesc, info.watched.iter().map(|c| c.attno))
+                        };
+                        if any_change { after.into_iter().collect() } else { Vec::new() }
+                    }
+                }
+                _ => id_text(old, tupdesc, &info.id).into_iter().collect(),
+            };
+            for id in ids {
+                crate::inbox::append(&info.kind, id);
+            }
+        })
+    }
     Ok(None)
 }
 
@@ -446,7 +437,7 @@ mod tests {
 
     fn ids() -> Vec<String> {
         Spi::connect(|c| {
-            c.select("SELECT id FROM outbox.inbox ORDER BY id", None, &[])
+            c.select("SELECT u.id FROM outbox.inbox, unnest(ids) AS u(id) ORDER BY 1", None, &[])
                 .unwrap()
                 .map(|r| r.get::<String>(1).unwrap().unwrap())
                 .collect()
@@ -455,7 +446,7 @@ mod tests {
 
     fn reset() {
         Spi::run("DELETE FROM outbox.inbox").unwrap();
-        super::forget_appended();
+        crate::inbox::forget();
     }
 
     #[pg_test]
@@ -481,11 +472,12 @@ mod tests {
         assert_eq!(ids(), ["2"]);
         reset();
         // Bulk: one entry per row.
+        let entries = || Spi::get_one::<i64>("SELECT count(*) FROM outbox.inbox, unnest(ids)").unwrap();
         Spi::run("INSERT INTO public.users SELECT g, 'x' FROM generate_series(100, 1099) g").unwrap();
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.inbox").unwrap(), Some(1000));
+        assert_eq!(entries(), Some(1000));
         // Within a transaction, the same records again add nothing.
         Spi::run("UPDATE public.users SET name = 'y' WHERE id >= 100").unwrap();
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.inbox").unwrap(), Some(1000));
+        assert_eq!(entries(), Some(1000));
         // The jobs view shows not-yet-absorbed entries as pending.
         assert_eq!(
             Spi::get_one::<i64>("SELECT count(*) FROM outbox.jobs WHERE state = 'pending' AND job_id IS NULL").unwrap(),
@@ -568,5 +560,80 @@ mod tests {
             ("INSERT INTO public.long_ids VALUES (repeat('x', 1024))", "00000"),
         ];
         crate::testing::assert_sqlstates(&cases);
+    }
+
+    fn inbox_rows() -> i64 {
+        Spi::get_one::<i64>("SELECT count(*) FROM outbox.inbox").unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn a_bulk_statement_writes_every_id_in_few_inbox_rows() {
+        Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
+        Spi::run("CREATE TABLE public.users (id bigint PRIMARY KEY, v int)").unwrap();
+        Spi::run("SELECT outbox.track('public.users', 'user')").unwrap();
+        let every = |n: i64| Spi::get_one::<bool>(&format!(
+            "SELECT array_agg(u.id::bigint ORDER BY u.id::bigint) = array(SELECT generate_series(1, {n})::bigint)
+               FROM outbox.inbox, unnest(ids) AS u(id)"
+        )).unwrap().unwrap();
+        Spi::run("INSERT INTO public.users SELECT g, 0 FROM generate_series(1, 5000) g").unwrap();
+        // Visible to the next statement, each id once, about ROW_BYTES of ids a row.
+        assert!(every(5000));
+        let rows = inbox_rows();
+        assert!((20..=60).contains(&rows), "{rows} inbox rows for 5000 ids");
+        reset();
+        Spi::run("UPDATE public.users SET v = 1").unwrap();
+        assert!(every(5000));
+        // Repeats within the transaction are not written again.
+        Spi::run("UPDATE public.users SET v = 2").unwrap();
+        assert!(every(5000));
+    }
+
+    #[pg_test]
+    fn a_rolled_back_subtransaction_drops_only_its_own_changes() {
+        Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
+        Spi::run("SELECT outbox.register('other', 'http://h/{id}')").unwrap();
+        Spi::run("CREATE TABLE public.a (id int PRIMARY KEY, v int)").unwrap();
+        Spi::run("CREATE TABLE public.b (id int PRIMARY KEY, v int)").unwrap();
+        Spi::run("INSERT INTO public.a SELECT g, 0 FROM generate_series(1, 3) g").unwrap();
+        Spi::run("INSERT INTO public.b VALUES (100, 0)").unwrap();
+        Spi::run("SELECT outbox.track('public.a', 'user')").unwrap();
+        Spi::run("SELECT outbox.track('public.b', 'other')").unwrap();
+        let r = crate::subxact::try_subtransaction(|| {
+            Spi::run("UPDATE public.a SET v = 1 WHERE id = 1").unwrap();
+            panic!("roll the subtransaction back");
+        });
+        assert!(r.is_err());
+        assert!(ids().is_empty());
+        // After each row of a, our trigger buffers its id, then zz_touch
+        // writes b in a block that rolls back. The block's statement ends
+        // inside the block's subtransaction: a's buffered ids must not be
+        // written there, or the rollback would take them along.
+        Spi::run(
+            "CREATE FUNCTION public.touch_b() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 BEGIN
+                     UPDATE public.b SET v = v + 1;
+                     RAISE EXCEPTION 'undo';
+                 EXCEPTION WHEN raise_exception THEN NULL;
+                 END;
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER zz_touch AFTER UPDATE ON public.a FOR EACH ROW EXECUTE FUNCTION public.touch_b()",
+        )
+        .unwrap();
+        Spi::run("UPDATE public.a SET v = 2").unwrap();
+        assert_eq!(ids(), ["1", "2", "3"]);
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.inbox WHERE kind = 'other'").unwrap(), Some(0));
+    }
+
+    #[pg_test]
+    fn a_renamed_id_column_is_noticed_within_the_transaction() {
+        Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
+        Spi::run("CREATE TABLE public.users (id int PRIMARY KEY, a int)").unwrap();
+        Spi::run("SELECT outbox.track('public.users', 'user')").unwrap();
+        Spi::run("INSERT INTO public.users VALUES (1, 1)").unwrap();
+        assert_eq!(ids(), ["1"]);
+        Spi::run("ALTER TABLE public.users RENAME COLUMN id TO uid").unwrap();
+        crate::testing::assert_sqlstates(&[("INSERT INTO public.users VALUES (2, 1)", "42703")]);
     }
 }

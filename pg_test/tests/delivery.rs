@@ -393,3 +393,22 @@ fn a_prepared_transaction_is_delivered_after_commit_prepared_only() {
     assert_eq!(paths, vec!["/users/1".to_string()]);
     assert_eq!(r.requests()[0].json()["name"], "kept");
 }
+
+#[test]
+fn copy_into_a_tracked_table_is_visible_at_once_and_delivered() {
+    use std::io::Write;
+    let Setup { db: _db, r, mut c, .. } = started("");
+    let mut t = c.transaction().unwrap();
+    let mut w = t.copy_in("COPY users FROM STDIN").unwrap();
+    for i in 1..=1000 {
+        writeln!(w, "{i}\tcopied").unwrap();
+    }
+    w.finish().unwrap();
+    // COPY has no executor of its own: what its triggers buffered must still
+    // reach the inbox when it ends, for the next statement to see.
+    let pending: i64 = t.query_one("SELECT count(DISTINCT id) FROM outbox.jobs WHERE kind = 'user'", &[]).unwrap().get(0);
+    assert_eq!(pending, 1000);
+    t.commit().unwrap();
+    assert!(wait_until(Duration::from_secs(60), || jobs_left(&mut c) == 0 && r.count() >= 1000));
+    assert_eq!(r.distinct_paths(), 1000);
+}

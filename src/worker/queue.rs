@@ -20,34 +20,39 @@ UPDATE outbox.queue q
  WHERE q.state = 'pending'
    AND NOT EXISTS (SELECT 1 FROM outbox.kinds k WHERE k.kind = q.kind)";
 
-/// Moves what tracked tables appended to the inbox into the queue, at most
-/// $1 rows per call. A record with a fresh job already coalesces into it.
+/// Moves what tracked tables wrote to the inbox into the queue, about $1
+/// changes per call: whole inbox rows (each holds many ids) while the count
+/// stays under $1. A record with a fresh job already coalesces into it.
 /// The worker is the only claimer and runs this in its claim transaction, so
 /// a fresh job can't be claimed between the commit that appended and here.
 /// The scan starts at heap block $2: the blocks before it hold mostly rows
-/// absorbed a moment ago, dead until vacuum. Returns how many rows moved and
-/// the last block they came from.
+/// absorbed a moment ago, dead until vacuum. Returns how many changes moved
+/// and the last block they came from.
 pub const ABSORB_INBOX: &str = "
-WITH moved AS (
+WITH picked AS (
+    SELECT ctid, sum(cardinality(ids)) OVER (ROWS UNBOUNDED PRECEDING) - cardinality(ids) AS before
+      FROM (SELECT ctid, ids FROM outbox.inbox
+             WHERE ctid >= pg_catalog.format('(%s,0)', $2)::tid
+             LIMIT $1) r
+), moved AS (
     DELETE FROM outbox.inbox
-     WHERE ctid = ANY (ARRAY(SELECT ctid FROM outbox.inbox
-                              WHERE ctid >= pg_catalog.format('(%s,0)', $2)::tid
-                              LIMIT $1))
-    RETURNING kind, id, enqueued_at, ctid
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked WHERE before < $1))
+    RETURNING kind, ids, enqueued_at, ctid
 ), absorbed AS (
     -- A change of a kind nobody registered can never be delivered: it goes
     -- straight to dead, where an admin sees it.
     INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
-    SELECT m.kind, m.id, min(m.enqueued_at), now(),
+    SELECT m.kind, u.id, min(m.enqueued_at), now(),
            CASE WHEN k.kind IS NULL THEN 'dead' ELSE 'pending' END,
            CASE WHEN k.kind IS NULL THEN now() END,
            CASE WHEN k.kind IS NULL THEN 'kind is not registered' END
       FROM moved m
+     CROSS JOIN LATERAL unnest(m.ids) AS u(id)
       LEFT JOIN outbox.kinds k ON k.kind = m.kind
-     GROUP BY m.kind, m.id, k.kind
+     GROUP BY m.kind, u.id, k.kind
     ON CONFLICT (kind, id) WHERE state = 'pending' AND last_attempt_at IS NULL DO NOTHING
 )
-SELECT count(*), coalesce(max((ctid::text::point)[0]), 0)::bigint FROM moved";
+SELECT coalesce(sum(cardinality(ids)), 0)::bigint, coalesce(max((ctid::text::point)[0]), 0)::bigint FROM moved";
 
 /// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), oldest
 /// first, at most one per record, and none for a record already in flight.

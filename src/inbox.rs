@@ -1,0 +1,294 @@
+//! The inbox writer: where tracked tables' changes go before the worker moves
+//! them into the queue.
+//!
+//! `enqueue_trigger` hands each changed id to [`append`]. Ids are kept in
+//! backend memory and written to `outbox.inbox` as rows of `(kind, ids[])`,
+//! each up to [`ROW_BYTES`] of ids: one heap insert and one WAL record per
+//! hundred-odd changes instead of one per change. That is most of what a bulk
+//! UPDATE of a tracked table pays for tracking.
+//!
+//! Nothing may stay in memory when the transaction commits, and the rows must
+//! be visible to the next statement of the same transaction, so the buffer is
+//! written out:
+//! - as soon as one kind's ids fill a row;
+//! - when each statement's executor finishes, after its AFTER triggers have
+//!   run (`ExecutorFinish_hook`), and after a COPY (`ProcessUtility_hook`);
+//! - at PRE_COMMIT and PRE_PREPARE, whatever is left (a safety net: for a
+//!   backend that loaded the library in the middle of a statement).
+//!
+//! Subtransactions: each buffered run is tagged with the subtransaction that
+//! buffered it. Aborting a subtransaction drops its runs (and those of the
+//! children that committed into it). A run is only written while its own
+//! subtransaction, or a child that commits into it, is current: written in a
+//! child that later rolls back, an enclosing transaction's change would be lost.
+
+use crate::errors::raise;
+use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
+use std::cell::RefCell;
+
+/// Bytes of ids per inbox row. The row stays under the TOAST threshold
+/// (about 2 kB), so it is never compressed or moved out of line.
+pub const ROW_BYTES: usize = 1800;
+
+/// What an id takes in a text[]: a 4-byte header, padded to 4 bytes.
+fn stored_bytes(id: &str) -> usize {
+    4 + id.len().next_multiple_of(4)
+}
+
+/// Most distinct records remembered per transaction to skip repeats; past
+/// it, repeats are simply written again (the worker coalesces them).
+const DEDUPE_LIMIT: usize = 100_000;
+
+/// Ids of one kind buffered by one subtransaction.
+struct Run {
+    subxact: pg_sys::SubTransactionId,
+    kind: String,
+    ids: Vec<String>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Buffer {
+    runs: Vec<Run>,
+    /// (kind, id) already buffered or written by this transaction. Cleared at
+    /// transaction end and when a subtransaction aborts (its rows are gone).
+    seen: foldhash::HashMap<String, foldhash::HashSet<String>>,
+    seen_count: usize,
+    /// outbox.inbox's oid, looked up once per transaction.
+    inbox: Option<pg_sys::Oid>,
+}
+
+thread_local! {
+    static BUFFER: RefCell<Buffer> = RefCell::new(Buffer::default());
+}
+
+/// Buffers a change of `(kind, id)` made by the current (sub)transaction.
+pub fn append(kind: &str, id: String) {
+    crate::enqueue::check_id(&id);
+    // The transaction callbacks flush what is left and forget it all at the end.
+    crate::enqueue::wake_on_commit_for_inbox();
+    // SAFETY: a plain read of the transaction state; we are in a transaction.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let full = BUFFER.with(|b| {
+        let b = &mut *b.borrow_mut();
+        if b.seen.get(kind).is_some_and(|s| s.contains(&id)) {
+            return None;
+        }
+        if b.seen_count < DEDUPE_LIMIT {
+            match b.seen.get_mut(kind) {
+                Some(s) => s.insert(id.clone()),
+                None => b.seen.entry(kind.to_string()).or_default().insert(id.clone()),
+            };
+            b.seen_count += 1;
+        }
+        let at = match b.runs.iter().rposition(|r| r.subxact == subxact && r.kind == kind) {
+            Some(i) => i,
+            None => {
+                b.runs.push(Run { subxact, kind: kind.to_string(), ids: Vec::new(), bytes: 0 });
+                b.runs.len() - 1
+            }
+        };
+        // A run that would outgrow a row is written out as one, first.
+        let run = &mut b.runs[at];
+        let size = stored_bytes(&id);
+        let full = (!run.ids.is_empty() && run.bytes + size > ROW_BYTES).then(|| {
+            run.bytes = 0;
+            (run.kind.clone(), std::mem::take(&mut run.ids))
+        });
+        run.bytes += size;
+        run.ids.push(id);
+        full
+    });
+    if let Some((kind, ids)) = full {
+        write(&kind, &ids);
+    }
+}
+
+/// Writes every run the current subtransaction may write.
+pub fn flush() {
+    // SAFETY: plain reads of the transaction state.
+    let (writable, current) = unsafe {
+        (pg_sys::IsTransactionState() && !pg_sys::IsInParallelMode(), pg_sys::GetCurrentSubTransactionId())
+    };
+    if !writable {
+        return;
+    }
+    // A run tagged with a later subtransaction than the current one comes
+    // from a child that committed into it: it is ours now.
+    let runs: Vec<Run> = BUFFER.with(|b| {
+        let runs = &mut b.borrow_mut().runs;
+        if runs.is_empty() {
+            return Vec::new();
+        }
+        let (mine, theirs) = std::mem::take(runs).into_iter().partition(|r| r.subxact >= current);
+        *runs = theirs;
+        mine
+    });
+    for run in &runs {
+        write(&run.kind, &run.ids);
+    }
+}
+
+/// Whether ids are still buffered (at commit, there must be none).
+pub fn pending() -> bool {
+    BUFFER.with(|b| b.try_borrow().map(|b| !b.runs.is_empty()).unwrap_or(true))
+}
+
+/// The transaction ended: forget everything. Must not raise.
+pub(crate) fn forget() {
+    BUFFER.with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            *b = Buffer::default();
+        }
+    });
+}
+
+/// Subtransaction `subxact` aborted: its runs, and those of children that
+/// committed into it, are void. Must not raise.
+pub(crate) fn forget_subxact(subxact: pg_sys::SubTransactionId) {
+    BUFFER.with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            b.runs.retain(|r| r.subxact < subxact);
+            b.seen.clear();
+            b.seen_count = 0;
+        }
+    });
+}
+
+fn inbox_relid() -> pg_sys::Oid {
+    if let Some(oid) = BUFFER.with(|b| b.borrow().inbox) {
+        return oid;
+    }
+    // SAFETY: syscache lookups; missing_ok so we can raise a clear error.
+    let oid = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
+        if ns == pg_sys::InvalidOid { ns } else { pg_sys::get_relname_relid(c"inbox".as_ptr(), ns) }
+    };
+    if oid == pg_sys::InvalidOid {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "outbox.inbox does not exist", Some("Is the outbox extension installed?"));
+    }
+    BUFFER.with(|b| b.borrow_mut().inbox = Some(oid));
+    oid
+}
+
+/// Inserts ids of a kind into `outbox.inbox`, in rows of up to ROW_BYTES.
+fn write(kind: &str, ids: &[String]) {
+    let relid = inbox_relid();
+    let mut rows: Vec<&[String]> = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, id) in ids.iter().enumerate() {
+        if bytes > 0 && bytes + stored_bytes(id) > ROW_BYTES {
+            rows.push(&ids[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += stored_bytes(id);
+    }
+    if start < ids.len() {
+        rows.push(&ids[start..]);
+    }
+    // SAFETY: the inbox is our own plain heap table; we hold RowExclusiveLock
+    // while inserting, as the executor would. It has no indexes (checked), so
+    // a heap insert is the whole insert. The palloc'd values live in a memory
+    // context of their own, deleted when it goes out of scope.
+    unsafe {
+        let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(relid, lock);
+        if (*(*rel).rd_rel).relhasindex {
+            pg_sys::table_close(rel, lock);
+            raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "outbox.inbox must not have indexes", None);
+        }
+        PgMemoryContexts::new("outbox inbox rows").switch_to(|_| {
+            let kind = text_datum(kind);
+            let at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
+            for ids in rows {
+                let mut elems: Vec<pg_sys::Datum> = ids.iter().map(|id| text_datum(id)).collect();
+                let array = pg_sys::construct_array(
+                    elems.as_mut_ptr(),
+                    elems.len() as i32,
+                    pg_sys::TEXTOID,
+                    -1,
+                    false,
+                    pg_sys::TYPALIGN_INT as std::ffi::c_char,
+                );
+                let mut values = [kind, pg_sys::Datum::from(array), at];
+                let mut nulls = [false; 3];
+                let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+                pg_sys::simple_heap_insert(rel, tuple);
+            }
+        });
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+}
+
+fn text_datum(s: &str) -> pg_sys::Datum {
+    // SAFETY: copies the bytes into a palloc'd text.
+    pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32) })
+}
+
+// ---------------------------------------------------------------------------
+// Statement-end flushes.
+
+static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+#[cfg(not(feature = "pg13"))]
+static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+/// Installs the statement-end hooks, chained to any installed before.
+pub(crate) fn install_hooks() {
+    // SAFETY: called once from _PG_init, on the main thread, before any query
+    // of this backend could call the hooks.
+    unsafe {
+        PREV_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+    }
+    // PG13's hook has another signature; there the commit-time flush covers COPY.
+    #[cfg(not(feature = "pg13"))]
+    // SAFETY: as above.
+    unsafe {
+        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
+    // SAFETY: the hook's contract: call the previous hook or the standard
+    // function with the same argument.
+    unsafe {
+        match PREV_EXECUTOR_FINISH {
+            Some(prev) => prev(query),
+            None => pg_sys::standard_ExecutorFinish(query),
+        }
+    }
+    // The statement's AFTER triggers have fired: write what they buffered,
+    // so that the next statement sees it.
+    flush();
+}
+
+#[cfg(not(feature = "pg13"))]
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: as for executor_finish; pstmt is a valid utility statement.
+    let is_copy = unsafe {
+        let is_copy = (*(*pstmt).utilityStmt).type_ == pg_sys::NodeTag::T_CopyStmt;
+        match PREV_PROCESS_UTILITY {
+            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+        }
+        is_copy
+    };
+    // COPY FROM fires row triggers without an executor of its own.
+    if is_copy {
+        flush();
+    }
+}
