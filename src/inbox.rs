@@ -250,23 +250,52 @@ pub(crate) fn install_hooks() {
     }
 }
 
-#[pg_guard]
+// Postgres' own implementations, called directly: pgrx's wrappers would
+// catch an ERROR and raise it again without its schema, table and
+// constraint fields, which clients read (a foreign key violation raised by a
+// statement's AFTER triggers passes through here).
+unsafe extern "C-unwind" {
+    #[link_name = "standard_ExecutorFinish"]
+    fn standard_executor_finish(query: *mut pg_sys::QueryDesc);
+    #[cfg(not(feature = "pg13"))]
+    #[link_name = "standard_ProcessUtility"]
+    #[allow(clippy::too_many_arguments)]
+    fn standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query_string: *const std::ffi::c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        query_env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
+/// Not `#[pg_guard]`, so that the statement's own ERROR passes through as it
+/// is: its longjmp crosses only this frame, which owns nothing to drop.
 unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
     // SAFETY: the hook's contract: call the previous hook or the standard
     // function with the same argument.
     unsafe {
         match PREV_EXECUTOR_FINISH {
             Some(prev) => prev(query),
-            None => pg_sys::standard_ExecutorFinish(query),
+            None => standard_executor_finish(query),
         }
     }
     // The statement's AFTER triggers have fired: write what they buffered,
     // so that the next statement sees it.
+    flush_after_statement();
+}
+
+/// The part of the hooks that runs our code: a panic becomes an ERROR.
+#[pg_guard]
+extern "C-unwind" fn flush_after_statement() {
     flush();
 }
 
+/// Not `#[pg_guard]`, as for [`executor_finish`].
 #[cfg(not(feature = "pg13"))]
-#[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -283,12 +312,12 @@ unsafe extern "C-unwind" fn process_utility(
         let is_copy = (*(*pstmt).utilityStmt).type_ == pg_sys::NodeTag::T_CopyStmt;
         match PREV_PROCESS_UTILITY {
             Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => standard_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         }
         is_copy
     };
     // COPY FROM fires row triggers without an executor of its own.
     if is_copy {
-        flush();
+        flush_after_statement();
     }
 }

@@ -132,3 +132,25 @@ fn bad_input_fails_cleanly_and_loses_nothing() {
     let pending: i64 = c.query_one("SELECT count(*) FROM outbox.jobs WHERE state = 'pending'", &[]).unwrap().get(0);
     assert_eq!(pending, 100, "nothing queued was lost");
 }
+
+#[test]
+fn errors_raised_under_the_statement_hooks_keep_their_fields() {
+    // The extension hooks statement end (ExecutorFinish, ProcessUtility);
+    // errors raised inside must reach clients as Postgres raised them.
+    let db = Cluster::start();
+    let mut c = db.client();
+    c.batch_execute("CREATE TABLE parent (id int PRIMARY KEY); CREATE TABLE child (pid int REFERENCES parent)").unwrap();
+    // A foreign key is checked by an AFTER trigger at the end of the statement.
+    let e = c.batch_execute("INSERT INTO child VALUES (1)").unwrap_err();
+    let e = e.as_db_error().expect("a server error");
+    assert_eq!(e.code().code(), "23503");
+    assert_eq!(e.schema(), Some("public"));
+    assert_eq!(e.table(), Some("child"));
+    assert_eq!(e.constraint(), Some("child_pid_fkey"));
+    assert_eq!(e.detail(), Some("Key (pid)=(1) is not present in table \"parent\"."));
+    let e = c.batch_execute("DROP TABLE parent").unwrap_err();
+    let e = e.as_db_error().expect("a server error");
+    assert_eq!(e.code().code(), "2BP01");
+    assert_eq!(e.detail(), Some("constraint child_pid_fkey on table child depends on table parent"));
+    assert_eq!(e.hint(), Some("Use DROP ... CASCADE to drop the dependent objects too."));
+}
