@@ -1,5 +1,7 @@
 //! The promise, tested at random: concurrent writers change 1,000 tracked
-//! records (some transactions roll back) while the receiver fails at random
+//! records (some transactions roll back, some changes sit in savepoints that
+//! are released or rolled back, some statements change 300 records at once)
+//! while the receiver fails at random
 //! and the worker is killed and the server restarted at random moments.
 //! After quiescing, the receiver's latest state of every record must equal
 //! the database's. OUTBOX_SEED replays a run's faults; OUTBOX_SOAK_SECS
@@ -27,25 +29,45 @@ fn connect(conninfo: &str) -> Client {
     }
 }
 
+/// One of a writer's changes: insert-or-update, increment, delete, or now
+/// and then an increment of a run of 300 records (more ids than one inbox row).
+fn apply(tx: &mut postgres::Transaction<'_>, (op, id, v): &(u8, i64, i64)) -> Result<u64, postgres::Error> {
+    match op {
+        0..=11 => tx.execute("INSERT INTO items VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = excluded.v", &[id, v]),
+        12..=15 => tx.execute("UPDATE items SET v = v + 1 WHERE id = $1", &[id]),
+        16..=18 => tx.execute("DELETE FROM items WHERE id = $1", &[id]),
+        _ => tx.execute("UPDATE items SET v = v + 1 WHERE id BETWEEN $1 AND $1 + 299", &[id]),
+    }
+}
+
 /// One writer: random inserts, updates and deletes in small transactions,
-/// a fifth of them rolled back. Errors (a restarting server) reconnect.
+/// a fifth of them rolled back, and some of their changes in a savepoint
+/// that is released or rolled back. Errors (a restarting server, deadlocks)
+/// reconnect.
 fn writer(conninfo: String, seed: u64, stop: Arc<AtomicBool>, commits: Arc<AtomicU64>, rollbacks: Arc<AtomicU64>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut c = connect(&conninfo);
     while !stop.load(Ordering::Relaxed) {
-        let ops: Vec<(u8, i64, i64)> = (0..rng.gen_range(1..=4)).map(|_| (rng.gen_range(0..10), rng.gen_range(1..=RECORDS), rng.gen())).collect();
+        let ops: Vec<(u8, i64, i64)> = (0..rng.gen_range(1..=4)).map(|_| (rng.gen_range(0..20), rng.gen_range(1..=RECORDS), rng.gen())).collect();
         let commit = rng.gen_bool(0.8);
+        // The ops from `split` on run in a savepoint.
+        let split = if rng.gen_bool(0.3) { rng.gen_range(0..ops.len()) } else { ops.len() };
+        let release = rng.gen_bool(0.5);
         let result = (|| -> Result<(), postgres::Error> {
             let mut tx = c.transaction()?;
-            for (op, id, v) in &ops {
-                match op {
-                    0..=5 => tx.execute(
-                        "INSERT INTO items VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = excluded.v",
-                        &[id, v],
-                    )?,
-                    6..=7 => tx.execute("UPDATE items SET v = v + 1 WHERE id = $1", &[id])?,
-                    _ => tx.execute("DELETE FROM items WHERE id = $1", &[id])?,
-                };
+            for op in &ops[..split] {
+                apply(&mut tx, op)?;
+            }
+            if split < ops.len() {
+                let mut sp = tx.savepoint("sp")?;
+                for op in &ops[split..] {
+                    apply(&mut sp, op)?;
+                }
+                if release {
+                    sp.commit()?;
+                } else {
+                    sp.rollback()?;
+                }
             }
             if commit {
                 tx.commit()
