@@ -66,8 +66,6 @@ thread_local! {
 /// Buffers a change of `(kind, id)` made by the current (sub)transaction.
 pub fn append(kind: &str, id: String) {
     crate::enqueue::check_id(&id);
-    // The transaction callbacks flush what is left and forget it all at the end.
-    crate::enqueue::wake_on_commit_for_inbox();
     // SAFETY: a plain read of the transaction state; we are in a transaction.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let full = BUFFER.with(|b| {
@@ -85,6 +83,11 @@ pub fn append(kind: &str, id: String) {
         let at = match b.runs.iter().rposition(|r| r.subxact == subxact && r.kind == kind) {
             Some(i) => i,
             None => {
+                // Every buffered id sits in a run, and runs end with their
+                // transaction: so the transaction's callbacks, which write
+                // what is left before commit, forget it all at the end and
+                // wake the worker, are in place before the first id is kept.
+                crate::enqueue::wake_on_commit_for_inbox();
                 b.runs.push(Run { subxact, kind: kind.to_string(), ids: Vec::new(), bytes: 0 });
                 b.runs.len() - 1
             }
@@ -172,21 +175,11 @@ fn inbox_relid() -> pg_sys::Oid {
     oid
 }
 
-/// Inserts ids of a kind into `outbox.inbox`, in rows of up to ROW_BYTES.
+/// Inserts one inbox row of a kind's ids. A run never holds more than a
+/// row's worth: [`append`] writes it out before it would outgrow one.
 fn write(kind: &str, ids: &[String]) {
+    debug_assert!(ids.len() == 1 || ids.iter().map(|id| stored_bytes(id)).sum::<usize>() <= ROW_BYTES);
     let relid = inbox_relid();
-    let mut rows: Vec<&[String]> = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, id) in ids.iter().enumerate() {
-        if bytes > 0 && bytes + stored_bytes(id) > ROW_BYTES {
-            rows.push(&ids[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += stored_bytes(id);
-    }
-    if start < ids.len() {
-        rows.push(&ids[start..]);
-    }
     // SAFETY: the inbox is our own plain heap table; we hold RowExclusiveLock
     // while inserting, as the executor would. It has no indexes (checked), so
     // a heap insert is the whole insert. The palloc'd values live in a memory
@@ -199,23 +192,20 @@ fn write(kind: &str, ids: &[String]) {
             raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "outbox.inbox must not have indexes", None);
         }
         PgMemoryContexts::new("outbox inbox rows").switch_to(|_| {
-            let kind = text_datum(kind);
+            let mut elems: Vec<pg_sys::Datum> = ids.iter().map(|id| text_datum(id)).collect();
+            let array = pg_sys::construct_array(
+                elems.as_mut_ptr(),
+                elems.len() as i32,
+                pg_sys::TEXTOID,
+                -1,
+                false,
+                pg_sys::TYPALIGN_INT as std::ffi::c_char,
+            );
             let at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
-            for ids in rows {
-                let mut elems: Vec<pg_sys::Datum> = ids.iter().map(|id| text_datum(id)).collect();
-                let array = pg_sys::construct_array(
-                    elems.as_mut_ptr(),
-                    elems.len() as i32,
-                    pg_sys::TEXTOID,
-                    -1,
-                    false,
-                    pg_sys::TYPALIGN_INT as std::ffi::c_char,
-                );
-                let mut values = [kind, pg_sys::Datum::from(array), at];
-                let mut nulls = [false; 3];
-                let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
-                pg_sys::simple_heap_insert(rel, tuple);
-            }
+            let mut values = [text_datum(kind), pg_sys::Datum::from(array), at];
+            let mut nulls = [false; 3];
+            let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::simple_heap_insert(rel, tuple);
         });
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
