@@ -235,11 +235,8 @@ impl Worker {
             let active: Vec<String> = kinds.iter().filter(|(_, k)| !k.paused).map(|(n, _)| n.clone()).collect();
             let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
             let room = limit.saturating_sub(self.in_flight.len()).min(batch);
-            if room == 0 {
-                return Turn::Worked { requests: Vec::new(), next_due: if inbox_full { Some(Duration::ZERO) } else { None } };
-            }
-            // Every kind paused: nothing to claim, nothing falls due.
-            if active.is_empty() {
+            // No room in flight, or every kind paused: nothing to claim.
+            if room == 0 || active.is_empty() {
                 return Turn::Worked { requests: Vec::new(), next_due: if inbox_full { Some(Duration::ZERO) } else { None } };
             }
             let claimed = queue::claim(c, &active, &mut self.cursors, room as i64);
