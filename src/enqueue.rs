@@ -47,6 +47,8 @@ struct XactState {
     wake_on_commit: bool,
     /// This transaction appended to the inbox (through a tracked table).
     inbox_on_commit: bool,
+    /// This transaction changed `outbox.kinds`.
+    kinds_on_commit: bool,
     /// (kind, id) -> job id, for immediate enqueues already made in this
     /// transaction: repeating one needs no round trip. Cleared when the
     /// transaction ends and whenever a subtransaction aborts (its inserts and
@@ -67,6 +69,16 @@ pub fn wake_on_commit_for_inbox() {
         let mut x = x.borrow_mut();
         x.wake_on_commit = true;
         x.inbox_on_commit = true;
+    });
+}
+
+/// Like [`wake_on_commit`], and tells the worker to reload its kinds.
+pub fn kinds_changed_on_commit() {
+    register_callbacks();
+    XACT.with(|x| {
+        let mut x = x.borrow_mut();
+        x.wake_on_commit = true;
+        x.kinds_on_commit = true;
     });
 }
 
@@ -103,20 +115,24 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         // callback writing a tracked table): those changes can't be saved now.
         pgrx::warning!("outbox: changes to tracked tables made during commit were not recorded");
     }
-    let (should_wake, inbox) = XACT.with(|x| match x.try_borrow_mut() {
+    let (should_wake, inbox, kinds) = XACT.with(|x| match x.try_borrow_mut() {
         Ok(mut s) => {
-            let w = (s.wake_on_commit, s.inbox_on_commit);
+            let w = (s.wake_on_commit, s.inbox_on_commit, s.kinds_on_commit);
             s.wake_on_commit = false;
             s.inbox_on_commit = false;
+            s.kinds_on_commit = false;
             s.seen.clear();
             w
         }
-        Err(_) => (true, true),
+        Err(_) => (true, true, true),
     });
     crate::inbox::forget();
     crate::triggers::forget_track_info();
     if wake && inbox {
         crate::shmem::mark_inbox_dirty();
+    }
+    if wake && kinds {
+        crate::shmem::bump_kinds_generation();
     }
     if wake && should_wake {
         crate::shmem::wake_worker();

@@ -117,6 +117,7 @@ fn register(
         c.update(UPSERT_KIND, None, &args).unwrap_or_else(|e| panic!("upserting kind: {e}"));
         c.update(INSERT_STATS, None, &[kind.into()]).unwrap_or_else(|e| panic!("creating kind stats: {e}"));
     });
+    crate::enqueue::kinds_changed_on_commit();
 }
 
 fn check_body_function(f: pg_sys::Oid) {
@@ -202,6 +203,7 @@ fn unregister(kind: Option<&str>, cascade: Option<bool>) {
         c.update(DELETE_JOBS, None, &[kind.into()]).unwrap_or_else(|e| panic!("deleting jobs: {e}"));
         c.update(DELETE_KIND, None, &[kind.into()]).unwrap_or_else(|e| panic!("deleting kind: {e}"));
     });
+    crate::enqueue::kinds_changed_on_commit();
 }
 
 fn set_paused(kind: Option<&str>, paused: bool) {
@@ -212,9 +214,8 @@ fn set_paused(kind: Option<&str>, paused: bool) {
     if updated == 0 {
         unknown_kind(kind);
     }
-    if !paused {
-        crate::enqueue::wake_on_commit();
-    }
+    // Also wakes the worker: a resumed kind's jobs go out at once.
+    crate::enqueue::kinds_changed_on_commit();
 }
 
 /// Stops deliveries of a kind; jobs keep queueing.

@@ -3,7 +3,7 @@
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 /// The worker's life cycle as `worker_status()` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,9 @@ pub struct WorkerSlot {
     /// A transaction that appended to the inbox committed since the worker
     /// last looked: the worker skips the inbox statement while it is clear.
     inbox_dirty: AtomicBool,
+    /// Bumped by every committed change of `outbox.kinds` made through the
+    /// SQL functions: the worker reloads its kinds when it moves.
+    kinds_generation: AtomicU64,
 }
 
 // SAFETY: only atomics, no pointers: valid in any process that maps the segment.
@@ -139,6 +142,20 @@ pub fn mark_inbox_dirty() {
 /// Without shared memory, always true.
 pub fn take_inbox_dirty() -> bool {
     slot().is_none_or(|slot| slot.inbox_dirty.swap(false, Ordering::AcqRel))
+}
+
+/// Called on commit by a transaction that changed `outbox.kinds`, after it
+/// became visible and before it wakes the worker. Cannot raise.
+pub fn bump_kinds_generation() {
+    if let Some(slot) = slot() {
+        slot.kinds_generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The current kinds generation; None without shared memory (then the worker
+/// can't tell, and reloads every turn).
+pub fn kinds_generation() -> Option<u64> {
+    slot().map(|slot| slot.kinds_generation.load(Ordering::Acquire))
 }
 
 pub fn mark_batch() {

@@ -412,3 +412,52 @@ fn copy_into_a_tracked_table_is_visible_at_once_and_delivered() {
     assert!(wait_until(Duration::from_secs(60), || jobs_left(&mut c) == 0 && r.count() >= 1000));
     assert_eq!(r.distinct_paths(), 1000);
 }
+
+#[test]
+fn kind_changes_reach_the_worker_at_once() {
+    let Setup { db: _db, r, mut c, .. } = started("");
+    c.batch_execute("INSERT INTO users VALUES (1, 'a')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 1));
+    // The worker keeps the kinds between turns; register() tells it when
+    // they change.
+    let v2 = r.url("/v2/{id}");
+    c.batch_execute(&format!("SELECT outbox.register('user', '{v2}', body => 'user_body(text)', secret => '{SECRET}')"))
+        .unwrap();
+    c.batch_execute("INSERT INTO users VALUES (2, 'b')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 2));
+    // A direct UPDATE tells it nothing: the kinds are read again every second.
+    let v3 = r.url("/v3/{id}");
+    c.batch_execute(&format!("UPDATE outbox.kinds SET url = '{v3}' WHERE kind = 'user'")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    c.batch_execute("INSERT INTO users VALUES (3, 'c')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 3));
+    let paths: Vec<String> = r.requests().into_iter().map(|q| q.path).collect();
+    assert_eq!(paths, ["/users/1", "/v2/2", "/v3/3"]);
+}
+
+#[test]
+fn the_worker_reports_its_table_statistics() {
+    // Autovacuum only cleans up after the worker if it hears of the rows the
+    // worker inserts into the queue and deletes from it and from the inbox.
+    let Setup { db: _db, r, mut c, .. } = started("");
+    c.batch_execute("INSERT INTO users SELECT g, 'n' FROM generate_series(1, 2000) g").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0 && r.count() >= 2000));
+    let counts = |c: &mut Client| -> (i64, i64, i64) {
+        let row = c
+            .query_one(
+                "SELECT q.n_tup_ins, q.n_tup_del, i.n_tup_del
+                   FROM pg_stat_user_tables q, pg_stat_user_tables i
+                  WHERE q.relid = 'outbox.queue'::regclass AND i.relid = 'outbox.inbox'::regclass",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    // Reported at most once a second, and at the latest by the next idle
+    // turn (outbox.poll_interval, 10 s).
+    let reported = wait_until(LONG, || {
+        let (queue_ins, queue_del, inbox_del) = counts(&mut c);
+        queue_ins >= 2000 && queue_del >= 2000 && inbox_del >= 1
+    });
+    assert!(reported, "queue inserts, queue deletes, inbox deletes: {:?}", counts(&mut c));
+}

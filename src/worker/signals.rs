@@ -83,6 +83,20 @@ pub fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Hands this process's table statistics to the stats system, as a backend
+/// does between statements (at most once a second, unless they are old). A
+/// background worker must do it itself: without it autovacuum would never
+/// hear of the queue rows the worker inserts and deletes. Outside a
+/// transaction.
+pub fn report_stats() {
+    // SAFETY: a plain call on the main thread, outside any transaction. The
+    // result (when to call again) is meant for idle backends; turns come
+    // often enough.
+    unsafe {
+        let _ = pg_sys::pgstat_report_stat(false);
+    }
+}
+
 /// Shows `activity` in pg_stat_activity.query.
 pub fn report_activity(running: bool, activity: &std::ffi::CStr) {
     let state = if running { pg_sys::BackendState::STATE_RUNNING } else { pg_sys::BackendState::STATE_IDLE };
