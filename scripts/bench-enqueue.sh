@@ -34,15 +34,21 @@ SQL
 for t in plain tracked; do
     printf '\\set id random(1, %d)\nUPDATE %s SET v = v + 1 WHERE id = :id;\n' "$ROWS" "$t" >"$DIR/$t.sql"
 done
+# Prints "tps transactions".
 tps() {
     $PGBIN/pgbench -n -M simple -c 4 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$PORT" -U postgres -f "$DIR/$1.sql" bench 2>/dev/null |
-        awk '/^tps = / { print $3 }'
+        awk '/^number of transactions actually processed: / { n = $NF } /^tps = / { t = $3 } END { print t, n }'
 }
+lsn() { psql -tAc "SELECT pg_current_wal_lsn()"; }
+wal_since() { psql -tAc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$1')::bigint"; }
 echo "pgbench: simple protocol, 4 clients, 2 threads, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds alternated"
 results=()
 for r in $(seq "$ROUNDS"); do
-    p=$(tps plain)
-    t=$(tps tracked)
+    at=$(lsn)
+    read -r p pn < <(tps plain)
+    pw=$(wal_since "$at")
+    at=$(lsn)
+    read -r t tn < <(tps tracked)
     # The worker's share of the tracked run must not spill into the next
     # untracked one: wait until it has moved the inbox into the queue. With
     # no worker serving this database (outbox.database='none') nobody will.
@@ -51,16 +57,20 @@ for r in $(seq "$ROUNDS"); do
                                             WHERE backend_type = 'outbox worker' AND datname = current_database())")" = t ]; do
         sleep 0.2
     done
-    printf '  round %d: untracked %8.1f tps   tracked %8.1f tps\n' "$r" "$p" "$t"
-    results+=("$p $t")
+    # WAL is what this fsync-bound run waits for; the tracked side's
+    # includes the worker's move of the inbox into the queue.
+    tw=$(wal_since "$at")
+    printf '  round %d: untracked %8.1f tps   tracked %8.1f tps   WAL per transaction %4d B / %4d B\n' \
+        "$r" "$p" "$t" $((pw / pn)) $((tw / tn))
+    results+=("$p $t $pn $pw $tn $tw")
 done
 jobs=$(psql -tAc "SELECT count(*) FROM outbox.queue")
 mkdir -p target/bench
 printf '%s\n' "${results[@]}" | awk -v jobs="$jobs" -v at="$(date -u +%FT%TZ)" '
-    { p += $1; t += $2; n++ }
+    { p += $1; t += $2; pn += $3; pw += $4; tn += $5; tw += $6; n++ }
     END {
-        printf "enqueue overhead: untracked %.1f tps, tracked %.1f tps, ratio %.3f (target >= 0.90); %d jobs queued\n", p/n, t/n, t/p, jobs > "/dev/stderr"
-        printf "{\"figure\":\"enqueue_overhead\",\"untracked_tps\":%.1f,\"tracked_tps\":%.1f,\"ratio\":%.4f,\"at\":\"%s\"}\n", p/n, t/n, t/p, at
+        printf "enqueue overhead: untracked %.1f tps, tracked %.1f tps, ratio %.3f (target >= 0.90); WAL per transaction %d B untracked, %d B tracked; %d jobs queued\n", p/n, t/n, t/p, pw/pn, tw/tn, jobs > "/dev/stderr"
+        printf "{\"figure\":\"enqueue_overhead\",\"untracked_tps\":%.1f,\"tracked_tps\":%.1f,\"ratio\":%.4f,\"untracked_wal_bytes_per_xact\":%d,\"tracked_wal_bytes_per_xact\":%d,\"at\":\"%s\"}\n", p/n, t/n, t/p, pw/pn, tw/tn, at
     }' >>target/bench/results.json
 if [[ "${BENCH_CONF_LINES:-}" == *pg_stat_statements* ]]; then
     psql -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
