@@ -40,6 +40,18 @@ tps() {
         awk '/^number of transactions actually processed: / { n = $NF } /^tps = / { t = $3 } END { print t, n }'
 }
 lsn() { psql -tAc "SELECT pg_current_wal_lsn()"; }
+# CPU time (clock ticks, utime + stime) of the worker serving this database;
+# 0 without one.
+worker_ticks() {
+    local pid
+    pid=$(psql -tAc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox worker' AND datname = current_database()")
+    if [ -n "$pid" ] && [ -r "/proc/$pid/stat" ]; then
+        awk '{ print $14 + $15 }' "/proc/$pid/stat"
+    else
+        echo 0
+    fi
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
 wal_since() { psql -tAc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$1')::bigint"; }
 echo "pgbench: simple protocol, 4 clients, 2 threads, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds alternated"
 results=()
@@ -48,6 +60,7 @@ for r in $(seq "$ROUNDS"); do
     read -r p pn < <(tps plain)
     pw=$(wal_since "$at")
     at=$(lsn)
+    ticks=$(worker_ticks)
     read -r t tn < <(tps tracked)
     # The worker's share of the tracked run must not spill into the next
     # untracked one: wait until it has moved the inbox into the queue. With
@@ -60,17 +73,18 @@ for r in $(seq "$ROUNDS"); do
     # WAL is what this fsync-bound run waits for; the tracked side's
     # includes the worker's move of the inbox into the queue.
     tw=$(wal_since "$at")
-    printf '  round %d: untracked %8.1f tps   tracked %8.1f tps   WAL per transaction %4d B / %4d B\n' \
-        "$r" "$p" "$t" $((pw / pn)) $((tw / tn))
-    results+=("$p $t $pn $pw $tn $tw")
+    wus=$((($(worker_ticks) - ticks) * TICK_US))
+    printf '  round %d: untracked %8.1f tps   tracked %8.1f tps   WAL per transaction %4d B / %4d B   worker CPU per change %3d us\n' \
+        "$r" "$p" "$t" $((pw / pn)) $((tw / tn)) $((wus / tn))
+    results+=("$p $t $pn $pw $tn $tw $wus")
 done
 jobs=$(psql -tAc "SELECT count(*) FROM outbox.queue")
 mkdir -p target/bench
 printf '%s\n' "${results[@]}" | awk -v jobs="$jobs" -v at="$(date -u +%FT%TZ)" '
-    { p += $1; t += $2; pn += $3; pw += $4; tn += $5; tw += $6; n++ }
+    { p += $1; t += $2; pn += $3; pw += $4; tn += $5; tw += $6; wus += $7; n++ }
     END {
-        printf "enqueue overhead: untracked %.1f tps, tracked %.1f tps, ratio %.3f (target >= 0.90); WAL per transaction %d B untracked, %d B tracked; %d jobs queued\n", p/n, t/n, t/p, pw/pn, tw/tn, jobs > "/dev/stderr"
-        printf "{\"figure\":\"enqueue_overhead\",\"untracked_tps\":%.1f,\"tracked_tps\":%.1f,\"ratio\":%.4f,\"untracked_wal_bytes_per_xact\":%d,\"tracked_wal_bytes_per_xact\":%d,\"at\":\"%s\"}\n", p/n, t/n, t/p, pw/pn, tw/tn, at
+        printf "enqueue overhead: untracked %.1f tps, tracked %.1f tps, ratio %.3f (target >= 0.90); WAL per transaction %d B untracked, %d B tracked; worker CPU %.1f us per change; %d jobs queued\n", p/n, t/n, t/p, pw/pn, tw/tn, wus/tn, jobs > "/dev/stderr"
+        printf "{\"figure\":\"enqueue_overhead\",\"untracked_tps\":%.1f,\"tracked_tps\":%.1f,\"ratio\":%.4f,\"untracked_wal_bytes_per_xact\":%d,\"tracked_wal_bytes_per_xact\":%d,\"worker_cpu_us_per_change\":%.1f,\"at\":\"%s\"}\n", p/n, t/n, t/p, pw/pn, tw/tn, wus/tn, at
     }' >>target/bench/results.json
 if [[ "${BENCH_CONF_LINES:-}" == *pg_stat_statements* ]]; then
     psql -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
