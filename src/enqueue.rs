@@ -58,27 +58,26 @@ struct XactState {
 
 /// Makes the worker's latch be set when the current transaction commits.
 pub fn wake_on_commit() {
-    register_callbacks();
-    XACT.with(|x| x.borrow_mut().wake_on_commit = true);
+    on_commit(|_| {});
 }
 
 /// Like [`wake_on_commit`], and tells the worker the inbox has rows.
 pub fn wake_on_commit_for_inbox() {
-    register_callbacks();
-    XACT.with(|x| {
-        let mut x = x.borrow_mut();
-        x.wake_on_commit = true;
-        x.inbox_on_commit = true;
-    });
+    on_commit(|x| x.inbox_on_commit = true);
 }
 
 /// Like [`wake_on_commit`], and tells the worker to reload its kinds.
 pub fn kinds_changed_on_commit() {
+    on_commit(|x| x.kinds_on_commit = true);
+}
+
+/// Wakes the worker on commit, with whatever else `mark` asks it to do then.
+fn on_commit(mark: impl FnOnce(&mut XactState)) {
     register_callbacks();
     XACT.with(|x| {
         let mut x = x.borrow_mut();
         x.wake_on_commit = true;
-        x.kinds_on_commit = true;
+        mark(&mut x);
     });
 }
 
