@@ -40,11 +40,14 @@ tps() {
         awk '/^number of transactions actually processed: / { n = $NF } /^tps = / { t = $3 } END { print t, n }'
 }
 lsn() { psql -tAc "SELECT pg_current_wal_lsn()"; }
-# CPU time (clock ticks, utime + stime) of the worker serving this database;
-# 0 without one.
+# The pid of the worker serving this database; empty without one.
+worker_pid() {
+    psql -tAc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox worker' AND datname = current_database()"
+}
+# Its CPU time (clock ticks, utime + stime); 0 without one.
 worker_ticks() {
     local pid
-    pid=$(psql -tAc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox worker' AND datname = current_database()")
+    pid=$(worker_pid)
     if [ -n "$pid" ] && [ -r "/proc/$pid/stat" ]; then
         awk '{ print $14 + $15 }' "/proc/$pid/stat"
     else
@@ -65,9 +68,7 @@ for r in $(seq "$ROUNDS"); do
     # The worker's share of the tracked run must not spill into the next
     # untracked one: wait until it has moved the inbox into the queue. With
     # no worker serving this database (outbox.database='none') nobody will.
-    until [ "$(psql -tAc "SELECT NOT EXISTS (SELECT FROM outbox.inbox)
-                            OR NOT EXISTS (SELECT FROM pg_stat_activity
-                                            WHERE backend_type = 'outbox worker' AND datname = current_database())")" = t ]; do
+    until [ "$(psql -tAc "SELECT NOT EXISTS (SELECT FROM outbox.inbox)")" = t ] || [ -z "$(worker_pid)" ]; do
         sleep 0.2
     done
     # WAL is what this fsync-bound run waits for; the tracked side's
