@@ -34,7 +34,7 @@ pub fn init(preloading: bool) {
         );
         GucRegistry::define_int_guc(
             c"outbox.concurrency",
-            c"Requests the worker keeps in flight (HTTP threads).",
+            c"Requests the worker keeps in flight at once.",
             c"",
             &CONCURRENCY,
             1,

@@ -11,7 +11,7 @@
 //! - [`inspection`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`, `purge_dead`.
 //! - [`gucs`]: the `outbox.*` settings.
 //! - [`shmem`]: what backends and the worker share (the worker's latch, its status).
-//! - [`worker`]: the background worker: claim, render, deliver over HTTP threads, record.
+//! - [`worker`]: the background worker: claim, render, deliver from an HTTP thread, record.
 //! - Pure decisions, no Postgres: [`template`] (URLs), [`policy`] (classification
 //!   and backoff), [`signing`] (Standard Webhooks HMAC).
 #![deny(unsafe_op_in_unsafe_fn)]

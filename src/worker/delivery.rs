@@ -1,6 +1,6 @@
 //! The delivery worker's loop. Each turn, in order: interrupts and config
 //! reload; standby check; one short transaction that records finished
-//! deliveries, claims due jobs and renders them; hand-off to the HTTP threads;
+//! deliveries, claims due jobs and renders them; hand-off to the HTTP thread;
 //! wait (latch, outcome pipe, or the next due job, whichever comes first).
 //! No HTTP call ever runs inside a transaction.
 
@@ -63,7 +63,7 @@ const LOCKED_BACKOFF: Duration = Duration::from_millis(100);
 /// PREPARED, which runs no callback of ours).
 const CURSOR_RESET: Duration = Duration::from_secs(1);
 
-/// A job handed to the HTTP threads, until its outcome is recorded.
+/// A job handed to the HTTP thread, until its outcome is recorded.
 struct InFlight {
     kind: String,
     ctid: String,
@@ -130,9 +130,9 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         pg_sys::SetConfigOption(c"synchronous_commit".as_ptr(), c"off".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
         pg_sys::SetConfigOption(c"application_name".as_ptr(), c"outbox worker".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
     }
-    let threads = gucs::CONCURRENCY.get().max(1) as usize;
-    let pool = with_signals_blocked(|| Pool::start(threads)).unwrap_or_else(|e| panic!("starting HTTP threads: {e}"));
-    log!("outbox worker started for database \"{database}\" with {threads} HTTP threads");
+    let concurrency = gucs::CONCURRENCY.get().max(1) as usize;
+    let pool = with_signals_blocked(|| Pool::start(concurrency)).unwrap_or_else(|e| panic!("starting the HTTP thread: {e}"));
+    log!("outbox worker started for database \"{database}\" with up to {concurrency} requests in flight");
     let mut last_turn = Instant::now() - MIN_TURN_GAP;
     let mut w = Worker {
         pool,
@@ -221,7 +221,7 @@ fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
 }
 
 impl Worker {
-    /// Moves outcomes reported by the HTTP threads into `finished`.
+    /// Moves outcomes reported by the HTTP thread into `finished`.
     fn collect_outcomes(&mut self) {
         for Outcome { job_id, response, retry_after, detail } in self.pool.drain() {
             if let Some(job) = self.in_flight.remove(&job_id) {

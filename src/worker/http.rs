@@ -1,20 +1,34 @@
-//! HTTP threads. They do network I/O and pure Rust only: no pgrx, no pg_sys,
-//! no logging (Postgres is bound to the main thread). They take requests from
-//! a channel, send them with one shared keep-alive `ureq` agent, and report
-//! outcomes over another channel. When the main loop is about to wait, the
-//! first outcome after that writes a byte to a pipe that it waits on together
-//! with its latch; while it is busy, outcomes just queue up (a write and a
-//! wake-up per request were a large part of a delivery's cost).
+//! The HTTP thread: one OS thread running an event loop (a current-thread
+//! tokio runtime with hyper's pooled keep-alive client). It does network I/O
+//! and pure Rust only: no pgrx, no pg_sys, no logging (Postgres is bound to
+//! the main thread). It takes requests from a channel, keeps up to
+//! `outbox.concurrency` of them in flight at once, and reports outcomes over
+//! another channel. When the main loop is about to wait, the first outcome
+//! after that writes a byte to a pipe that it waits on together with its
+//! latch; while it is busy, outcomes just queue up.
+//!
+//! One event loop instead of a blocking thread per request: on the 2-core
+//! test machine, 32 blocking `ureq` threads spent about 90 µs of CPU per
+//! delivery, most of it in context switches, and could not pass about 22,000
+//! requests/s against nginx; this loop spends about 20 µs.
 
 use crate::policy::{parse_retry_after, Response};
-use super::resolver::CachingResolver;
 use crate::signing;
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use bytes::Bytes;
 use crossbeam_channel::{unbounded, Receiver, Sender};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::{timeout_at, Instant};
 
 /// Characters of a response or error kept for `last_error`.
 pub const EXCERPT_CHARS: usize = 500;
@@ -48,56 +62,53 @@ pub struct Outcome {
     pub detail: Option<String>,
 }
 
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 pub struct Pool {
-    requests: Option<Sender<Request>>,
+    /// Dropping it ends the event loop, and the thread with it.
+    requests: Option<mpsc::UnboundedSender<Request>>,
     outcomes: Receiver<Outcome>,
     wake_read: OwnedFd,
-    /// Set by the main loop before it waits; the thread that clears it pokes.
+    /// Set by the main loop before it waits; the outcome that clears it pokes.
     waiting: Arc<AtomicBool>,
 }
 
 impl Pool {
-    /// Starts `threads` senders. Call with all signals blocked so that
+    /// Starts the HTTP thread, which keeps up to `concurrency` requests in
+    /// flight. Call with all signals blocked, so that the thread (and the
+    /// threads tokio starts from it for name lookups) inherit the mask and
     /// Postgres' handlers keep running on the main thread only.
-    pub fn start(threads: usize) -> std::io::Result<Pool> {
+    pub fn start(concurrency: usize) -> std::io::Result<Pool> {
         let (wake_read, wake_write) = pipe()?;
-        let wake_write = Arc::new(wake_write);
         let waiting = Arc::new(AtomicBool::new(false));
-        let (req_tx, req_rx) = unbounded::<Request>();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+        let client = client(concurrency)?;
+        let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Request>();
         let (out_tx, out_rx) = unbounded::<Outcome>();
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .max_redirects_will_error(false)
-            .user_agent(concat!("outbox/", env!("CARGO_PKG_VERSION")))
-            .max_idle_connections(threads.max(8) * 2)
-            .max_idle_connections_per_host(threads.max(8) * 2)
-            .build();
-        let connector = ureq::unversioned::transport::DefaultConnector::new();
-        let agent = ureq::Agent::with_parts(config, connector, CachingResolver::default());
-        for i in 0..threads {
-            let req_rx = req_rx.clone();
-            let out_tx = out_tx.clone();
-            let wake_write = Arc::clone(&wake_write);
-            let waiting = Arc::clone(&waiting);
-            let agent = agent.clone();
-            std::thread::Builder::new().name(format!("outbox-http-{i}")).spawn(move || loop {
-                let Ok(request) = req_rx.recv() else { return };
-                let outcome = send(&agent, request);
-                if out_tx.send(outcome).is_err() {
-                    return;
+        let report = Reporter { outcomes: out_tx, wake_write: Arc::new(wake_write), waiting: Arc::clone(&waiting) };
+        std::thread::Builder::new().name("outbox-http".into()).spawn(move || {
+            runtime.block_on(async move {
+                let slots = Arc::new(Semaphore::new(concurrency));
+                while let Some(request) = req_rx.recv().await {
+                    let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
+                    let (client, report) = (client.clone(), report.clone());
+                    tokio::spawn(async move {
+                        let outcome = send(&client, request).await;
+                        drop(slot);
+                        report.send(outcome);
+                    });
                 }
-                if waiting.swap(false, Ordering::SeqCst) {
-                    poke(&wake_write);
-                }
-            })?;
-        }
+            });
+            // Requests still in flight are dropped with the runtime: the
+            // worker is exiting, and they are delivered again after it.
+        })?;
         Ok(Pool { requests: Some(req_tx), outcomes: out_rx, wake_read, waiting })
     }
 
     pub fn submit(&self, request: Request) {
         if let Some(tx) = &self.requests {
-            // The threads only stop when this sender is dropped.
+            // Fails only once the loop has stopped, when nothing is waiting
+            // for the outcome any more.
             let _ = tx.send(request);
         }
     }
@@ -129,6 +140,45 @@ impl Pool {
     }
 }
 
+/// The HTTP thread's side of the outcome channel and the wake-up pipe.
+#[derive(Clone)]
+struct Reporter {
+    outcomes: Sender<Outcome>,
+    wake_write: Arc<OwnedFd>,
+    waiting: Arc<AtomicBool>,
+}
+
+impl Reporter {
+    fn send(&self, outcome: Outcome) {
+        if self.outcomes.send(outcome).is_ok() && self.waiting.swap(false, Ordering::SeqCst) {
+            // A full pipe already means "wake up": EAGAIN is fine to ignore.
+            // SAFETY: writing one byte from a local to our own pipe.
+            unsafe { libc::write(self.wake_write.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        }
+    }
+}
+
+/// hyper's pooled client over TCP or TLS (rustls with the Mozilla roots, as
+/// a browser would trust). Names are looked up only when a connection is
+/// made, not per request.
+fn client(concurrency: usize) -> std::io::Result<HttpClient> {
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    // A request is written at once, not held back waiting for an ACK.
+    tcp.set_nodelay(true);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(provider)
+        .map_err(std::io::Error::other)?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(concurrency.max(8) * 2)
+        .build(tls))
+}
+
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills two fds that we then own.
@@ -140,12 +190,6 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-fn poke(fd: &OwnedFd) {
-    // A full pipe already means "wake up": EAGAIN is fine to ignore.
-    // SAFETY: writing one byte from a local to our own pipe.
-    unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
-}
-
 fn excerpt(text: &str) -> String {
     let mut s: String = text.chars().take(EXCERPT_CHARS).collect();
     if s.len() < text.len() {
@@ -154,40 +198,77 @@ fn excerpt(text: &str) -> String {
     s
 }
 
-/// Sends one request; never panics on a network or protocol problem.
-pub fn send(agent: &ureq::Agent, r: Request) -> Outcome {
-    let failed = |response: Response, detail: String| Outcome {
-        job_id: r.job_id,
-        response,
-        retry_after: None,
-        detail: Some(excerpt(&detail)),
-    };
+/// An error with its causes: hyper's own text ("client error (Connect)")
+/// says little without the TLS or socket error underneath.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// The request as hyper takes it, with the Standard Webhooks headers.
+fn build(r: Request) -> Result<hyper::Request<Full<Bytes>>, String> {
     let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let msg_id = r.job_id.to_string();
-    let body: &[u8] = r.body.as_deref().unwrap_or(&[]);
-    let builder = match r.method {
-        Method::Put => agent.put(&r.url),
-        Method::Delete => agent.delete(&r.url).force_send_body(),
-    };
-    let mut builder = builder
-        .config()
-        .timeout_global(Some(r.timeout))
-        .build()
+    let body = r.body.unwrap_or_default();
+    let mut builder = hyper::Request::builder()
+        .method(match r.method {
+            Method::Put => hyper::Method::PUT,
+            Method::Delete => hyper::Method::DELETE,
+        })
+        .uri(&r.url)
+        .header(USER_AGENT, concat!("outbox/", env!("CARGO_PKG_VERSION")))
         .header("webhook-id", &msg_id)
         .header("webhook-timestamp", timestamp.to_string());
     if let Some(key) = &r.key {
-        builder = builder.header("webhook-signature", signing::sign(key, &msg_id, timestamp, body));
+        builder = builder.header("webhook-signature", signing::sign(key, &msg_id, timestamp, &body));
     }
     for (name, value) in &r.headers {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name:?}: {e}"))?;
+        let value = HeaderValue::from_str(value).map_err(|e| format!("header {name}: {e}"))?;
         builder = builder.header(name, value);
     }
-    let result = match r.method {
-        Method::Put => builder.header("content-type", "application/json").send(body),
-        Method::Delete => builder.send_empty(),
+    if r.method == Method::Put {
+        builder = builder.header(CONTENT_TYPE, "application/json");
+    }
+    builder.body(Full::new(Bytes::from(body))).map_err(|e| format!("invalid request: {}", describe(&e)))
+}
+
+/// Reads at most `max` bytes of a body: a receiver cannot make us buffer
+/// more. A longer body is cut off, and its connection closed.
+async fn read_limited(mut body: Incoming, max: usize) -> Result<Vec<u8>, hyper::Error> {
+    let mut buf = Vec::new();
+    while buf.len() < max {
+        let Some(frame) = body.frame().await else { break };
+        if let Ok(data) = frame?.into_data() {
+            buf.extend_from_slice(&data[..data.len().min(max - buf.len())]);
+        }
+    }
+    Ok(buf)
+}
+
+/// Sends one request; never panics on a network or protocol problem. The
+/// timeout covers everything: lookup, connect, TLS, request and response.
+async fn send(client: &HttpClient, r: Request) -> Outcome {
+    let job_id = r.job_id;
+    let failed = |detail: String| Outcome { job_id, response: Response::NetworkError, retry_after: None, detail: Some(excerpt(&detail)) };
+    let (deadline, limit, wait) = (Instant::now() + r.timeout, r.max_response_bytes, r.timeout);
+    let request = match build(r) {
+        Ok(request) => request,
+        Err(e) => return failed(e),
     };
-    let mut response = match result {
-        Ok(resp) => resp,
-        Err(e) => return failed(Response::NetworkError, e.to_string()),
+    let response = match timeout_at(deadline, client.request(request)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => return failed(describe(&e)),
+        Err(_) => return failed(format!("timed out after {} ms", wait.as_millis())),
     };
     let status = response.status().as_u16();
     let retry_after = response
@@ -195,15 +276,13 @@ pub fn send(agent: &ureq::Agent, r: Request) -> Outcome {
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    // Read at most max_response_bytes; a receiver cannot make us buffer more.
-    let mut buf = Vec::new();
-    let read = response.body_mut().as_reader().take(r.max_response_bytes as u64).read_to_end(&mut buf);
+    let read = timeout_at(deadline, read_limited(response.into_body(), limit)).await;
     let detail = match read {
-        Ok(_) if (200..300).contains(&status) => None,
-        Ok(_) => Some(excerpt(&String::from_utf8_lossy(&buf))),
         // A 2xx whose body broke off still counts: the status was sent.
-        Err(_) if (200..300).contains(&status) => None,
-        Err(e) => Some(excerpt(&format!("reading response: {e}"))),
+        _ if (200..300).contains(&status) => None,
+        Ok(Ok(buf)) => Some(excerpt(&String::from_utf8_lossy(&buf))),
+        Ok(Err(e)) => Some(excerpt(&format!("reading response: {}", describe(&e)))),
+        Err(_) => Some(format!("reading response: timed out after {} ms", wait.as_millis())),
     };
-    Outcome { job_id: r.job_id, response: Response::Status(status), retry_after, detail }
+    Outcome { job_id, response: Response::Status(status), retry_after, detail }
 }

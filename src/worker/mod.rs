@@ -4,7 +4,7 @@
 //!   the database named by `outbox.database` exists, then starts the delivery
 //!   worker there, and starts it again if it exits.
 //! - [`delivery`]: the delivery worker's main loop: claim, render, hand off to
-//!   the [`http`] threads, record outcomes, wait.
+//!   the [`http`] thread, record outcomes, wait.
 //! - [`queue`]: the worker's SQL. [`render`]: jobs into requests.
 //! - [`signals`]: signal handlers, waiting, transactions.
 
@@ -14,7 +14,6 @@ pub mod launcher;
 pub mod plans;
 pub mod queue;
 pub mod render;
-pub mod resolver;
 pub mod signals;
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
