@@ -286,3 +286,76 @@ async fn send(client: &HttpClient, r: Request) -> Outcome {
     };
     Outcome { job_id, response: Response::Status(status), retry_after, detail }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    /// A one-connection server: reads one request head, answers `answer`,
+    /// and returns the head it read.
+    fn serve_once(answer: &'static str) -> (u16, std::thread::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            while reader.read_line(&mut head).unwrap() > 2 {}
+            (&stream).write_all(answer.as_bytes()).unwrap();
+            head
+        });
+        (port, server)
+    }
+
+    fn request(url: String, timeout: Duration) -> Request {
+        Request {
+            job_id: 7,
+            method: Method::Delete,
+            url,
+            body: None,
+            headers: vec![("x-extra".into(), "yes".into())],
+            key: None,
+            timeout,
+            max_response_bytes: 4,
+        }
+    }
+
+    fn deliver(r: Request) -> Outcome {
+        let pool = Pool::start(2).unwrap();
+        pool.submit(r);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(o) = pool.drain().pop() {
+                return o;
+            }
+            assert!(std::time::Instant::now() < deadline, "no outcome");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_host_name_is_looked_up_and_the_headers_are_sent() {
+        let (port, server) = serve_once("HTTP/1.1 409 Conflict\r\ncontent-length: 10\r\n\r\nstale 1234");
+        let o = deliver(request(format!("http://localhost:{port}/k/1"), Duration::from_secs(5)));
+        let head = server.join().unwrap().to_lowercase();
+        assert!(head.starts_with("delete /k/1 http/1.1\r\n"), "{head}");
+        for h in ["webhook-id: 7\r\n", "x-extra: yes\r\n", "user-agent: outbox/"] {
+            assert!(head.contains(h), "{h:?} missing from {head}");
+        }
+        assert_eq!((o.job_id, o.response), (7, Response::Status(409)));
+        // Only max_response_bytes of the body are kept.
+        assert_eq!(o.detail.as_deref(), Some("stal"));
+    }
+
+    #[test]
+    fn the_timeout_covers_a_response_that_never_comes() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let o = deliver(request(format!("http://127.0.0.1:{port}/k/1"), Duration::from_millis(200)));
+        drop(listener);
+        assert_eq!(o.response, Response::NetworkError);
+        assert_eq!(o.detail.as_deref(), Some("timed out after 200 ms"));
+    }
+}
