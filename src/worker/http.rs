@@ -81,7 +81,13 @@ impl Pool {
     pub fn start(concurrency: usize) -> std::io::Result<Pool> {
         let (wake_read, wake_write) = pipe()?;
         let waiting = Arc::new(AtomicBool::new(false));
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+        // Blocking threads only look names up, at most one per request in
+        // flight.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads(concurrency)
+            .build()?;
         let client = client(concurrency)?;
         let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Request>();
         let (out_tx, out_rx) = unbounded::<Outcome>();
