@@ -62,6 +62,15 @@ pub fn render(template: &str, kind: &str, id: &str) -> String {
     out
 }
 
+/// Whether the record id is part of the host (or port): then nearly every
+/// request goes to a host of its own, and a connection kept open for reuse
+/// would only pile up.
+pub fn id_in_authority(template: &str) -> bool {
+    let after_scheme = template.split_once("://").map_or(template, |(_, rest)| rest);
+    let authority = after_scheme.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains("{id}")
+}
+
 /// Checks a template the way `register` needs: only known placeholders,
 /// http(s) only, a host, and a URL that parses once rendered.
 pub fn validate(template: &str) -> Result<(), TemplateError> {
@@ -121,6 +130,15 @@ mod tests {
         assert_eq!(render(t, "us er", "é"), "http://127.0.0.1:8080/us%20er/%C3%A9?x=1");
         assert_eq!(render("http://h/{id}{id}", "k", "-._~"), "http://h/-._~-._~");
         assert_eq!(render("http://h/static", "k", "1"), "http://h/static");
+    }
+
+    #[test]
+    fn tells_when_the_id_picks_the_host() {
+        assert!(id_in_authority("https://{id}.hooks.example.com/x"));
+        assert!(id_in_authority("http://h:{id}"));
+        assert!(!id_in_authority("http://{kind}.example.com/{id}"));
+        assert!(!id_in_authority("http://h/{id}?host={id}"));
+        assert!(!id_in_authority("http://h?{id}"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, USER_AGENT};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -51,6 +51,10 @@ pub struct Request {
     pub key: Option<Arc<Vec<u8>>>,
     pub timeout: Duration,
     pub max_response_bytes: usize,
+    /// Keep the connection for later requests. False when the host is one
+    /// per record: the pool caps idle connections per host only, and would
+    /// otherwise keep one open per record for a minute and a half.
+    pub keep_alive: bool,
 }
 
 /// What happened to one request.
@@ -245,6 +249,9 @@ fn build(r: Request) -> Result<hyper::Request<Full<Bytes>>, String> {
     if r.method == Method::Put {
         builder = builder.header(CONTENT_TYPE, "application/json");
     }
+    if !r.keep_alive {
+        builder = builder.header(CONNECTION, "close");
+    }
     builder.body(Full::new(Bytes::from(body))).map_err(|e| format!("invalid request: {}", describe(&e)))
 }
 
@@ -325,6 +332,7 @@ mod tests {
             key: None,
             timeout,
             max_response_bytes: 4,
+            keep_alive: true,
         }
     }
 
@@ -350,9 +358,19 @@ mod tests {
         for h in ["webhook-id: 7\r\n", "x-extra: yes\r\n", "user-agent: outbox/"] {
             assert!(head.contains(h), "{h:?} missing from {head}");
         }
+        assert!(!head.contains("connection: close"), "{head}");
         assert_eq!((o.job_id, o.response), (7, Response::Status(409)));
         // Only max_response_bytes of the body are kept.
         assert_eq!(o.detail.as_deref(), Some("stal"));
+    }
+
+    #[test]
+    fn a_host_per_record_gets_no_kept_connection() {
+        let (port, server) = serve_once("HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n");
+        let o = deliver(Request { keep_alive: false, ..request(format!("http://127.0.0.1:{port}/k/1"), Duration::from_secs(5)) });
+        let head = server.join().unwrap().to_lowercase();
+        assert!(head.contains("connection: close\r\n"), "{head}");
+        assert_eq!((o.response, o.detail), (Response::Status(201), None));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Kind {
     pub max_attempts: i32,
     pub delete_when_missing: bool,
     pub paused: bool,
+    /// The URL's host depends on the record id: don't keep connections.
+    pub host_per_record: bool,
 }
 
 pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
@@ -46,10 +48,12 @@ pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
             .flatten()
             .and_then(|s| signing::decode_secret(&s).ok())
             .map(Arc::new);
+        let url = r.get::<String>(2).ok().flatten().unwrap_or_default();
         kinds.insert(
             name,
             Kind {
-                url: r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                host_per_record: template::id_in_authority(&url),
+                url,
                 body_fn: r.get::<String>(3).ok().flatten(),
                 headers,
                 key,
@@ -152,6 +156,7 @@ pub fn render(kinds: &HashMap<String, Kind>, jobs: &[Claimed], max_response_byte
                 key: kind.key.clone(),
                 timeout: kind.timeout,
                 max_response_bytes,
+                keep_alive: !kind.host_per_record,
             })
         })
         .collect()
