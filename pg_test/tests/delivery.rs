@@ -213,30 +213,6 @@ fn a_raising_body_function_fails_only_its_job() {
 }
 
 #[test]
-fn the_worker_runs_its_statements_without_jit() {
-    // With a backlog the claim's cost estimate passes jit_above_cost, and
-    // compiling it took far longer than running it. Body functions run in
-    // the worker's session, so one can report the setting it sees.
-    let mut opts = Options::default();
-    opts.conf.extend(["jit = on".to_string(), "jit_above_cost = 0".to_string()]);
-    let db = Cluster::start_with(opts);
-    let r = Receiver::start();
-    let mut c = db.client();
-    c.batch_execute(&format!(
-        "CREATE FUNCTION settings(id text) RETURNS json LANGUAGE sql
-             AS $$ SELECT json_build_object('jit', current_setting('jit')) $$;
-         SELECT outbox.register('s', '{}', body => 'settings(text)');",
-        r.url("/s/{id}")
-    ))
-    .unwrap();
-    db.wait_for_worker();
-    c.batch_execute("SELECT outbox.enqueue('s', 'x')").unwrap();
-    assert!(wait_until(LONG, || r.count() >= 1));
-    assert_eq!(c.query_one("SHOW jit", &[]).unwrap().get::<_, String>(0), "on", "other sessions keep the server's setting");
-    assert_eq!(r.requests_for("/s/x")[0].json()["jit"], "off");
-}
-
-#[test]
 fn a_deleted_record_is_sent_as_delete_or_skipped() {
     let Setup { db: _db, r, mut c, .. } = started("");
     r.script("/users/1", [Action::status(404)]);

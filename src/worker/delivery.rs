@@ -128,10 +128,6 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     // SAFETY: setting a GUC on the main thread, outside a transaction is fine.
     unsafe {
         pg_sys::SetConfigOption(c"synchronous_commit".as_ptr(), c"off".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
-        // Every statement of a turn is short, but with a backlog the
-        // planner's estimates for the claim pass jit_above_cost: compiling it
-        // took 29 of a claim's 35 ms, with a 100k backlog.
-        pg_sys::SetConfigOption(c"jit".as_ptr(), c"off".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
         pg_sys::SetConfigOption(c"application_name".as_ptr(), c"outbox worker".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
     }
     let concurrency = gucs::CONCURRENCY.get().max(1) as usize;
