@@ -104,6 +104,30 @@ fn quick_updates_coalesce_and_the_last_request_has_the_final_state() {
 }
 
 #[test]
+fn a_record_never_has_two_deliveries_in_flight() {
+    let Setup { db: _db, r, mut c, .. } = started("");
+    // Each answer takes 300 ms; changes keep coming meanwhile, for this
+    // record and for others (which may go out in parallel).
+    let delay = Duration::from_millis(300);
+    r.set_fallback(Some(Action::delayed(201, delay)));
+    c.batch_execute("INSERT INTO users SELECT g, 'v0' FROM generate_series(1, 4) g").unwrap();
+    for i in 1..=12 {
+        c.batch_execute(&format!("UPDATE users SET name = 'v{i}'")).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    for id in 1..=4 {
+        let arrivals: Vec<_> = r.requests_for(&format!("/users/{id}")).iter().map(|q| q.at).collect();
+        assert!(arrivals.len() >= 2, "record {id}: {} requests", arrivals.len());
+        // The next request for a record is sent only after the last answer.
+        for w in arrivals.windows(2) {
+            assert!(w[1] - w[0] >= delay, "record {id}: requests {:?} apart", w[1] - w[0]);
+        }
+        assert_eq!(r.requests_for(&format!("/users/{id}")).last().unwrap().json()["name"], "v12");
+    }
+}
+
+#[test]
 fn server_errors_are_retried_with_backoff() {
     let Setup { db: _db, r, mut c, .. } = started("");
     r.script("/users/1", [Action::status(500), Action::status(503), Action::status(201)]);
