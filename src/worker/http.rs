@@ -271,9 +271,10 @@ async fn read_limited(mut body: Incoming, max: usize) -> Result<Vec<u8>, hyper::
 /// Sends one request; never panics on a network or protocol problem. The
 /// timeout covers everything: lookup, connect, TLS, request and response.
 async fn send(client: &HttpClient, r: Request) -> Outcome {
-    let job_id = r.job_id;
+    let (job_id, limit, timeout) = (r.job_id, r.max_response_bytes, r.timeout);
+    let deadline = Instant::now() + timeout;
     let failed = |detail: String| Outcome { job_id, response: Response::NetworkError, retry_after: None, detail: Some(excerpt(&detail)) };
-    let (deadline, limit, wait) = (Instant::now() + r.timeout, r.max_response_bytes, r.timeout);
+    let timed_out = || format!("timed out after {} ms", timeout.as_millis());
     let request = match build(r) {
         Ok(request) => request,
         Err(e) => return failed(e),
@@ -281,7 +282,7 @@ async fn send(client: &HttpClient, r: Request) -> Outcome {
     let response = match timeout_at(deadline, client.request(request)).await {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => return failed(describe(&e)),
-        Err(_) => return failed(format!("timed out after {} ms", wait.as_millis())),
+        Err(_) => return failed(timed_out()),
     };
     let status = response.status().as_u16();
     let retry_after = response
@@ -295,7 +296,7 @@ async fn send(client: &HttpClient, r: Request) -> Outcome {
         _ if (200..300).contains(&status) => None,
         Ok(Ok(buf)) => Some(excerpt(&String::from_utf8_lossy(&buf))),
         Ok(Err(e)) => Some(excerpt(&format!("reading response: {}", describe(&e)))),
-        Err(_) => Some(format!("reading response: timed out after {} ms", wait.as_millis())),
+        Err(_) => Some(format!("reading response: {}", timed_out())),
     };
     Outcome { job_id, response: Response::Status(status), retry_after, detail }
 }
