@@ -192,7 +192,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
                 shmem::set_in_flight(w.in_flight.len());
                 shmem::set_state(if w.in_flight.is_empty() { WorkerState::Idle } else { WorkerState::Delivering });
                 report_activity(false, c"waiting");
-                let timeout = next_due.unwrap_or(gucs::poll_interval()).min(gucs::poll_interval());
+                let timeout = w.sleep_limit(next_due);
                 if !timeout.is_zero() && w.pool.arm() {
                     wait(Some(w.pool.wake_fd()), timeout);
                 }
@@ -221,6 +221,21 @@ fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
 }
 
 impl Worker {
+    /// How long the worker may sleep when no commit or outcome wakes it: until
+    /// the next due job, at most the poll interval. While the inbox cursor is
+    /// past block 0, only until the next reset: rows may have gone before it
+    /// while the last scan ran (into space a vacuum freed), with no commit
+    /// left to say so.
+    fn sleep_limit(&self, next_due: Option<Duration>) -> Duration {
+        let poll = gucs::poll_interval();
+        let limit = next_due.unwrap_or(poll).min(poll);
+        if self.inbox_block > 0 {
+            limit.min(CURSOR_RESET.saturating_sub(self.cursors_reset_at.elapsed()))
+        } else {
+            limit
+        }
+    }
+
     /// Moves outcomes reported by the HTTP thread into `finished`.
     fn collect_outcomes(&mut self) {
         for Outcome { job_id, response, retry_after, detail } in self.pool.drain() {

@@ -167,13 +167,22 @@ pub type Cursors = std::collections::HashMap<String, (i64, i64)>;
 
 /// Moves up to `limit` inbox rows, from heap block `*from` on, into the
 /// queue; returns how many moved and leaves `*from` at the last block read.
-/// A scan that moves nothing starts from block 0 next time.
+/// A scan from past block 0 that finds nothing looks again from block 0 at
+/// once: once a vacuum has freed (or truncated) the blocks before the cursor,
+/// new rows go there, and the commit that said so has been consumed; left to
+/// the next reset, they could wait for the poll interval.
 pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, from: &mut i64) -> i64 {
-    let t = execute(c, ABSORB_INBOX, &[INT8, INT8], &[limit.into(), (*from).into()])
-        .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
-    let (moved, last) = t.first().get_two::<i64, i64>().unwrap_or((None, None));
-    let moved = moved.unwrap_or(0);
-    *from = if moved > 0 { last.unwrap_or(0) } else { 0 };
+    let mut scan = |start: i64| {
+        let t = execute(c, ABSORB_INBOX, &[INT8, INT8], &[limit.into(), start.into()])
+            .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
+        let (moved, last) = t.first().get_two::<i64, i64>().unwrap_or((None, None));
+        (moved.unwrap_or(0), last.unwrap_or(0))
+    };
+    let (mut moved, mut last) = scan(*from);
+    if moved == 0 && *from > 0 {
+        (moved, last) = scan(0);
+    }
+    *from = if moved > 0 { last } else { 0 };
     moved
 }
 
@@ -262,4 +271,30 @@ pub fn bump_stats(c: &mut SpiClient<'_>, kinds: Vec<String>, delivered: Vec<i64>
     }
     let args: [DatumWithOid; 3] = [kinds.into(), delivered.into(), failed.into()];
     execute(c, BUMP_STATS, &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("stats: {e}"));
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn absorb(from: &mut i64) -> i64 {
+        Spi::connect_mut(|c| super::absorb_inbox(c, 1000, from))
+    }
+
+    #[pg_test]
+    fn absorb_finds_rows_before_its_cursor() {
+        Spi::run("SELECT outbox.register('absorbed', 'http://h/{id}')").unwrap();
+        Spi::run("INSERT INTO outbox.inbox VALUES ('absorbed', '{a,b}', now())").unwrap();
+        // The last scan ended at block 7; the inbox has since been vacuumed
+        // down to block 0, where the new row went.
+        let mut from = 7;
+        assert_eq!(absorb(&mut from), 2);
+        assert_eq!(from, 0);
+        let queued = Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue WHERE kind = 'absorbed' AND state = 'pending'").unwrap();
+        assert_eq!(queued, Some(2));
+        // Nothing left: the next scan starts from the front.
+        assert_eq!(absorb(&mut from), 0);
+        assert_eq!(from, 0);
+    }
 }
