@@ -94,8 +94,8 @@ CREATE UNIQUE INDEX queue_fresh_key ON outbox.queue (kind, id)
     WHERE state = 'pending' AND last_attempt_at IS NULL;
 -- The claim's scan order, per kind (so paused kinds cost nothing to skip).
 CREATE INDEX queue_due ON outbox.queue (kind, run_at, job_id) WHERE state = 'pending';
--- One in-flight delivery per record.
-CREATE INDEX queue_running_key ON outbox.queue (kind, id) WHERE state = 'running';
+-- No index of running jobs: the worker, their only claimer, keeps them in
+-- memory and skips their records when it claims.
 CREATE INDEX queue_dead ON outbox.queue (kind) WHERE state = 'dead';
 
 -- Changes still in the inbox are pending jobs without a job_id yet.

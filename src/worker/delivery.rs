@@ -66,6 +66,7 @@ const CURSOR_RESET: Duration = Duration::from_secs(1);
 /// A job handed to the HTTP thread, until its outcome is recorded.
 struct InFlight {
     kind: String,
+    id: String,
     ctid: String,
     attempts: i32,
     max_attempts: i32,
@@ -312,7 +313,9 @@ impl Worker {
             if room == 0 || active.is_empty() {
                 return Turn::Worked { requests: Vec::new(), next_due: if inbox_full { Some(Duration::ZERO) } else { None } };
             }
-            let claimed = queue::claim(c, &active, &mut self.cursors, room as i64);
+            // Every job in flight is `running`: none was recorded yet.
+            let busy: queue::InFlightKeys = self.in_flight.values().map(|j| (j.kind.clone(), j.id.clone())).unzip();
+            let claimed = queue::claim(c, &active, &mut self.cursors, room as i64, &busy);
             self.last_work += claimed.len();
             if claimed.len() < room {
                 // Short: the scans reached the end; start the next ones over.
@@ -325,7 +328,7 @@ impl Worker {
             for (job, r) in claimed.iter().zip(rendered) {
                 let kind = kinds.get(&job.kind);
                 let max_attempts = kind.map_or(1, |k| k.max_attempts);
-                let info = |is_delete| InFlight { kind: job.kind.clone(), ctid: job.ctid.clone(), attempts: job.attempts, max_attempts, is_delete };
+                let info = |is_delete| InFlight { kind: job.kind.clone(), id: job.id.clone(), ctid: job.ctid.clone(), attempts: job.attempts, max_attempts, is_delete };
                 match r {
                     Rendered::Send(req) => {
                         let is_delete = req.method == Method::Delete;
@@ -355,7 +358,7 @@ impl Worker {
                 // Their outcomes wake us, and that turn looks again.
                 None
             } else {
-                queue::next_due_ms(c, active).map(|ms| match ms {
+                queue::next_due_ms(c, active, &busy).map(|ms| match ms {
                     // Due, yet nothing could be claimed: the job is locked by
                     // a transaction that enqueued it again. Its commit wakes
                     // us; until then, don't spin.

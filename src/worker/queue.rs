@@ -55,7 +55,11 @@ WITH picked AS (
 SELECT coalesce(sum(cardinality(ids)), 0)::bigint, coalesce(max((ctid::text::point)[0]), 0)::bigint FROM moved";
 
 /// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), oldest
-/// first, at most one per record, and none for a record already in flight.
+/// first, at most one per record, and none for a record in flight: ($5, $6)
+/// are the (kind, id) of the worker's deliveries in flight. The worker is the
+/// only claimer and knows them all (a restart sends every `running` job back
+/// to `pending`), so a hashed list of a few hundred pairs does what an index
+/// of running jobs would, without an index insert per claim.
 /// Each kind's scan starts after a cursor, ($3 run_at in µs since the Unix
 /// epoch, $4 job_id; NULL for the front): the entries before it are mostly jobs claimed a moment
 /// ago, dead in the index until vacuum, and skipping them keeps a claim's
@@ -75,11 +79,7 @@ WITH due AS (
            AND q.run_at <= now()
            AND (q.run_at, q.job_id) > (coalesce('epoch'::timestamptz + k.after_us * interval '1 microsecond', '-infinity'),
                                        coalesce(k.after_id, 0))
-           -- OFFSET 0 keeps this a per-row probe of queue_running_key: as an
-           -- anti-join it would scan every running entry of the kind, dead
-           -- ones (delivered since the last vacuum) included.
-           AND NOT EXISTS (SELECT 1 FROM outbox.queue r
-                            WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id OFFSET 0)
+           AND (q.kind, q.id) NOT IN (SELECT * FROM unnest($5::text[], $6::text[]))
          ORDER BY q.run_at, q.job_id
          LIMIT $2
            FOR UPDATE SKIP LOCKED
@@ -99,7 +99,7 @@ RETURNING q.job_id, q.kind, q.id, q.attempts, pg_catalog.pg_current_xact_id()::t
           (extract(epoch FROM q.run_at) * 1000000)::bigint, q.ctid::text";
 
 /// How long until the next job of the kinds in $1 falls due (among those the
-/// claim could take: not blocked by a delivery in flight).
+/// claim could take: not for a record in flight, ($2, $3) as for [`CLAIM`]).
 pub const NEXT_DUE: &str = "
 SELECT min(d.run_at) - now()
   FROM unnest($1::text[]) AS k(kind)
@@ -108,8 +108,7 @@ SELECT min(d.run_at) - now()
       FROM outbox.queue q
      WHERE q.kind = k.kind
        AND q.state = 'pending'
-       AND NOT EXISTS (SELECT 1 FROM outbox.queue r
-                        WHERE r.state = 'running' AND r.kind = q.kind AND r.id = q.id OFFSET 0)
+       AND (q.kind, q.id) NOT IN (SELECT * FROM unnest($2::text[], $3::text[]))
      ORDER BY q.run_at, q.job_id
      LIMIT 1
  ) d";
@@ -118,7 +117,7 @@ SELECT min(d.run_at) - now()
 /// returned (a TID scan: no index descent). Only the worker changes a running
 /// job, so the tuple is still there, unless an admin discarded the job; then
 /// the job_id check keeps a tuple that took its place. The state guard is
-/// spelled so that the planner can't answer it from queue_running_key.
+/// spelled so that the planner can't use a partial index for it.
 pub const COMPLETE: &str = "
 DELETE FROM outbox.queue
  WHERE ctid = ANY ($1::text[]::tid[]) AND job_id = ANY ($2::bigint[]) AND state || '' = 'running'";
@@ -186,13 +185,25 @@ pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, from: &mut i64) -> i64 {
     moved
 }
 
-/// Claims up to `limit` jobs of `kinds`, each kind scanned from its cursor.
-/// A kind whose scan claimed nothing has its cursor reset for the next turn.
-pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, limit: i64) -> Vec<Claimed> {
+/// The (kind, id) of every delivery in flight, as two arrays.
+pub type InFlightKeys = (Vec<String>, Vec<String>);
+
+/// Claims up to `limit` jobs of `kinds`, each kind scanned from its cursor,
+/// none for a record in `busy`. A kind whose scan claimed nothing has its
+/// cursor reset for the next turn.
+pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, limit: i64, busy: &InFlightKeys) -> Vec<Claimed> {
     let (after_us, after_id): (Vec<Option<i64>>, Vec<Option<i64>>) =
         kinds.iter().map(|k| cursors.get(k).map_or((None, None), |&(t, j)| (Some(t), Some(j)))).unzip();
-    let args: [DatumWithOid; 4] = [kinds.to_vec().into(), limit.into(), after_us.into(), after_id.into()];
-    let rows = execute(c, CLAIM, &[TEXT_ARRAY, INT8, INT8_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("claim: {e}"));
+    let args: [DatumWithOid; 6] = [
+        kinds.to_vec().into(),
+        limit.into(),
+        after_us.into(),
+        after_id.into(),
+        busy.0.clone().into(),
+        busy.1.clone().into(),
+    ];
+    let types = [TEXT_ARRAY, INT8, INT8_ARRAY, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY];
+    let rows = execute(c, CLAIM, &types, &args).unwrap_or_else(|e| panic!("claim: {e}"));
     let claimed: Vec<Claimed> = rows
         .filter_map(|r| {
             Some(Claimed {
@@ -221,8 +232,9 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, lim
 }
 
 /// Milliseconds until the next job is due (0 if overdue), None if none.
-pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>) -> Option<i64> {
-    let t = execute(c, NEXT_DUE, &[TEXT_ARRAY], &[kinds.into()]).unwrap_or_else(|e| panic!("next due: {e}"));
+pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>, busy: &InFlightKeys) -> Option<i64> {
+    let args: [DatumWithOid; 3] = [kinds.into(), busy.0.clone().into(), busy.1.clone().into()];
+    let t = execute(c, NEXT_DUE, &[TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY], &args).unwrap_or_else(|e| panic!("next due: {e}"));
     let iv = t.first().get_one::<pgrx::datum::Interval>().ok().flatten()?;
     Some((iv.as_micros() / 1000).max(0) as i64)
 }
