@@ -54,6 +54,20 @@ fn turn_gap(last_work: usize, more_due: bool, last_turn: Duration) -> Duration {
     last_turn.saturating_mul(BUSY_GAP_PER_TURN).clamp(BUSY_TURN_GAP, MAX_BUSY_TURN_GAP)
 }
 
+/// How long the worker may sleep when no commit or outcome wakes it: until
+/// the next due job, at most the poll interval. While the inbox cursor is
+/// past block 0 (`inbox_behind`), only until the next cursor reset: rows may
+/// have gone before the cursor while the last scan ran (into space that
+/// pruning or a vacuum freed), with no commit left to say so.
+fn sleep_limit(next_due: Option<Duration>, poll: Duration, inbox_behind: bool, since_reset: Duration) -> Duration {
+    let limit = next_due.unwrap_or(poll).min(poll);
+    if inbox_behind {
+        limit.min(CURSOR_RESET.saturating_sub(since_reset))
+    } else {
+        limit
+    }
+}
+
 /// How long to wait when a due job is locked by an open transaction.
 const LOCKED_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -222,19 +236,8 @@ fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
 }
 
 impl Worker {
-    /// How long the worker may sleep when no commit or outcome wakes it: until
-    /// the next due job, at most the poll interval. While the inbox cursor is
-    /// past block 0, only until the next reset: rows may have gone before it
-    /// while the last scan ran (into space a vacuum freed), with no commit
-    /// left to say so.
     fn sleep_limit(&self, next_due: Option<Duration>) -> Duration {
-        let poll = gucs::poll_interval();
-        let limit = next_due.unwrap_or(poll).min(poll);
-        if self.inbox_block > 0 {
-            limit.min(CURSOR_RESET.saturating_sub(self.cursors_reset_at.elapsed()))
-        } else {
-            limit
-        }
+        sleep_limit(next_due, gucs::poll_interval(), self.inbox_block > 0, self.cursors_reset_at.elapsed())
     }
 
     /// Moves outcomes reported by the HTTP thread into `finished`.
@@ -469,5 +472,18 @@ mod tests {
         assert_eq!(turn_gap(40, false, Duration::from_micros(300)), BUSY_TURN_GAP);
         assert_eq!(turn_gap(40, false, ms(9)), MAX_BUSY_TURN_GAP);
         assert_eq!(turn_gap(40, false, Duration::MAX), MAX_BUSY_TURN_GAP);
+    }
+
+    #[test]
+    fn sleeps_until_the_next_due_job_or_the_poll_interval_or_the_inbox_reset() {
+        let ms = Duration::from_millis;
+        let poll = ms(10_000);
+        assert_eq!(sleep_limit(None, poll, false, ms(0)), poll);
+        assert_eq!(sleep_limit(Some(ms(30)), poll, false, ms(0)), ms(30));
+        assert_eq!(sleep_limit(Some(ms(60_000)), poll, false, ms(0)), poll);
+        // The inbox cursor is past block 0: look from the front within a reset.
+        assert_eq!(sleep_limit(None, poll, true, ms(300)), CURSOR_RESET - ms(300));
+        assert_eq!(sleep_limit(Some(ms(30)), poll, true, ms(300)), ms(30));
+        assert_eq!(sleep_limit(None, poll, true, CURSOR_RESET * 2), Duration::ZERO);
     }
 }
