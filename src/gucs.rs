@@ -13,6 +13,7 @@ pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init(preloading: bool) {
     if preloading {
@@ -93,6 +94,14 @@ pub fn init(preloading: bool) {
         GucContext::Sighup,
         GucFlags::UNIT_BYTE,
     );
+    GucRegistry::define_string_guc(
+        c"outbox.ca_file",
+        c"PEM file of certificate authorities trusted for HTTPS besides the Mozilla roots.",
+        c"For receivers with a private CA. Relative to the data directory; read again on reload.",
+        &CA_FILE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
 }
 
 fn millis(setting: &GucSetting<i32>) -> Duration {
@@ -113,4 +122,7 @@ pub fn database() -> Option<String> {
 }
 pub fn role() -> Option<String> {
     ROLE.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+}
+pub fn ca_file() -> Option<String> {
+    CA_FILE.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
 }

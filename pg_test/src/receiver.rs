@@ -2,10 +2,14 @@
 //! request (method, path, headers, body, arrival time) as it arrives, then
 //! acts on the next scripted [`Action`] for that path (or the default one):
 //! answer with a status, headers and delay, hang, or drop the connection.
+//! [`Receiver::start_tls`] serves the same over TLS, with a given certificate.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -108,6 +112,7 @@ impl Chaos {
 
 pub struct Receiver {
     pub port: u16,
+    tls: bool,
     state: Arc<State>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -115,26 +120,53 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start() -> Receiver {
+        Receiver::listen(None)
+    }
+
+    /// Serves HTTPS with the certificate chain and private key of these PEM
+    /// files.
+    pub fn start_tls(cert_pem: &Path, key_pem: &Path) -> Receiver {
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(cert_pem).unwrap().collect::<Result<_, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_file(key_pem).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Receiver::listen(Some(Arc::new(config)))
+    }
+
+    fn listen(tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (Arc::clone(&state), Arc::clone(&stop));
+        let (s, st, is_tls) = (Arc::clone(&state), Arc::clone(&stop), tls.is_some());
         let thread = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (s, st) = (Arc::clone(&s), Arc::clone(&st));
-                std::thread::spawn(move || serve(conn, s, st));
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                let (s, st, tls) = (Arc::clone(&s), Arc::clone(&st), tls.clone());
+                std::thread::spawn(move || match tls {
+                    None => serve(conn, s, st),
+                    Some(config) => {
+                        let Ok(session) = rustls::ServerConnection::new(config) else { return };
+                        serve(rustls::StreamOwned::new(session, conn), s, st)
+                    }
+                });
             }
         });
-        Receiver { port, state, stop, thread: Some(thread) }
+        Receiver { port, tls: is_tls, state, stop, thread: Some(thread) }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{path}", self.port)
     }
 
     /// Scripts the next responses for `path`, in order.
@@ -207,12 +239,8 @@ fn next_action(state: &State, path: &str) -> Action {
     state.fallback.lock().unwrap().clone().unwrap_or(Action::status(201))
 }
 
-fn serve(conn: TcpStream, state: Arc<State>, stop: Arc<AtomicBool>) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut writer = match conn.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
+fn serve(conn: impl Read + Write, state: Arc<State>, stop: Arc<AtomicBool>) {
+    // Answers go straight to the stream, past the read buffer.
     let mut reader = BufReader::new(conn);
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -250,6 +278,7 @@ fn serve(conn: TcpStream, state: Arc<State>, stop: Arc<AtomicBool>) {
             _ => None,
         };
         state.requests.lock().unwrap().push(Recorded { answered, method, path: path.clone(), headers, body, at: Instant::now() });
+        let writer = reader.get_mut();
         match action {
             Action::Drop => return,
             Action::Raw { bytes, drip } => {

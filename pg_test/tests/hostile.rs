@@ -100,6 +100,58 @@ fn invalid_http_and_a_slow_drip_are_retried() {
     still_healthy(&db, &mut c, &good, pid);
 }
 
+/// Runs openssl with these arguments; panics if it fails.
+fn openssl(args: &[&str], dir: &std::path::Path) {
+    let ok = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl {args:?}");
+}
+
+#[test]
+fn https_to_a_private_ca_is_delivered_once_outbox_ca_file_trusts_it() {
+    // A private CA, and a certificate it issued for 127.0.0.1.
+    let dir = std::env::temp_dir().join(format!("outbox-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=outbox test CA", "-keyout", "ca.key", "-out", "ca.pem"], &dir);
+    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "leaf.key", "-out", "leaf.csr"], &dir);
+    std::fs::write(dir.join("leaf.ext"), "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\n").unwrap();
+    openssl(&["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", "leaf.ext", "-out", "leaf.pem"], &dir);
+    let tls = Receiver::start_tls(&dir.join("leaf.pem"), &dir.join("leaf.key"));
+    let placeholder = Receiver::start();
+    let (db, good, mut c, pid) = setup(&placeholder);
+    c.batch_execute(&format!("SELECT outbox.register('tls', '{}')", tls.url("/tls/{id}"))).unwrap();
+    c.batch_execute("SELECT outbox.enqueue('tls', 'x')").unwrap();
+    // Not trusted yet: the TLS error is on the job, which is retried.
+    assert!(wait_until(LONG, || job(&mut c, "tls", "x").is_some_and(|j| j.1 >= 1 && j.3.is_some())));
+    let error = job(&mut c, "tls", "x").unwrap().3.unwrap().to_lowercase();
+    assert!(error.contains("certificate") || error.contains("issuer"), "a clear TLS error: {error}");
+    assert_eq!(tls.count(), 0);
+    // A file that can't be used keeps what is trusted, and says why in the log.
+    c.batch_execute(&format!("ALTER SYSTEM SET outbox.ca_file = '{}'", dir.join("missing.pem").display())).unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(tls.count(), 0);
+    // Trusted on reload: the next attempt goes through.
+    c.batch_execute(&format!("ALTER SYSTEM SET outbox.ca_file = '{}'", dir.join("ca.pem").display())).unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let delivered = wait_until(LONG, || job(&mut c, "tls", "x").is_none());
+    let log = db.log();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(delivered, "delivered: {:?}", job(&mut c, "tls", "x"));
+    let requests = tls.requests_for("/tls/x");
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].method, "PUT");
+    assert!(log.contains("outbox.ca_file: ") && log.contains("missing.pem"), "the unusable file is logged");
+    assert!(log.contains("1 certificate authorities from"), "the trusted file is logged");
+    still_healthy(&db, &mut c, &good, pid);
+}
+
 #[test]
 fn https_to_a_self_signed_certificate_fails_clearly_and_is_retried() {
     // A TLS server with a certificate no root vouches for.

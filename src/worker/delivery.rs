@@ -4,10 +4,10 @@
 //! wait (latch, outcome pipe, or the next due job, whichever comes first).
 //! No HTTP call ever runs inside a transaction.
 
-use super::http::{Method, Outcome, Pool, Request};
+use super::http::{self, Method, Outcome, Pool, Request};
 use super::queue::{self, Failure};
 use super::render::{self, Rendered};
-use super::signals::{handle_interrupts, in_transaction, install_handlers, pause, report_activity, report_stats, wait};
+use super::signals::{handle_interrupts, in_transaction, install_handlers, pause, reloads, report_activity, report_stats, wait};
 use crate::policy::{classify, retry_delay, Response, Verdict};
 use crate::schema::JobState;
 use crate::shmem::{self, WorkerState};
@@ -125,6 +125,21 @@ struct Worker {
     /// (None: read them again).
     kinds: HashMap<String, render::Kind>,
     kinds_generation: Option<u64>,
+    /// `outbox.ca_file` as the HTTP thread last took it.
+    ca_file: Option<String>,
+    /// Configuration reloads handled so far.
+    reloads_seen: u64,
+}
+
+/// The roots HTTPS receivers are checked against, with what `ca_file` adds
+/// logged (a misconfigured file is the first thing to rule out when TLS fails).
+fn trusted_roots(ca_file: Option<&str>) -> Result<rustls::RootCertStore, String> {
+    let roots = http::trust_roots(ca_file)?;
+    if let Some(path) = ca_file {
+        let added = roots.len() - http::mozilla_roots().len();
+        log!("outbox worker: HTTPS trusts the Mozilla roots and {added} certificate authorities from {path}");
+    }
+    Ok(roots)
 }
 
 #[pg_guard]
@@ -146,7 +161,12 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         pg_sys::SetConfigOption(c"application_name".as_ptr(), c"outbox worker".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
     }
     let concurrency = gucs::CONCURRENCY.get().max(1) as usize;
-    let pool = with_signals_blocked(|| Pool::start(concurrency)).unwrap_or_else(|e| panic!("starting the HTTP thread: {e}"));
+    let ca_file = gucs::ca_file();
+    let roots = trusted_roots(ca_file.as_deref()).unwrap_or_else(|e| {
+        warning!("outbox.ca_file: {e}; HTTPS receivers are checked against the Mozilla roots only");
+        http::mozilla_roots()
+    });
+    let pool = with_signals_blocked(|| Pool::start(concurrency, roots)).unwrap_or_else(|e| panic!("starting the HTTP thread: {e}"));
     log!("outbox worker started for database \"{database}\" with up to {concurrency} requests in flight");
     let mut last_turn = Instant::now() - MIN_TURN_GAP;
     let mut w = Worker {
@@ -165,9 +185,15 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         extension: None,
         kinds: HashMap::new(),
         kinds_generation: None,
+        ca_file,
+        reloads_seen: reloads(),
     };
     loop {
         handle_interrupts();
+        if reloads() != w.reloads_seen {
+            w.reloads_seen = reloads();
+            w.reload_trust();
+        }
         // SAFETY: a plain query of shared recovery state.
         if unsafe { pg_sys::RecoveryInProgress() } {
             shmem::set_state(WorkerState::Standby);
@@ -236,6 +262,23 @@ fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
 }
 
 impl Worker {
+    /// After a reload: a changed `outbox.ca_file`, or a file that is set and
+    /// may have new contents, goes to the HTTP thread for new connections. A
+    /// file that can't be used leaves the roots in use as they are.
+    fn reload_trust(&mut self) {
+        let ca_file = gucs::ca_file();
+        if ca_file.is_none() && self.ca_file.is_none() {
+            return;
+        }
+        match trusted_roots(ca_file.as_deref()) {
+            Ok(roots) => {
+                self.pool.trust(roots);
+                self.ca_file = ca_file;
+            }
+            Err(e) => warning!("outbox.ca_file: {e}; the certificate authorities in use are kept"),
+        }
+    }
+
     fn sleep_limit(&self, next_due: Option<Duration>) -> Duration {
         sleep_limit(next_due, gucs::poll_interval(), self.inbox_block > 0, self.cursors_reset_at.elapsed())
     }

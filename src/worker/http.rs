@@ -23,6 +23,9 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::RootCertStore;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -68,9 +71,17 @@ pub struct Outcome {
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// What the main thread hands the event loop.
+enum Message {
+    Send(Request),
+    /// Connect with these roots from now on (`outbox.ca_file` was reloaded).
+    /// Requests in flight finish on the connections they have.
+    Trust(RootCertStore),
+}
+
 pub struct Pool {
     /// Dropping it ends the event loop, and the thread with it.
-    requests: Option<mpsc::UnboundedSender<Request>>,
+    requests: Option<mpsc::UnboundedSender<Message>>,
     outcomes: Receiver<Outcome>,
     wake_read: OwnedFd,
     /// Set by the main loop before it waits; the outcome that clears it pokes.
@@ -82,7 +93,7 @@ impl Pool {
     /// flight. Call with all signals blocked, so that the thread (and the
     /// threads tokio starts from it for name lookups) inherit the mask and
     /// Postgres' handlers keep running on the main thread only.
-    pub fn start(concurrency: usize) -> std::io::Result<Pool> {
+    pub fn start(concurrency: usize, roots: RootCertStore) -> std::io::Result<Pool> {
         let (wake_read, wake_write) = pipe()?;
         let waiting = Arc::new(AtomicBool::new(false));
         // Blocking threads only look names up, at most one per request in
@@ -92,16 +103,27 @@ impl Pool {
             .enable_time()
             .max_blocking_threads(concurrency)
             .build()?;
-        let client = client(concurrency)?;
-        let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Request>();
+        let mut http = client(concurrency, roots)?;
+        let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Message>();
         let (out_tx, out_rx) = unbounded::<Outcome>();
         let report = Reporter { outcomes: out_tx, wake_write: Arc::new(wake_write), waiting: Arc::clone(&waiting) };
         std::thread::Builder::new().name("outbox-http".into()).spawn(move || {
             runtime.block_on(async move {
                 let slots = Arc::new(Semaphore::new(concurrency));
-                while let Some(request) = req_rx.recv().await {
+                while let Some(message) = req_rx.recv().await {
+                    let request = match message {
+                        Message::Send(request) => request,
+                        Message::Trust(roots) => {
+                            // Fails only for a bad protocol setup, which the
+                            // first build would have hit already.
+                            if let Ok(c) = client(concurrency, roots) {
+                                http = c;
+                            }
+                            continue;
+                        }
+                    };
                     let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
-                    let (client, report) = (client.clone(), report.clone());
+                    let (client, report) = (http.clone(), report.clone());
                     tokio::spawn(async move {
                         let outcome = send(&client, request).await;
                         drop(slot);
@@ -119,7 +141,14 @@ impl Pool {
         if let Some(tx) = &self.requests {
             // Fails only once the loop has stopped, when nothing is waiting
             // for the outcome any more.
-            let _ = tx.send(request);
+            let _ = tx.send(Message::Send(request));
+        }
+    }
+
+    /// Trusts `roots` for connections made from now on.
+    pub fn trust(&self, roots: RootCertStore) {
+        if let Some(tx) = &self.requests {
+            let _ = tx.send(Message::Trust(roots));
         }
     }
 
@@ -168,18 +197,43 @@ impl Reporter {
     }
 }
 
-/// hyper's pooled client over TCP or TLS (rustls with the Mozilla roots, as
-/// a browser would trust). Names are looked up only when a connection is
-/// made, not per request.
-fn client(concurrency: usize) -> std::io::Result<HttpClient> {
+/// The certificate authorities HTTPS receivers are checked against: the
+/// Mozilla roots, as a browser would trust, and those of the PEM file
+/// `ca_file` (a private CA), if given.
+pub fn trust_roots(ca_file: Option<&str>) -> Result<RootCertStore, String> {
+    let mut roots = mozilla_roots();
+    let Some(path) = ca_file else { return Ok(roots) };
+    let mut found = 0;
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{path}: {e}"))? {
+        let cert = cert.map_err(|e| format!("{path}: {e}"))?;
+        roots.add(cert).map_err(|e| format!("{path}: certificate {}: {e}", found + 1))?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(format!("{path}: no PEM certificate (\"-----BEGIN CERTIFICATE-----\") in it"));
+    }
+    Ok(roots)
+}
+
+pub fn mozilla_roots() -> RootCertStore {
+    RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }
+}
+
+/// hyper's pooled client over TCP or TLS (rustls, checked against `roots`).
+/// Names are looked up only when a connection is made, not per request.
+fn client(concurrency: usize, roots: RootCertStore) -> std::io::Result<HttpClient> {
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     // A request is written at once, not held back waiting for an ACK.
     tcp.set_nodelay(true);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(provider)
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
         .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
         .https_or_http()
         .enable_http1()
         .wrap_connector(tcp);
@@ -337,8 +391,48 @@ mod tests {
         }
     }
 
+    /// A certificate authority's PEM, made by openssl.
+    fn ca_pem(dir: &std::path::Path) -> std::path::PathBuf {
+        let (key, cert) = (dir.join("ca.key"), dir.join("ca.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=outbox test CA"])
+            .arg("-keyout").arg(&key).arg("-out").arg(&cert)
+            .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null())
+            .status().unwrap().success();
+        assert!(ok, "openssl req");
+        cert
+    }
+
+    #[test]
+    fn a_ca_file_adds_its_authorities_to_the_mozilla_roots() {
+        let mozilla = mozilla_roots().len();
+        assert!(mozilla > 100, "{mozilla}");
+        assert_eq!(trust_roots(None).unwrap().len(), mozilla);
+        let dir = std::env::temp_dir().join(format!("outbox-roots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = ca_pem(&dir);
+        let path = ca.to_str().unwrap();
+        assert_eq!(trust_roots(Some(path)).unwrap().len(), mozilla + 1);
+        // A bundle: every certificate in it counts.
+        let bundle = dir.join("bundle.pem");
+        let one = std::fs::read_to_string(&ca).unwrap();
+        std::fs::write(&bundle, format!("# our CAs\n{one}{one}")).unwrap();
+        assert_eq!(trust_roots(Some(bundle.to_str().unwrap())).unwrap().len(), mozilla + 2);
+        // What can't be used says which file and why.
+        let missing = dir.join("missing.pem");
+        let e = trust_roots(Some(missing.to_str().unwrap())).unwrap_err();
+        assert!(e.starts_with(missing.to_str().unwrap()), "{e}");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        assert!(trust_roots(Some(empty.to_str().unwrap())).unwrap_err().contains("no PEM certificate"));
+        let broken = dir.join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        assert!(trust_roots(Some(broken.to_str().unwrap())).unwrap_err().contains("certificate 1"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn deliver(r: Request) -> Outcome {
-        let pool = Pool::start(2).unwrap();
+        let pool = Pool::start(2, mozilla_roots()).unwrap();
         pool.submit(r);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {

@@ -26,6 +26,10 @@ pub fn install_handlers() {
     }
 }
 
+thread_local! {
+    static RELOADS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Ends the process if SIGTERM came (via `die`); reloads config after SIGHUP.
 pub fn handle_interrupts() {
     pg_sys::check_for_interrupts!();
@@ -34,8 +38,15 @@ pub fn handle_interrupts() {
         if pg_sys::ConfigReloadPending != 0 {
             pg_sys::ConfigReloadPending = 0;
             pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+            RELOADS.set(RELOADS.get() + 1);
         }
     }
+}
+
+/// How many times the configuration was reloaded: settings read once (into
+/// the HTTP thread) are read again when this moves.
+pub fn reloads() -> u64 {
+    RELOADS.get()
 }
 
 /// Sleeps until the latch is set, `fd` is readable, or `timeout` passes.
