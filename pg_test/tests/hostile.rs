@@ -157,28 +157,16 @@ fn https_to_a_self_signed_certificate_fails_clearly_and_is_retried() {
     // A TLS server with a certificate no root vouches for.
     let dir = std::env::temp_dir().join(format!("outbox-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
-    let ok = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
-        .arg("-keyout").arg(&key).arg("-out").arg(&cert)
-        .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null())
-        .status().unwrap().success();
-    assert!(ok, "openssl req");
-    let port = outbox_e2e::cluster::free_port();
-    let mut server = std::process::Command::new("openssl")
-        .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
-        .arg("-key").arg(&key).arg("-cert").arg(&cert)
-        .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null())
-        .spawn().unwrap();
+    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", "key.pem", "-out", "cert.pem"], &dir);
+    let tls = Receiver::start_tls(&dir.join("cert.pem"), &dir.join("key.pem"));
+    let _ = std::fs::remove_dir_all(&dir);
     let placeholder = Receiver::start();
     let (db, good, mut c, pid) = setup(&placeholder);
-    c.batch_execute(&format!("SELECT outbox.register('tls', 'https://127.0.0.1:{port}/{{id}}')")).unwrap();
+    c.batch_execute(&format!("SELECT outbox.register('tls', '{}')", tls.url("/{id}"))).unwrap();
     c.batch_execute("SELECT outbox.enqueue('tls', 'x')").unwrap();
     let retried = wait_until(LONG, || job(&mut c, "tls", "x").is_some_and(|j| j.1 >= 2 && j.0 == "pending"));
     let row = job(&mut c, "tls", "x");
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(tls.count(), 0, "no request got through");
     assert!(retried, "retried: {row:?}");
     let error = row.unwrap().3.unwrap_or_default().to_lowercase();
     assert!(error.contains("certificate") || error.contains("issuer"), "a clear TLS error: {error}");
