@@ -18,6 +18,8 @@ pub struct Cluster {
     pub port: u16,
     pub database: String,
     running: bool,
+    /// The server's extra environment, kept for restarts.
+    env: Vec<(String, String)>,
 }
 
 pub fn is_root() -> bool {
@@ -58,6 +60,8 @@ pub struct Options {
     pub conf: Vec<String>,
     /// Create the database and the extension before returning.
     pub create_extension: bool,
+    /// Extra environment variables of the server (and so of the worker).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -71,6 +75,7 @@ impl Default for Options {
                 "outbox.poll_interval = '1s'".into(),
             ],
             create_extension: true,
+            env: Vec::new(),
         }
     }
 }
@@ -113,7 +118,7 @@ impl Cluster {
         }
         append(&data.join("postgresql.conf"), &conf);
         append(&data.join("pg_hba.conf"), "host replication all 127.0.0.1/32 trust\n");
-        let mut c = Cluster { dir, port, database: DATABASE.into(), running: false };
+        let mut c = Cluster { dir, port, database: DATABASE.into(), running: false, env: opts.env };
         c.pg_ctl_start();
         if opts.create_extension {
             c.admin("postgres").batch_execute(&format!("CREATE DATABASE {DATABASE}")).unwrap();
@@ -124,7 +129,7 @@ impl Cluster {
 
     /// A cluster already initialised in `dir` (e.g. a standby).
     pub fn adopt(dir: PathBuf, port: u16) -> Cluster {
-        Cluster { dir, port, database: DATABASE.into(), running: false }
+        Cluster { dir, port, database: DATABASE.into(), running: false, env: Vec::new() }
     }
 
     pub fn data(&self) -> PathBuf {
@@ -141,6 +146,7 @@ impl Cluster {
 
     pub fn pg_ctl_start(&mut self) {
         let mut c = pg_command("pg_ctl");
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c.args(["-D", self.data().to_str().unwrap(), "-l", self.log_path().to_str().unwrap(), "-w", "-t", "60", "start"]);
         run(c, "pg_ctl start");
         self.running = true;

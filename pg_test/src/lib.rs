@@ -1,10 +1,12 @@
 //! Test tooling for outbox's end-to-end suite: a throwaway cluster with the
-//! extension preloaded ([`cluster`]) and a programmable HTTP receiver
-//! ([`receiver`]). Everything started here is stopped on drop.
+//! extension preloaded ([`cluster`]), a programmable HTTP receiver
+//! ([`receiver`]) and a forward proxy ([`proxy`]). Everything started here is
+//! stopped on drop.
 
 pub mod bench;
 pub mod cluster;
 pub mod nginx;
+pub mod proxy;
 pub mod receiver;
 pub mod webhooks;
 

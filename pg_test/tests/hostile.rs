@@ -1,7 +1,9 @@
 //! Hostile receivers: each one misbehaves while another kind keeps being
-//! delivered, and the worker stays up with bounded memory.
+//! delivered, and the worker stays up with bounded memory. Also the network
+//! in between: TLS trust, and a forward proxy.
 
-use outbox_e2e::cluster::Cluster;
+use outbox_e2e::cluster::{Cluster, Options};
+use outbox_e2e::proxy::Proxy;
 use outbox_e2e::receiver::{Action, Receiver};
 use outbox_e2e::wait_until;
 use postgres::Client;
@@ -113,15 +115,21 @@ fn openssl(args: &[&str], dir: &std::path::Path) {
     assert!(ok, "openssl {args:?}");
 }
 
-#[test]
-fn https_to_a_private_ca_is_delivered_once_outbox_ca_file_trusts_it() {
-    // A private CA, and a certificate it issued for 127.0.0.1.
-    let dir = std::env::temp_dir().join(format!("outbox-ca-{}", std::process::id()));
+/// A private CA (`ca.pem`) in a new directory named for `name`, and a
+/// certificate it issued for 127.0.0.1 (`leaf.pem`, `leaf.key`).
+fn private_ca(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("outbox-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=outbox test CA", "-keyout", "ca.key", "-out", "ca.pem"], &dir);
     openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "leaf.key", "-out", "leaf.csr"], &dir);
     std::fs::write(dir.join("leaf.ext"), "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\n").unwrap();
     openssl(&["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", "leaf.ext", "-out", "leaf.pem"], &dir);
+    dir
+}
+
+#[test]
+fn https_to_a_private_ca_is_delivered_once_outbox_ca_file_trusts_it() {
+    let dir = private_ca("ca");
     let tls = Receiver::start_tls(&dir.join("leaf.pem"), &dir.join("leaf.key"));
     let placeholder = Receiver::start();
     let (db, good, mut c, pid) = setup(&placeholder);
@@ -150,6 +158,52 @@ fn https_to_a_private_ca_is_delivered_once_outbox_ca_file_trusts_it() {
     assert!(log.contains("outbox.ca_file: ") && log.contains("missing.pem"), "the unusable file is logged");
     assert!(log.contains("1 certificate authorities from"), "the trusted file is logged");
     still_healthy(&db, &mut c, &good, pid);
+}
+
+#[test]
+fn the_environment_s_proxy_carries_http_and_https_deliveries() {
+    let dir = private_ca("proxied");
+    let proxy = Proxy::start();
+    let (plain, direct) = (Receiver::start(), Receiver::start());
+    let tls = Receiver::start_tls(&dir.join("leaf.pem"), &dir.join("leaf.key"));
+    let via = format!("http://outbox:s3cret@127.0.0.1:{}", proxy.port);
+    let mut opts = Options::default();
+    opts.conf.push(format!("outbox.ca_file = '{}'", dir.join("ca.pem").display()));
+    opts.env = vec![("HTTP_PROXY".into(), via.clone()), ("HTTPS_PROXY".into(), via), ("NO_PROXY".into(), "localhost".into())];
+    let db = Cluster::start_with(opts);
+    let mut c = db.client();
+    c.batch_execute(&format!(
+        "SELECT outbox.register('plain', '{}');
+         SELECT outbox.register('tls', '{}');
+         SELECT outbox.register('direct', 'http://localhost:{}/direct/{{id}}');",
+        plain.url("/plain/{id}"),
+        tls.url("/tls/{id}"),
+        direct.port
+    ))
+    .unwrap();
+    for n in 1..=3 {
+        c.batch_execute(&format!("SELECT outbox.enqueue('plain', {n}), outbox.enqueue('tls', {n}), outbox.enqueue('direct', {n})")).unwrap();
+    }
+    let delivered = wait_until(LONG, || outbox_e2e::jobs_left(&mut c) == 0);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(delivered, "left: {:?}", c.query("SELECT kind, id, attempts, last_error FROM outbox.jobs", &[]).unwrap().iter().map(|r| (r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, i32>(2), r.get::<_, Option<String>>(3))).collect::<Vec<_>>());
+    for n in 1..=3 {
+        for (r, path) in [(&plain, format!("/plain/{n}")), (&tls, format!("/tls/{n}")), (&direct, format!("/direct/{n}"))] {
+            assert_eq!(r.requests_for(&path).len(), 1, "{path}");
+        }
+    }
+    let seen = proxy.seen();
+    let auth = Some("Basic b3V0Ym94OnMzY3JldA==".to_string());
+    // Plain HTTP: each request, in absolute form, with the credentials.
+    for n in 1..=3 {
+        let line = format!("PUT http://127.0.0.1:{}/plain/{n} HTTP/1.1", plain.port);
+        assert!(seen.iter().any(|s| s.line == line && s.auth == auth), "{line} in {seen:?}");
+    }
+    // HTTPS: tunnels to the receiver, the credentials on the CONNECT.
+    let connect = format!("CONNECT 127.0.0.1:{} HTTP/1.1", tls.port);
+    assert!(seen.iter().any(|s| s.line == connect && s.auth == auth), "{connect} in {seen:?}");
+    // NO_PROXY: straight to the receiver.
+    assert!(!seen.iter().any(|s| s.line.contains("direct")), "{seen:?}");
 }
 
 #[test]

@@ -18,10 +18,11 @@ use bytes::Bytes;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, USER_AGENT};
-use hyper_rustls::HttpsConnector;
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, PROXY_AUTHORIZATION, USER_AGENT};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::proxy::matcher::Matcher;
+use super::connect::{forward_auth, Connector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -69,7 +70,7 @@ pub struct Outcome {
     pub detail: Option<String>,
 }
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpClient = Client<Connector, Full<Bytes>>;
 
 /// What the main thread hands the event loop.
 enum Message {
@@ -103,7 +104,10 @@ impl Pool {
             .enable_time()
             .max_blocking_threads(concurrency)
             .build()?;
-        let mut http = client(concurrency, roots)?;
+        // Read once: a changed environment needs a restart, as for any
+        // process.
+        let proxies = Arc::new(Matcher::from_env());
+        let mut http = client(concurrency, roots, &proxies)?;
         let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Message>();
         let (out_tx, out_rx) = unbounded::<Outcome>();
         let report = Reporter { outcomes: out_tx, wake_write: Arc::new(wake_write), waiting: Arc::clone(&waiting) };
@@ -116,16 +120,16 @@ impl Pool {
                         Message::Trust(roots) => {
                             // Fails only for a bad protocol setup, which the
                             // first build would have hit already.
-                            if let Ok(c) = client(concurrency, roots) {
+                            if let Ok(c) = client(concurrency, roots, &proxies) {
                                 http = c;
                             }
                             continue;
                         }
                     };
                     let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
-                    let (client, report) = (http.clone(), report.clone());
+                    let (client, report, proxies) = (http.clone(), report.clone(), Arc::clone(&proxies));
                     tokio::spawn(async move {
-                        let outcome = send(&client, request).await;
+                        let outcome = send(&client, &proxies, request).await;
                         drop(slot);
                         report.send(outcome);
                     });
@@ -221,7 +225,7 @@ pub fn mozilla_roots() -> RootCertStore {
 
 /// hyper's pooled client over TCP or TLS (rustls, checked against `roots`).
 /// Names are looked up only when a connection is made, not per request.
-fn client(concurrency: usize, roots: RootCertStore) -> std::io::Result<HttpClient> {
+fn client(concurrency: usize, roots: RootCertStore, proxies: &Arc<Matcher>) -> std::io::Result<HttpClient> {
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     // A request is written at once, not held back waiting for an ACK.
@@ -232,15 +236,11 @@ fn client(concurrency: usize, roots: RootCertStore) -> std::io::Result<HttpClien
         .map_err(std::io::Error::other)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(tcp);
+    let connector = Connector::new(tcp, config, Arc::clone(proxies));
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_max_idle_per_host(concurrency.max(8) * 2)
-        .build(tls))
+        .build(connector))
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -279,16 +279,17 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The request as hyper takes it, with the Standard Webhooks headers.
-fn build(r: Request) -> Result<hyper::Request<Full<Bytes>>, String> {
+fn build(r: Request, proxies: &Matcher) -> Result<hyper::Request<Full<Bytes>>, String> {
     let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let msg_id = r.job_id.to_string();
     let body = r.body.unwrap_or_default();
+    let uri: hyper::Uri = r.url.parse().map_err(|e| format!("invalid URL {:?}: {e}", r.url))?;
     let mut builder = hyper::Request::builder()
         .method(match r.method {
             Method::Put => hyper::Method::PUT,
             Method::Delete => hyper::Method::DELETE,
         })
-        .uri(&r.url)
+        .uri(uri.clone())
         .header(USER_AGENT, concat!("outbox/", env!("CARGO_PKG_VERSION")))
         .header("webhook-id", &msg_id)
         .header("webhook-timestamp", timestamp.to_string());
@@ -305,6 +306,9 @@ fn build(r: Request) -> Result<hyper::Request<Full<Bytes>>, String> {
     }
     if !r.keep_alive {
         builder = builder.header(CONNECTION, "close");
+    }
+    if let Some(auth) = forward_auth(proxies, &uri) {
+        builder = builder.header(PROXY_AUTHORIZATION, auth);
     }
     builder.body(Full::new(Bytes::from(body))).map_err(|e| format!("invalid request: {}", describe(&e)))
 }
@@ -324,12 +328,12 @@ async fn read_limited(mut body: Incoming, max: usize) -> Result<Vec<u8>, hyper::
 
 /// Sends one request; never panics on a network or protocol problem. The
 /// timeout covers everything: lookup, connect, TLS, request and response.
-async fn send(client: &HttpClient, r: Request) -> Outcome {
+async fn send(client: &HttpClient, proxies: &Matcher, r: Request) -> Outcome {
     let (job_id, limit, timeout) = (r.job_id, r.max_response_bytes, r.timeout);
     let deadline = Instant::now() + timeout;
     let failed = |detail: String| Outcome { job_id, response: Response::NetworkError, retry_after: None, detail: Some(excerpt(&detail)) };
     let timed_out = || format!("timed out after {} ms", timeout.as_millis());
-    let request = match build(r) {
+    let request = match build(r, proxies) {
         Ok(request) => request,
         Err(e) => return failed(e),
     };

@@ -15,7 +15,7 @@ fn main() {
     let rows: i64 = bench::arg(1, 1_000_000);
     let rounds: usize = bench::arg(2, 3);
     let conf = bench::conf_from_env();
-    let db = Cluster::start_with(Options { conf: conf.clone(), create_extension: true });
+    let db = Cluster::start_with(Options { conf: conf.clone(), create_extension: true, env: Vec::new() });
     let mut c = db.client();
     c.batch_execute("SELECT outbox.register('item', 'http://127.0.0.1:9/items/{id}'); SELECT outbox.pause('item')").unwrap();
     for t in ["plain_items", "tracked_items"] {

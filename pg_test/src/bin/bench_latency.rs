@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let count: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2000);
-    let db = Cluster::start_with(outbox_e2e::cluster::Options { conf: vec![], create_extension: true });
+    let db = Cluster::start_with(outbox_e2e::cluster::Options { conf: vec![], create_extension: true, env: Vec::new() });
     let r = Receiver::start();
     let mut c = db.client();
     c.batch_execute(&format!("SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
