@@ -12,6 +12,7 @@
 //! delivery, most of it in context switches, and could not pass about 22,000
 //! requests/s against nginx; this loop spends about 20 µs.
 
+use super::connect::{forward_auth, Connector};
 use crate::policy::{parse_retry_after, Response};
 use crate::signing;
 use bytes::Bytes;
@@ -22,7 +23,6 @@ use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, PROXY_AUT
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
-use super::connect::{forward_auth, Connector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
