@@ -283,7 +283,8 @@ fn build(r: Request, proxies: &Matcher) -> Result<hyper::Request<Full<Bytes>>, S
     let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let msg_id = r.job_id.to_string();
     let body = r.body.unwrap_or_default();
-    let uri: hyper::Uri = r.url.parse().map_err(|e| format!("invalid URL {:?}: {e}", r.url))?;
+    // Not the URL itself in the error: it may carry credentials.
+    let uri: hyper::Uri = r.url.parse().map_err(|e| format!("invalid URL: {e}"))?;
     let mut builder = hyper::Request::builder()
         .method(match r.method {
             Method::Put => hyper::Method::PUT,
