@@ -8,11 +8,10 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::net::{TcpListener, TcpStream};
+use crate::listener::Listener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -114,8 +113,8 @@ pub struct Receiver {
     pub port: u16,
     tls: bool,
     state: Arc<State>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    /// Stops accepting when the receiver is dropped.
+    _listener: Listener,
 }
 
 impl Receiver {
@@ -139,29 +138,19 @@ impl Receiver {
     }
 
     fn listen(tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, st, is_tls) = (Arc::clone(&state), Arc::clone(&stop), tls.is_some());
-        let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if st.load(Ordering::SeqCst) {
-                    break;
+        let (s, is_tls) = (Arc::clone(&state), tls.is_some());
+        let listener = Listener::start(move |conn, stop| {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+            match &tls {
+                None => serve(conn, &s, stop),
+                Some(config) => {
+                    let Ok(session) = rustls::ServerConnection::new(Arc::clone(config)) else { return };
+                    serve(rustls::StreamOwned::new(session, conn), &s, stop)
                 }
-                let Ok(conn) = conn else { continue };
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-                let (s, st, tls) = (Arc::clone(&s), Arc::clone(&st), tls.clone());
-                std::thread::spawn(move || match tls {
-                    None => serve(conn, s, st),
-                    Some(config) => {
-                        let Ok(session) = rustls::ServerConnection::new(config) else { return };
-                        serve(rustls::StreamOwned::new(session, conn), s, st)
-                    }
-                });
             }
         });
-        Receiver { port, tls: is_tls, state, stop, thread: Some(thread) }
+        Receiver { port: listener.port, tls: is_tls, state, _listener: listener }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -216,16 +205,6 @@ impl Receiver {
     }
 }
 
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn next_action(state: &State, path: &str) -> Action {
     if let Some(chaos) = state.chaos.lock().unwrap().as_mut() {
         return chaos.next();
@@ -239,7 +218,7 @@ fn next_action(state: &State, path: &str) -> Action {
     state.fallback.lock().unwrap().clone().unwrap_or(Action::status(201))
 }
 
-fn serve(conn: impl Read + Write, state: Arc<State>, stop: Arc<AtomicBool>) {
+fn serve(conn: impl Read + Write, state: &State, stop: &AtomicBool) {
     // Answers go straight to the stream, past the read buffer.
     let mut reader = BufReader::new(conn);
     loop {
@@ -272,7 +251,7 @@ fn serve(conn: impl Read + Write, state: Arc<State>, stop: Arc<AtomicBool>) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let action = next_action(&state, &path);
+        let action = next_action(state, &path);
         let answered = match &action {
             Action::Respond { status, .. } => Some(*status),
             _ => None,
