@@ -360,7 +360,7 @@ impl Worker {
                 return Turn::Worked { requests: Vec::new(), next_due: if inbox_full { Some(Duration::ZERO) } else { None } };
             }
             // Every job in flight is `running`: none was recorded yet.
-            let busy: queue::InFlightKeys = self.in_flight.values().map(|j| (j.kind.clone(), j.id.clone())).unzip();
+            let busy: queue::InFlightKeys = self.in_flight.values().map(|j| (j.kind.as_str(), j.id.as_str())).unzip();
             let claimed = queue::claim(c, &active, &mut self.cursors, room as i64, &busy);
             self.last_work += claimed.len();
             if claimed.len() < room {

@@ -186,12 +186,12 @@ pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, from: &mut i64) -> i64 {
 }
 
 /// The (kind, id) of every delivery in flight, as two arrays.
-pub type InFlightKeys = (Vec<String>, Vec<String>);
+pub type InFlightKeys<'a> = (Vec<&'a str>, Vec<&'a str>);
 
 /// Claims up to `limit` jobs of `kinds`, each kind scanned from its cursor,
 /// none for a record in `busy`. A kind whose scan claimed nothing has its
 /// cursor reset for the next turn.
-pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, limit: i64, busy: &InFlightKeys) -> Vec<Claimed> {
+pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, limit: i64, busy: &InFlightKeys<'_>) -> Vec<Claimed> {
     let (after_us, after_id): (Vec<Option<i64>>, Vec<Option<i64>>) =
         kinds.iter().map(|k| cursors.get(k).map_or((None, None), |&(t, j)| (Some(t), Some(j)))).unzip();
     let args: [DatumWithOid; 6] = [
@@ -232,7 +232,7 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, lim
 }
 
 /// Milliseconds until the next job is due (0 if overdue), None if none.
-pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>, busy: &InFlightKeys) -> Option<i64> {
+pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>, busy: &InFlightKeys<'_>) -> Option<i64> {
     let args: [DatumWithOid; 3] = [kinds.into(), busy.0.clone().into(), busy.1.clone().into()];
     let t = execute(c, NEXT_DUE, &[TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY], &args).unwrap_or_else(|e| panic!("next due: {e}"));
     let iv = t.first().get_one::<pgrx::datum::Interval>().ok().flatten()?;
