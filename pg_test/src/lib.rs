@@ -18,8 +18,15 @@ pub fn jobs_left(c: &mut postgres::Client) -> i64 {
     c.query_one("SELECT count(*) FROM outbox.jobs", &[]).unwrap().get(0)
 }
 
-/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns
+/// whether it held.
+pub fn wait_until(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    wait_until_every(Duration::from_millis(20), timeout, cond)
+}
+
+/// [`wait_until`], polling every `every`: for clocks stopped by a condition,
+/// where the polling interval is part of what is measured.
+pub fn wait_until_every(every: Duration, timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     loop {
         if cond() {
@@ -28,6 +35,6 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         if start.elapsed() > timeout {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(every);
     }
 }
