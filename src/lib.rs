@@ -8,6 +8,8 @@
 //! - [`enqueue`]: `enqueue(kind, id [, delay])`, coalescing, the commit wake-up.
 //! - [`triggers`]: `track`, `untrack` and the `enqueue_trigger` trigger function.
 //! - [`inbox`]: buffers what tracked tables changed and writes it to `outbox.inbox`.
+//! - [`hooks`]: the executor and utility hooks (statement-end inbox writes, database DDL).
+//! - [`database_ddl`]: the worker steps aside for DDL that needs its database alone.
 //! - [`inspection`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`, `purge_dead`.
 //! - [`gucs`]: the `outbox.*` settings.
 //! - [`shmem`]: what backends and the worker share (the worker's latch, its status).
@@ -18,9 +20,11 @@
 
 use pgrx::prelude::*;
 
+pub mod database_ddl;
 pub mod enqueue;
 pub mod errors;
 pub mod gucs;
+pub mod hooks;
 pub mod inbox;
 pub mod inspection;
 pub mod kinds;
@@ -43,7 +47,7 @@ pub extern "C-unwind" fn _PG_init() {
     // shared_preload_libraries; we are on the main thread.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     gucs::init(preloading);
-    inbox::install_hooks();
+    hooks::install();
     if preloading {
         shmem::init();
         worker::register();

@@ -320,6 +320,55 @@ fn the_worker_waits_for_the_database_and_the_extension() {
     assert!(wait_until(LONG, || r.count() == 2));
 }
 
+/// Without the worker stepping aside, each of these statements would wait
+/// five seconds for it to leave the database, then fail.
+#[test]
+fn the_served_database_can_be_copied_renamed_and_dropped_while_the_worker_runs() {
+    let Setup { db, r, c, pid } = started("");
+    drop(c);
+    let mut admin = db.admin("postgres");
+    let worker = |admin: &mut Client| -> Option<i32> {
+        admin
+            .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox worker'", &[])
+            .unwrap()
+            .map(|r| r.get(0))
+    };
+    // Not the owner: the statement fails as it would anyway, and the worker
+    // is left alone.
+    admin.batch_execute("CREATE ROLE stranger CREATEDB; SET ROLE stranger").unwrap();
+    let err = admin.batch_execute("DROP DATABASE outbox_e2e").unwrap_err();
+    assert!(format!("{err:?}").contains("must be owner"), "{err:?}");
+    admin.batch_execute("RESET ROLE").unwrap();
+    assert_eq!(worker(&mut admin), Some(pid));
+
+    admin.batch_execute("CREATE DATABASE outbox_copy TEMPLATE outbox_e2e").unwrap();
+    let log = db.log();
+    assert!(log.contains("stopping the worker of database \"outbox_e2e\" for CREATE DATABASE ... TEMPLATE"), "{log}");
+    let again = db.wait_for_worker();
+    assert_ne!(again, pid, "a new worker");
+    let mut c = db.client();
+    c.batch_execute("INSERT INTO users VALUES (1, 'a')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 1 && jobs_left(&mut c) == 0));
+    drop(c);
+
+    // Renamed away, the worker waits for its database, as at startup.
+    admin.batch_execute("ALTER DATABASE outbox_e2e RENAME TO outbox_elsewhere").unwrap();
+    assert!(wait_until(LONG, || db.log().matches("does not exist yet").count() == 1));
+    admin.batch_execute("ALTER DATABASE outbox_elsewhere RENAME TO outbox_e2e").unwrap();
+    db.wait_for_worker();
+    let mut c = db.client();
+    c.batch_execute("INSERT INTO users VALUES (2, 'b')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 2 && jobs_left(&mut c) == 0));
+    drop(c);
+
+    admin.batch_execute("DROP DATABASE outbox_e2e").unwrap();
+    assert!(wait_until(LONG, || db.log().matches("does not exist yet").count() == 2));
+    assert_eq!(worker(&mut admin), None);
+    // The copy was taken while the worker was stopped, and is whole.
+    let mut copy = db.admin("outbox_copy");
+    assert_eq!(copy.query_one("SELECT count(*) FROM outbox.kinds", &[]).unwrap().get::<_, i64>(0), 1);
+}
+
 #[test]
 fn commit_wakes_the_worker_without_polling() {
     // A poll interval of a minute: only the commit wake-up can explain a

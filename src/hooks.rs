@@ -1,0 +1,112 @@
+//! The executor and utility hooks, chained to any installed before ours:
+//! - after each statement's executor finishes (its AFTER triggers have run)
+//!   and after a COPY, what tracked tables buffered goes to the inbox
+//!   ([`crate::inbox::flush`]), so that the next statement sees it;
+//! - before DDL that needs the served database to itself, the worker steps
+//!   aside ([`crate::database_ddl`]).
+
+use pgrx::prelude::*;
+
+static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+#[cfg(not(feature = "pg13"))]
+static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+/// Installs the hooks; called once per process, from `_PG_init`.
+pub(crate) fn install() {
+    // SAFETY: called once from _PG_init, on the main thread, before any query
+    // of this backend could call the hooks.
+    unsafe {
+        PREV_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+    }
+    // PG13's hook has another signature; there the commit-time flush covers
+    // COPY, and database DDL waits for the worker as it does without us.
+    #[cfg(not(feature = "pg13"))]
+    // SAFETY: as above.
+    unsafe {
+        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+// Postgres' own implementations, called directly: pgrx's wrappers would
+// catch an ERROR and raise it again without its schema, table and
+// constraint fields, which clients read (a foreign key violation raised by a
+// statement's AFTER triggers passes through here).
+unsafe extern "C-unwind" {
+    #[link_name = "standard_ExecutorFinish"]
+    fn standard_executor_finish(query: *mut pg_sys::QueryDesc);
+    #[cfg(not(feature = "pg13"))]
+    #[link_name = "standard_ProcessUtility"]
+    #[allow(clippy::too_many_arguments)]
+    fn standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query_string: *const std::ffi::c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        query_env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
+/// Not `#[pg_guard]`, so that the statement's own ERROR passes through as it
+/// is: its longjmp crosses only this frame, which owns nothing to drop.
+unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
+    // SAFETY: the hook's contract: call the previous hook or the standard
+    // function with the same argument.
+    unsafe {
+        match PREV_EXECUTOR_FINISH {
+            Some(prev) => prev(query),
+            None => standard_executor_finish(query),
+        }
+    }
+    // The statement's AFTER triggers have fired: write what they buffered,
+    // so that the next statement sees it.
+    flush_after_statement();
+}
+
+/// The part of the hooks that runs our code: a panic becomes an ERROR.
+#[pg_guard]
+extern "C-unwind" fn flush_after_statement() {
+    crate::inbox::flush();
+}
+
+/// As [`flush_after_statement`].
+#[cfg(not(feature = "pg13"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn before_utility(stmt: *mut pg_sys::Node) {
+    // SAFETY: called with the statement the utility hook runs.
+    unsafe { crate::database_ddl::step_aside_for(stmt) };
+}
+
+/// Not `#[pg_guard]`, as for [`executor_finish`].
+#[cfg(not(feature = "pg13"))]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: as for executor_finish; pstmt is a valid utility statement.
+    let is_copy = unsafe {
+        let stmt = (*pstmt).utilityStmt;
+        before_utility(stmt);
+        let is_copy = (*stmt).type_ == pg_sys::NodeTag::T_CopyStmt;
+        match PREV_PROCESS_UTILITY {
+            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => standard_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+        }
+        is_copy
+    };
+    // COPY FROM fires row triggers without an executor of its own.
+    if is_copy {
+        flush_after_statement();
+    }
+}
