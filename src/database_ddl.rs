@@ -15,30 +15,55 @@ use pgrx::prelude::*;
 use pgrx::PgList;
 use std::ffi::{c_char, CStr};
 
-/// What `stmt` would do to a database: its name, the lock the statement
-/// takes on it, and what to call the statement in the log.
+/// A statement that needs a database to itself.
+struct Ddl {
+    /// The database.
+    name: *const c_char,
+    /// The lock the statement takes on it.
+    lock: pg_sys::LOCKMODE,
+    /// What to call the statement in the log.
+    what: &'static str,
+    /// Whether it may run in a transaction block (the others fail there
+    /// before they wait for anyone).
+    in_block: bool,
+}
+
+/// What `stmt` would do to a database.
 ///
 /// # Safety
 /// `stmt` is a valid utility statement node.
-unsafe fn needs_database_alone(stmt: *mut pg_sys::Node) -> Option<(*const c_char, pg_sys::LOCKMODE, &'static str)> {
+unsafe fn needs_database_alone(stmt: *mut pg_sys::Node) -> Option<Ddl> {
     use pg_sys::NodeTag::*;
     let exclusive = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;
     // SAFETY: the node tag says which statement struct `stmt` points to.
     unsafe {
         match (*stmt).type_ {
-            T_DropdbStmt => Some(((*stmt.cast::<pg_sys::DropdbStmt>()).dbname, exclusive, "DROP DATABASE")),
+            T_DropdbStmt => {
+                let name = (*stmt.cast::<pg_sys::DropdbStmt>()).dbname;
+                Some(Ddl { name: name.cast_const(), lock: exclusive, what: "DROP DATABASE", in_block: false })
+            }
             T_RenameStmt => {
                 let s = stmt.cast::<pg_sys::RenameStmt>();
-                ((*s).renameType == pg_sys::ObjectType::OBJECT_DATABASE).then(|| ((*s).subname.cast_const(), exclusive, "ALTER DATABASE ... RENAME"))
+                ((*s).renameType == pg_sys::ObjectType::OBJECT_DATABASE).then(|| Ddl {
+                    name: (*s).subname.cast_const(),
+                    lock: exclusive,
+                    what: "ALTER DATABASE ... RENAME",
+                    in_block: true,
+                })
             }
             T_AlterDatabaseStmt => {
                 let s = stmt.cast::<pg_sys::AlterDatabaseStmt>();
-                option(PgList::from_pg((*s).options), "tablespace").map(|_| ((*s).dbname.cast_const(), exclusive, "ALTER DATABASE ... SET TABLESPACE"))
+                option(PgList::from_pg((*s).options), "tablespace").map(|_| Ddl {
+                    name: (*s).dbname.cast_const(),
+                    lock: exclusive,
+                    what: "ALTER DATABASE ... SET TABLESPACE",
+                    in_block: false,
+                })
             }
             T_CreatedbStmt => {
                 let s = stmt.cast::<pg_sys::CreatedbStmt>();
-                let template = option(PgList::from_pg((*s).options), "template")?;
-                Some((template, pg_sys::ShareLock as pg_sys::LOCKMODE, "CREATE DATABASE ... TEMPLATE"))
+                let name = option(PgList::from_pg((*s).options), "template")?;
+                Some(Ddl { name, lock: pg_sys::ShareLock as pg_sys::LOCKMODE, what: "CREATE DATABASE ... TEMPLATE", in_block: false })
             }
             _ => None,
         }
@@ -78,7 +103,11 @@ fn may_run_ddl_on(db: pg_sys::Oid) -> bool {
 /// `stmt` is a valid utility statement node.
 pub unsafe fn step_aside_for(stmt: *mut pg_sys::Node) {
     // SAFETY: as this function's contract.
-    let Some((name, lock, what)) = (unsafe { needs_database_alone(stmt) }) else { return };
+    let Some(Ddl { name, lock, what, in_block }) = (unsafe { needs_database_alone(stmt) }) else { return };
+    // SAFETY: a plain read of the transaction state.
+    if !in_block && unsafe { pg_sys::IsTransactionBlock() } {
+        return;
+    }
     // SAFETY: statement names are NUL-terminated strings.
     let name = unsafe { CStr::from_ptr(name) };
     if gucs::database().is_none_or(|served| served.as_bytes() != name.to_bytes()) {

@@ -339,6 +339,12 @@ fn the_served_database_can_be_copied_renamed_and_dropped_while_the_worker_runs()
     let err = admin.batch_execute("DROP DATABASE outbox_e2e").unwrap_err();
     assert!(format!("{err:?}").contains("must be owner"), "{err:?}");
     admin.batch_execute("RESET ROLE").unwrap();
+    // In a transaction block, DROP DATABASE fails before it waits for
+    // anyone: the worker is left alone too.
+    admin.batch_execute("BEGIN").unwrap();
+    let err = admin.batch_execute("DROP DATABASE outbox_e2e").unwrap_err();
+    assert!(format!("{err:?}").contains("cannot run inside a transaction block"), "{err:?}");
+    admin.batch_execute("ROLLBACK").unwrap();
     assert_eq!(worker(&mut admin), Some(pid));
 
     admin.batch_execute("CREATE DATABASE outbox_copy TEMPLATE outbox_e2e").unwrap();
@@ -351,8 +357,9 @@ fn the_served_database_can_be_copied_renamed_and_dropped_while_the_worker_runs()
     assert!(wait_until(LONG, || r.count() == 1 && jobs_left(&mut c) == 0));
     drop(c);
 
-    // Renamed away, the worker waits for its database, as at startup.
-    admin.batch_execute("ALTER DATABASE outbox_e2e RENAME TO outbox_elsewhere").unwrap();
+    // Renamed away (a RENAME may run in a transaction block), the worker
+    // waits for its database, as at startup.
+    admin.batch_execute("BEGIN; ALTER DATABASE outbox_e2e RENAME TO outbox_elsewhere; COMMIT").unwrap();
     assert!(wait_until(LONG, || db.log().matches("does not exist yet").count() == 1));
     admin.batch_execute("ALTER DATABASE outbox_elsewhere RENAME TO outbox_e2e").unwrap();
     db.wait_for_worker();
