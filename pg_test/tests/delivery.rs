@@ -352,10 +352,14 @@ fn the_served_database_can_be_copied_renamed_and_dropped_while_the_worker_runs()
     assert!(log.contains("stopping the worker of database \"outbox_e2e\" for CREATE DATABASE ... TEMPLATE"), "{log}");
     let again = db.wait_for_worker();
     assert_ne!(again, pid, "a new worker");
-    let mut c = db.client();
-    c.batch_execute("INSERT INTO users VALUES (1, 'a')").unwrap();
-    assert!(wait_until(LONG, || r.count() == 1 && jobs_left(&mut c) == 0));
-    drop(c);
+    // Delivers row `n` and leaves the database (a session in it would hold
+    // up the next statement).
+    let delivers = |n: usize| {
+        let mut c = db.client();
+        c.batch_execute(&format!("INSERT INTO users VALUES ({n}, 'x')")).unwrap();
+        assert!(wait_until(LONG, || r.count() == n && jobs_left(&mut c) == 0));
+    };
+    delivers(1);
 
     // Renamed away (a RENAME may run in a transaction block), the worker
     // waits for its database, as at startup.
@@ -363,10 +367,7 @@ fn the_served_database_can_be_copied_renamed_and_dropped_while_the_worker_runs()
     assert!(wait_until(LONG, || db.log().matches("does not exist yet").count() == 1));
     admin.batch_execute("ALTER DATABASE outbox_elsewhere RENAME TO outbox_e2e").unwrap();
     db.wait_for_worker();
-    let mut c = db.client();
-    c.batch_execute("INSERT INTO users VALUES (2, 'b')").unwrap();
-    assert!(wait_until(LONG, || r.count() == 2 && jobs_left(&mut c) == 0));
-    drop(c);
+    delivers(2);
 
     admin.batch_execute("DROP DATABASE outbox_e2e").unwrap();
     assert!(wait_until(LONG, || db.log().matches("does not exist yet").count() == 2));
