@@ -3,7 +3,9 @@
 //!   and after a COPY, what tracked tables buffered goes to the inbox
 //!   ([`crate::inbox::flush`]), so that the next statement sees it;
 //! - before DDL that needs the served database to itself, the worker steps
-//!   aside ([`crate::database_ddl`]).
+//!   aside ([`crate::database_ddl`]);
+//! - after a COPY into the extension's own tables (a restore), jobs restored
+//!   `running` are made `pending` and the worker is told ([`crate::restore`]).
 
 use pgrx::prelude::*;
 
@@ -108,5 +110,15 @@ unsafe extern "C-unwind" fn process_utility(
     // COPY FROM fires row triggers without an executor of its own.
     if is_copy {
         flush_after_statement();
+        // SAFETY: the statement is the COPY that just ran.
+        unsafe { after_copy((*pstmt).utilityStmt.cast()) };
     }
+}
+
+/// As [`flush_after_statement`].
+#[cfg(not(feature = "pg13"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn after_copy(stmt: *mut pg_sys::CopyStmt) {
+    // SAFETY: called with the COPY statement that just ran.
+    unsafe { crate::restore::after_copy(stmt) };
 }

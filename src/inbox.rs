@@ -163,14 +163,9 @@ fn inbox_relid() -> pg_sys::Oid {
     if let Some(oid) = BUFFER.with(|b| b.borrow().inbox) {
         return oid;
     }
-    // SAFETY: syscache lookups; missing_ok so we can raise a clear error.
-    let oid = unsafe {
-        let ns = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
-        if ns == pg_sys::InvalidOid { ns } else { pg_sys::get_relname_relid(c"inbox".as_ptr(), ns) }
-    };
-    if oid == pg_sys::InvalidOid {
+    let Some(oid) = crate::schema::relid(c"inbox") else {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "outbox.inbox does not exist", Some("Is the outbox extension installed?"));
-    }
+    };
     BUFFER.with(|b| b.borrow_mut().inbox = Some(oid));
     oid
 }

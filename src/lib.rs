@@ -10,6 +10,7 @@
 //! - [`inbox`]: buffers what tracked tables changed and writes it to `outbox.inbox`.
 //! - [`hooks`]: the executor and utility hooks (statement-end inbox writes, database DDL).
 //! - [`database_ddl`]: the worker steps aside for DDL that needs its database alone.
+//! - [`restore`]: what a COPY into the extension's tables (`pg_restore`) needs fixed.
 //! - [`inspection`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`, `purge_dead`.
 //! - [`gucs`]: the `outbox.*` settings.
 //! - [`shmem`]: what backends and the worker share (the worker's latch, its status).
@@ -29,6 +30,7 @@ pub mod inbox;
 pub mod inspection;
 pub mod kinds;
 pub mod policy;
+pub mod restore;
 pub mod schema;
 pub mod shmem;
 pub mod signing;

@@ -24,6 +24,16 @@ impl JobState {
     }
 }
 
+/// The oid of table `outbox.<name>`, if it exists.
+pub fn relid(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
+    // SAFETY: syscache lookups; both return InvalidOid for what is missing.
+    let oid = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
+        if ns == pg_sys::InvalidOid { ns } else { pg_sys::get_relname_relid(name.as_ptr(), ns) }
+    };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
 /// Lets `#[pg_extern(schema = "outbox")]` name the schema. The bootstrap SQL
 /// below creates it first, so pgrx's `CREATE SCHEMA IF NOT EXISTS` is a no-op.
 #[pg_schema]
@@ -97,6 +107,15 @@ CREATE INDEX queue_due ON outbox.queue (kind, run_at, job_id) WHERE state = 'pen
 -- No index of running jobs: the worker, their only claimer, keeps them in
 -- memory and skips their records when it claims.
 CREATE INDEX queue_dead ON outbox.queue (kind) WHERE state = 'dead';
+
+-- pg_dump keeps what these hold, as it does a table of the database's own:
+-- the kinds, the jobs and the inbox (changes not yet delivered), and the
+-- counters. (Jobs restored `running` go back to `pending`: hooks.rs.)
+SELECT pg_catalog.pg_extension_config_dump('outbox.kinds', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.kind_stats', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.queue', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.inbox', '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('outbox.queue', 'job_id'), '');
 
 -- Changes still in the inbox are pending jobs without a job_id yet.
 CREATE VIEW outbox.jobs AS

@@ -165,6 +165,14 @@ impl Cluster {
         self.pg_ctl_start();
     }
 
+    /// Runs a client tool (pg_dump, pg_restore, ...) against this cluster,
+    /// as `postgres` when we are root; panics with its output if it fails.
+    pub fn tool(&self, bin: &str, args: &[&str]) {
+        let mut c = pg_command(bin);
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"]).args(args);
+        run(c, bin);
+    }
+
     pub fn conninfo(&self, db: &str) -> String {
         format!("host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10", self.port)
     }

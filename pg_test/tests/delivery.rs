@@ -377,6 +377,42 @@ fn the_served_database_can_be_copied_renamed_and_dropped_while_the_worker_runs()
     assert_eq!(copy.query_one("SELECT count(*) FROM outbox.kinds", &[]).unwrap().get::<_, i64>(0), 1);
 }
 
+/// A backup taken while a delivery is in flight, restored into a new
+/// database in sections (the worker is already running there when the data
+/// arrives), loses nothing: kinds, jobs and job ids come back, and the job
+/// that was `running` when dumped is delivered.
+#[test]
+fn pg_dump_and_pg_restore_keep_kinds_and_jobs() {
+    let Setup { db, r, mut c, .. } = started("");
+    c.batch_execute(&format!("SELECT outbox.register('other', '{}'); SELECT outbox.pause('other')", r.url("/other/{id}"))).unwrap();
+    // Held by the receiver: still running when dumped.
+    r.set_fallback(Some(Action::delayed(201, Duration::from_secs(600))));
+    c.batch_execute("INSERT INTO users VALUES (1, 'held'); SELECT outbox.enqueue('other', 'x')").unwrap();
+    assert!(wait_until(LONG, || job_row(&mut c, "1").is_some_and(|j| j.0 == "running")));
+    let dump = db.dir.join("outbox_e2e.dump");
+    let dump = dump.to_str().unwrap();
+    db.tool("pg_dump", &["-Fc", "-f", dump, "outbox_e2e"]);
+    drop(c);
+
+    let mut admin = db.admin("postgres");
+    admin.batch_execute("DROP DATABASE outbox_e2e").unwrap();
+    admin.batch_execute("CREATE DATABASE outbox_e2e").unwrap();
+    r.set_fallback(None);
+    db.tool("pg_restore", &["--section=pre-data", "-d", "outbox_e2e", dump]);
+    db.wait_for_worker();
+    db.tool("pg_restore", &["--section=data", "-d", "outbox_e2e", dump]);
+    db.tool("pg_restore", &["--section=post-data", "-d", "outbox_e2e", dump]);
+
+    let mut c = db.client();
+    let kinds: i64 = c.query_one("SELECT count(*) FROM outbox.kinds", &[]).unwrap().get(0);
+    assert_eq!(kinds, 2);
+    assert!(wait_until(LONG, || r.requests_for("/users/1").iter().any(|q| q.json()["name"] == "held") && job_row(&mut c, "1").is_none()));
+    assert_eq!(job_row(&mut c, "x").map(|j| j.0), Some("pending".to_string()), "the paused kind's job is kept");
+    // New jobs take ids after the restored ones.
+    c.batch_execute("INSERT INTO users VALUES (2, 'new')").unwrap();
+    assert!(wait_until(LONG, || r.requests_for("/users/2").len() == 1 && job_row(&mut c, "2").is_none()));
+}
+
 #[test]
 fn commit_wakes_the_worker_without_polling() {
     // A poll interval of a minute: only the commit wake-up can explain a

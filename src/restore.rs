@@ -1,0 +1,45 @@
+//! Restores. pg_dump keeps the extension's tables (see `schema`), so
+//! `pg_restore` COPYs kinds, jobs and inbox rows back. A job that was being
+//! delivered when the dump was taken arrives `running`, a state that only a
+//! worker's memory accounts for: no worker would ever claim it again. So
+//! after a COPY into `outbox.queue`, the `running` rows it added go back to
+//! `pending`, due now, as a worker's restart does with its own. And the
+//! worker hears of the COPY at commit: jobs may be due, or kinds changed.
+
+use crate::enqueue::{kinds_changed_on_commit, wake_on_commit, wake_on_commit_for_inbox};
+use crate::schema::relid;
+use pgrx::prelude::*;
+
+/// `running` rows added by the current (sub)transaction ($1, its xid).
+const RUNNING_COPIED: &str = "
+UPDATE outbox.queue SET state = 'pending', run_at = now()
+ WHERE state = 'running' AND xmin = $1::text::xid";
+
+/// Called after every COPY.
+///
+/// # Safety
+/// `stmt` is the COPY statement that just ran.
+pub unsafe fn after_copy(stmt: *mut pg_sys::CopyStmt) {
+    // SAFETY: as this function's contract; the table named was resolved and
+    // locked by the COPY itself, so looking it up again finds the same one.
+    let table = unsafe {
+        if !(*stmt).is_from || (*stmt).relation.is_null() {
+            return;
+        }
+        let no_lock = pg_sys::NoLock as pg_sys::LOCKMODE;
+        pg_sys::RangeVarGetRelidExtended((*stmt).relation, no_lock, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut())
+    };
+    if Some(table) == relid(c"queue") {
+        // SAFETY: a plain read of the transaction state.
+        let xid = unsafe { pg_sys::GetCurrentTransactionIdIfAny() };
+        if xid != pg_sys::InvalidTransactionId {
+            Spi::connect_mut(|c| c.update(RUNNING_COPIED, None, &[xid.into_inner().to_string().into()]).map(|_| ()))
+                .unwrap_or_else(|e| panic!("resetting restored running jobs: {e}"));
+        }
+        wake_on_commit();
+    } else if Some(table) == relid(c"kinds") {
+        kinds_changed_on_commit();
+    } else if Some(table) == relid(c"inbox") {
+        wake_on_commit_for_inbox();
+    }
+}
