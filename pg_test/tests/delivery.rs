@@ -377,6 +377,29 @@ fn the_served_database_can_be_copied_renamed_and_dropped_while_the_worker_runs()
     assert_eq!(copy.query_one("SELECT count(*) FROM outbox.kinds", &[]).unwrap().get::<_, i64>(0), 1);
 }
 
+/// A database whose sessions default to serializable, read-only
+/// transactions (as a cautious DBA may set it, or a role's settings) keeps
+/// its deliveries: the worker's own session is read-write READ COMMITTED.
+/// Without that, every turn failed and the worker restarted over and over.
+#[test]
+fn serializable_read_only_defaults_do_not_stop_the_worker() {
+    let Setup { db, r, mut c, pid } = started("");
+    c.batch_execute(
+        "ALTER DATABASE outbox_e2e SET default_transaction_isolation = 'serializable';
+         ALTER DATABASE outbox_e2e SET default_transaction_read_only = on;",
+    )
+    .unwrap();
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    let worker = db.wait_for_worker();
+    assert_ne!(worker, pid);
+    // This session connected before the ALTERs: it still writes.
+    c.batch_execute("INSERT INTO users SELECT g, 'n' FROM generate_series(1, 50) g").unwrap();
+    c.batch_execute("UPDATE users SET name = 'm' WHERE id <= 10").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0 && r.distinct_paths() == 50));
+    assert_eq!(db.worker_pid(), Some(worker), "no restart");
+    assert!(!db.log().contains("read-only transaction"), "{}", db.log());
+}
+
 /// A backup taken while a delivery is in flight, restored into a new
 /// database in sections (the worker is already running there when the data
 /// arrives), loses nothing: kinds, jobs and job ids come back, and the job

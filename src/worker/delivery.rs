@@ -68,6 +68,24 @@ fn sleep_limit(next_due: Option<Duration>, poll: Duration, inbox_behind: bool, s
     }
 }
 
+/// The worker's session, whatever the database or its role sets:
+/// - synchronous_commit: losing the last commits in a crash only means
+///   delivering again, which at-least-once allows; not waiting for each
+///   flush is much faster;
+/// - the worker's statements are written for READ COMMITTED (a fresh
+///   snapshot per statement, `SKIP LOCKED` over rows others just changed),
+///   and must write: a serializable or read-only default would fail its
+///   turns, one restart after another. At READ COMMITTED it also takes no
+///   predicate locks that could fail the applications' serializable
+///   transactions. Body functions run in these transactions too: they read
+///   the record's latest committed state, which is what is to be sent.
+const SESSION_SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 4] = [
+    (c"synchronous_commit", c"off"),
+    (c"application_name", c"outbox worker"),
+    (c"default_transaction_isolation", c"read committed"),
+    (c"default_transaction_read_only", c"off"),
+];
+
 /// How long to wait when a due job is locked by an open transaction.
 const LOCKED_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -153,12 +171,12 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     shmem::set_state(WorkerState::Starting);
     // SAFETY: registering a plain function for process exit.
     unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
-    // Losing the last commits in a crash only means delivering again, which
-    // at-least-once allows; not waiting for each flush is much faster.
-    // SAFETY: setting a GUC on the main thread, outside a transaction is fine.
+    // SAFETY: setting GUCs on the main thread, outside a transaction, over
+    // what the database's and role's settings said.
     unsafe {
-        pg_sys::SetConfigOption(c"synchronous_commit".as_ptr(), c"off".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
-        pg_sys::SetConfigOption(c"application_name".as_ptr(), c"outbox worker".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
+        for (name, value) in SESSION_SETTINGS {
+            pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
+        }
     }
     let concurrency = gucs::CONCURRENCY.get().max(1) as usize;
     let ca_file = gucs::ca_file();
