@@ -377,6 +377,28 @@ fn the_served_database_can_be_copied_renamed_and_dropped_while_the_worker_runs()
     assert_eq!(copy.query_one("SELECT count(*) FROM outbox.kinds", &[]).unwrap().get::<_, i64>(0), 1);
 }
 
+/// A database closed to connections (`ALLOW_CONNECTIONS false`, say for
+/// maintenance) is waited for, said once, instead of a worker failing to
+/// connect every second.
+#[test]
+fn a_database_closed_to_connections_is_waited_for_quietly() {
+    let Setup { db, r, c, pid } = started("");
+    drop(c);
+    let mut admin = db.admin("postgres");
+    admin.batch_execute("ALTER DATABASE outbox_e2e ALLOW_CONNECTIONS false").unwrap();
+    admin.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    assert!(wait_until(LONG, || db.log().contains("does not allow connections")));
+    // Three launcher rounds.
+    std::thread::sleep(Duration::from_millis(3000));
+    let log = db.log();
+    assert_eq!(log.matches("does not allow connections").count(), 1, "{log}");
+    assert!(!log.contains("is not currently accepting connections"), "no worker tried to connect: {log}");
+    admin.batch_execute("ALTER DATABASE outbox_e2e ALLOW_CONNECTIONS true").unwrap();
+    db.wait_for_worker();
+    db.client().batch_execute("INSERT INTO users VALUES (1, 'a')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 1));
+}
+
 /// A database whose sessions default to serializable, read-only
 /// transactions (as a cautious DBA may set it, or a role's settings) keeps
 /// its deliveries: the worker's own session is read-write READ COMMITTED.

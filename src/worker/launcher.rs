@@ -15,18 +15,29 @@ use std::time::{Duration, Instant};
 /// the least time between two starts of a worker that keeps exiting.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// What the launcher finds of the database it is to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    Missing,
+    /// `ALLOW_CONNECTIONS false`: a worker would fail to connect, again
+    /// and again.
+    Closed,
+    Open,
+}
+
 /// Looks the database up by heap scan: with no database selected, only shared
 /// catalogs can be read, and only by scan (as the autovacuum launcher does).
-fn database_exists(name: &str) -> bool {
-    let Ok(target) = CString::new(name) else { return false };
+fn find_database(name: &str) -> Found {
+    let Ok(target) = CString::new(name) else { return Found::Missing };
     super::signals::in_transaction(|| {
         // SAFETY: a read-only catalog scan inside a transaction; every tuple
-        // returned is a valid pg_database row, whose first field is datname.
+        // returned is a valid pg_database row, whose fixed-size fields
+        // (datname, datallowconn) come first.
         unsafe {
             let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
             let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, lock);
             let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-            let mut found = false;
+            let mut found = Found::Missing;
             loop {
                 let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
                 if tuple.is_null() {
@@ -35,7 +46,7 @@ fn database_exists(name: &str) -> bool {
                 let header = (*tuple).t_data;
                 let form = header.cast::<u8>().add((*header).t_hoff as usize).cast::<pg_sys::FormData_pg_database>();
                 if CStr::from_ptr((*form).datname.data.as_ptr()) == target.as_c_str() {
-                    found = true;
+                    found = if (*form).datallowconn { Found::Open } else { Found::Closed };
                     break;
                 }
             }
@@ -68,7 +79,8 @@ pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
     install_handlers();
     BackgroundWorker::connect_worker_to_spi(None, None);
     let mut worker: Option<DynamicBackgroundWorker> = None;
-    let mut said_missing = false;
+    // What was last said of a database that can't be served, so it is said once.
+    let mut said: Option<Found> = None;
     let mut last_start: Option<Instant> = None;
     loop {
         handle_interrupts();
@@ -78,23 +90,26 @@ pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
             .is_some_and(|w| !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)));
         if !running {
             worker = None;
-            match gucs::database() {
+            match gucs::database().map(|db| (find_database(&db), db)) {
                 None => {
-                    if !said_missing {
+                    if said != Some(Found::Missing) {
                         log!("outbox: outbox.database is empty; no worker will run");
-                        said_missing = true;
+                        said = Some(Found::Missing);
                     }
                 }
-                Some(db) if !database_exists(&db) => {
-                    if !said_missing {
-                        log!("outbox: database \"{db}\" does not exist yet; the worker will start once it does");
-                        said_missing = true;
+                Some((found @ (Found::Missing | Found::Closed), db)) => {
+                    if said != Some(found) {
+                        match found {
+                            Found::Closed => log!("outbox: database \"{db}\" does not allow connections; the worker will start once it does"),
+                            _ => log!("outbox: database \"{db}\" does not exist yet; the worker will start once it does"),
+                        }
+                        said = Some(found);
                     }
                 }
-                Some(db) => {
+                Some((Found::Open, db)) => {
                     let too_soon = last_start.is_some_and(|t| t.elapsed() < RECHECK);
                     if !too_soon {
-                        said_missing = false;
+                        said = None;
                         last_start = Some(Instant::now());
                         worker = start_worker(&db);
                         if worker.is_none() {
