@@ -399,6 +399,34 @@ fn a_database_closed_to_connections_is_waited_for_quietly() {
     assert!(wait_until(LONG, || r.count() == 1));
 }
 
+/// `outbox.role`: the worker connects as it. A role that is missing or
+/// can't log in is waited for, said once each, instead of a worker failing
+/// to connect every second.
+#[test]
+fn the_worker_connects_as_outbox_role_once_it_can() {
+    let mut opts = Options::default();
+    opts.conf.push("outbox.role = 'outbox_worker'".into());
+    let db = Cluster::start_with(opts);
+    let r = Receiver::start();
+    let mut c = db.client();
+    users(&mut c, &r, "");
+    assert!(wait_until(LONG, || db.log().contains("role \"outbox_worker\" (outbox.role) does not exist")));
+    c.batch_execute("CREATE ROLE outbox_worker SUPERUSER NOLOGIN").unwrap();
+    assert!(wait_until(LONG, || db.log().contains("(outbox.role) cannot log in")));
+    // Three launcher rounds.
+    std::thread::sleep(Duration::from_millis(3000));
+    let log = db.log();
+    assert_eq!(log.matches("(outbox.role) does not exist").count(), 1, "{log}");
+    assert_eq!(log.matches("(outbox.role) cannot log in").count(), 1, "{log}");
+    assert!(!log.contains("FATAL:  role"), "no worker tried to connect: {log}");
+    c.batch_execute("ALTER ROLE outbox_worker LOGIN").unwrap();
+    db.wait_for_worker();
+    let user: String = c.query_one("SELECT usename::text FROM pg_stat_activity WHERE backend_type = 'outbox worker'", &[]).unwrap().get(0);
+    assert_eq!(user, "outbox_worker");
+    c.batch_execute("INSERT INTO users VALUES (1, 'a')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 1 && jobs_left(&mut c) == 0));
+}
+
 /// A database whose sessions default to serializable, read-only
 /// transactions (as a cautious DBA may set it, or a role's settings) keeps
 /// its deliveries: the worker's own session is read-write READ COMMITTED.

@@ -1,5 +1,6 @@
-//! The launcher: waits for the database to exist, then keeps one delivery
-//! worker running in it. Connected to no database, it can read only shared
+//! The launcher: waits for the database to exist and allow connections, and
+//! for `outbox.role` to be able to log in, then keeps one delivery worker
+//! running in the database. Connected to no database, it can read only shared
 //! catalogs, which is all it needs.
 
 use super::signals::{handle_interrupts, install_handlers, wait};
@@ -15,46 +16,93 @@ use std::time::{Duration, Instant};
 /// the least time between two starts of a worker that keeps exiting.
 const RECHECK: Duration = Duration::from_secs(1);
 
-/// What the launcher finds of the database it is to serve.
+/// Why no worker can run now. Each is logged once, and waited out: a worker
+/// started anyway would fail to connect, again and again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Found {
-    Missing,
-    /// `ALLOW_CONNECTIONS false`: a worker would fail to connect, again
-    /// and again.
-    Closed,
-    Open,
+enum Blocker {
+    NoDatabaseSet,
+    DatabaseMissing,
+    /// `ALLOW_CONNECTIONS false`.
+    DatabaseClosed,
+    RoleMissing,
+    RoleCannotLogin,
 }
 
-/// Looks the database up by heap scan: with no database selected, only shared
-/// catalogs can be read, and only by scan (as the autovacuum launcher does).
-fn find_database(name: &str) -> Found {
-    let Ok(target) = CString::new(name) else { return Found::Missing };
+impl Blocker {
+    fn describe(self, database: &str, role: &str) -> String {
+        match self {
+            Self::NoDatabaseSet => "outbox.database is empty; no worker will run".into(),
+            Self::DatabaseMissing => format!("database \"{database}\" does not exist yet; the worker will start once it does"),
+            Self::DatabaseClosed => format!("database \"{database}\" does not allow connections; the worker will start once it does"),
+            Self::RoleMissing => format!("role \"{role}\" (outbox.role) does not exist; the worker will start once it does"),
+            Self::RoleCannotLogin => format!("role \"{role}\" (outbox.role) cannot log in; the worker will start once it can"),
+        }
+    }
+}
+
+/// The first row of shared catalog `catalog` that `pick` makes something of.
+/// With no database selected, only shared catalogs can be read, and only by
+/// scan (as the autovacuum launcher does).
+///
+/// # Safety
+/// `pick` is given a pointer to the row's fixed-size fields, laid out as
+/// the catalog's `FormData` struct; it reads only those.
+unsafe fn scan_shared<R>(catalog: pg_sys::Oid, mut pick: impl FnMut(*const u8) -> Option<R>) -> Option<R> {
     super::signals::in_transaction(|| {
         // SAFETY: a read-only catalog scan inside a transaction; every tuple
-        // returned is a valid pg_database row, whose fixed-size fields
-        // (datname, datallowconn) come first.
+        // returned is a valid row of `catalog`.
         unsafe {
             let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-            let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, lock);
+            let rel = pg_sys::table_open(catalog, lock);
             let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-            let mut found = Found::Missing;
-            loop {
+            let mut found = None;
+            while found.is_none() {
                 let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
                 if tuple.is_null() {
                     break;
                 }
                 let header = (*tuple).t_data;
-                let form = header.cast::<u8>().add((*header).t_hoff as usize).cast::<pg_sys::FormData_pg_database>();
-                if CStr::from_ptr((*form).datname.data.as_ptr()) == target.as_c_str() {
-                    found = if (*form).datallowconn { Found::Open } else { Found::Closed };
-                    break;
-                }
+                found = pick(header.cast::<u8>().add((*header).t_hoff as usize));
             }
             pg_sys::table_endscan(scan);
             pg_sys::table_close(rel, lock);
             found
         }
     })
+}
+
+/// What keeps a worker for `database`, connecting as `role` (None: the
+/// bootstrap superuser), from running; None if nothing does.
+fn blocker(database: Option<&str>, role: Option<&str>) -> Option<Blocker> {
+    let Some(database) = database else { return Some(Blocker::NoDatabaseSet) };
+    let Ok(database) = CString::new(database) else { return Some(Blocker::DatabaseMissing) };
+    // SAFETY: pg_database rows, read through their FormData layout.
+    let allows = unsafe {
+        scan_shared(pg_sys::DatabaseRelationId, |row| {
+            let form = row.cast::<pg_sys::FormData_pg_database>();
+            (CStr::from_ptr((*form).datname.data.as_ptr()) == database.as_c_str()).then(|| (*form).datallowconn)
+        })
+    };
+    match allows {
+        None => return Some(Blocker::DatabaseMissing),
+        Some(false) => return Some(Blocker::DatabaseClosed),
+        Some(true) => {}
+    }
+    // No role set: the bootstrap superuser, who can always log in.
+    let role = role?;
+    let Ok(role) = CString::new(role) else { return Some(Blocker::RoleMissing) };
+    // SAFETY: pg_authid rows, read through their FormData layout.
+    let can_login = unsafe {
+        scan_shared(pg_sys::AuthIdRelationId, |row| {
+            let form = row.cast::<pg_sys::FormData_pg_authid>();
+            (CStr::from_ptr((*form).rolname.data.as_ptr()) == role.as_c_str()).then(|| (*form).rolcanlogin)
+        })
+    };
+    match can_login {
+        None => Some(Blocker::RoleMissing),
+        Some(false) => Some(Blocker::RoleCannotLogin),
+        Some(true) => None,
+    }
 }
 
 fn start_worker(database: &str) -> Option<DynamicBackgroundWorker> {
@@ -79,8 +127,8 @@ pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
     install_handlers();
     BackgroundWorker::connect_worker_to_spi(None, None);
     let mut worker: Option<DynamicBackgroundWorker> = None;
-    // What was last said of a database that can't be served, so it is said once.
-    let mut said: Option<Found> = None;
+    // What was last said of why no worker can run, so it is said once.
+    let mut said: Option<Blocker> = None;
     let mut last_start: Option<Instant> = None;
     loop {
         handle_interrupts();
@@ -90,27 +138,20 @@ pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
             .is_some_and(|w| !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)));
         if !running {
             worker = None;
-            match gucs::database().map(|db| (find_database(&db), db)) {
+            let (database, role) = (gucs::database(), gucs::role());
+            match blocker(database.as_deref(), role.as_deref()) {
+                Some(b) => {
+                    if said != Some(b) {
+                        log!("outbox: {}", b.describe(database.as_deref().unwrap_or(""), role.as_deref().unwrap_or("")));
+                        said = Some(b);
+                    }
+                }
                 None => {
-                    if said != Some(Found::Missing) {
-                        log!("outbox: outbox.database is empty; no worker will run");
-                        said = Some(Found::Missing);
-                    }
-                }
-                Some((found @ (Found::Missing | Found::Closed), db)) => {
-                    if said != Some(found) {
-                        match found {
-                            Found::Closed => log!("outbox: database \"{db}\" does not allow connections; the worker will start once it does"),
-                            _ => log!("outbox: database \"{db}\" does not exist yet; the worker will start once it does"),
-                        }
-                        said = Some(found);
-                    }
-                }
-                Some((Found::Open, db)) => {
                     let too_soon = last_start.is_some_and(|t| t.elapsed() < RECHECK);
                     if !too_soon {
                         said = None;
                         last_start = Some(Instant::now());
+                        let db = database.unwrap_or_default();
                         worker = start_worker(&db);
                         if worker.is_none() {
                             warning!("outbox: could not start the worker for database \"{db}\" (max_worker_processes?)");
