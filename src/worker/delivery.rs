@@ -116,6 +116,8 @@ struct Finished {
 
 enum Turn {
     NoExtension,
+    /// The worker's role lacks privileges on the extension's tables.
+    NoPrivileges,
     Worked { requests: Vec<(Request, InFlight)>, next_due: Option<Duration> },
 }
 
@@ -125,6 +127,11 @@ struct Worker {
     finished: Vec<Finished>,
     recovered: bool,
     said_no_extension: bool,
+    /// The worker's role has the privileges it needs on the extension's
+    /// tables (checked when the extension is found).
+    privileges_ok: bool,
+    /// The privileges it was last found to lack, as logged.
+    said_lacking: Option<String>,
     cursors: queue::Cursors,
     /// Heap block of the inbox where the next absorb starts.
     inbox_block: i64,
@@ -193,6 +200,8 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         finished: Vec::new(),
         recovered: false,
         said_no_extension: false,
+        privileges_ok: false,
+        said_lacking: None,
         cursors: queue::Cursors::new(),
         inbox_block: 0,
         cursors_reset_at: Instant::now(),
@@ -233,6 +242,11 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         w.last_turn_time = last_turn.elapsed();
         report_stats();
         match turn {
+            Turn::NoPrivileges => {
+                shmem::set_state(WorkerState::WaitingForExtension);
+                report_activity(false, c"waiting for privileges on the outbox tables");
+                wait(None, EXTENSION_RECHECK);
+            }
             Turn::NoExtension => {
                 shmem::set_state(WorkerState::WaitingForExtension);
                 report_activity(false, c"waiting for CREATE EXTENSION outbox");
@@ -320,6 +334,7 @@ impl Worker {
             self.kinds_generation = None;
             self.finished.clear();
             self.recovered = false;
+            self.privileges_ok = false;
             super::plans::forget();
         }
         if extension.is_none() {
@@ -334,6 +349,31 @@ impl Worker {
             self.said_no_extension = false;
         }
         Spi::connect_mut(|c| {
+            // A role without them would fail every turn, one restart after
+            // another: say once what to grant, and wait for it. Checked when
+            // the extension is found; a REVOKE after that fails a turn, and
+            // the next worker waits here.
+            if !self.privileges_ok {
+                let lacking = c
+                    .select(queue::MISSING_PRIVILEGES, None, &[])
+                    .and_then(|t| t.first().get_one::<String>())
+                    .unwrap_or_else(|e| panic!("checking privileges: {e}"));
+                match lacking {
+                    Some(what) => {
+                        if self.said_lacking.as_ref() != Some(&what) {
+                            log!("outbox worker: its role may not {what}; waiting until that is granted (see the README's Security section)");
+                            self.said_lacking = Some(what);
+                        }
+                        return Turn::NoPrivileges;
+                    }
+                    None => {
+                        if self.said_lacking.take().is_some() {
+                            log!("outbox worker: its role has the privileges it needs; delivering");
+                        }
+                        self.privileges_ok = true;
+                    }
+                }
+            }
             if !self.recovered {
                 let n = c.update(queue::RECOVER_RUNNING, None, &[]).map(|t| t.len()).unwrap_or_else(|e| panic!("recover: {e}"));
                 if n > 0 {

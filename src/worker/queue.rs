@@ -7,6 +7,18 @@ use crate::schema::JobState;
 use pgrx::datum::DatumWithOid;
 use pgrx::spi::SpiClient;
 
+/// What the worker's role may not do that the worker does, one
+/// "PRIVILEGE on TABLE" each (NULL: nothing). `has_table_privilege` given
+/// several privileges answers whether *any* is held, so they go one by one.
+pub const MISSING_PRIVILEGES: &str = "
+SELECT string_agg(format('%s on %s', p, t), ', ' ORDER BY t, p)
+  FROM (VALUES ('outbox.queue', 'SELECT'), ('outbox.queue', 'INSERT'),
+               ('outbox.queue', 'UPDATE'), ('outbox.queue', 'DELETE'),
+               ('outbox.inbox', 'SELECT'), ('outbox.inbox', 'DELETE'),
+               ('outbox.kinds', 'SELECT'),
+               ('outbox.kind_stats', 'SELECT'), ('outbox.kind_stats', 'UPDATE')) AS v(t, p)
+ WHERE NOT pg_catalog.has_table_privilege(t, p)";
+
 /// Startup repair: deliveries that a dead worker left `running` go back to
 /// `pending`, due now. They stay out of coalescing (last_attempt_at is set).
 pub const RECOVER_RUNNING: &str = "
