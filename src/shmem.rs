@@ -17,6 +17,8 @@ pub enum WorkerState {
     Standby = 3,
     Idle = 4,
     Delivering = 5,
+    /// The worker's role lacks privileges on the extension's tables.
+    WaitingForPrivileges = 6,
 }
 
 impl WorkerState {
@@ -28,6 +30,7 @@ impl WorkerState {
             Self::Standby => "standby",
             Self::Idle => "idle",
             Self::Delivering => "delivering",
+            Self::WaitingForPrivileges => "waiting for privileges",
         }
     }
     fn from_u32(v: u32) -> Self {
@@ -37,6 +40,7 @@ impl WorkerState {
             3 => Self::Standby,
             4 => Self::Idle,
             5 => Self::Delivering,
+            6 => Self::WaitingForPrivileges,
             _ => Self::Stopped,
         }
     }

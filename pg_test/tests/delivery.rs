@@ -426,6 +426,8 @@ fn the_worker_connects_as_outbox_role_once_it_can() {
     c.batch_execute("ALTER ROLE outbox_worker LOGIN").unwrap();
     said_once("its role may not DELETE on outbox.inbox, SELECT on outbox.inbox, SELECT on outbox.kind_stats");
     assert_eq!(db.log().matches("outbox worker started").count(), 1, "the same worker waits");
+    let state: String = c.query_one("SELECT state FROM outbox.worker_status()", &[]).unwrap().get(0);
+    assert_eq!(state, "waiting for privileges");
     c.batch_execute(
         "GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.queue TO outbox_worker;
          GRANT SELECT, DELETE ON outbox.inbox TO outbox_worker;

@@ -243,7 +243,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         report_stats();
         match turn {
             Turn::NoPrivileges => {
-                shmem::set_state(WorkerState::WaitingForExtension);
+                shmem::set_state(WorkerState::WaitingForPrivileges);
                 report_activity(false, c"waiting for privileges on the outbox tables");
                 wait(None, EXTENSION_RECHECK);
             }
