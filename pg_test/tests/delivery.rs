@@ -400,8 +400,9 @@ fn a_database_closed_to_connections_is_waited_for_quietly() {
 }
 
 /// `outbox.role`: the worker connects as it. A role that is missing, can't
-/// log in, or lacks privileges on the extension's tables is waited for, each
-/// said once, instead of a worker failing every second. The grants the
+/// log in, may not connect to the database, or lacks privileges on the
+/// extension's tables is waited for, each said once, instead of a worker
+/// failing every second. The grants the
 /// README lists are enough.
 #[test]
 fn the_worker_connects_as_outbox_role_once_it_can() {
@@ -423,7 +424,9 @@ fn the_worker_connects_as_outbox_role_once_it_can() {
     said_once("role \"outbox_worker\" (outbox.role) does not exist");
     c.batch_execute("CREATE ROLE outbox_worker NOLOGIN").unwrap();
     said_once("(outbox.role) cannot log in");
-    c.batch_execute("ALTER ROLE outbox_worker LOGIN").unwrap();
+    c.batch_execute("REVOKE CONNECT ON DATABASE outbox_e2e FROM PUBLIC; ALTER ROLE outbox_worker LOGIN").unwrap();
+    said_once("(outbox.role) may not connect to database \"outbox_e2e\"");
+    c.batch_execute("GRANT CONNECT ON DATABASE outbox_e2e TO outbox_worker").unwrap();
     said_once("its role may not DELETE on outbox.inbox, SELECT on outbox.inbox, SELECT on outbox.kind_stats");
     assert_eq!(db.log().matches("outbox worker started").count(), 1, "the same worker waits");
     let state: String = c.query_one("SELECT state FROM outbox.worker_status()", &[]).unwrap().get(0);

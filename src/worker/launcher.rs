@@ -1,6 +1,6 @@
 //! The launcher: waits for the database to exist and allow connections, and
-//! for `outbox.role` to be able to log in, then keeps one delivery worker
-//! running in the database. Connected to no database, it can read only shared
+//! for `outbox.role` to be able to log in and connect to it, then keeps one
+//! delivery worker running in the database. Connected to no database, it can read only shared
 //! catalogs, which is all it needs.
 
 use super::signals::{handle_interrupts, install_handlers, wait};
@@ -26,6 +26,8 @@ enum Blocker {
     DatabaseClosed,
     RoleMissing,
     RoleCannotLogin,
+    /// No CONNECT privilege on the database.
+    RoleCannotConnect,
 }
 
 impl Blocker {
@@ -36,6 +38,9 @@ impl Blocker {
             Self::DatabaseClosed => format!("database \"{database}\" does not allow connections; the worker will start once it does"),
             Self::RoleMissing => format!("role \"{role}\" (outbox.role) does not exist; the worker will start once it does"),
             Self::RoleCannotLogin => format!("role \"{role}\" (outbox.role) cannot log in; the worker will start once it can"),
+            Self::RoleCannotConnect => {
+                format!("role \"{role}\" (outbox.role) may not connect to database \"{database}\"; the worker will start once it may")
+            }
         }
     }
 }
@@ -77,32 +82,49 @@ fn blocker(database: Option<&str>, role: Option<&str>) -> Option<Blocker> {
     let Some(database) = database else { return Some(Blocker::NoDatabaseSet) };
     let Ok(database) = CString::new(database) else { return Some(Blocker::DatabaseMissing) };
     // SAFETY: pg_database rows, read through their FormData layout.
-    let allows = unsafe {
+    let found = unsafe {
         scan_shared(pg_sys::DatabaseRelationId, |row| {
             let form = row.cast::<pg_sys::FormData_pg_database>();
-            (CStr::from_ptr((*form).datname.data.as_ptr()) == database.as_c_str()).then(|| (*form).datallowconn)
+            (CStr::from_ptr((*form).datname.data.as_ptr()) == database.as_c_str()).then(|| ((*form).oid, (*form).datallowconn))
         })
     };
-    match allows {
+    let db = match found {
         None => return Some(Blocker::DatabaseMissing),
-        Some(false) => return Some(Blocker::DatabaseClosed),
-        Some(true) => {}
-    }
+        Some((_, false)) => return Some(Blocker::DatabaseClosed),
+        Some((db, true)) => db,
+    };
     // No role set: the bootstrap superuser, who can always log in.
     let role = role?;
     let Ok(role) = CString::new(role) else { return Some(Blocker::RoleMissing) };
     // SAFETY: pg_authid rows, read through their FormData layout.
-    let can_login = unsafe {
+    let found = unsafe {
         scan_shared(pg_sys::AuthIdRelationId, |row| {
             let form = row.cast::<pg_sys::FormData_pg_authid>();
-            (CStr::from_ptr((*form).rolname.data.as_ptr()) == role.as_c_str()).then(|| (*form).rolcanlogin)
+            (CStr::from_ptr((*form).rolname.data.as_ptr()) == role.as_c_str()).then(|| ((*form).oid, (*form).rolcanlogin))
         })
     };
-    match can_login {
+    match found {
         None => Some(Blocker::RoleMissing),
-        Some(false) => Some(Blocker::RoleCannotLogin),
-        Some(true) => None,
+        Some((_, false)) => Some(Blocker::RoleCannotLogin),
+        Some((role, true)) => (!may_connect(role, db)).then_some(Blocker::RoleCannotConnect),
     }
+}
+
+/// Whether `role` has CONNECT on database `db` (superusers have everything).
+fn may_connect(role: pg_sys::Oid, db: pg_sys::Oid) -> bool {
+    let connect = pg_sys::ACL_CONNECT as pg_sys::AclMode;
+    super::signals::in_transaction(|| {
+        // SAFETY: an ACL check against shared catalogs (pg_database, and
+        // pg_authid and pg_auth_members for membership), in a transaction.
+        let result = unsafe {
+            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+            let result = pg_sys::pg_database_aclcheck(db, role, connect);
+            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+            let result = pg_sys::object_aclcheck(pg_sys::DatabaseRelationId, db, role, connect);
+            result
+        };
+        result == pg_sys::AclResult::ACLCHECK_OK
+    })
 }
 
 fn start_worker(database: &str) -> Option<DynamicBackgroundWorker> {
