@@ -323,7 +323,7 @@ fn the_worker_waits_for_the_database_and_the_extension() {
 /// Without the worker stepping aside, each of these statements would wait
 /// five seconds for it to leave the database, then fail.
 #[test]
-fn the_served_database_can_be_copied_renamed_and_dropped_while_the_worker_runs() {
+fn the_served_database_can_be_copied_renamed_moved_and_dropped_while_the_worker_runs() {
     let Setup { db, r, c, pid } = started("");
     drop(c);
     let mut admin = db.admin("postgres");
@@ -368,6 +368,18 @@ fn the_served_database_can_be_copied_renamed_and_dropped_while_the_worker_runs()
     admin.batch_execute("ALTER DATABASE outbox_elsewhere RENAME TO outbox_e2e").unwrap();
     db.wait_for_worker();
     delivers(2);
+
+    // Moved to another tablespace: its files are copied while nobody is in.
+    let space = db.dir.join("space");
+    std::fs::create_dir(&space).unwrap();
+    if outbox_e2e::cluster::is_root() {
+        let chown = std::process::Command::new("chown").args(["postgres:postgres", space.to_str().unwrap()]).status().unwrap();
+        assert!(chown.success());
+    }
+    admin.batch_execute(&format!("CREATE TABLESPACE space LOCATION '{}'", space.display())).unwrap();
+    admin.batch_execute("ALTER DATABASE outbox_e2e SET TABLESPACE space").unwrap();
+    db.wait_for_worker();
+    delivers(3);
 
     admin.batch_execute("DROP DATABASE outbox_e2e").unwrap();
     assert!(wait_until(LONG, || db.log().matches("does not exist yet").count() == 2));
