@@ -49,6 +49,18 @@ fn run(mut c: Command, what: &str) {
     );
 }
 
+/// Makes `dir` a fresh, empty directory the server can write to: owned by
+/// `postgres` when we are root.
+pub fn server_dir(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    if is_root() {
+        let mut c = Command::new("chown");
+        c.args(["postgres:postgres", dir.to_str().unwrap()]);
+        run(c, "chown");
+    }
+}
+
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
@@ -88,18 +100,7 @@ impl Cluster {
     pub fn start_with(opts: Options) -> Cluster {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("outbox-e2e-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            run(
-                {
-                    let mut c = Command::new("chown");
-                    c.args(["postgres:postgres", dir.to_str().unwrap()]);
-                    c
-                },
-                "chown",
-            );
-        }
+        server_dir(&dir);
         let data = dir.join("data");
         let mut initdb = pg_command("initdb");
         initdb.args(["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);

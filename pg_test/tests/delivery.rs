@@ -371,11 +371,7 @@ fn the_served_database_can_be_copied_renamed_moved_and_dropped_while_the_worker_
 
     // Moved to another tablespace: its files are copied while nobody is in.
     let space = db.dir.join("space");
-    std::fs::create_dir(&space).unwrap();
-    if outbox_e2e::cluster::is_root() {
-        let chown = std::process::Command::new("chown").args(["postgres:postgres", space.to_str().unwrap()]).status().unwrap();
-        assert!(chown.success());
-    }
+    outbox_e2e::cluster::server_dir(&space);
     admin.batch_execute(&format!("CREATE TABLESPACE space LOCATION '{}'", space.display())).unwrap();
     admin.batch_execute("ALTER DATABASE outbox_e2e SET TABLESPACE space").unwrap();
     db.wait_for_worker();

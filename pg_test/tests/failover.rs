@@ -1,7 +1,7 @@
 //! A streaming standby delivers nothing; after the primary dies and the
 //! standby is promoted, it delivers every job the primary committed.
 
-use outbox_e2e::cluster::{free_port, pg_command, Cluster};
+use outbox_e2e::cluster::{free_port, pg_command, server_dir, Cluster};
 use outbox_e2e::receiver::{Action, Receiver};
 use outbox_e2e::wait_until;
 use std::time::Duration;
@@ -23,16 +23,9 @@ fn standby_idles_and_delivers_everything_after_promotion() {
 
     // A standby made with pg_basebackup, streaming from the primary.
     let dir = primary.dir.with_extension("standby");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    if outbox_e2e::cluster::is_root() {
-        assert!(std::process::Command::new("chown").args(["postgres:postgres", dir.to_str().unwrap()]).status().unwrap().success());
-    }
+    server_dir(&dir);
     let data = dir.join("data");
-    let mut bb = pg_command("pg_basebackup");
-    bb.args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres", "-D", data.to_str().unwrap(), "-R", "-X", "stream", "-c", "fast"]);
-    let out = bb.output().unwrap();
-    assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+    primary.tool("pg_basebackup", &["-D", data.to_str().unwrap(), "-R", "-X", "stream", "-c", "fast"]);
     let port = free_port();
     let conf = format!("\nport = {port}\nunix_socket_directories = '{}'\n", dir.display());
     let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
