@@ -21,12 +21,12 @@ use tokio::net::TcpStream;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A connection, however it was made.
-pub enum Conn {
-    /// TLS or plain TCP to the receiver, directly or through a tunnel.
-    Stream(MaybeHttpsStream<TokioIo<TcpStream>>),
-    /// Plain TCP to a proxy that forwards each request.
-    Forwarded(TokioIo<TcpStream>),
+/// A connection, however it was made: TLS or plain TCP to the receiver,
+/// directly or through a tunnel, or plain TCP to a proxy that forwards each
+/// request (`forwarded`).
+pub struct Conn {
+    stream: MaybeHttpsStream<TokioIo<TcpStream>>,
+    forwarded: bool,
 }
 
 #[derive(Clone)]
@@ -77,7 +77,7 @@ impl tower_service::Service<Uri> for Connector {
         let this = self.clone();
         Box::pin(async move {
             let Some(proxy) = this.proxies.intercept(&dst) else {
-                return Ok(Conn::Stream(this.direct.clone().call(dst).await?));
+                return Ok(Conn { stream: this.direct.clone().call(dst).await?, forwarded: false });
             };
             if dst.scheme() == Some(&hyper::http::uri::Scheme::HTTPS) {
                 let mut tunnel = Tunnel::new(proxy.uri().clone(), this.tcp.clone());
@@ -85,10 +85,10 @@ impl tower_service::Service<Uri> for Connector {
                     tunnel = tunnel.with_auth(auth.clone());
                 }
                 let stream = https(tunnel, &this.tls).call(dst).await.map_err(|e| format!("through proxy {}: {e}", shown(proxy.uri())))?;
-                return Ok(Conn::Stream(stream));
+                return Ok(Conn { stream, forwarded: false });
             }
             let stream = this.tcp.clone().call(proxy.uri().clone()).await.map_err(|e| format!("proxy {}: {e}", shown(proxy.uri())))?;
-            Ok(Conn::Forwarded(stream))
+            Ok(Conn { stream: MaybeHttpsStream::Http(stream), forwarded: true })
         })
     }
 }
@@ -104,57 +104,37 @@ fn shown(uri: &Uri) -> String {
 
 impl Connection for Conn {
     fn connected(&self) -> Connected {
-        match self {
-            Conn::Stream(s) => s.connected(),
-            // Makes hyper write requests in absolute form.
-            Conn::Forwarded(s) => s.connected().proxy(true),
-        }
+        let connected = self.stream.connected();
+        // A forwarding proxy makes hyper write requests in absolute form.
+        if self.forwarded { connected.proxy(true) } else { connected }
     }
 }
 
 impl Read for Conn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Stream(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Forwarded(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
     }
 }
 
 impl Write for Conn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Stream(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Forwarded(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Stream(s) => Pin::new(s).poll_flush(cx),
-            Conn::Forwarded(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Stream(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Forwarded(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Stream(s) => s.is_write_vectored(),
-            Conn::Forwarded(s) => s.is_write_vectored(),
-        }
+        self.stream.is_write_vectored()
     }
 
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Stream(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Forwarded(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 }
 
