@@ -117,12 +117,17 @@ pub fn retry_base() -> Duration {
 pub fn retry_max() -> Duration {
     millis(&RETRY_MAX_MS)
 }
+/// A text setting; None when it is unset or empty.
+fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+}
+
 pub fn database() -> Option<String> {
-    DATABASE.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+    text(&DATABASE)
 }
 pub fn role() -> Option<String> {
-    ROLE.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+    text(&ROLE)
 }
 pub fn ca_file() -> Option<String> {
-    CA_FILE.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+    text(&CA_FILE)
 }

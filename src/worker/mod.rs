@@ -5,7 +5,8 @@
 //!   worker there, and starts it again if it exits.
 //! - [`delivery`]: the delivery worker's main loop: claim, render, hand off to
 //!   the [`http`] thread, record outcomes, wait.
-//!   [`connect`]: how it reaches receivers, directly or through a proxy.
+//! - [`connect`]: how the HTTP thread reaches receivers, directly or through a
+//!   proxy.
 //! - [`queue`]: the worker's SQL. [`render`]: jobs into requests.
 //! - [`signals`]: signal handlers, waiting, transactions.
 
