@@ -1,9 +1,11 @@
 //! The executor and utility hooks, chained to any installed before ours:
 //! - after each statement's executor finishes (its AFTER triggers have run)
-//!   and after a COPY, what tracked tables buffered goes to the inbox
-//!   ([`crate::inbox::flush`]), so that the next statement sees it;
+//!   and after a COPY or TRUNCATE, what tracked tables buffered goes to the
+//!   inbox ([`crate::inbox::flush`]), so that the next statement sees it;
 //! - before DDL that needs the served database to itself, the worker steps
 //!   aside ([`crate::database_ddl`]);
+//! - after a partition is created or attached, it gets the TRUNCATE triggers
+//!   of its tracked ancestors ([`crate::triggers::cover_new_partition`]);
 //! - after a COPY into the extension's own tables (a restore), jobs restored
 //!   `running` are made `pending` and the worker is told ([`crate::restore`]).
 
@@ -97,22 +99,38 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     // SAFETY: as for executor_finish; pstmt is a valid utility statement.
-    let is_copy = unsafe {
+    let tag = unsafe {
         let stmt = (*pstmt).utilityStmt;
         before_utility(stmt);
-        let is_copy = (*stmt).type_ == pg_sys::NodeTag::T_CopyStmt;
+        let tag = (*stmt).type_;
         match PREV_PROCESS_UTILITY {
             Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
             None => standard_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         }
-        is_copy
+        tag
     };
-    // COPY FROM fires row triggers without an executor of its own.
-    if is_copy {
+    // COPY FROM fires row triggers, and TRUNCATE its statement triggers,
+    // without an executor of their own.
+    if tag == pg_sys::NodeTag::T_TruncateStmt {
+        flush_after_statement();
+    }
+    if tag == pg_sys::NodeTag::T_CreateStmt || tag == pg_sys::NodeTag::T_AlterTableStmt {
+        // SAFETY: the statement is the one that just ran.
+        unsafe { after_table_ddl((*pstmt).utilityStmt) };
+    }
+    if tag == pg_sys::NodeTag::T_CopyStmt {
         flush_after_statement();
         // SAFETY: the statement is the COPY that just ran.
         unsafe { after_copy((*pstmt).utilityStmt.cast()) };
     }
+}
+
+/// As [`flush_after_statement`].
+#[cfg(not(feature = "pg13"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn after_table_ddl(stmt: *mut pg_sys::Node) {
+    // SAFETY: called with the statement that just ran.
+    unsafe { crate::triggers::cover_new_partition(stmt) };
 }
 
 /// As [`flush_after_statement`].

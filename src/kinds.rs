@@ -188,12 +188,16 @@ fn unregister(kind: Option<&str>, cascade: Option<bool>) {
             .and_then(|t| t.first().get_one::<i64>().ok().flatten())
             .unwrap_or(0);
         if !cascade && (!triggers.is_empty() || jobs > 0) {
-            let tables: Vec<&str> = triggers.iter().map(|(t, _)| t.as_str()).collect();
+            // A tracked table has a row trigger and TRUNCATE triggers (on its
+            // partitions too): name each table once.
+            let mut tables: Vec<&str> = triggers.iter().map(|(t, _)| t.as_str()).collect();
+            tables.sort_unstable();
+            tables.dedup();
             raise(
                 PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
                 format!(
-                    "cannot unregister kind \"{kind}\": {} tracking trigger(s) on [{}] and {jobs} job(s) remain",
-                    triggers.len(),
+                    "cannot unregister kind \"{kind}\": tracking triggers on {} table(s) [{}] and {jobs} job(s) remain",
+                    tables.len(),
                     tables.join(", ")
                 ),
                 Some("Untrack the tables first, or call outbox.unregister(kind, cascade => true) to drop the triggers and jobs too."),

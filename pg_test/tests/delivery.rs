@@ -562,6 +562,47 @@ fn a_bulk_statement_on_a_tracked_table_delivers_every_row() {
 }
 
 #[test]
+fn truncate_of_a_tracked_table_sends_every_row_as_gone() {
+    let Setup { db: _db, r, mut c, .. } = started("");
+    c.batch_execute("INSERT INTO users SELECT g, 'n' FROM generate_series(1, 300) g").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0 && r.count() >= 300));
+    c.batch_execute("TRUNCATE users").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0 && r.count() >= 600));
+    for id in 1..=300 {
+        let reqs = r.requests_for(&format!("/users/{id}"));
+        assert_eq!(reqs.iter().map(|q| q.method.as_str()).collect::<Vec<_>>(), ["PUT", "DELETE"], "/users/{id}");
+    }
+}
+
+/// A TRUNCATE that waited for a writer's lock removes that writer's rows
+/// too, though its statement's snapshot predates their commit: they are
+/// handed over all the same. (No worker here: the inbox keeps what each
+/// transaction wrote, one row each.)
+#[test]
+fn a_truncate_that_waited_for_a_writer_hands_over_its_rows() {
+    let db = Cluster::start_with(Options { conf: vec!["outbox.database = 'none'".into()], ..Options::default() });
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         SELECT outbox.register('t', 'http://127.0.0.1:9/{id}');
+         SELECT outbox.track('t', 't');",
+    )
+    .unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)").unwrap();
+    let mut truncating = db.client();
+    let pid: i32 = truncating.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let truncate = std::thread::spawn(move || truncating.batch_execute("TRUNCATE t").unwrap());
+    let mut watch = db.client();
+    assert!(wait_until(LONG, || {
+        watch.query_one("SELECT EXISTS (SELECT FROM pg_locks WHERE pid = $1 AND NOT granted)", &[&pid]).unwrap().get(0)
+    }));
+    c.batch_execute("COMMIT").unwrap();
+    truncate.join().unwrap();
+    let writes: i64 = c.query_one("SELECT count(*) FROM outbox.jobs WHERE id = '1'", &[]).unwrap().get(0);
+    assert_eq!(writes, 2, "the insert's change and the TRUNCATE's");
+}
+
+#[test]
 fn a_dropped_connection_is_retried() {
     let Setup { db: _db, r, mut c, .. } = started("");
     r.script("/users/1", [Action::Drop, Action::status(201)]);
