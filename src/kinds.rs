@@ -190,7 +190,7 @@ fn unregister(kind: Option<&str>, cascade: Option<bool>) {
         if !cascade && (!triggers.is_empty() || jobs > 0) {
             // A tracked table has a row trigger and TRUNCATE triggers (on its
             // partitions too): name each table once.
-            let mut tables: Vec<&str> = triggers.iter().map(|(t, _)| t.as_str()).collect();
+            let mut tables: Vec<&str> = triggers.iter().map(|t| t.table.as_str()).collect();
             tables.sort_unstable();
             tables.dedup();
             raise(

@@ -360,7 +360,7 @@ SELECT a.attname::text
 /// $2 and its partitions, or on every table when $2 is NULL. Not the clones
 /// of a partitioned table's row trigger: they go with it.
 const KIND_TRIGGERS: &str = "
-SELECT t.tgrelid::regclass::text, t.tgname::text
+SELECT t.tgrelid::regclass::text, t.tgname::text, t.tgenabled::text
   FROM pg_catalog.pg_trigger t
  WHERE t.tgfoid = 'outbox.enqueue_trigger()'::regprocedure
    AND t.tgparentid = 0
@@ -395,8 +395,9 @@ SELECT c.oid::regclass::text
    AND c.relkind IN ('r', 'p')
    AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = $2)";
 
-/// Gives table `tbl` and its partitions the TRUNCATE trigger of `kind`.
-fn create_truncate_triggers(c: &mut pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid, kind: &str, id_column: &str) {
+/// Gives table `tbl` and its partitions the TRUNCATE trigger of `kind`,
+/// firing as `firing` says (see [`set_firing`]).
+fn create_truncate_triggers(c: &mut pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid, kind: &str, id_column: &str, firing: &str) {
     let name = trigger_name(kind, "_truncate");
     let tables: Vec<String> = c
         .select(NEEDING_TRUNCATE_TRIGGER, None, &[tbl.into(), name.as_str().into()])
@@ -412,23 +413,26 @@ fn create_truncate_triggers(c: &mut pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid, 
             quote_literal(id_column)
         );
         c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("creating trigger: {e}"));
+        set_firing(c, &table, &name, firing);
     }
 }
 
-/// The arguments of our TRUNCATE triggers on the ancestors of partition $1
-/// (none in a database without the extension).
+/// The arguments of our TRUNCATE triggers on the ancestors of partition $1,
+/// and when the nearest one of each fires (none in a database without the
+/// extension).
 const ANCESTORS_TRUNCATE_TRIGGERS: &str = "
-SELECT DISTINCT g.tgargs
-  FROM pg_catalog.pg_partition_ancestors($1) a
+SELECT DISTINCT ON (g.tgargs) g.tgargs, g.tgenabled::text
+  FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY AS a(relid, nearness)
   JOIN pg_catalog.pg_trigger g ON g.tgrelid = a.relid
  WHERE a.relid <> $1
    AND g.tgfoid = pg_catalog.to_regprocedure('outbox.enqueue_trigger()')
-   AND g.tgtype & 32 <> 0";
+   AND g.tgtype & 32 <> 0
+ ORDER BY g.tgargs, a.nearness";
 
 /// After `CREATE TABLE ... PARTITION OF` or `ALTER TABLE ... ATTACH
 /// PARTITION`: a partition of a tracked table gets the TRUNCATE triggers its
-/// tracked ancestors have (statement triggers are not inherited), so that a
-/// TRUNCATE of the partition alone is tracked too.
+/// tracked ancestors have (statement triggers are not inherited), firing as
+/// theirs do, so that a TRUNCATE of the partition alone is tracked too.
 ///
 /// # Safety
 /// `stmt` is the utility statement that just ran.
@@ -459,41 +463,57 @@ pub unsafe fn cover_new_partition(stmt: *mut pg_sys::Node) {
         return;
     }
     Spi::connect_mut(|c| {
-        let triggers: Vec<Vec<u8>> = c
+        let triggers: Vec<(Vec<u8>, String)> = c
             .select(ANCESTORS_TRUNCATE_TRIGGERS, None, &[relid.into()])
             .unwrap_or_else(|e| panic!("reading triggers: {e}"))
-            .filter_map(|r| r.get::<Vec<u8>>(1).ok().flatten())
+            .filter_map(|r| Some((r.get::<Vec<u8>>(1).ok()??, r.get::<String>(2).ok()??)))
             .collect();
-        for args in triggers {
+        for (args, firing) in triggers {
             let mut args = args.split(|&b| b == 0).map(String::from_utf8_lossy);
             if let (Some(kind), Some(id_column)) = (args.next(), args.next()) {
-                create_truncate_triggers(c, relid, &kind, &id_column);
+                create_truncate_triggers(c, relid, &kind, &id_column, &firing);
             }
         }
     });
 }
 
-/// (table, trigger name) of each trigger tracking `kind`, on `tbl` or anywhere.
-pub(crate) fn kind_triggers(c: &pgrx::spi::SpiClient<'_>, kind: &str, tbl: Option<pg_sys::Oid>) -> Vec<(String, String)> {
+/// A trigger tracking a kind.
+pub(crate) struct KindTrigger {
+    /// Its table, quoted as needed.
+    pub table: String,
+    name: String,
+    /// `pg_trigger.tgenabled`: when it fires (see [`set_firing`]).
+    firing: String,
+}
+
+/// Each trigger tracking `kind`, on `tbl` and its partitions or anywhere.
+pub(crate) fn kind_triggers(c: &pgrx::spi::SpiClient<'_>, kind: &str, tbl: Option<pg_sys::Oid>) -> Vec<KindTrigger> {
     let tbl = tbl.map_or(pgrx::datum::DatumWithOid::null::<pg_sys::Oid>(), Into::into);
     c.select(KIND_TRIGGERS, None, &[kind.into(), tbl])
         .unwrap_or_else(|e| panic!("listing triggers: {e}"))
-        .filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??)))
+        .filter_map(|r| Some(KindTrigger { table: r.get(1).ok()??, name: r.get(2).ok()??, firing: r.get(3).ok()?? }))
         .collect()
 }
 
-pub(crate) fn drop_triggers(c: &mut pgrx::spi::SpiClient<'_>, triggers: &[(String, String)]) {
-    for (table, name) in triggers {
-        let sql = format!("DROP TRIGGER {} ON {table}", quote_identifier(name));
+pub(crate) fn drop_triggers(c: &mut pgrx::spi::SpiClient<'_>, triggers: &[KindTrigger]) {
+    for t in triggers {
+        let sql = format!("DROP TRIGGER {} ON {}", quote_identifier(&t.name), t.table);
         c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("dropping trigger: {e}"));
     }
 }
 
-/// Drops the triggers tracking `kind` on `tbl`; returns how many there were.
-fn drop_kind_triggers(c: &mut pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid, kind: &str) -> usize {
-    let triggers = kind_triggers(c, kind, Some(tbl));
-    drop_triggers(c, &triggers);
-    triggers.len()
+/// Makes trigger `name` on `table` fire as `firing` says (`pg_trigger.tgenabled`):
+/// 'O' as usual, 'A' always (on a logical replication subscriber too),
+/// 'R' only where session_replication_role is replica, 'D' never.
+fn set_firing(c: &mut pgrx::spi::SpiClient<'_>, table: &str, name: &str, firing: &str) {
+    let how = match firing {
+        "A" => "ENABLE ALWAYS",
+        "R" => "ENABLE REPLICA",
+        "D" => "DISABLE",
+        _ => return,
+    };
+    let sql = format!("ALTER TABLE {table} {how} TRIGGER {}", quote_identifier(name));
+    c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("setting when a trigger fires: {e}"));
 }
 
 /// Resolves the table and checks it can be tracked: returns its quoted name.
@@ -589,8 +609,11 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
                 }
             }
         }
-        // Tracking again replaces the triggers, e.g. to change the columns.
-        drop_kind_triggers(c, tbl, kind);
+        // Tracking again replaces the triggers, e.g. to change the columns,
+        // and keeps when each fires (an admin may have made them fire on a
+        // logical replication subscriber).
+        let previous = kind_triggers(c, kind, Some(tbl));
+        drop_triggers(c, &previous);
         let name = trigger_name(kind, "");
         let mut args = vec![quote_literal(kind), quote_literal(&id_column)];
         args.extend(watched.iter().map(quote_literal));
@@ -601,7 +624,10 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
             args.join(", ")
         );
         c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("creating trigger: {e}"));
-        create_truncate_triggers(c, tbl, kind, &id_column);
+        create_truncate_triggers(c, tbl, kind, &id_column, "O");
+        for t in &previous {
+            set_firing(c, &t.table, &t.name, &t.firing);
+        }
         name
     })
 }
@@ -615,7 +641,9 @@ fn untrack(tbl: Option<pg_sys::Oid>, kind: Option<&str>) {
     let kind = require_kind(kind);
     Spi::connect_mut(|c| {
         let table = table_name(c, tbl);
-        if drop_kind_triggers(c, tbl, kind) == 0 {
+        let triggers = kind_triggers(c, kind, Some(tbl));
+        drop_triggers(c, &triggers);
+        if triggers.is_empty() {
             raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
                 format!("{table} is not tracked for kind \"{kind}\""),
@@ -729,6 +757,12 @@ mod tests {
         Spi::run("SELECT outbox.track('public.users', 'user', columns => '{b}')").unwrap();
         let n = Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.users'::regclass").unwrap();
         assert_eq!(n, Some(2), "one row trigger and one TRUNCATE trigger");
+        // Tracking again keeps when each trigger fires.
+        Spi::run("ALTER TABLE public.users ENABLE ALWAYS TRIGGER outbox_user").unwrap();
+        Spi::run("ALTER TABLE public.users DISABLE TRIGGER outbox_user_truncate").unwrap();
+        Spi::run("SELECT outbox.track('public.users', 'user', columns => '{b}')").unwrap();
+        assert_eq!(firing("public.users", "outbox_user"), "A");
+        assert_eq!(firing("public.users", "outbox_user_truncate"), "D");
         Spi::run("INSERT INTO public.users VALUES (1, 1, 1)").unwrap();
         reset();
         Spi::run("UPDATE public.users SET a = 2").unwrap();
@@ -866,6 +900,16 @@ mod tests {
         crate::testing::assert_sqlstates(&[("INSERT INTO public.users VALUES (2, 1)", "42703")]);
     }
 
+    /// pg_trigger.tgenabled of trigger `name` on `table`.
+    fn firing(table: &str, name: &str) -> String {
+        Spi::get_one_with_args::<String>(
+            "SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname = $2",
+            &[table.into(), name.into()],
+        )
+        .unwrap()
+        .unwrap()
+    }
+
     fn our_triggers(table: &str) -> Vec<String> {
         Spi::connect(|c| {
             c.select(
@@ -945,8 +989,12 @@ mod tests {
         for t in ["public.events", "public.events_1", "public.events_2", "public.events_2a"] {
             assert!(our_triggers(t).contains(&"outbox_event_truncate".to_string()), "{t}: {:?}", our_triggers(t));
         }
-        // Partitions created or attached later get theirs as they come.
+        // Partitions created or attached later get theirs as they come,
+        // firing as their parent's does.
+        Spi::run("ALTER TABLE public.events ENABLE ALWAYS TRIGGER outbox_event_truncate").unwrap();
         Spi::run("CREATE TABLE public.events_3 PARTITION OF public.events FOR VALUES FROM (20) TO (30)").unwrap();
+        assert_eq!(firing("public.events_3", "outbox_event_truncate"), "A");
+        Spi::run("ALTER TABLE public.events ENABLE TRIGGER outbox_event_truncate").unwrap();
         Spi::run(
             "CREATE TABLE public.events_4 (id int PRIMARY KEY) PARTITION BY RANGE (id);
              CREATE TABLE public.events_4a PARTITION OF public.events_4 FOR VALUES FROM (30) TO (40);
