@@ -346,7 +346,9 @@ unsafe fn each_id(table: pg_sys::Oid, id_column: &CStr, mut f: impl FnMut(String
 }
 
 const LOCK_KIND_SHARE: &str = "SELECT 1 FROM outbox.kinds WHERE kind = $1 FOR SHARE";
-const TABLE_INFO: &str = "SELECT c.relkind::text, c.oid::regclass::text FROM pg_catalog.pg_class c WHERE c.oid = $1";
+const TABLE_INFO: &str = "
+SELECT c.relkind::text, c.oid::regclass::text, c.relpersistence = 't'
+  FROM pg_catalog.pg_class c WHERE c.oid = $1";
 const COLUMN_EXISTS: &str = "
 SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                 WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped)";
@@ -516,11 +518,12 @@ fn set_firing(c: &mut pgrx::spi::SpiClient<'_>, table: &str, name: &str, firing:
     c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("setting when a trigger fires: {e}"));
 }
 
-/// Resolves the table and checks it can be tracked: returns its quoted name.
-fn table_name(c: &pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid) -> String {
+/// Resolves the table and checks it can be tracked: returns its quoted name
+/// and whether it is temporary.
+fn table_name(c: &pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid) -> (String, bool) {
     let row = c.select(TABLE_INFO, None, &[tbl.into()]).unwrap_or_else(|e| panic!("reading pg_class: {e}"));
-    let (relkind, name) = match row.first().get_two::<String, String>() {
-        Ok((Some(k), Some(n))) => (k, n),
+    let (relkind, name, temporary) = match row.first().get_three::<String, String, bool>() {
+        Ok((Some(k), Some(n), Some(t))) => (k, n, t),
         _ => raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("relation with OID {tbl:?} does not exist"), None),
     };
     if relkind != "r" && relkind != "p" {
@@ -530,7 +533,7 @@ fn table_name(c: &pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid) -> String {
             Some("Only ordinary and partitioned tables can be tracked."),
         );
     }
-    name
+    (name, temporary)
 }
 
 #[pg_extern(sql = "
@@ -552,7 +555,16 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
         if c.update(LOCK_KIND_SHARE, None, &[kind.into()]).map(|t| t.is_empty()).unwrap_or(true) {
             unknown_kind(kind);
         }
-        let table = table_name(c, tbl);
+        let (table, temporary) = table_name(c, tbl);
+        // The worker, in a session of its own, would find every row missing
+        // and send each change as a deletion.
+        if temporary {
+            raise(
+                PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+                format!("{table} is a temporary table"),
+                Some("Only tables the worker can read can be tracked; temporary tables are private to their session."),
+            );
+        }
         let column_exists = |c: &pgrx::spi::SpiClient<'_>, col: &str| -> bool {
             c.select(COLUMN_EXISTS, None, &[tbl.into(), col.into()])
                 .ok()
@@ -640,7 +652,7 @@ fn untrack(tbl: Option<pg_sys::Oid>, kind: Option<&str>) {
     let tbl = require(tbl, "tbl");
     let kind = require_kind(kind);
     Spi::connect_mut(|c| {
-        let table = table_name(c, tbl);
+        let (table, _) = table_name(c, tbl);
         let triggers = kind_triggers(c, kind, Some(tbl));
         drop_triggers(c, &triggers);
         if triggers.is_empty() {
@@ -786,6 +798,8 @@ mod tests {
             ("SELECT outbox.track('public.users', 'nope')", "42704"),
             ("SELECT outbox.track('public.nope', 'user')", "42P01"),
             ("SELECT outbox.track('public.v', 'user')", "42809"),
+            ("CREATE TEMPORARY TABLE temp_users (id int PRIMARY KEY)", "00000"),
+            ("SELECT outbox.track('temp_users', 'user')", "42809"),
             ("SELECT outbox.track('public.users', 'user', id_column => 'nope')", "42703"),
             ("SELECT outbox.track('public.users', 'user', columns => '{nope}')", "42703"),
             ("SELECT outbox.track('public.users', 'user', columns => '{}')", "22023"),
