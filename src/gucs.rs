@@ -13,6 +13,7 @@ pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init(preloading: bool) {
@@ -91,6 +92,16 @@ pub fn init(preloading: bool) {
         &MAX_RESPONSE_BYTES,
         0,
         64 * 1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.max_body_bytes",
+        c"Largest request body the worker sends; a larger one fails its job.",
+        c"Bounds the worker's memory: a claimed batch holds up to batch_size bodies.",
+        &MAX_BODY_BYTES,
+        1024,
+        i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_BYTE,
     );

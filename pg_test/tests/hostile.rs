@@ -40,9 +40,18 @@ fn still_healthy(db: &Cluster, c: &mut Client, good: &Receiver, pid: i32) {
     assert_eq!(db.worker_pid(), Some(pid), "the worker did not restart");
 }
 
-fn rss_kb(pid: i32) -> u64 {
+/// A figure from /proc/<pid>/status, in kB: `VmRSS` now, `VmHWM` at its peak.
+fn status_kb(pid: i32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kb(pid: i32) -> u64 {
+    status_kb(pid, "VmRSS")
 }
 
 #[test]
@@ -69,6 +78,46 @@ fn a_huge_response_is_read_only_up_to_the_limit() {
     let after = rss_kb(pid);
     eprintln!("worker RSS: {before} kB before, {after} kB after 8 × 100 MB responses");
     assert!(after < before + 50 * 1024, "RSS grew from {before} kB to {after} kB");
+    still_healthy(&db, &mut c, &good, pid);
+}
+
+/// Bodies over `outbox.max_body_bytes` fail their own jobs, are never held
+/// whole by the worker, and go once the limit allows them.
+#[test]
+fn a_huge_body_fails_its_job_without_the_worker_holding_it() {
+    let big = Receiver::start();
+    let (db, good, mut c, pid) = setup(&big);
+    c.batch_execute(&format!(
+        "CREATE FUNCTION big_body(id text) RETURNS json LANGUAGE sql STABLE AS $$
+             SELECT json_build_object('id', id, 'pad', repeat('x', CASE WHEN id LIKE 'huge%' THEN 20000000 ELSE 10 END))
+         $$;
+         SELECT outbox.register('big', '{}', body => 'big_body(text)', max_attempts => 1);",
+        big.url("/big/{id}")
+    ))
+    .unwrap();
+    let peak_before = status_kb(pid, "VmHWM");
+    // Six 20 MB bodies in one batch, with a small one.
+    c.batch_execute(
+        "BEGIN; SELECT outbox.enqueue('big', 'huge' || g) FROM generate_series(1, 6) g; SELECT outbox.enqueue('big', 'small'); COMMIT;",
+    )
+    .unwrap();
+    assert!(wait_until(LONG, || {
+        big.requests_for("/big/small").len() == 1 && (1..=6).all(|g| job(&mut c, "big", &format!("huge{g}")).is_some_and(|j| j.0 == "dead"))
+    }));
+    let (_, _, status, error) = job(&mut c, "big", "huge1").unwrap();
+    assert_eq!(status, None, "nothing was sent");
+    let error = error.unwrap();
+    assert!(error.contains("bytes; outbox.max_body_bytes is 1048576"), "{error}");
+    assert!(big.requests_for("/big/huge1").is_empty());
+    let peak_after = status_kb(pid, "VmHWM");
+    eprintln!("worker peak RSS: {peak_before} kB before, {peak_after} kB after six 20 MB bodies");
+    assert!(peak_after < peak_before + 150 * 1024, "peak RSS grew from {peak_before} kB to {peak_after} kB");
+    // Allowed by a reload, the body goes whole.
+    c.batch_execute("ALTER SYSTEM SET outbox.max_body_bytes = '64MB'").unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    c.batch_execute("SELECT outbox.retry(job_id) FROM outbox.jobs WHERE kind = 'big' AND id = 'huge1'").unwrap();
+    assert!(wait_until(LONG, || big.requests_for("/big/huge1").len() == 1));
+    assert!(big.requests_for("/big/huge1")[0].body.len() > 20_000_000);
     still_healthy(&db, &mut c, &good, pid);
 }
 

@@ -426,7 +426,8 @@ impl Worker {
                 self.cursors.clear();
             }
             let max_response = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
-            let rendered = render::render(kinds, &claimed, max_response);
+            let max_body = i64::from(gucs::MAX_BODY_BYTES.get().max(0));
+            let rendered = render::render(kinds, &claimed, max_body, max_response);
             let mut requests = Vec::new();
             let mut done_now = Vec::new();
             for (job, r) in claimed.iter().zip(rendered) {

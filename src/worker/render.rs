@@ -72,49 +72,78 @@ pub enum Rendered {
     Send(Request),
     /// The record is gone and the kind says `skip`: nothing to send.
     Skip,
-    /// The request could not be built (bad URL, body function raised).
+    /// The request could not be built (bad URL, body function raised, body
+    /// over `outbox.max_body_bytes`).
     Broken(String),
+}
+
+/// A body and its size in bytes, from a statement that hands over only the
+/// bodies within the limit: (NULL, NULL) when the function returned NULL.
+type Sized = (Option<String>, Option<i64>);
+
+/// What a body came to, given its size and the `outbox.max_body_bytes` limit.
+fn within_limit((body, size): Sized, limit: i64) -> Result<Option<String>, String> {
+    match (body, size) {
+        (Some(body), _) => Ok(Some(body)),
+        (None, Some(size)) => Err(format!("the body is {size} bytes; outbox.max_body_bytes is {limit}")),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Calls the body function of `kind` for each id; `None` means the function
 /// returned NULL. One statement for all; if it raises, one subtransaction per
 /// id so that only the bad ids fail.
-fn bodies(function: &str, ids: &[String]) -> Vec<Result<Option<String>, String>> {
-    let batch_sql =
-        format!("SELECT {function}(u.id)::text FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n) ORDER BY u.n");
+///
+/// A body over `limit` bytes is measured and dropped inside the statement
+/// (OFFSET 0 keeps the function to one call per id): the statement's result
+/// holds only bodies within the limit, so one huge record, or a body
+/// function gone wrong, cannot run the worker out of memory (and the server
+/// into a crash-restart, again at every claim).
+fn bodies(function: &str, ids: &[String], limit: i64) -> Vec<Result<Option<String>, String>> {
+    use super::plans::types::{INT8, TEXT_ARRAY};
+    let batch_sql = format!(
+        "SELECT CASE WHEN pg_catalog.octet_length(b.t) <= $2 THEN b.t END, pg_catalog.octet_length(b.t)::bigint
+           FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS u(id, n)
+          CROSS JOIN LATERAL (SELECT {function}(u.id)::text AS t OFFSET 0) b
+          ORDER BY u.n"
+    );
     let ids_owned = ids.to_vec();
     // Read-write SPI (update) takes a fresh snapshot per statement, so the
     // body is read after the claim's snapshot: never older than the job.
     let batch = try_subtransaction(move || {
         Spi::connect_mut(|c| {
-            super::plans::execute_plain(c, &batch_sql, &[super::plans::types::TEXT_ARRAY], &[ids_owned.into()])
+            super::plans::execute_plain(c, &batch_sql, &[TEXT_ARRAY, INT8], &[ids_owned.into(), limit.into()])
                 .unwrap_or_else(|e| panic!("{e}"))
-                .map(|r| r.get::<String>(1).ok().flatten())
-                .collect::<Vec<_>>()
+                .map(|r| (r.get::<String>(1).ok().flatten(), r.get::<i64>(2).ok().flatten()))
+                .collect::<Vec<Sized>>()
         })
     });
     if let Ok(rows) = batch {
         if rows.len() == ids.len() {
-            return rows.into_iter().map(Ok).collect();
+            return rows.into_iter().map(|r| within_limit(r, limit)).collect();
         }
     }
-    let one_sql = format!("SELECT {function}($1)::text");
+    let one_sql = format!(
+        "SELECT CASE WHEN pg_catalog.octet_length(b.t) <= $2 THEN b.t END, pg_catalog.octet_length(b.t)::bigint
+           FROM (SELECT {function}($1)::text AS t OFFSET 0) b"
+    );
     ids.iter()
         .map(|id| {
             let sql = one_sql.clone();
             let id = id.clone();
             try_subtransaction(move || {
                 Spi::connect_mut(|c| {
-                    let t = c.update(sql.as_str(), None, &[id.as_str().into()]).unwrap_or_else(|e| panic!("{e}"));
-                    t.first().get_one::<String>().unwrap_or_else(|e| panic!("{e}"))
+                    let t = c.update(sql.as_str(), None, &[id.as_str().into(), limit.into()]).unwrap_or_else(|e| panic!("{e}"));
+                    t.first().get_two::<String, i64>().unwrap_or_else(|e| panic!("{e}"))
                 })
             })
-                .map_err(|e| format!("body function {function} failed: {} (SQLSTATE {})", e.message, e.sqlstate))
+            .map_err(|e| format!("body function {function} failed: {} (SQLSTATE {})", e.message, e.sqlstate))
+            .and_then(|r| within_limit(r, limit))
         })
         .collect()
 }
 
-pub fn render(kinds: &HashMap<String, Kind>, jobs: &[Claimed], max_response_bytes: usize) -> Vec<Rendered> {
+pub fn render(kinds: &HashMap<String, Kind>, jobs: &[Claimed], max_body_bytes: i64, max_response_bytes: usize) -> Vec<Rendered> {
     // Body functions, one call per kind.
     let mut by_kind: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, j) in jobs.iter().enumerate() {
@@ -124,7 +153,7 @@ pub fn render(kinds: &HashMap<String, Kind>, jobs: &[Claimed], max_response_byte
     for (kind, idx) in &by_kind {
         let Some(function) = kinds.get(*kind).and_then(|k| k.body_fn.as_deref()) else { continue };
         let ids: Vec<String> = idx.iter().map(|&i| jobs[i].id.clone()).collect();
-        for (&i, b) in idx.iter().zip(bodies(function, &ids)) {
+        for (&i, b) in idx.iter().zip(bodies(function, &ids, max_body_bytes)) {
             body_of[i] = Some(b);
         }
     }
@@ -160,4 +189,17 @@ pub fn render(kinds: &HashMap<String, Kind>, jobs: &[Claimed], max_response_byte
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod unit {
+    use super::within_limit;
+
+    #[test]
+    fn a_body_over_the_limit_is_an_error_naming_both_sizes() {
+        assert_eq!(within_limit((Some("{}".into()), Some(2)), 10), Ok(Some("{}".into())));
+        assert_eq!(within_limit((None, None), 10), Ok(None));
+        let e = within_limit((None, Some(11)), 10).unwrap_err();
+        assert!(e.contains("11 bytes") && e.contains("outbox.max_body_bytes is 10"), "{e}");
+    }
 }
