@@ -435,13 +435,13 @@ fn the_worker_connects_as_outbox_role_once_it_can() {
     c.batch_execute("REVOKE CONNECT ON DATABASE outbox_e2e FROM PUBLIC; ALTER ROLE outbox_worker LOGIN").unwrap();
     said_once("(outbox.role) may not connect to database \"outbox_e2e\"");
     c.batch_execute("GRANT CONNECT ON DATABASE outbox_e2e TO outbox_worker").unwrap();
-    said_once("its role may not DELETE on outbox.inbox, SELECT on outbox.inbox, SELECT on outbox.kind_stats");
+    said_once("its role may not DELETE on outbox.inbox, INSERT on outbox.inbox, SELECT on outbox.inbox, SELECT on outbox.kind_stats");
     assert_eq!(db.log().matches("outbox worker started").count(), 1, "the same worker waits");
     let state: String = c.query_one("SELECT state FROM outbox.worker_status()", &[]).unwrap().get(0);
     assert_eq!(state, "waiting for privileges");
     c.batch_execute(
         "GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.queue TO outbox_worker;
-         GRANT SELECT, DELETE ON outbox.inbox TO outbox_worker;
+         GRANT SELECT, INSERT, DELETE ON outbox.inbox TO outbox_worker;
          GRANT SELECT ON outbox.kinds TO outbox_worker;
          GRANT SELECT, UPDATE ON outbox.kind_stats TO outbox_worker;
          GRANT SELECT ON users TO outbox_worker;",
@@ -630,6 +630,29 @@ fn a_job_coalesced_into_by_an_open_transaction_waits_for_its_commit() {
     t.batch_execute("COMMIT").unwrap();
     assert!(wait_until(LONG, || r.count() == 2 && jobs_left(&mut c) == 0));
     assert_eq!(r.requests()[1].json()["name"], "new");
+}
+
+/// An open transaction that enqueued a record (a new pending job, not yet
+/// committed) while a tracked change of the same record sits in the inbox:
+/// the worker must not wait for it, and everything else keeps flowing.
+#[test]
+fn an_open_transaction_s_enqueue_does_not_hold_up_the_inbox() {
+    let Setup { db, r, mut c, pid } = started("");
+    let mut t = db.client();
+    t.batch_execute("BEGIN; SELECT outbox.enqueue('user', 1);").unwrap();
+    c.batch_execute("INSERT INTO users VALUES (1, 'a')").unwrap();
+    c.batch_execute("INSERT INTO users SELECT g, 'b' FROM generate_series(2, 50) g").unwrap();
+    assert!(wait_until(LONG, || r.distinct_paths() == 49), "records 2..50 are delivered meanwhile");
+    assert!(r.requests_for("/users/1").is_empty());
+    // Record 1's change waits in the inbox, and more changes still move.
+    let waiting: i64 = c.query_one("SELECT count(*) FROM outbox.jobs WHERE id = '1' AND job_id IS NULL", &[]).unwrap().get(0);
+    assert_eq!(waiting, 1);
+    c.batch_execute("UPDATE users SET name = 'c' WHERE id = 2").unwrap();
+    assert!(wait_until(LONG, || r.requests_for("/users/2").len() == 2));
+    t.batch_execute("COMMIT").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0 && !r.requests_for("/users/1").is_empty()));
+    assert_eq!(r.requests_for("/users/1").last().unwrap().json()["name"], "a");
+    assert_eq!(db.worker_pid(), Some(pid));
 }
 
 #[test]

@@ -133,8 +133,8 @@ struct Worker {
     /// The privileges it was last found to lack, as logged.
     said_lacking: Option<String>,
     cursors: queue::Cursors,
-    /// Heap block of the inbox where the next absorb starts.
-    inbox_block: i64,
+    /// Where the next absorb starts in the inbox.
+    inbox: queue::InboxCursor,
     cursors_reset_at: Instant,
     /// Rows absorbed and jobs claimed by the last turn.
     last_work: usize,
@@ -203,7 +203,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         privileges_ok: false,
         said_lacking: None,
         cursors: queue::Cursors::new(),
-        inbox_block: 0,
+        inbox: queue::InboxCursor::default(),
         cursors_reset_at: Instant::now(),
         last_work: 0,
         more_due: false,
@@ -312,7 +312,7 @@ impl Worker {
     }
 
     fn sleep_limit(&self, next_due: Option<Duration>) -> Duration {
-        sleep_limit(next_due, gucs::poll_interval(), self.inbox_block > 0, self.cursors_reset_at.elapsed())
+        sleep_limit(next_due, gucs::poll_interval(), self.inbox.block > 0, self.cursors_reset_at.elapsed())
     }
 
     /// Moves outcomes reported by the HTTP thread into `finished`.
@@ -396,12 +396,12 @@ impl Worker {
             let mut absorb = shmem::take_inbox_dirty() || self.inbox_backlog;
             if self.cursors_reset_at.elapsed() >= CURSOR_RESET {
                 self.cursors.clear();
-                self.inbox_block = 0;
+                self.inbox.block = 0;
                 self.cursors_reset_at = Instant::now();
                 self.kinds_generation = None;
                 absorb = true;
             }
-            let absorbed = if absorb { queue::absorb_inbox(c, absorb_limit, &mut self.inbox_block) } else { 0 };
+            let absorbed = if absorb { queue::absorb_inbox(c, absorb_limit, &mut self.inbox) } else { 0 };
             let inbox_full = absorbed >= absorb_limit;
             self.inbox_backlog = inbox_full;
             self.last_work = absorbed as usize;

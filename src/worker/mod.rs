@@ -8,11 +8,14 @@
 //! - [`connect`]: how the HTTP thread reaches receivers, directly or through a
 //!   proxy.
 //! - [`queue`]: the worker's SQL. [`render`]: jobs into requests.
+//! - [`in_flux`]: which records an open transaction is enqueueing (the
+//!   absorb leaves them for later rather than wait).
 //! - [`signals`]: signal handlers, waiting, transactions.
 
 pub mod connect;
 pub mod delivery;
 pub mod http;
+pub mod in_flux;
 pub mod launcher;
 pub mod plans;
 pub mod queue;

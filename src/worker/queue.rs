@@ -5,6 +5,7 @@
 use super::plans::{execute, types::*};
 use crate::schema::JobState;
 use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 /// What the worker's role may not do that the worker does, one
@@ -14,7 +15,7 @@ pub const MISSING_PRIVILEGES: &str = "
 SELECT string_agg(format('%s on %s', p, t), ', ' ORDER BY t, p)
   FROM (VALUES ('outbox.queue', 'SELECT'), ('outbox.queue', 'INSERT'),
                ('outbox.queue', 'UPDATE'), ('outbox.queue', 'DELETE'),
-               ('outbox.inbox', 'SELECT'), ('outbox.inbox', 'DELETE'),
+               ('outbox.inbox', 'SELECT'), ('outbox.inbox', 'INSERT'), ('outbox.inbox', 'DELETE'),
                ('outbox.kinds', 'SELECT'),
                ('outbox.kind_stats', 'SELECT'), ('outbox.kind_stats', 'UPDATE')) AS v(t, p)
  WHERE NOT pg_catalog.has_table_privilege(t, p)";
@@ -38,8 +39,11 @@ UPDATE outbox.queue q
 /// The worker is the only claimer and runs this in its claim transaction, so
 /// a fresh job can't be claimed between the commit that appended and here.
 /// The scan starts at heap block $2: the blocks before it hold mostly rows
-/// absorbed a moment ago, dead until vacuum. Returns how many changes moved
-/// and the last block they came from.
+/// absorbed a moment ago, dead until vacuum.
+/// ($3, $4) are (kind, id) pairs whose fresh job an open transaction is
+/// inserting or changing (see `in_flux`): their changes go back to the inbox
+/// instead of waiting for it. Returns how many changes moved into the queue
+/// (repeats of a record included), and the last block they came from.
 pub const ABSORB_INBOX: &str = "
 WITH picked AS (
     SELECT ctid, sum(cardinality(ids)) OVER (ROWS UNBOUNDED PRECEDING) - cardinality(ids) AS before
@@ -50,21 +54,39 @@ WITH picked AS (
     DELETE FROM outbox.inbox
      WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked WHERE before < $1))
     RETURNING kind, ids, enqueued_at, ctid
+), changes AS (
+    SELECT m.kind, u.id, min(m.enqueued_at) AS enqueued_at, count(*) AS repeats,
+           (m.kind, u.id) IN (SELECT * FROM unnest($3::text[], $4::text[])) AS later
+      FROM moved m
+     CROSS JOIN LATERAL unnest(m.ids) AS u(id)
+     GROUP BY m.kind, u.id
 ), absorbed AS (
     -- A change of a kind nobody registered can never be delivered: it goes
     -- straight to dead, where an admin sees it.
     INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
-    SELECT m.kind, u.id, min(m.enqueued_at), now(),
+    SELECT c.kind, c.id, c.enqueued_at, now(),
            CASE WHEN k.kind IS NULL THEN 'dead' ELSE 'pending' END,
            CASE WHEN k.kind IS NULL THEN now() END,
            CASE WHEN k.kind IS NULL THEN 'kind is not registered' END
-      FROM moved m
-     CROSS JOIN LATERAL unnest(m.ids) AS u(id)
-      LEFT JOIN outbox.kinds k ON k.kind = m.kind
-     GROUP BY m.kind, u.id, k.kind
+      FROM changes c
+      LEFT JOIN outbox.kinds k ON k.kind = c.kind
+     WHERE NOT c.later
     ON CONFLICT (kind, id) WHERE state = 'pending' AND last_attempt_at IS NULL DO NOTHING
+), kept AS (
+    INSERT INTO outbox.inbox (kind, ids, enqueued_at)
+    SELECT kind, array_agg(id), min(enqueued_at) FROM changes WHERE later GROUP BY kind
 )
-SELECT coalesce(sum(cardinality(ids)), 0)::bigint, coalesce(max((ctid::text::point)[0]), 0)::bigint FROM moved";
+SELECT (SELECT coalesce(sum(repeats), 0) FROM changes WHERE NOT later)::bigint,
+       (SELECT coalesce(max((ctid::text::point)[0]), 0)::bigint FROM moved)";
+
+/// The changes in the inbox from heap block $2 on, about $1 of them (the
+/// rows [`ABSORB_INBOX`] would take next), as distinct (kind, id) pairs.
+pub const INBOX_CHANGES: &str = "
+SELECT DISTINCT r.kind, u.id
+  FROM (SELECT kind, ids FROM outbox.inbox
+         WHERE ctid >= pg_catalog.format('(%s,0)', $2)::tid
+         LIMIT $1) r
+ CROSS JOIN LATERAL unnest(r.ids) AS u(id)";
 
 /// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), oldest
 /// first, at most one per record, and none for a record in flight: ($5, $6)
@@ -176,25 +198,101 @@ pub struct Claimed {
 pub type Cursors = std::collections::HashMap<String, (i64, i64)>;
 
 
-/// Moves up to `limit` inbox rows, from heap block `*from` on, into the
-/// queue; returns how many moved and leaves `*from` at the last block read.
-/// A scan from past block 0 that finds nothing looks again from block 0 at
-/// once: once a vacuum has freed (or truncated) the blocks before the cursor,
-/// new rows go there, and the commit that said so has been consumed; left to
-/// the next reset, they could wait for the poll interval.
-pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, from: &mut i64) -> i64 {
-    let mut scan = |start: i64| {
-        let t = execute(c, ABSORB_INBOX, &[INT8, INT8], &[limit.into(), start.into()])
-            .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
-        let (moved, last) = t.first().get_two::<i64, i64>().unwrap_or((None, None));
-        (moved.unwrap_or(0), last.unwrap_or(0))
-    };
-    let (mut moved, mut last) = scan(*from);
-    if moved == 0 && *from > 0 {
-        (moved, last) = scan(0);
+/// Where the next absorb starts, and how.
+#[derive(Default)]
+pub struct InboxCursor {
+    /// The heap block of the inbox to scan from.
+    pub block: i64,
+    /// The last absorb met an open transaction's fresh job: look for those
+    /// first (it costs an index probe per change) until none is left.
+    careful: bool,
+}
+
+/// How long an absorb may wait for a lock before it looks for the open
+/// transaction's fresh jobs and leaves their changes for later. Inserts by
+/// short transactions are waited out well within it.
+const ABSORB_LOCK_TIMEOUT: &std::ffi::CStr = c"100ms";
+
+/// Moves up to `limit` inbox changes, from heap block `cursor.block` on, into
+/// the queue; returns how many moved and leaves the cursor at the last block
+/// read. A scan from past block 0 that finds nothing looks again from block 0
+/// at once: once a vacuum has freed (or truncated) the blocks before the
+/// cursor, new rows go there, and the commit that said so has been consumed;
+/// left to the next reset, they could wait for the poll interval.
+pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, cursor: &mut InboxCursor) -> i64 {
+    let (mut moved, mut last) = absorb_from(c, limit, cursor.block, &mut cursor.careful);
+    if moved == 0 && cursor.block > 0 {
+        (moved, last) = absorb_from(c, limit, 0, &mut cursor.careful);
     }
-    *from = if moved > 0 { last } else { 0 };
+    cursor.block = if moved > 0 { last } else { 0 };
     moved
+}
+
+/// One absorb statement from block `start`: (changes moved, last block).
+/// It runs in a subtransaction with a lock timeout; if that runs out, the
+/// changes of records whose fresh job an open transaction holds are found
+/// and left in the inbox, and the rest moves.
+fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool) -> (i64, i64) {
+    let attempt = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| {
+        let (kinds, ids): (Vec<String>, Vec<String>) = later.into_iter().unzip();
+        crate::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
+            with_lock_timeout(ABSORB_LOCK_TIMEOUT, || {
+                let args: [DatumWithOid; 4] = [limit.into(), start.into(), kinds.into(), ids.into()];
+                let t = execute(c, ABSORB_INBOX, &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args)
+                    .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
+                let (moved, last) = t.first().get_two::<i64, i64>().unwrap_or((None, None));
+                (moved.unwrap_or(0), last.unwrap_or(0))
+            })
+        }))
+    };
+    let lock_timeout = crate::subxact::sqlstate(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE);
+    if !*careful {
+        match attempt(c, Vec::new()) {
+            Ok(r) => return r,
+            Err(e) if e.sqlstate == lock_timeout => *careful = true,
+            Err(e) => panic!("absorb inbox: {} (SQLSTATE {})", e.message, e.sqlstate),
+        }
+    }
+    let changes: Vec<(String, String)> = execute(c, INBOX_CHANGES, &[INT8, INT8], &[limit.into(), start.into()])
+        .unwrap_or_else(|e| panic!("reading inbox: {e}"))
+        .filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??)))
+        .collect();
+    let later = super::in_flux::in_flux(&changes);
+    *careful = !later.is_empty();
+    match attempt(c, later) {
+        Ok(r) => r,
+        // A transaction took a fresh job between the look and the absorb:
+        // the next turn looks again.
+        Err(e) if e.sqlstate == lock_timeout => (0, start),
+        Err(e) => panic!("absorb inbox: {} (SQLSTATE {})", e.message, e.sqlstate),
+    }
+}
+
+/// Runs `f` with `lock_timeout` set to `timeout`, then restores it (an ERROR
+/// inside a subtransaction restores it by itself).
+fn with_lock_timeout<R>(timeout: &std::ffi::CStr, f: impl FnOnce() -> R) -> R {
+    let set = |value: &std::ffi::CStr| {
+        // SAFETY: sets a user-settable GUC for this transaction, on the main
+        // thread; the value is a valid setting, so it does not raise.
+        unsafe {
+            pg_sys::set_config_option(
+                c"lock_timeout".as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_LOCAL,
+                true,
+                0,
+                false,
+            );
+        }
+    };
+    // SAFETY: reads the current value, copied before it can change.
+    let before = unsafe { std::ffi::CStr::from_ptr(pg_sys::GetConfigOption(c"lock_timeout".as_ptr(), false, false)).to_owned() };
+    set(timeout);
+    let r = f();
+    set(&before);
+    r
 }
 
 /// The (kind, id) of every delivery in flight, as two arrays.
@@ -300,10 +398,11 @@ pub fn bump_stats(c: &mut SpiClient<'_>, kinds: Vec<String>, delivered: Vec<i64>
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]
 mod tests {
+    use super::super::plans::types::{INT8, TEXT_ARRAY};
     use pgrx::prelude::*;
 
-    fn absorb(from: &mut i64) -> i64 {
-        Spi::connect_mut(|c| super::absorb_inbox(c, 1000, from))
+    fn absorb(cursor: &mut super::InboxCursor) -> i64 {
+        Spi::connect_mut(|c| super::absorb_inbox(c, 1000, cursor))
     }
 
     #[pg_test]
@@ -313,13 +412,29 @@ mod tests {
         let block = Spi::get_one::<i64>("SELECT (ctid::text::point)[0]::bigint FROM outbox.inbox").unwrap().unwrap();
         // The last scan ended past the block the new row went to, as when a
         // vacuum freed the space before it.
-        let mut from = block + 1;
-        assert_eq!(absorb(&mut from), 2);
-        assert_eq!(from, block);
+        let mut cursor = super::InboxCursor { block: block + 1, ..Default::default() };
+        assert_eq!(absorb(&mut cursor), 2);
+        assert_eq!(cursor.block, block);
         let queued = Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue WHERE kind = 'absorbed' AND state = 'pending'").unwrap();
         assert_eq!(queued, Some(2));
         // Nothing left: the next scan starts from the front.
-        assert_eq!(absorb(&mut from), 0);
-        assert_eq!(from, 0);
+        assert_eq!(absorb(&mut cursor), 0);
+        assert_eq!(cursor.block, 0);
+    }
+
+    #[pg_test]
+    fn changes_named_later_go_back_to_the_inbox() {
+        Spi::run("SELECT outbox.register('absorbed', 'http://h/{id}')").unwrap();
+        Spi::run("INSERT INTO outbox.inbox VALUES ('absorbed', '{a,b,c}', now() - interval '1 min'), ('absorbed', '{b}', now())").unwrap();
+        let moved = Spi::connect_mut(|c| {
+            let args: [pgrx::datum::DatumWithOid; 4] = [1000i64.into(), 0i64.into(), vec!["absorbed"].into(), vec!["b"].into()];
+            super::execute(c, super::ABSORB_INBOX, &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args).unwrap().first().get_one::<i64>().unwrap()
+        });
+        assert_eq!(moved, Some(2), "a and c");
+        let queued = Spi::get_one::<String>("SELECT string_agg(id, ',' ORDER BY id) FROM outbox.queue").unwrap();
+        assert_eq!(queued.as_deref(), Some("a,c"));
+        // b waits in the inbox, once, with its first enqueue time.
+        let kept = Spi::get_one::<String>("SELECT format('%s %s', ids, enqueued_at < now()) FROM outbox.inbox").unwrap();
+        assert_eq!(kept.as_deref(), Some("{b} t"));
     }
 }
