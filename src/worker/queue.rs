@@ -54,29 +54,33 @@ WITH picked AS (
     DELETE FROM outbox.inbox
      WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked WHERE before < $1))
     RETURNING kind, ids, enqueued_at, ctid
-), changes AS (
-    SELECT m.kind, u.id, min(m.enqueued_at) AS enqueued_at, count(*) AS repeats,
-           (m.kind, u.id) IN (SELECT * FROM unnest($3::text[], $4::text[])) AS later
-      FROM moved m
-     CROSS JOIN LATERAL unnest(m.ids) AS u(id)
-     GROUP BY m.kind, u.id
+), later AS (
+    SELECT * FROM unnest($3::text[], $4::text[]) AS l(kind, id)
 ), absorbed AS (
     -- A change of a kind nobody registered can never be delivered: it goes
     -- straight to dead, where an admin sees it.
     INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
-    SELECT c.kind, c.id, c.enqueued_at, now(),
+    SELECT m.kind, u.id, min(m.enqueued_at), now(),
            CASE WHEN k.kind IS NULL THEN 'dead' ELSE 'pending' END,
            CASE WHEN k.kind IS NULL THEN now() END,
            CASE WHEN k.kind IS NULL THEN 'kind is not registered' END
-      FROM changes c
-      LEFT JOIN outbox.kinds k ON k.kind = c.kind
-     WHERE NOT c.later
+      FROM moved m
+     CROSS JOIN LATERAL unnest(m.ids) AS u(id)
+      LEFT JOIN outbox.kinds k ON k.kind = m.kind
+     WHERE cardinality($4) = 0 OR (m.kind, u.id) NOT IN (SELECT kind, id FROM later)
+     GROUP BY m.kind, u.id, k.kind
     ON CONFLICT (kind, id) WHERE state = 'pending' AND last_attempt_at IS NULL DO NOTHING
+), left_behind AS (
+    -- Only when some are named: otherwise both scans are skipped.
+    SELECT m.kind, u.id, m.enqueued_at
+      FROM moved m
+     CROSS JOIN LATERAL unnest(m.ids) AS u(id)
+     WHERE cardinality($4) > 0 AND (m.kind, u.id) IN (SELECT kind, id FROM later)
 ), kept AS (
     INSERT INTO outbox.inbox (kind, ids, enqueued_at)
-    SELECT kind, array_agg(id), min(enqueued_at) FROM changes WHERE later GROUP BY kind
+    SELECT kind, array_agg(DISTINCT id), min(enqueued_at) FROM left_behind GROUP BY kind
 )
-SELECT (SELECT coalesce(sum(repeats), 0) FROM changes WHERE NOT later)::bigint,
+SELECT ((SELECT coalesce(sum(cardinality(ids)), 0) FROM moved) - (SELECT count(*) FROM left_behind))::bigint,
        (SELECT coalesce(max((ctid::text::point)[0]), 0)::bigint FROM moved)";
 
 /// The changes in the inbox from heap block $2 on, about $1 of them (the
@@ -236,7 +240,7 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
     let attempt = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| {
         let (kinds, ids): (Vec<String>, Vec<String>) = later.into_iter().unzip();
         crate::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
-            with_lock_timeout(ABSORB_LOCK_TIMEOUT, || {
+            super::signals::with_lock_timeout(ABSORB_LOCK_TIMEOUT, || {
                 let args: [DatumWithOid; 4] = [limit.into(), start.into(), kinds.into(), ids.into()];
                 let t = execute(c, ABSORB_INBOX, &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args)
                     .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
@@ -266,33 +270,6 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
         Err(e) if e.sqlstate == lock_timeout => (0, start),
         Err(e) => panic!("absorb inbox: {} (SQLSTATE {})", e.message, e.sqlstate),
     }
-}
-
-/// Runs `f` with `lock_timeout` set to `timeout`, then restores it (an ERROR
-/// inside a subtransaction restores it by itself).
-fn with_lock_timeout<R>(timeout: &std::ffi::CStr, f: impl FnOnce() -> R) -> R {
-    let set = |value: &std::ffi::CStr| {
-        // SAFETY: sets a user-settable GUC for this transaction, on the main
-        // thread; the value is a valid setting, so it does not raise.
-        unsafe {
-            pg_sys::set_config_option(
-                c"lock_timeout".as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_LOCAL,
-                true,
-                0,
-                false,
-            );
-        }
-    };
-    // SAFETY: reads the current value, copied before it can change.
-    let before = unsafe { std::ffi::CStr::from_ptr(pg_sys::GetConfigOption(c"lock_timeout".as_ptr(), false, false)).to_owned() };
-    set(timeout);
-    let r = f();
-    set(&before);
-    r
 }
 
 /// The (kind, id) of every delivery in flight, as two arrays.
