@@ -236,6 +236,28 @@ fn a_raising_body_function_fails_only_its_job() {
     assert_eq!(db.worker_pid(), Some(pid));
 }
 
+/// A body function stuck behind a lock (a migration's ALTER TABLE; here a
+/// LOCK TABLE) fails its kind's jobs for a retry; other kinds go on.
+#[test]
+fn a_body_function_waiting_for_a_lock_holds_up_only_its_kind() {
+    let Setup { db, r, mut c, pid } = started("");
+    c.batch_execute(&format!("SELECT outbox.register('other', '{}')", r.url("/other/{id}"))).unwrap();
+    c.batch_execute("INSERT INTO users VALUES (1, 'a')").unwrap();
+    assert!(wait_until(LONG, || r.count() == 1));
+    let mut migration = db.client();
+    migration.batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE;").unwrap();
+    // One transaction: both jobs are claimed in one batch.
+    c.batch_execute("BEGIN; SELECT outbox.enqueue('user', 1); SELECT outbox.enqueue('other', 'x'); COMMIT;").unwrap();
+    assert!(wait_until(LONG, || r.requests_for("/other/x").len() == 1), "the other kind is delivered meanwhile");
+    assert!(wait_until(LONG, || job_row(&mut c, "1").is_some_and(|j| j.3.is_some())));
+    let (state, _, _, error) = job_row(&mut c, "1").unwrap();
+    assert_eq!(state, "pending");
+    assert!(error.as_deref().unwrap().contains("waited too long for a lock"), "{error:?}");
+    migration.batch_execute("COMMIT").unwrap();
+    assert!(wait_until(LONG, || r.requests_for("/users/1").len() == 2 && jobs_left(&mut c) == 0));
+    assert_eq!(db.worker_pid(), Some(pid));
+}
+
 #[test]
 fn a_deleted_record_is_sent_as_delete_or_skipped() {
     let Setup { db: _db, r, mut c, .. } = started("");

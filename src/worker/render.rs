@@ -4,6 +4,7 @@
 
 use super::http::{Method, Request};
 use super::queue::{Claimed, LOAD_KINDS};
+use super::signals::with_lock_timeout;
 use crate::subxact::try_subtransaction;
 use crate::{signing, template};
 use pgrx::prelude::*;
@@ -90,9 +91,15 @@ fn within_limit((body, size): Sized, limit: i64) -> Result<Option<String>, Strin
     }
 }
 
+/// How long a body function may wait for a lock (a migration's, a LOCK
+/// TABLE's) before its jobs are retried later: meanwhile the worker would
+/// deliver nothing, of any kind.
+const BODY_LOCK_TIMEOUT: &std::ffi::CStr = c"1s";
+
 /// Calls the body function of `kind` for each id; `None` means the function
 /// returned NULL. One statement for all; if it raises, one subtransaction per
-/// id so that only the bad ids fail.
+/// id so that only the bad ids fail. If it waits too long for a lock, every
+/// id fails (to be retried), without a second wait per id.
 ///
 /// A body over `limit` bytes is measured and dropped inside the statement
 /// (OFFSET 0 keeps the function to one call per id): the statement's result
@@ -111,17 +118,22 @@ fn bodies(function: &str, ids: &[String], limit: i64) -> Vec<Result<Option<Strin
     // Read-write SPI (update) takes a fresh snapshot per statement, so the
     // body is read after the claim's snapshot: never older than the job.
     let batch = try_subtransaction(move || {
-        Spi::connect_mut(|c| {
-            super::plans::execute_plain(c, &batch_sql, &[TEXT_ARRAY, INT8], &[ids_owned.into(), limit.into()])
-                .unwrap_or_else(|e| panic!("{e}"))
-                .map(|r| (r.get::<String>(1).ok().flatten(), r.get::<i64>(2).ok().flatten()))
-                .collect::<Vec<Sized>>()
+        with_lock_timeout(BODY_LOCK_TIMEOUT, || {
+            Spi::connect_mut(|c| {
+                super::plans::execute_plain(c, &batch_sql, &[TEXT_ARRAY, INT8], &[ids_owned.into(), limit.into()])
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .map(|r| (r.get::<String>(1).ok().flatten(), r.get::<i64>(2).ok().flatten()))
+                    .collect::<Vec<Sized>>()
+            })
         })
     });
-    if let Ok(rows) = batch {
-        if rows.len() == ids.len() {
-            return rows.into_iter().map(|r| within_limit(r, limit)).collect();
+    match batch {
+        Ok(rows) if rows.len() == ids.len() => return rows.into_iter().map(|r| within_limit(r, limit)).collect(),
+        Err(e) if e.sqlstate == crate::subxact::sqlstate(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE) => {
+            let error = format!("body function {function} waited too long for a lock: {} (SQLSTATE {})", e.message, e.sqlstate);
+            return ids.iter().map(|_| Err(error.clone())).collect();
         }
+        _ => {}
     }
     let one_sql = format!(
         "SELECT CASE WHEN pg_catalog.octet_length(b.t) <= $2 THEN b.t END, pg_catalog.octet_length(b.t)::bigint
@@ -132,9 +144,11 @@ fn bodies(function: &str, ids: &[String], limit: i64) -> Vec<Result<Option<Strin
             let sql = one_sql.clone();
             let id = id.clone();
             try_subtransaction(move || {
-                Spi::connect_mut(|c| {
-                    let t = c.update(sql.as_str(), None, &[id.as_str().into(), limit.into()]).unwrap_or_else(|e| panic!("{e}"));
-                    t.first().get_two::<String, i64>().unwrap_or_else(|e| panic!("{e}"))
+                with_lock_timeout(BODY_LOCK_TIMEOUT, || {
+                    Spi::connect_mut(|c| {
+                        let t = c.update(sql.as_str(), None, &[id.as_str().into(), limit.into()]).unwrap_or_else(|e| panic!("{e}"));
+                        t.first().get_two::<String, i64>().unwrap_or_else(|e| panic!("{e}"))
+                    })
                 })
             })
             .map_err(|e| format!("body function {function} failed: {} (SQLSTATE {})", e.message, e.sqlstate))
