@@ -39,12 +39,18 @@ pub fn execute<'c>(
     types: &[PgOid],
     args: &[DatumWithOid<'_>],
 ) -> SpiResult<SpiTupleTable<'c>> {
+    with_settings(&OWN_SETTINGS, || execute_plain(c, sql, types, args))
+}
+
+/// Runs `f` with these (user-settable) settings, then puts back what was
+/// there before.
+pub fn with_settings<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R {
     // SAFETY: what a function's SET clause does: a GUC nest level, values
     // saved in it, and popped afterwards (or by the abort of the (sub)
-    // transaction, should the statement raise). Main thread, in a transaction.
+    // transaction, should `f` raise). Main thread, in a transaction.
     unsafe {
         let level = pg_sys::NewGUCNestLevel();
-        for (name, value) in OWN_SETTINGS {
+        for (name, value) in settings {
             pg_sys::set_config_option(
                 name.as_ptr(),
                 value.as_ptr(),
@@ -56,7 +62,7 @@ pub fn execute<'c>(
                 false,
             );
         }
-        let result = execute_plain(c, sql, types, args);
+        let result = f();
         pg_sys::AtEOXact_GUC(true, level);
         result
     }

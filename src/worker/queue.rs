@@ -240,7 +240,7 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
     let attempt = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| {
         let (kinds, ids): (Vec<String>, Vec<String>) = later.into_iter().unzip();
         crate::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
-            super::signals::with_lock_timeout(ABSORB_LOCK_TIMEOUT, || {
+            super::plans::with_settings(&[(c"lock_timeout", ABSORB_LOCK_TIMEOUT)], || {
                 let args: [DatumWithOid; 4] = [limit.into(), start.into(), kinds.into(), ids.into()];
                 let t = execute(c, ABSORB_INBOX, &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args)
                     .unwrap_or_else(|e| panic!("absorb inbox: {e}"));

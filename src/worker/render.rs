@@ -4,7 +4,7 @@
 
 use super::http::{Method, Request};
 use super::queue::{Claimed, LOAD_KINDS};
-use super::signals::with_lock_timeout;
+use super::plans::with_settings;
 use crate::subxact::try_subtransaction;
 use crate::{signing, template};
 use pgrx::prelude::*;
@@ -118,7 +118,7 @@ fn bodies(function: &str, ids: &[String], limit: i64) -> Vec<Result<Option<Strin
     // Read-write SPI (update) takes a fresh snapshot per statement, so the
     // body is read after the claim's snapshot: never older than the job.
     let batch = try_subtransaction(move || {
-        with_lock_timeout(BODY_LOCK_TIMEOUT, || {
+        with_settings(&[(c"lock_timeout", BODY_LOCK_TIMEOUT)], || {
             Spi::connect_mut(|c| {
                 super::plans::execute_plain(c, &batch_sql, &[TEXT_ARRAY, INT8], &[ids_owned.into(), limit.into()])
                     .unwrap_or_else(|e| panic!("{e}"))
@@ -144,7 +144,7 @@ fn bodies(function: &str, ids: &[String], limit: i64) -> Vec<Result<Option<Strin
             let sql = one_sql.clone();
             let id = id.clone();
             try_subtransaction(move || {
-                with_lock_timeout(BODY_LOCK_TIMEOUT, || {
+                with_settings(&[(c"lock_timeout", BODY_LOCK_TIMEOUT)], || {
                     Spi::connect_mut(|c| {
                         let t = c.update(sql.as_str(), None, &[id.as_str().into(), limit.into()]).unwrap_or_else(|e| panic!("{e}"));
                         t.first().get_two::<String, i64>().unwrap_or_else(|e| panic!("{e}"))

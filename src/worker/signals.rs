@@ -114,30 +114,3 @@ pub fn report_activity(running: bool, activity: &std::ffi::CStr) {
     // SAFETY: Postgres copies the string.
     unsafe { pg_sys::pgstat_report_activity(state, activity.as_ptr()) };
 }
-
-/// Runs `f` with `lock_timeout` set to `timeout`, then restores it (an ERROR
-/// inside a subtransaction restores it by itself).
-pub fn with_lock_timeout<R>(timeout: &std::ffi::CStr, f: impl FnOnce() -> R) -> R {
-    let set = |value: &std::ffi::CStr| {
-        // SAFETY: sets a user-settable GUC for this transaction, on the main
-        // thread; the value is a valid setting, so it does not raise.
-        unsafe {
-            pg_sys::set_config_option(
-                c"lock_timeout".as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_LOCAL,
-                true,
-                0,
-                false,
-            );
-        }
-    };
-    // SAFETY: reads the current value, copied before it can change.
-    let before = unsafe { std::ffi::CStr::from_ptr(pg_sys::GetConfigOption(c"lock_timeout".as_ptr(), false, false)).to_owned() };
-    set(timeout);
-    let r = f();
-    set(&before);
-    r
-}
