@@ -80,10 +80,10 @@ pub enum Rendered {
 
 /// A body and its size in bytes, from a statement that hands over only the
 /// bodies within the limit: (NULL, NULL) when the function returned NULL.
-type Sized = (Option<String>, Option<i64>);
+type Measured = (Option<String>, Option<i64>);
 
 /// What a body came to, given its size and the `outbox.max_body_bytes` limit.
-fn within_limit((body, size): Sized, limit: i64) -> Result<Option<String>, String> {
+fn within_limit((body, size): Measured, limit: i64) -> Result<Option<String>, String> {
     match (body, size) {
         (Some(body), _) => Ok(Some(body)),
         (None, Some(size)) => Err(format!("the body is {size} bytes; outbox.max_body_bytes is {limit}")),
@@ -123,7 +123,7 @@ fn bodies(function: &str, ids: &[String], limit: i64) -> Vec<Result<Option<Strin
                 super::plans::execute_plain(c, &batch_sql, &[TEXT_ARRAY, INT8], &[ids_owned.into(), limit.into()])
                     .unwrap_or_else(|e| panic!("{e}"))
                     .map(|r| (r.get::<String>(1).ok().flatten(), r.get::<i64>(2).ok().flatten()))
-                    .collect::<Vec<Sized>>()
+                    .collect::<Vec<Measured>>()
             })
         })
     });
