@@ -151,11 +151,8 @@ impl TrackInfo {
     /// # Safety
     /// `trigger` and `tupdesc` must be the fired trigger and its table's descriptor.
     unsafe fn new(trigger: &pg_sys::Trigger, tupdesc: pg_sys::TupleDesc) -> TrackInfo {
-        // SAFETY: tgargs holds tgnargs C strings.
-        let args: Vec<&CStr> = (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }).collect();
-        if args.len() < 2 {
-            misuse("needs the arguments (kind, id_column [, column ...])");
-        }
+        // SAFETY: guaranteed by the caller.
+        let args = unsafe { trigger_args(trigger) };
         // SAFETY: guaranteed by the caller.
         unsafe {
             TrackInfo {
@@ -242,23 +239,23 @@ fn enqueue_trigger<'a>(
     Ok(None)
 }
 
-/// The trigger's (kind, id column) arguments.
+/// The trigger's arguments: (kind, id_column [, column ...]), at least two.
 ///
 /// # Safety
 /// `trigger` must be a fired trigger.
-unsafe fn kind_and_id_column(trigger: &pg_sys::Trigger) -> (String, CString) {
-    if trigger.tgnargs < 2 {
+unsafe fn trigger_args(trigger: &pg_sys::Trigger) -> Vec<&CStr> {
+    // SAFETY: tgargs holds tgnargs C strings.
+    let args: Vec<&CStr> = (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }).collect();
+    if args.len() < 2 {
         misuse("needs the arguments (kind, id_column [, column ...])");
     }
-    // SAFETY: tgargs holds tgnargs C strings.
-    let arg = |i: usize| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) };
-    (arg(0).to_string_lossy().into_owned(), arg(1).to_owned())
+    args
 }
 
-/// The tables whose rows the TRUNCATE trigger of kind $2 on table $1 hands
-/// over: $1 itself when it holds rows, and the leaf partitions under it that
-/// have no such trigger of their own (attached after `track`). Those that
-/// have one hand over their own rows, as their trigger fires too.
+/// The tables whose rows the TRUNCATE trigger $2 on table $1 hands over: $1
+/// itself when it holds rows, and the leaf partitions under it that have no
+/// such trigger of their own (the same arguments; attached after `track`).
+/// Those that have one hand over their own rows, as their trigger fires too.
 const TRUNCATED_TABLES: &str = "
 SELECT $1
  WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_partition_tree($1))
@@ -275,8 +272,7 @@ SELECT t.relid::oid
            AND g.tgfoid = 'outbox.enqueue_trigger()'::pg_catalog.regprocedure
            AND g.tgtype & 32 <> 0
            AND g.tgenabled <> 'D'
-           AND pg_catalog.substring(g.tgargs, 1, pg_catalog.octet_length($2) + 1)
-               = pg_catalog.convert_to($2, pg_catalog.getdatabaseencoding()) || '\\x00'::bytea)";
+           AND g.tgargs = (SELECT tgargs FROM pg_catalog.pg_trigger WHERE oid = $2))";
 
 /// BEFORE TRUNCATE of a tracked table: every row is about to go, so every
 /// id goes to the inbox, as a DELETE of each row would send it.
@@ -285,16 +281,17 @@ SELECT t.relid::oid
 /// `trigger` must be the fired TRUNCATE trigger of table `relid`.
 unsafe fn truncated(trigger: &pg_sys::Trigger, relid: pg_sys::Oid) {
     // SAFETY: guaranteed by the caller.
-    let (kind, id_column) = unsafe { kind_and_id_column(trigger) };
+    let args = unsafe { trigger_args(trigger) };
+    let (kind, id_column) = (args[0].to_string_lossy(), args[1]);
     let tables: Vec<pg_sys::Oid> = Spi::connect(|c| {
-        c.select(TRUNCATED_TABLES, None, &[relid.into(), kind.as_str().into()])
+        c.select(TRUNCATED_TABLES, None, &[relid.into(), trigger.tgoid.into()])
             .unwrap_or_else(|e| panic!("listing truncated tables: {e}"))
             .filter_map(|r| r.get::<pg_sys::Oid>(1).ok().flatten())
             .collect()
     });
     for table in tables {
         // SAFETY: the TRUNCATE holds an AccessExclusiveLock on each table.
-        unsafe { each_id(table, &id_column, |id| crate::inbox::append(&kind, id)) };
+        unsafe { each_id(table, id_column, |id| crate::inbox::append(&kind, id)) };
     }
 }
 
