@@ -12,6 +12,13 @@ pub struct Caught {
     pub message: String,
 }
 
+impl Caught {
+    /// Whether it is a lock wait that ran out (`lock_timeout`, 55P03).
+    pub fn is_lock_timeout(&self) -> bool {
+        self.sqlstate == sqlstate(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE)
+    }
+}
+
 /// The five-character SQLSTATE of an error code.
 pub fn sqlstate(code: PgSqlErrorCode) -> String {
     let mut v = code as i32;

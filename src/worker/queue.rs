@@ -5,7 +5,6 @@
 use super::plans::{execute, types::*};
 use crate::schema::JobState;
 use pgrx::datum::DatumWithOid;
-use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 /// What the worker's role may not do that the worker does, one
@@ -249,11 +248,10 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
             })
         }))
     };
-    let lock_timeout = crate::subxact::sqlstate(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE);
     if !*careful {
         match attempt(c, Vec::new()) {
             Ok(r) => return r,
-            Err(e) if e.sqlstate == lock_timeout => *careful = true,
+            Err(e) if e.is_lock_timeout() => *careful = true,
             Err(e) => panic!("absorb inbox: {} (SQLSTATE {})", e.message, e.sqlstate),
         }
     }
@@ -267,7 +265,7 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
         Ok(r) => r,
         // A transaction took a fresh job between the look and the absorb:
         // the next turn looks again.
-        Err(e) if e.sqlstate == lock_timeout => (0, start),
+        Err(e) if e.is_lock_timeout() => (0, start),
         Err(e) => panic!("absorb inbox: {} (SQLSTATE {})", e.message, e.sqlstate),
     }
 }

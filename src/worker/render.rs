@@ -129,7 +129,7 @@ fn bodies(function: &str, ids: &[String], limit: i64) -> Vec<Result<Option<Strin
     });
     match batch {
         Ok(rows) if rows.len() == ids.len() => return rows.into_iter().map(|r| within_limit(r, limit)).collect(),
-        Err(e) if e.sqlstate == crate::subxact::sqlstate(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE) => {
+        Err(e) if e.is_lock_timeout() => {
             let error = format!("body function {function} waited too long for a lock: {} (SQLSTATE {})", e.message, e.sqlstate);
             return ids.iter().map(|_| Err(error.clone())).collect();
         }
