@@ -26,10 +26,12 @@ pub unsafe fn after_copy(stmt: *mut pg_sys::CopyStmt) {
         if !(*stmt).is_from || (*stmt).relation.is_null() {
             return;
         }
-        let no_lock = pg_sys::NoLock as pg_sys::LOCKMODE;
-        pg_sys::RangeVarGetRelidExtended((*stmt).relation, no_lock, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut())
+        crate::hooks::relid_named((*stmt).relation)
     };
-    if Some(table) == relid(c"queue") {
+    if table.is_none() {
+        return;
+    }
+    if table == relid(c"queue") {
         // SAFETY: a plain read of the transaction state.
         let xid = unsafe { pg_sys::GetCurrentTransactionIdIfAny() };
         if xid != pg_sys::InvalidTransactionId {
@@ -37,9 +39,9 @@ pub unsafe fn after_copy(stmt: *mut pg_sys::CopyStmt) {
                 .unwrap_or_else(|e| panic!("resetting restored running jobs: {e}"));
         }
         wake_on_commit();
-    } else if Some(table) == relid(c"kinds") {
+    } else if table == relid(c"kinds") {
         kinds_changed_on_commit();
-    } else if Some(table) == relid(c"inbox") {
+    } else if table == relid(c"inbox") {
         wake_on_commit_for_inbox();
     }
 }

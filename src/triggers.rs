@@ -457,10 +457,7 @@ pub unsafe fn cover_new_partition(stmt: *mut pg_sys::Node) {
         }
     };
     // SAFETY: the statement just created or attached it, and holds its lock.
-    let relid = unsafe { pg_sys::RangeVarGetRelidExtended(partition, pg_sys::NoLock as pg_sys::LOCKMODE, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) };
-    if relid == pg_sys::InvalidOid {
-        return;
-    }
+    let Some(relid) = (unsafe { crate::hooks::relid_named(partition) }) else { return };
     Spi::connect_mut(|c| {
         let triggers: Vec<(Vec<u8>, String)> = c
             .select(ANCESTORS_TRUNCATE_TRIGGERS, None, &[relid.into()])
