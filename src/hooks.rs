@@ -111,17 +111,16 @@ unsafe extern "C-unwind" fn process_utility(
     };
     // COPY FROM fires row triggers, and TRUNCATE its statement triggers,
     // without an executor of their own.
-    if tag == pg_sys::NodeTag::T_TruncateStmt {
-        flush_after_statement();
-    }
-    if tag == pg_sys::NodeTag::T_CreateStmt || tag == pg_sys::NodeTag::T_AlterTableStmt {
+    match tag {
+        pg_sys::NodeTag::T_TruncateStmt => flush_after_statement(),
+        pg_sys::NodeTag::T_CopyStmt => {
+            flush_after_statement();
+            // SAFETY: the statement is the COPY that just ran.
+            unsafe { after_copy((*pstmt).utilityStmt.cast()) };
+        }
         // SAFETY: the statement is the one that just ran.
-        unsafe { after_table_ddl((*pstmt).utilityStmt) };
-    }
-    if tag == pg_sys::NodeTag::T_CopyStmt {
-        flush_after_statement();
-        // SAFETY: the statement is the COPY that just ran.
-        unsafe { after_copy((*pstmt).utilityStmt.cast()) };
+        pg_sys::NodeTag::T_CreateStmt | pg_sys::NodeTag::T_AlterTableStmt => unsafe { after_table_ddl((*pstmt).utilityStmt) },
+        _ => {}
     }
 }
 

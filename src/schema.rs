@@ -110,7 +110,7 @@ CREATE INDEX queue_dead ON outbox.queue (kind) WHERE state = 'dead';
 
 -- pg_dump keeps what these hold, as it does a table of the database's own:
 -- the kinds, the jobs and the inbox (changes not yet delivered), and the
--- counters. (Jobs restored `running` go back to `pending`: hooks.rs.)
+-- counters. (Jobs restored `running` go back to `pending`: restore.rs.)
 SELECT pg_catalog.pg_extension_config_dump('outbox.kinds', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.kind_stats', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.queue', '');

@@ -1,7 +1,7 @@
 //! The launcher: waits for the database to exist and allow connections, and
 //! for `outbox.role` to be able to log in and connect to it, then keeps one
-//! delivery worker running in the database. Connected to no database, it can read only shared
-//! catalogs, which is all it needs.
+//! delivery worker running in the database. Connected to no database, it can
+//! read only shared catalogs, which is all it needs.
 
 use super::signals::{handle_interrupts, install_handlers, wait};
 use crate::gucs;
