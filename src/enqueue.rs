@@ -278,12 +278,7 @@ mod tests {
         let b = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 42)").unwrap().unwrap();
         let c = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid)").unwrap().unwrap();
         assert!(a != b && b != c);
-        let ids: Vec<String> = Spi::connect(|c| {
-            c.select("SELECT id FROM outbox.jobs ORDER BY job_id", None, &[])
-                .unwrap()
-                .map(|r| r.get::<String>(1).unwrap().unwrap())
-                .collect()
-        });
+        let ids = crate::testing::texts("SELECT id FROM outbox.jobs ORDER BY job_id", &[]);
         assert_eq!(ids, ["a", "42", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]);
         assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE state = 'pending' AND attempts = 0"), 3);
     }

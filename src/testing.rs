@@ -24,3 +24,8 @@ pub fn assert_sqlstates(cases: &[(&str, &str)]) {
         assert_eq!(sqlstate_of(sql), *code, "{sql}");
     }
 }
+
+/// The first column of every row `sql` returns, as text (none may be NULL).
+pub fn texts(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> Vec<String> {
+    Spi::connect(|c| c.select(sql, None, args).unwrap().map(|r| r.get::<String>(1).unwrap().unwrap()).collect())
+}

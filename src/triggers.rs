@@ -681,16 +681,11 @@ mod unit {
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {
-    use crate::testing::sqlstate_of;
+    use crate::testing::{sqlstate_of, texts};
     use pgrx::prelude::*;
 
     fn ids() -> Vec<String> {
-        Spi::connect(|c| {
-            c.select("SELECT u.id FROM outbox.inbox, unnest(ids) AS u(id) ORDER BY 1", None, &[])
-                .unwrap()
-                .map(|r| r.get::<String>(1).unwrap().unwrap())
-                .collect()
-        })
+        texts("SELECT u.id FROM outbox.inbox, unnest(ids) AS u(id) ORDER BY 1", &[])
     }
 
     fn reset() {
@@ -919,17 +914,11 @@ mod tests {
     }
 
     fn our_triggers(table: &str) -> Vec<String> {
-        Spi::connect(|c| {
-            c.select(
-                "SELECT tgname::text FROM pg_trigger
-                  WHERE tgrelid = $1::regclass AND tgfoid = 'outbox.enqueue_trigger()'::regprocedure ORDER BY 1",
-                None,
-                &[table.into()],
-            )
-            .unwrap()
-            .map(|r| r.get::<String>(1).unwrap().unwrap())
-            .collect()
-        })
+        texts(
+            "SELECT tgname::text FROM pg_trigger
+              WHERE tgrelid = $1::regclass AND tgfoid = 'outbox.enqueue_trigger()'::regprocedure ORDER BY 1",
+            &[table.into()],
+        )
     }
 
     #[pg_test]
