@@ -7,6 +7,7 @@
 //! - [`kinds`]: `register`, `unregister`, `pause`, `resume`.
 //! - [`enqueue`]: `enqueue(kind, id [, delay])`, coalescing, the commit wake-up.
 //! - [`triggers`]: `track`, `untrack` and the `enqueue_trigger` trigger function.
+//! - [`fresh_key`]: fresh jobs looked up by (kind, id) on their unique index, not through the planner.
 //! - [`inbox`]: buffers what tracked tables changed and writes it to `outbox.inbox`.
 //! - [`hooks`]: the executor and utility hooks (statement-end inbox writes, database DDL).
 //! - [`database_ddl`]: the worker steps aside for DDL that needs its database alone.
@@ -24,6 +25,7 @@ use pgrx::prelude::*;
 pub mod database_ddl;
 pub mod enqueue;
 pub mod errors;
+pub mod fresh_key;
 pub mod gucs;
 pub mod hooks;
 pub mod inbox;
