@@ -52,16 +52,59 @@ pub fn reloads() -> u64 {
 /// Sleeps until the latch is set, `fd` is readable, or `timeout` passes.
 pub fn wait(fd: Option<i32>, timeout: Duration) {
     let ms = timeout.as_millis().min(i32::MAX as u128) as std::ffi::c_long;
-    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
-    if fd.is_some() {
-        events |= pg_sys::WL_SOCKET_READABLE;
-    }
-    // SAFETY: MyLatch is this process's latch; the fd stays open while we wait.
-    unsafe {
-        pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, events as i32, fd.unwrap_or(-1), ms, pg_sys::PG_WAIT_EXTENSION);
-        pg_sys::ResetLatch(pg_sys::MyLatch);
+    match fd {
+        // SAFETY: MyLatch is this process's latch; the set waits on it, the
+        // postmaster and `fd`, which stays open while we wait.
+        Some(fd) => unsafe {
+            let mut event: pg_sys::WaitEvent = std::mem::zeroed();
+            pg_sys::WaitEventSetWait(socket_wait_set(fd), ms, &mut event, 1, pg_sys::PG_WAIT_EXTENSION);
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        },
+        // SAFETY: as above; WaitLatch uses a wait set Postgres keeps.
+        None => unsafe {
+            let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+            pg_sys::WaitLatch(pg_sys::MyLatch, events as i32, ms, pg_sys::PG_WAIT_EXTENSION);
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        },
     }
     handle_interrupts();
+}
+
+thread_local! {
+    /// The wait set for the latch, the postmaster and one fd, with that fd.
+    static SOCKET_WAIT: std::cell::Cell<Option<(i32, *mut pg_sys::WaitEventSet)>> = const { std::cell::Cell::new(None) };
+}
+
+/// A wait set for `fd`, made once: `WaitLatchOrSocket` makes and frees one
+/// per call (an epoll instance, three `epoll_ctl`s and a `close`), which
+/// was about a quarter of the worker's CPU under a stream of commits that
+/// gave it nothing to claim.
+///
+/// # Safety
+/// Main thread only; `fd` must stay open while the set is in use.
+unsafe fn socket_wait_set(fd: i32) -> *mut pg_sys::WaitEventSet {
+    if let Some((made_for, set)) = SOCKET_WAIT.get() {
+        if made_for == fd {
+            return set;
+        }
+        // SAFETY: made below, and no longer waited on.
+        unsafe { pg_sys::FreeWaitEventSet(set) };
+    }
+    // SAFETY: a set that lives as long as the process (or until another fd
+    // replaces it), holding this process's latch.
+    let set = unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+        let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        let set = pg_sys::CreateWaitEventSet(std::ptr::null_mut(), 3);
+        let none = pg_sys::PGINVALID_SOCKET;
+        pg_sys::AddWaitEventToSet(set, pg_sys::WL_LATCH_SET, none, pg_sys::MyLatch, std::ptr::null_mut());
+        pg_sys::AddWaitEventToSet(set, pg_sys::WL_EXIT_ON_PM_DEATH, none, std::ptr::null_mut(), std::ptr::null_mut());
+        pg_sys::AddWaitEventToSet(set, pg_sys::WL_SOCKET_READABLE, fd, std::ptr::null_mut(), std::ptr::null_mut());
+        set
+    };
+    SOCKET_WAIT.set(Some((fd, set)));
+    set
 }
 
 /// Sleeps `d` without waking for the latch (it stays set for the next wait);
