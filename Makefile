@@ -34,6 +34,7 @@ bench: install-release
 	cargo build --release -q --manifest-path pg_test/Cargo.toml --bins
 	QUICK=$(QUICK) scripts/bench.sh
 
+## bench-enqueue: figure 3 alone (CALL=1: outbox.enqueue() called directly)
 bench-enqueue: install-release
 	$(if $(QUICK),SECONDS_PER_RUN=5 ROUNDS=1,) scripts/bench-enqueue.sh
 

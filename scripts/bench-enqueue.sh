@@ -3,6 +3,9 @@
 # outbox.track versus the same table untracked, alternated in one run.
 # Prints both TPS figures and the ratio; appends JSON lines to
 # target/bench/results.json.
+# CALL=1: the same, but the UPDATE's statement calls outbox.enqueue() on the
+# row it changed (`WITH u AS (UPDATE ... RETURNING id) SELECT
+# outbox.enqueue(...)`), against the UPDATE alone: what the function costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -34,6 +37,14 @@ SQL
 for t in plain tracked; do
     printf '\\set id random(1, %d)\nUPDATE %s SET v = v + 1 WHERE id = :id;\n' "$ROWS" "$t" >"$DIR/$t.sql"
 done
+if [ -n "${CALL:-}" ]; then
+    printf '\\set id random(1, %d)\nWITH u AS (UPDATE plain SET v = v + 1 WHERE id = :id RETURNING id) SELECT outbox.enqueue(%s, u.id) FROM u;\n' \
+        "$ROWS" "'row'" >"$DIR/tracked.sql"
+    FIGURE="enqueue() call overhead" KEY=enqueue_call_overhead SIDES="UPDATE alone|with outbox.enqueue()"
+else
+    FIGURE="enqueue overhead" KEY=enqueue_overhead SIDES="untracked|tracked"
+fi
+PLAIN=${SIDES%|*} TRACKED=${SIDES#*|}
 # Prints "tps transactions".
 tps() {
     $PGBIN/pgbench -n -M simple -c 4 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$PORT" -U postgres -f "$DIR/$1.sql" bench 2>/dev/null |
@@ -56,6 +67,7 @@ worker_ticks() {
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 wal_since() { psql -tAc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$1')::bigint"; }
+echo "$FIGURE: $PLAIN vs $TRACKED"
 echo "pgbench: simple protocol, 4 clients, 2 threads, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds alternated"
 results=()
 for r in $(seq "$ROUNDS"); do
@@ -75,17 +87,20 @@ for r in $(seq "$ROUNDS"); do
     # includes the worker's move of the inbox into the queue.
     tw=$(wal_since "$at")
     wus=$((($(worker_ticks) - ticks) * TICK_US))
-    printf '  round %d: untracked %8.1f tps   tracked %8.1f tps   WAL per transaction %4d B / %4d B   worker CPU per change %3d us\n' \
-        "$r" "$p" "$t" $((pw / pn)) $((tw / tn)) $((wus / tn))
+    printf '  round %d: %s %8.1f tps   %s %8.1f tps   WAL per transaction %4d B / %4d B   worker CPU per change %3d us\n' \
+        "$r" "$PLAIN" "$p" "$TRACKED" "$t" $((pw / pn)) $((tw / tn)) $((wus / tn))
     results+=("$p $t $pn $pw $tn $tw $wus")
 done
 jobs=$(psql -tAc "SELECT count(*) FROM outbox.queue")
 mkdir -p target/bench
-printf '%s\n' "${results[@]}" | awk -v jobs="$jobs" -v at="$(date -u +%FT%TZ)" '
+target=""
+[ -z "${CALL:-}" ] && target=" (target >= 0.90)"
+printf '%s\n' "${results[@]}" | awk -v jobs="$jobs" -v at="$(date -u +%FT%TZ)" -v figure="$FIGURE" -v key="$KEY" \
+    -v plain="$PLAIN" -v tracked="$TRACKED" -v target="$target" '
     { p += $1; t += $2; pn += $3; pw += $4; tn += $5; tw += $6; wus += $7; n++ }
     END {
-        printf "enqueue overhead: untracked %.1f tps, tracked %.1f tps, ratio %.3f (target >= 0.90); WAL per transaction %d B untracked, %d B tracked; worker CPU %.1f us per change; %d jobs queued\n", p/n, t/n, t/p, pw/pn, tw/tn, wus/tn, jobs > "/dev/stderr"
-        printf "{\"figure\":\"enqueue_overhead\",\"untracked_tps\":%.1f,\"tracked_tps\":%.1f,\"ratio\":%.4f,\"untracked_wal_bytes_per_xact\":%d,\"tracked_wal_bytes_per_xact\":%d,\"worker_cpu_us_per_change\":%.1f,\"at\":\"%s\"}\n", p/n, t/n, t/p, pw/pn, tw/tn, wus/tn, at
+        printf "%s: %s %.1f tps, %s %.1f tps, ratio %.3f%s; WAL per transaction %d B / %d B; worker CPU %.1f us per change; %d jobs queued\n", figure, plain, p/n, tracked, t/n, t/p, target, pw/pn, tw/tn, wus/tn, jobs > "/dev/stderr"
+        printf "{\"figure\":\"%s\",\"untracked_tps\":%.1f,\"tracked_tps\":%.1f,\"ratio\":%.4f,\"untracked_wal_bytes_per_xact\":%d,\"tracked_wal_bytes_per_xact\":%d,\"worker_cpu_us_per_change\":%.1f,\"at\":\"%s\"}\n", key, p/n, t/n, t/p, pw/pn, tw/tn, wus/tn, at
     }' >>target/bench/results.json
 if [[ "${BENCH_CONF_LINES:-}" == *pg_stat_statements* ]]; then
     psql -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"

@@ -30,6 +30,7 @@ run http-ceiling "$BIN/bench-http-ceiling" 5
 run throughput "$BIN/bench-throughput" $THROUGHPUT
 run latency "$BIN/bench-latency" $LATENCY
 scripts/bench-enqueue.sh 2>&1 | tee "$OUT/enqueue.txt"
+CALL=1 scripts/bench-enqueue.sh 2>&1 | tee "$OUT/enqueue-call.txt"
 # shellcheck disable=SC2086
 run backlog "$BIN/bench-backlog" $BACKLOG
 # shellcheck disable=SC2086
@@ -37,6 +38,7 @@ run bulk "$BIN/bench-bulk" $BULK
 
 echo
 echo "== figures (this run; JSON lines in $OUT/results.json)"
-grep -h -E '^(http ceiling|throughput|latency|enqueue overhead|backlog scaling|bulk|table health):' \
-    "$OUT"/http-ceiling.txt "$OUT"/throughput.txt "$OUT"/latency.txt "$OUT"/enqueue.txt "$OUT"/backlog.txt "$OUT"/bulk.txt |
+grep -h -E '^(http ceiling|throughput|latency|enqueue overhead|enqueue\(\) call overhead|backlog scaling|bulk|table health):' \
+    "$OUT"/http-ceiling.txt "$OUT"/throughput.txt "$OUT"/latency.txt "$OUT"/enqueue.txt "$OUT"/enqueue-call.txt \
+    "$OUT"/backlog.txt "$OUT"/bulk.txt |
     sed 's/^/  /'
