@@ -75,10 +75,11 @@ thread_local! {
     static SOCKET_WAIT: std::cell::Cell<Option<(i32, *mut pg_sys::WaitEventSet)>> = const { std::cell::Cell::new(None) };
 }
 
-/// A wait set for `fd`, made once: `WaitLatchOrSocket` makes and frees one
-/// per call (an epoll instance, three `epoll_ctl`s and a `close`), which
-/// was about a quarter of the worker's CPU under a stream of commits that
-/// gave it nothing to claim.
+/// A wait set for `fd`, made once. `WaitLatchOrSocket` makes and frees one
+/// per call (an epoll instance, three `epoll_ctl`s and a `close`); keeping
+/// one halved the worker's CPU per commit (20 to 9.5 µs) under pgbench
+/// calling `outbox.enqueue()` for a paused kind, each commit waking it with
+/// nothing to claim.
 ///
 /// # Safety
 /// Main thread only; `fd` must stay open while the set is in use.
