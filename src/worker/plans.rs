@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use pgrx::pg_sys;
 
-const OWN_SETTINGS: [(&CStr, &CStr); 4] = [
+pub(crate) const OWN_SETTINGS: [(&CStr, &CStr); 4] = [
     (c"plan_cache_mode", c"force_generic_plan"),
     (c"jit", c"off"),
     (c"enable_seqscan", c"off"),

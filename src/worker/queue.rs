@@ -412,4 +412,37 @@ mod tests {
         let kept = Spi::get_one::<String>("SELECT format('%s %s', ids, enqueued_at < now()) FROM outbox.inbox").unwrap();
         assert_eq!(kept.as_deref(), Some("{b} t"));
     }
+
+    /// The plan of one of the worker's statements, made as the worker makes
+    /// it: generic, with its own settings.
+    fn worker_plan(sql: &str, types: &str, args: &str) -> String {
+        super::super::plans::with_settings(&super::super::plans::OWN_SETTINGS, || {
+            Spi::run(&format!("PREPARE worker_statement({types}) AS {sql}")).unwrap();
+            let plan = crate::testing::texts(&format!("EXPLAIN EXECUTE worker_statement({args})"), &[]).join("\n");
+            Spi::run("DEALLOCATE worker_statement").unwrap();
+            plan
+        })
+    }
+
+    #[pg_test]
+    fn the_claim_scans_queue_due_with_statistics_or_without() {
+        // Two indexes lead with kind: the claim must take the one in its order.
+        Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
+        Spi::run("SELECT count(outbox.enqueue('user', g)) FROM generate_series(1, 5000) g").unwrap();
+        for analyzed in [false, true] {
+            if analyzed {
+                Spi::run("ANALYZE outbox.queue").unwrap();
+            }
+            let claim = worker_plan(
+                super::CLAIM,
+                "text[], bigint, bigint[], bigint[], text[], text[]",
+                "'{user}', 10, '{NULL}', '{NULL}', '{}', '{}'",
+            );
+            let next_due = worker_plan(super::NEXT_DUE, "text[], text[], text[]", "'{user}', '{}', '{}'");
+            for plan in [claim, next_due] {
+                assert!(plan.contains("using queue_due") && !plan.contains("queue_fresh_key"), "analyzed: {analyzed}\n{plan}");
+                assert!(!plan.contains("Seq Scan on queue"), "analyzed: {analyzed}\n{plan}");
+            }
+        }
+    }
 }
