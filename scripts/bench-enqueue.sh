@@ -67,8 +67,7 @@ worker_ticks() {
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 wal_since() { psql -tAc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$1')::bigint"; }
-echo "$FIGURE: $PLAIN vs $TRACKED"
-echo "pgbench: simple protocol, 4 clients, 2 threads, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds alternated"
+echo "pgbench ($PLAIN against $TRACKED): simple protocol, 4 clients, 2 threads, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds alternated"
 results=()
 for r in $(seq "$ROUNDS"); do
     at=$(lsn)
