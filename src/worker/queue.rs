@@ -60,7 +60,7 @@ WITH picked AS (
     -- straight to dead, where an admin sees it.
     INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
     SELECT m.kind, u.id, min(m.enqueued_at), now(),
-           (CASE WHEN k.kind IS NULL THEN 'dead' ELSE 'pending' END)::outbox.job_state,
+           CASE WHEN k.kind IS NULL THEN 'dead' ELSE 'pending' END,
            CASE WHEN k.kind IS NULL THEN now() END,
            CASE WHEN k.kind IS NULL THEN 'kind is not registered' END
       FROM moved m
@@ -162,7 +162,7 @@ DELETE FROM outbox.queue
 /// Failed attempts: back to `pending` after a delay, or `dead`.
 pub const FAIL: &str = "
 UPDATE outbox.queue q
-   SET state = u.state::outbox.job_state,
+   SET state = u.state,
        run_at = now() + u.delay_ms * interval '1 millisecond',
        last_status = u.status,
        last_error = u.error
