@@ -50,8 +50,9 @@ pub fn with_fresh_key<R>(f: impl FnOnce(&mut FreshKey) -> R) -> Option<R> {
 
 impl FreshKey {
     /// Goes through the jobs filed under (kind, id) that `snapshot` sees,
-    /// until `stop` returns true for one; says whether it did. `stop` gets
-    /// the slot holding the job.
+    /// until `stop` returns true for one; says whether it did. `stop` is
+    /// handed this prober with the job in its slot ([`FreshKey::job_id`]
+    /// reads it).
     ///
     /// # Safety
     /// `snapshot` must stay valid until this returns. A dirty snapshot is
