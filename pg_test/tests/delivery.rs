@@ -287,6 +287,35 @@ fn a_paused_kind_waits_until_resumed() {
     assert!(wait_until(LONG, || jobs_left(&mut c) == 0 && r.count() == 1));
 }
 
+/// Enqueueing a record that has a fresh job returns that job at every
+/// isolation level. A fresh job committed after a repeatable-read
+/// transaction's snapshot makes its enqueue a serialization failure, to be
+/// retried; nothing is lost either way.
+#[test]
+fn enqueue_coalesces_at_every_isolation_level() {
+    use postgres::error::SqlState;
+    use postgres::IsolationLevel::{ReadCommitted, RepeatableRead, Serializable};
+    let Setup { db, r: _r, mut c, .. } = started("");
+    c.batch_execute("SELECT outbox.pause('user')").unwrap();
+    let first: i64 = c.query_one("SELECT outbox.enqueue('user', 7)", &[]).unwrap().get(0);
+    for level in [ReadCommitted, RepeatableRead, Serializable] {
+        let mut t = c.build_transaction().isolation_level(level).start().unwrap();
+        let again: i64 = t.query_one("SELECT outbox.enqueue('user', 7)", &[]).unwrap().get(0);
+        assert_eq!(again, first, "{level:?}");
+        t.commit().unwrap();
+    }
+    let mut other = db.client();
+    let mut t = c.build_transaction().isolation_level(RepeatableRead).start().unwrap();
+    t.query_one("SELECT 1", &[]).unwrap();
+    other.query_one("SELECT outbox.enqueue('user', 8)", &[]).unwrap();
+    let e = t.query_one("SELECT outbox.enqueue('user', 8)", &[]).unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE), "{e}");
+    drop(t);
+    assert_eq!(jobs_left(&mut c), 2);
+    c.batch_execute("SELECT outbox.resume('user')").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+}
+
 #[test]
 fn kill_9_of_the_worker_mid_batch_loses_nothing() {
     let Setup { db, r, mut c, pid } = started("");
