@@ -40,9 +40,9 @@ done
 if [ -n "${CALL:-}" ]; then
     printf '\\set id random(1, %d)\nWITH u AS (UPDATE plain SET v = v + 1 WHERE id = :id RETURNING id) SELECT outbox.enqueue(%s, u.id) FROM u;\n' \
         "$ROWS" "'row'" >"$DIR/tracked.sql"
-    FIGURE="enqueue() call overhead" KEY=enqueue_call_overhead SIDES="UPDATE alone|with outbox.enqueue()"
+    FIGURE="enqueue() call overhead" KEY=enqueue_call_overhead SIDES="UPDATE alone|with outbox.enqueue()" TARGET=""
 else
-    FIGURE="enqueue overhead" KEY=enqueue_overhead SIDES="untracked|tracked"
+    FIGURE="enqueue overhead" KEY=enqueue_overhead SIDES="untracked|tracked" TARGET=" (target >= 0.90)"
 fi
 PLAIN=${SIDES%|*} TRACKED=${SIDES#*|}
 # Prints "tps transactions".
@@ -92,10 +92,8 @@ for r in $(seq "$ROUNDS"); do
 done
 jobs=$(psql -tAc "SELECT count(*) FROM outbox.queue")
 mkdir -p target/bench
-target=""
-[ -z "${CALL:-}" ] && target=" (target >= 0.90)"
 printf '%s\n' "${results[@]}" | awk -v jobs="$jobs" -v at="$(date -u +%FT%TZ)" -v figure="$FIGURE" -v key="$KEY" \
-    -v plain="$PLAIN" -v tracked="$TRACKED" -v target="$target" '
+    -v plain="$PLAIN" -v tracked="$TRACKED" -v target="$TARGET" '
     { p += $1; t += $2; pn += $3; pw += $4; tn += $5; tw += $6; wus += $7; n++ }
     END {
         printf "%s: %s %.1f tps, %s %.1f tps, ratio %.3f%s; WAL per transaction %d B / %d B; worker CPU %.1f us per change; %d jobs queued\n", figure, plain, p/n, tracked, t/n, t/p, target, pw/pn, tw/tn, wus/tn, jobs > "/dev/stderr"
