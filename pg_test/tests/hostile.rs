@@ -115,8 +115,14 @@ fn a_huge_body_fails_its_job_without_the_worker_holding_it() {
     // Allowed by a reload, the body goes whole.
     c.batch_execute("ALTER SYSTEM SET outbox.max_body_bytes = '64MB'").unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
-    c.batch_execute("SELECT outbox.retry(job_id) FROM outbox.jobs WHERE kind = 'big' AND id = 'huge1'").unwrap();
-    assert!(wait_until(LONG, || big.requests_for("/big/huge1").len() == 1));
+    // The worker takes the new limit at its next turn after the SIGHUP
+    // reaches it; a retry claimed before that fails on the old limit, as it
+    // should, and is retried until the new one applies.
+    let retry = "SELECT outbox.retry(job_id) FROM outbox.jobs WHERE kind = 'big' AND id = 'huge1' AND state = 'dead'";
+    assert!(wait_until(LONG, || {
+        c.batch_execute(retry).unwrap();
+        big.requests_for("/big/huge1").len() == 1
+    }));
     assert!(big.requests_for("/big/huge1")[0].body.len() > 20_000_000);
     still_healthy(&db, &mut c, &good, pid);
 }
