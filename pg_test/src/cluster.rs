@@ -210,6 +210,11 @@ impl Cluster {
             .map(|r| r.get(0))
     }
 
+    /// The postmaster's pid, from postmaster.pid.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?.lines().next()?.trim().parse().ok()
+    }
+
     /// Waits for the worker to run and be past its start-up.
     pub fn wait_for_worker(&self) -> i32 {
         let mut pid = None;

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod cpu;
 pub mod listener;
 pub mod nginx;
 pub mod proxy;

@@ -58,6 +58,11 @@ http {{
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// The master process's pid (its worker is its child).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Requests answered so far, not counting our own status requests.
     pub fn count(&self) -> u64 {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();

@@ -4,17 +4,26 @@
 //! queue's size (table + indexes + inbox) after each round and a VACUUM,
 //! against its size before the first; a second round shows whether the
 //! space is reused or grows. Usage: bench-throughput [N] [ROUNDS]
-//! (defaults 100000 and 3).
+//! (defaults 100000 and 3). Each round also says where the CPU went per
+//! delivery (worker threads, nginx, the rest of Postgres): what bounds the
+//! rate on this machine.
 
 use outbox_e2e::bench::{self, Figure};
+use outbox_e2e::cpu;
 use outbox_e2e::wait_until;
 use std::time::{Duration, Instant};
 
 fn main() {
     let n: i64 = bench::arg(1, 100_000);
     let rounds: usize = bench::arg(2, 3);
-    let (_db, r, mut c, conf) = bench::start_delivery();
+    let (db, r, mut c, conf) = bench::start_delivery();
+    let parties = cpu::Parties {
+        worker: db.worker_pid().expect("the worker's pid"),
+        postmaster: db.postmaster_pid().expect("the postmaster's pid"),
+        receiver: r.pid(),
+    };
     let before = bench::queue_bytes(&mut c);
+    let mut cpu_rounds = Vec::new();
     let mut sizes = Vec::new();
     let mut rates = Vec::new();
     for round in 1..=rounds {
@@ -23,10 +32,12 @@ fn main() {
         c.execute("SELECT count(outbox.enqueue('k', g)) FROM generate_series(1, $1::bigint) g", &[&n]).unwrap();
         let enqueued = start.elapsed();
         let committed = Instant::now();
+        let cpu_before = parties.sample();
         // The receiver's count is cheap to poll; the queue only at the end.
         assert!(wait_until(Duration::from_secs(600), || r.count() - counted >= n as u64), "not all delivered");
         assert!(wait_until(Duration::from_secs(60), || outbox_e2e::jobs_left(&mut c) == 0), "jobs left after delivery");
         let delivery = committed.elapsed();
+        let cpu_secs = cpu_before.until(&parties.sample());
         let requests = r.count() - counted;
         c.batch_execute("VACUUM outbox.queue, outbox.inbox").unwrap();
         let size = bench::queue_bytes(&mut c);
@@ -39,14 +50,24 @@ fn main() {
             size / 1024
         );
         println!("  {}", bench::relation_sizes(&mut c));
+        println!("  {}", cpu::per_unit(&cpu_secs, n as u64, "delivery").0);
+        cpu_rounds.push(cpu_secs);
         rates.push(rate);
         sizes.push(size);
     }
     bench::print_settings(&conf, "nginx, one worker process, `return 201`");
     bench::report(Figure {
         name: "throughput",
-        summary: format!("{:.0} deliveries/s (round 1 of {rounds}; target >= 30000)", rates[0]),
-        json: format!("\"jobs\":{n},\"deliveries_per_s\":{:.0},\"rounds\":{rates:.0?}", rates[0]),
+        summary: format!(
+            "{:.0} deliveries/s (round 1 of {rounds}; target >= 30000); {}",
+            rates[0],
+            cpu::per_unit(&cpu_rounds[0], n as u64, "delivery").0
+        ),
+        json: format!(
+            "\"jobs\":{n},\"deliveries_per_s\":{:.0},\"rounds\":{rates:.0?},{}",
+            rates[0],
+            cpu::json(&cpu_rounds[0], n as u64)
+        ),
     });
     // Index pages emptied in one round are reusable only after the next
     // VACUUM, so round 2 may add to round 1; compounding would show after.

@@ -1,0 +1,159 @@
+//! Where a benchmark's CPU went: user + system time of the worker's main
+//! thread, its HTTP thread, the receiver and the rest of Postgres, read from
+//! /proc (Linux). CPU time per delivery is steadier on a noisy machine than a
+//! rate, and says what limits one: on 2 cores, the sum of the parts bounds
+//! the rate.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The processes and threads to account for.
+pub struct Parties {
+    /// The delivery worker's pid: its main thread, and its other threads
+    /// (the HTTP event loop and any name-lookup threads).
+    pub worker: i32,
+    /// The postmaster: it and its children other than the worker.
+    pub postmaster: i32,
+    /// The receiver's main process: it and its children (nginx's worker).
+    pub receiver: i32,
+}
+
+/// The groups, in the order they are printed.
+pub const GROUPS: [&str; 5] = ["worker main thread", "worker HTTP thread", "receiver", "other Postgres processes", "benchmark client"];
+
+/// CPU ticks of every task of every group at one moment.
+pub struct Sample(HashMap<PathBuf, (usize, u64)>);
+
+impl Parties {
+    pub fn sample(&self) -> Sample {
+        let mut tasks = HashMap::new();
+        let mut add = |group: usize, stat: PathBuf| {
+            if let Some(t) = ticks(&stat) {
+                tasks.insert(stat, (group, t));
+            }
+        };
+        for tid in dir_pids(&format!("/proc/{}/task", self.worker)) {
+            add(usize::from(tid != self.worker), PathBuf::from(format!("/proc/{}/task/{tid}/stat", self.worker)));
+        }
+        add(2, proc_stat(self.receiver));
+        add(3, proc_stat(self.postmaster));
+        add(4, proc_stat(std::process::id() as i32));
+        for pid in dir_pids("/proc") {
+            match parent(pid) {
+                Some(p) if p == self.receiver => add(2, proc_stat(pid)),
+                Some(p) if p == self.postmaster && pid != self.worker => add(3, proc_stat(pid)),
+                _ => {}
+            }
+        }
+        Sample(tasks)
+    }
+}
+
+impl Sample {
+    /// Seconds of CPU per group from `self` to `later`. A task that started
+    /// in between counts whole; one that ended in between is not counted.
+    pub fn until(&self, later: &Sample) -> [f64; 5] {
+        let hz = clock_ticks_per_second();
+        let mut secs = [0.0; 5];
+        for (path, &(group, t)) in &later.0 {
+            let before = self.0.get(path).map_or(0, |&(_, b)| b);
+            secs[group] += t.saturating_sub(before) as f64 / hz;
+        }
+        secs
+    }
+}
+
+/// "CPU per delivery: worker main thread 18.2 µs, ...; total 45.3 µs: 2
+/// cores allow at most 44150/s": the CPU of each group per unit of work,
+/// and the rate the machine's cores would bound it to.
+pub fn per_unit(secs: &[f64; 5], units: u64, unit: &str) -> (String, f64) {
+    let per = |s: f64| s * 1e6 / units.max(1) as f64;
+    let total: f64 = secs.iter().map(|&s| per(s)).sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let parts: Vec<String> = GROUPS.iter().zip(secs).map(|(g, &s)| format!("{g} {:.1} µs", per(s))).collect();
+    let text = format!(
+        "CPU per {unit}: {}; total {total:.1} µs: {cores} cores allow at most {:.0}/s",
+        parts.join(", "),
+        cores * 1e6 / total.max(f64::MIN_POSITIVE)
+    );
+    (text, total)
+}
+
+/// The CPU figures as JSON members: µs per unit for each group and in all.
+pub fn json(secs: &[f64; 5], units: u64) -> String {
+    let per = |s: f64| s * 1e6 / units.max(1) as f64;
+    let keys = ["worker_main_us", "worker_http_us", "receiver_us", "other_postgres_us", "client_us"];
+    let mut members: Vec<String> = keys.iter().zip(secs).map(|(k, &s)| format!("\"{k}\":{:.1}", per(s))).collect();
+    members.push(format!("\"total_cpu_us\":{:.1}", secs.iter().map(|&s| per(s)).sum::<f64>()));
+    members.join(",")
+}
+
+fn proc_stat(pid: i32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/stat"))
+}
+
+fn dir_pids(dir: &str) -> Vec<i32> {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// The fields of a stat file after the command name, which may hold spaces
+/// and parentheses: field 3 (state) is the first.
+fn stat_fields(stat: &Path) -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string(stat).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    // The state is a letter; keep the numbering by putting 0 in its place.
+    Some(rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
+}
+
+/// utime + stime (fields 14 and 15), in clock ticks.
+fn ticks(stat: &Path) -> Option<u64> {
+    let f = stat_fields(stat)?;
+    Some(f.get(11)? + f.get(12)?)
+}
+
+/// The parent pid (field 4).
+fn parent(pid: i32) -> Option<i32> {
+    stat_fields(&proc_stat(pid))?.get(1).map(|&p| p as i32)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_thread_that_spins_is_counted_in_its_group() {
+        let me = std::process::id() as i32;
+        // This process stands in for the worker: its threads other than the
+        // main one are the "HTTP thread" group.
+        let parties = super::Parties { worker: me, postmaster: -1, receiver: -1 };
+        let before = parties.sample();
+        let (spun, done) = mpsc::channel();
+        let (finish, wait) = mpsc::channel::<()>();
+        let spinner = std::thread::spawn(move || {
+            let t = Instant::now();
+            let mut x = 0u64;
+            while t.elapsed() < Duration::from_millis(400) {
+                x = x.wrapping_add(std::hint::black_box(1));
+            }
+            spun.send(()).unwrap();
+            // Alive until sampled: an ended thread's time is gone from /proc.
+            wait.recv().unwrap();
+            x
+        });
+        done.recv().unwrap();
+        let secs = before.until(&parties.sample());
+        finish.send(()).unwrap();
+        spinner.join().unwrap();
+        assert!(secs[1] >= 0.3, "{secs:?}");
+        assert!(secs.iter().all(|&s| s >= 0.0), "{secs:?}");
+    }
+}
