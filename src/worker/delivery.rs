@@ -98,8 +98,9 @@ const CURSOR_RESET: Duration = Duration::from_secs(1);
 /// A job handed to the HTTP thread, until its outcome is recorded.
 struct InFlight {
     kind: String,
-    id: String,
     ctid: String,
+    /// Holds the record back from claims while in flight (`queue::CLAIM`).
+    key_hash: i64,
     attempts: i32,
     max_attempts: i32,
     is_delete: bool,
@@ -418,7 +419,7 @@ impl Worker {
                 return Turn::Worked { requests: Vec::new(), next_due: if inbox_full { Some(Duration::ZERO) } else { None } };
             }
             // Every job in flight is `running`: none was recorded yet.
-            let busy: queue::InFlightKeys = self.in_flight.values().map(|j| (j.kind.as_str(), j.id.as_str())).unzip();
+            let busy: queue::InFlightKeys = self.in_flight.values().map(|j| j.key_hash).collect();
             let claimed = queue::claim(c, &active, &mut self.cursors, room as i64, &busy);
             self.last_work += claimed.len();
             if claimed.len() < room {
@@ -433,7 +434,14 @@ impl Worker {
             for (job, r) in claimed.iter().zip(rendered) {
                 let kind = kinds.get(&job.kind);
                 let max_attempts = kind.map_or(1, |k| k.max_attempts);
-                let info = |is_delete| InFlight { kind: job.kind.clone(), id: job.id.clone(), ctid: job.ctid.clone(), attempts: job.attempts, max_attempts, is_delete };
+                let info = |is_delete| InFlight {
+                    kind: job.kind.clone(),
+                    ctid: job.ctid.clone(),
+                    key_hash: job.key_hash,
+                    attempts: job.attempts,
+                    max_attempts,
+                    is_delete,
+                };
                 match r {
                     Rendered::Send(req) => {
                         let is_delete = req.method == Method::Delete;

@@ -92,11 +92,17 @@ SELECT DISTINCT r.kind, u.id
  CROSS JOIN LATERAL unnest(r.ids) AS u(id)";
 
 /// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), oldest
-/// first, at most one per record, and none for a record in flight: ($5, $6)
-/// are the (kind, id) of the worker's deliveries in flight. The worker is the
-/// only claimer and knows them all (a restart sends every `running` job back
-/// to `pending`), so a hashed list of a few hundred pairs does what an index
-/// of running jobs would, without an index insert per claim.
+/// first, at most one per record, and none for a record in flight: $5 holds
+/// the key hashes of the worker's deliveries in flight, as this statement
+/// returns them (`hashtextextended(id, hashtextextended(kind, 0))`). The
+/// worker is the only claimer and knows them all (a restart sends every
+/// `running` job back to `pending`), so a hashed list of a few hundred numbers
+/// does what an index of running jobs would, without an index insert per
+/// claim. Numbers, not (kind, id) pairs: building a hash table of a few
+/// hundred text pairs on every claim took about a tenth of the worker's main
+/// thread under a backlog. Equal keys hash alike, so a record in flight is
+/// always held back; two keys that collide only make the other one wait for
+/// that delivery to end.
 /// Each kind's scan starts after a cursor, ($3 run_at in µs since the Unix
 /// epoch, $4 job_id; NULL for the front): the entries before it are mostly jobs claimed a moment
 /// ago, dead in the index until vacuum, and skipping them keeps a claim's
@@ -116,7 +122,8 @@ WITH due AS (
            AND q.run_at <= now()
            AND (q.run_at, q.job_id) > (coalesce('epoch'::timestamptz + k.after_us * interval '1 microsecond', '-infinity'),
                                        coalesce(k.after_id, 0))
-           AND (q.kind, q.id) NOT IN (SELECT * FROM unnest($5::text[], $6::text[]))
+           AND pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))
+               NOT IN (SELECT pg_catalog.unnest($5::bigint[]))
          ORDER BY q.run_at, q.job_id
          LIMIT $2
            FOR UPDATE SKIP LOCKED
@@ -133,10 +140,11 @@ UPDATE outbox.queue q
    SET state = 'running', attempts = q.attempts + 1, last_attempt_at = now()
  WHERE q.ctid = ANY (ARRAY(SELECT ctid FROM one_per_record))
 RETURNING q.job_id, q.kind, q.id, q.attempts, pg_catalog.pg_current_xact_id()::text::bigint,
-          (extract(epoch FROM q.run_at) * 1000000)::bigint, q.ctid::text";
+          (extract(epoch FROM q.run_at) * 1000000)::bigint, q.ctid::text,
+          pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))";
 
 /// How long until the next job of the kinds in $1 falls due (among those the
-/// claim could take: not for a record in flight, ($2, $3) as for [`CLAIM`]).
+/// claim could take: not for a record in flight, $2 as for [`CLAIM`]).
 pub const NEXT_DUE: &str = "
 SELECT min(d.run_at) - now()
   FROM unnest($1::text[]) AS k(kind)
@@ -145,7 +153,8 @@ SELECT min(d.run_at) - now()
       FROM outbox.queue q
      WHERE q.kind = k.kind
        AND q.state = 'pending'
-       AND (q.kind, q.id) NOT IN (SELECT * FROM unnest($2::text[], $3::text[]))
+       AND pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))
+           NOT IN (SELECT pg_catalog.unnest($2::bigint[]))
      ORDER BY q.run_at, q.job_id
      LIMIT 1
  ) d";
@@ -195,6 +204,8 @@ pub struct Claimed {
     pub run_at_us: i64,
     /// Where the running job's tuple is, for [`COMPLETE`].
     pub ctid: String,
+    /// The hash of (kind, id) that holds the record back while in flight.
+    pub key_hash: i64,
 }
 
 /// Where each kind's next claim scan starts: (run_at µs, job_id).
@@ -270,24 +281,17 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
     }
 }
 
-/// The (kind, id) of every delivery in flight, as two arrays.
-pub type InFlightKeys<'a> = (Vec<&'a str>, Vec<&'a str>);
+/// The key hashes of every delivery in flight (see [`CLAIM`]).
+pub type InFlightKeys = Vec<i64>;
 
 /// Claims up to `limit` jobs of `kinds`, each kind scanned from its cursor,
 /// none for a record in `busy`. A kind whose scan claimed nothing has its
 /// cursor reset for the next turn.
-pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, limit: i64, busy: &InFlightKeys<'_>) -> Vec<Claimed> {
+pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, limit: i64, busy: &InFlightKeys) -> Vec<Claimed> {
     let (after_us, after_id): (Vec<Option<i64>>, Vec<Option<i64>>) =
         kinds.iter().map(|k| cursors.get(k).map_or((None, None), |&(t, j)| (Some(t), Some(j)))).unzip();
-    let args: [DatumWithOid; 6] = [
-        kinds.to_vec().into(),
-        limit.into(),
-        after_us.into(),
-        after_id.into(),
-        busy.0.clone().into(),
-        busy.1.clone().into(),
-    ];
-    let types = [TEXT_ARRAY, INT8, INT8_ARRAY, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY];
+    let args: [DatumWithOid; 5] = [kinds.to_vec().into(), limit.into(), after_us.into(), after_id.into(), busy.clone().into()];
+    let types = [TEXT_ARRAY, INT8, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY];
     let rows = execute(c, CLAIM, &types, &args).unwrap_or_else(|e| panic!("claim: {e}"));
     let claimed: Vec<Claimed> = rows
         .filter_map(|r| {
@@ -299,6 +303,7 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, lim
                 sequence: r.get::<i64>(5).ok()??,
                 run_at_us: r.get::<i64>(6).ok()??,
                 ctid: r.get::<String>(7).ok()??,
+                key_hash: r.get::<i64>(8).ok()??,
             })
         })
         .collect();
@@ -317,9 +322,9 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, lim
 }
 
 /// Milliseconds until the next job is due (0 if overdue), None if none.
-pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>, busy: &InFlightKeys<'_>) -> Option<i64> {
-    let args: [DatumWithOid; 3] = [kinds.into(), busy.0.clone().into(), busy.1.clone().into()];
-    let t = execute(c, NEXT_DUE, &[TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY], &args).unwrap_or_else(|e| panic!("next due: {e}"));
+pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>, busy: &InFlightKeys) -> Option<i64> {
+    let args: [DatumWithOid; 2] = [kinds.into(), busy.clone().into()];
+    let t = execute(c, NEXT_DUE, &[TEXT_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("next due: {e}"));
     let iv = t.first().get_one::<pgrx::datum::Interval>().ok().flatten()?;
     Some((iv.as_micros() / 1000).max(0) as i64)
 }
@@ -413,6 +418,42 @@ mod tests {
         assert_eq!(kept.as_deref(), Some("{b} t"));
     }
 
+    fn claim(busy: &super::InFlightKeys) -> Vec<super::Claimed> {
+        Spi::connect_mut(|c| super::claim(c, &["k".to_string()], &mut super::Cursors::new(), 10, busy))
+    }
+
+    fn ids(claimed: &[super::Claimed]) -> Vec<&str> {
+        let mut ids: Vec<&str> = claimed.iter().map(|j| j.id.as_str()).collect();
+        ids.sort();
+        ids
+    }
+
+    #[pg_test]
+    fn a_record_in_flight_is_held_back_by_its_key_hash() {
+        Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
+        Spi::run("SELECT outbox.enqueue('k', 'a'), outbox.enqueue('k', 'b')").unwrap();
+        let first = claim(&Vec::new());
+        assert_eq!(ids(&first), ["a", "b"]);
+        let a = first.iter().find(|j| j.id == "a").unwrap();
+        assert_ne!(a.key_hash, first.iter().find(|j| j.id == "b").unwrap().key_hash);
+        // While a's delivery is in flight, a is enqueued again (a new job:
+        // the running one may have read the old state), and so is c. (With a
+        // delay of zero: an immediate enqueue repeated in one transaction
+        // returns the job it made before, and this test is one transaction.)
+        Spi::run("SELECT outbox.enqueue('k', 'a', interval '0 s'), outbox.enqueue('k', 'c')").unwrap();
+        let in_flight = vec![a.key_hash];
+        let due = |busy: &super::InFlightKeys| Spi::connect_mut(|c| super::next_due_ms(c, vec!["k".into()], busy));
+        let second = claim(&in_flight);
+        assert_eq!(ids(&second), ["c"], "a is in flight");
+        assert_eq!(due(&in_flight), None, "nothing the claim could take");
+        assert_eq!(due(&Vec::new()), Some(0));
+        // Its delivery over, a's new job is claimed, with the same key hash.
+        let third = claim(&Vec::new());
+        assert_eq!(ids(&third), ["a"]);
+        assert_eq!(third[0].key_hash, a.key_hash);
+        assert_ne!(third[0].job_id, a.job_id);
+    }
+
     /// The plan of one of the worker's statements, made as the worker makes
     /// it: generic, with its own settings.
     fn worker_plan(sql: &str, types: &str, args: &str) -> String {
@@ -433,12 +474,9 @@ mod tests {
             if analyzed {
                 Spi::run("ANALYZE outbox.queue").unwrap();
             }
-            let claim = worker_plan(
-                super::CLAIM,
-                "text[], bigint, bigint[], bigint[], text[], text[]",
-                "'{user}', 10, '{NULL}', '{NULL}', '{}', '{}'",
-            );
-            let next_due = worker_plan(super::NEXT_DUE, "text[], text[], text[]", "'{user}', '{}', '{}'");
+            let claim =
+                worker_plan(super::CLAIM, "text[], bigint, bigint[], bigint[], bigint[]", "'{user}', 10, '{NULL}', '{NULL}', '{}'");
+            let next_due = worker_plan(super::NEXT_DUE, "text[], bigint[]", "'{user}', '{}'");
             for plan in [claim, next_due] {
                 assert!(plan.contains("using queue_due") && !plan.contains("queue_fresh_key"), "analyzed: {analyzed}\n{plan}");
                 assert!(!plan.contains("Seq Scan on queue"), "analyzed: {analyzed}\n{plan}");
