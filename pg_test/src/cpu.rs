@@ -1,5 +1,5 @@
 //! Where a benchmark's CPU went: user + system time of the worker's main
-//! thread, its HTTP thread, the receiver and the rest of Postgres, read from
+//! thread, its HTTP threads, the receiver and the rest of Postgres, read from
 //! /proc (Linux). CPU time per delivery is steadier on a noisy machine than a
 //! rate, and says what limits one: on 2 cores, the sum of the parts bounds
 //! the rate.
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// The processes and threads to account for.
 pub struct Parties {
     /// The delivery worker's pid: its main thread, and its other threads
-    /// (the HTTP event loop and any name-lookup threads).
+    /// (the HTTP event loops and any name-lookup threads).
     pub worker: i32,
     /// The postmaster: it and its children other than the worker.
     pub postmaster: i32,
@@ -19,10 +19,25 @@ pub struct Parties {
 }
 
 /// The groups, in the order they are printed.
-pub const GROUPS: [&str; 5] = ["worker main thread", "worker HTTP thread", "receiver", "other Postgres processes", "benchmark client"];
+pub const GROUPS: [&str; 5] = ["worker main thread", "worker HTTP threads", "receiver", "other Postgres processes", "benchmark client"];
 
-/// CPU ticks of every task of every group at one moment.
-pub struct Sample(HashMap<PathBuf, (usize, u64)>);
+/// CPU ticks of every task of every group at one moment, and the machine's
+/// (all cores: idle or waiting for I/O, stolen by the hypervisor, in all).
+pub struct Sample {
+    tasks: HashMap<PathBuf, (usize, u64)>,
+    machine: [u64; 3],
+}
+
+/// CPU seconds spent between two samples.
+pub struct Spent {
+    /// Per group, in the order of [`GROUPS`].
+    pub groups: [f64; 5],
+    /// All cores together: idle (or waiting for I/O), stolen by the
+    /// hypervisor, and in all.
+    pub idle: f64,
+    pub steal: f64,
+    pub total: f64,
+}
 
 impl Parties {
     pub fn sample(&self) -> Sample {
@@ -45,46 +60,53 @@ impl Parties {
                 _ => {}
             }
         }
-        Sample(tasks)
+        Sample { tasks, machine: machine_ticks().unwrap_or_default() }
     }
 }
 
 impl Sample {
     /// Seconds of CPU per group from `self` to `later`. A task that started
     /// in between counts whole; one that ended in between is not counted.
-    pub fn until(&self, later: &Sample) -> [f64; 5] {
+    pub fn until(&self, later: &Sample) -> Spent {
         let hz = clock_ticks_per_second();
-        let mut secs = [0.0; 5];
-        for (path, &(group, t)) in &later.0 {
-            let before = self.0.get(path).map_or(0, |&(_, b)| b);
-            secs[group] += t.saturating_sub(before) as f64 / hz;
+        let mut groups = [0.0; 5];
+        for (path, &(group, t)) in &later.tasks {
+            let before = self.tasks.get(path).map_or(0, |&(_, b)| b);
+            groups[group] += t.saturating_sub(before) as f64 / hz;
         }
-        secs
+        let machine = |i: usize| later.machine[i].saturating_sub(self.machine[i]) as f64 / hz;
+        Spent { groups, idle: machine(0), steal: machine(1), total: machine(2) }
     }
 }
 
 /// "CPU per delivery: worker main thread 18.2 µs, ...; total 45.3 µs: 2
-/// cores allow at most 44150/s": the CPU of each group per unit of work,
-/// and the rate the machine's cores would bound it to.
-pub fn per_unit(secs: &[f64; 5], units: u64, unit: &str) -> (String, f64) {
+/// cores allow at most 44150/s; the cores were idle 5% of the time, and 1%
+/// was stolen": the CPU of each group per unit of work, the rate the
+/// machine's cores would bound it to, and what the cores did besides.
+pub fn per_unit(spent: &Spent, units: u64, unit: &str) -> String {
     let per = |s: f64| s * 1e6 / units.max(1) as f64;
-    let total: f64 = secs.iter().map(|&s| per(s)).sum();
+    let total: f64 = spent.groups.iter().map(|&s| per(s)).sum();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let parts: Vec<String> = GROUPS.iter().zip(secs).map(|(g, &s)| format!("{g} {:.1} µs", per(s))).collect();
-    let text = format!(
-        "CPU per {unit}: {}; total {total:.1} µs: {cores} cores allow at most {:.0}/s",
+    let parts: Vec<String> = GROUPS.iter().zip(spent.groups).map(|(g, s)| format!("{g} {:.1} µs", per(s))).collect();
+    let share = |s: f64| 100.0 * s / spent.total.max(f64::MIN_POSITIVE);
+    format!(
+        "CPU per {unit}: {}; total {total:.1} µs: {cores} cores allow at most {:.0}/s; the cores were idle {:.0}% of the time, and {:.0}% was stolen",
         parts.join(", "),
-        cores * 1e6 / total.max(f64::MIN_POSITIVE)
-    );
-    (text, total)
+        cores * 1e6 / total.max(f64::MIN_POSITIVE),
+        share(spent.idle),
+        share(spent.steal)
+    )
 }
 
-/// The CPU figures as JSON members: µs per unit for each group and in all.
-pub fn json(secs: &[f64; 5], units: u64) -> String {
+/// The CPU figures as JSON members: µs per unit for each group and in all,
+/// and the cores' idle and stolen shares.
+pub fn json(spent: &Spent, units: u64) -> String {
     let per = |s: f64| s * 1e6 / units.max(1) as f64;
     let keys = ["worker_main_us", "worker_http_us", "receiver_us", "other_postgres_us", "client_us"];
-    let mut members: Vec<String> = keys.iter().zip(secs).map(|(k, &s)| format!("\"{k}\":{:.1}", per(s))).collect();
-    members.push(format!("\"total_cpu_us\":{:.1}", secs.iter().map(|&s| per(s)).sum::<f64>()));
+    let mut members: Vec<String> = keys.iter().zip(spent.groups).map(|(k, s)| format!("\"{k}\":{:.1}", per(s))).collect();
+    members.push(format!("\"total_cpu_us\":{:.1}", spent.groups.iter().map(|&s| per(s)).sum::<f64>()));
+    let share = |s: f64| s / spent.total.max(f64::MIN_POSITIVE);
+    members.push(format!("\"idle_share\":{:.3},\"steal_share\":{:.3}", share(spent.idle), share(spent.steal)));
     members.join(",")
 }
 
@@ -118,6 +140,17 @@ fn parent(pid: i32) -> Option<i32> {
     stat_fields(&proc_stat(pid))?.get(1).map(|&p| p as i32)
 }
 
+/// The machine's CPU ticks so far, over all cores, from the first line of
+/// /proc/stat ("cpu user nice system idle iowait irq softirq steal ..."):
+/// [idle + iowait, steal, all].
+fn machine_ticks() -> Option<[u64; 3]> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = text.lines().next()?.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0)).collect();
+    // guest and guest_nice are already counted in user and nice.
+    let all: u64 = f.iter().take(8).sum();
+    Some([f.get(3)? + f.get(4)?, *f.get(7)?, all])
+}
+
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf reads a constant of the system.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -133,7 +166,7 @@ mod tests {
     fn a_thread_that_spins_is_counted_in_its_group() {
         let me = std::process::id() as i32;
         // This process stands in for the worker: its threads other than the
-        // main one are the "HTTP thread" group.
+        // main one are the "HTTP threads" group.
         let parties = super::Parties { worker: me, postmaster: -1, receiver: -1 };
         let before = parties.sample();
         let (spun, done) = mpsc::channel();
@@ -150,10 +183,13 @@ mod tests {
             x
         });
         done.recv().unwrap();
-        let secs = before.until(&parties.sample());
+        let spent = before.until(&parties.sample());
         finish.send(()).unwrap();
         spinner.join().unwrap();
+        let secs = spent.groups;
         assert!(secs[1] >= 0.3, "{secs:?}");
         assert!(secs.iter().all(|&s| s >= 0.0), "{secs:?}");
+        // The machine's clock ran at least as long as the spinning thread.
+        assert!(spent.total >= secs[1] && spent.idle <= spent.total, "{} {} {}", spent.total, spent.idle, secs[1]);
     }
 }

@@ -37,7 +37,7 @@ fn main() {
         assert!(wait_until(Duration::from_secs(600), || r.count() - counted >= n as u64), "not all delivered");
         assert!(wait_until(Duration::from_secs(60), || outbox_e2e::jobs_left(&mut c) == 0), "jobs left after delivery");
         let delivery = committed.elapsed();
-        let cpu_secs = cpu_before.until(&parties.sample());
+        let spent = cpu_before.until(&parties.sample());
         let requests = r.count() - counted;
         c.batch_execute("VACUUM outbox.queue, outbox.inbox").unwrap();
         let size = bench::queue_bytes(&mut c);
@@ -50,8 +50,8 @@ fn main() {
             size / 1024
         );
         println!("  {}", bench::relation_sizes(&mut c));
-        println!("  {}", cpu::per_unit(&cpu_secs, n as u64, "delivery").0);
-        cpu_rounds.push(cpu_secs);
+        println!("  {}", cpu::per_unit(&spent, n as u64, "delivery"));
+        cpu_rounds.push(spent);
         rates.push(rate);
         sizes.push(size);
     }
@@ -61,7 +61,7 @@ fn main() {
         summary: format!(
             "{:.0} deliveries/s (round 1 of {rounds}; target >= 30000); {}",
             rates[0],
-            cpu::per_unit(&cpu_rounds[0], n as u64, "delivery").0
+            cpu::per_unit(&cpu_rounds[0], n as u64, "delivery")
         ),
         json: format!(
             "\"jobs\":{n},\"deliveries_per_s\":{:.0},\"rounds\":{rates:.0?},{}",
