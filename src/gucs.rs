@@ -9,6 +9,7 @@ pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 pub static ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(32);
+pub static HTTP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
@@ -41,6 +42,16 @@ pub fn init(preloading: bool) {
             &CONCURRENCY,
             1,
             1024,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"outbox.http_threads",
+            c"Threads the outbox worker sends requests from, each an event loop.",
+            c"The requests in flight (outbox.concurrency) are shared out among them.",
+            &HTTP_THREADS,
+            1,
+            64,
             GucContext::Postmaster,
             GucFlags::default(),
         );

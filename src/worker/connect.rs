@@ -1,4 +1,4 @@
-//! How the HTTP thread reaches a receiver: directly, or through the proxy
+//! How the HTTP threads reach a receiver: directly, or through the proxy
 //! that the server's environment names, read as curl reads it
 //! (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, upper or lower
 //! case). HTTPS goes through a `CONNECT` tunnel, so TLS is still end to end;

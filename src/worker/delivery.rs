@@ -1,6 +1,6 @@
 //! The delivery worker's loop. Each turn, in order: interrupts and config
 //! reload; standby check; one short transaction that records finished
-//! deliveries, claims due jobs and renders them; hand-off to the HTTP thread;
+//! deliveries, claims due jobs and renders them; hand-off to the HTTP threads;
 //! wait (latch, outcome pipe, or the next due job, whichever comes first).
 //! No HTTP call ever runs inside a transaction.
 
@@ -95,7 +95,7 @@ const LOCKED_BACKOFF: Duration = Duration::from_millis(100);
 /// PREPARED, which runs no callback of ours).
 const CURSOR_RESET: Duration = Duration::from_secs(1);
 
-/// A job handed to the HTTP thread, until its outcome is recorded.
+/// A job handed to the HTTP threads, until its outcome is recorded.
 struct InFlight {
     kind: String,
     ctid: String,
@@ -151,7 +151,7 @@ struct Worker {
     /// (None: read them again).
     kinds: HashMap<String, render::Kind>,
     kinds_generation: Option<u64>,
-    /// `outbox.ca_file` as the HTTP thread last took it.
+    /// `outbox.ca_file` as the HTTP threads last took it.
     ca_file: Option<String>,
     /// Configuration reloads handled so far.
     reloads_seen: u64,
@@ -192,8 +192,9 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         warning!("outbox.ca_file: {e}; HTTPS receivers are checked against the Mozilla roots only");
         http::mozilla_roots()
     });
-    let pool = with_signals_blocked(|| Pool::start(concurrency, roots)).unwrap_or_else(|e| panic!("starting the HTTP thread: {e}"));
-    log!("outbox worker started for database \"{database}\" with up to {concurrency} requests in flight");
+    let threads = (gucs::HTTP_THREADS.get().max(1) as usize).min(concurrency);
+    let pool = with_signals_blocked(|| Pool::start(concurrency, threads, roots)).unwrap_or_else(|e| panic!("starting the HTTP threads: {e}"));
+    log!("outbox worker started for database \"{database}\" with up to {concurrency} requests in flight from {threads} HTTP thread(s)");
     let mut last_turn = Instant::now() - MIN_TURN_GAP;
     let mut w = Worker {
         pool,
@@ -296,7 +297,7 @@ fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
 
 impl Worker {
     /// After a reload: a changed `outbox.ca_file`, or a file that is set and
-    /// may have new contents, goes to the HTTP thread for new connections. A
+    /// may have new contents, goes to the HTTP threads for new connections. A
     /// file that can't be used leaves the roots in use as they are.
     fn reload_trust(&mut self) {
         let ca_file = gucs::ca_file();
@@ -316,7 +317,7 @@ impl Worker {
         sleep_limit(next_due, gucs::poll_interval(), self.inbox.block > 0, self.cursors_reset_at.elapsed())
     }
 
-    /// Moves outcomes reported by the HTTP thread into `finished`.
+    /// Moves outcomes reported by the HTTP threads into `finished`.
     fn collect_outcomes(&mut self) {
         for Outcome { job_id, response, retry_after, detail } in self.pool.drain() {
             if let Some(job) = self.in_flight.remove(&job_id) {

@@ -1,16 +1,23 @@
-//! The HTTP thread: one OS thread running an event loop (a current-thread
-//! tokio runtime with hyper's pooled keep-alive client). It does network I/O
-//! and pure Rust only: no pgrx, no pg_sys, no logging (Postgres is bound to
-//! the main thread). It takes requests from a channel, keeps up to
-//! `outbox.concurrency` of them in flight at once, and reports outcomes over
-//! another channel. When the main loop is about to wait, the first outcome
-//! after that writes a byte to a pipe that it waits on together with its
-//! latch; while it is busy, outcomes just queue up.
+//! The HTTP threads: `outbox.http_threads` OS threads, each running an event
+//! loop (a current-thread tokio runtime with hyper's pooled keep-alive
+//! client). They do network I/O and pure Rust only: no pgrx, no pg_sys, no
+//! logging (Postgres is bound to the main thread). They take requests from
+//! the main thread, round robin, keep up to `outbox.concurrency` of them in
+//! flight at once between them (one shared limit), and report outcomes over
+//! one channel. When the main loop is about to wait, the first outcome after
+//! that writes a byte to a pipe that it waits on together with its latch;
+//! while it is busy, outcomes just queue up.
 //!
-//! One event loop instead of a blocking thread per request: on the 2-core
-//! test machine, 32 blocking `ureq` threads spent about 90 µs of CPU per
+//! Event loops instead of a blocking thread per request: on the 2-core test
+//! machine, 32 blocking `ureq` threads spent about 90 µs of CPU per
 //! delivery, most of it in context switches, and could not pass about 22,000
-//! requests/s against nginx; this loop spends about 20 µs.
+//! requests/s against nginx; a loop spends about 30 µs.
+//!
+//! Two loops by default: with one, it was the bottleneck whenever the main
+//! thread was between turns, and the cores sat idle 15-16% of the time
+//! during figure 1 of `make bench`. Two took that to 9-10% and the rate up
+//! by 6-10% (two sets of 6 interleaved runs), for about 5 µs more CPU per
+//! delivery in the loops; four did no better.
 
 use super::connect::{forward_auth, Connector};
 use crate::policy::{parse_retry_after, Response};
@@ -81,8 +88,11 @@ enum Message {
 }
 
 pub struct Pool {
-    /// Dropping it ends the event loop, and the thread with it.
-    requests: Option<mpsc::UnboundedSender<Message>>,
+    /// One per event-loop thread; dropping them ends the loops, and the
+    /// threads with them.
+    requests: Vec<mpsc::UnboundedSender<Message>>,
+    /// The thread the next request goes to: round robin.
+    next: std::cell::Cell<usize>,
     outcomes: Receiver<Outcome>,
     wake_read: OwnedFd,
     /// Set by the main loop before it waits; the outcome that clears it pokes.
@@ -90,30 +100,69 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts the HTTP thread, which keeps up to `concurrency` requests in
-    /// flight. Call with all signals blocked, so that the thread (and the
-    /// threads tokio starts from it for name lookups) inherit the mask and
-    /// Postgres' handlers keep running on the main thread only.
-    pub fn start(concurrency: usize, roots: RootCertStore) -> std::io::Result<Pool> {
+    /// Starts `threads` event-loop threads that keep up to `concurrency`
+    /// requests in flight between them. Call with all signals blocked, so
+    /// that the threads (and the threads tokio starts from them for name
+    /// lookups) inherit the mask and Postgres' handlers keep running on the
+    /// main thread only.
+    pub fn start(concurrency: usize, threads: usize, roots: RootCertStore) -> std::io::Result<Pool> {
         let (wake_read, wake_write) = pipe()?;
         let waiting = Arc::new(AtomicBool::new(false));
-        // Blocking threads only look names up, at most one per request in
-        // flight.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .max_blocking_threads(concurrency)
-            .build()?;
         // Read once: a changed environment needs a restart, as for any
         // process.
         let proxies = Arc::new(Matcher::from_env());
-        let mut http = client(concurrency, roots, &proxies)?;
-        let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Message>();
         let (out_tx, out_rx) = unbounded::<Outcome>();
         let report = Reporter { outcomes: out_tx, wake_write: Arc::new(wake_write), waiting: Arc::clone(&waiting) };
-        std::thread::Builder::new().name("outbox-http".into()).spawn(move || {
+        // One limit for all the threads: a thread whose requests hang on a
+        // slow receiver holds only the slots those requests take.
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let threads = threads.clamp(1, concurrency.max(1));
+        let mut requests = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            requests.push(event_loop(concurrency, &slots, roots.clone(), Arc::clone(&proxies), report.clone())?);
+        }
+        Ok(Pool { requests, next: std::cell::Cell::new(0), outcomes: out_rx, wake_read, waiting })
+    }
+
+    pub fn submit(&self, request: Request) {
+        let i = self.next.get();
+        self.next.set((i + 1) % self.requests.len());
+        // Fails only once the loop has stopped, when nothing is waiting for
+        // the outcome any more.
+        let _ = self.requests[i].send(Message::Send(request));
+    }
+
+    /// Trusts `roots` for connections made from now on.
+    pub fn trust(&self, roots: RootCertStore) {
+        for tx in &self.requests {
+            let _ = tx.send(Message::Trust(roots.clone()));
+        }
+    }
+}
+
+/// Starts one event-loop thread (a current-thread tokio runtime with its own
+/// pooled client) that sends each request once it holds one of `slots`
+/// (`concurrency` in all, shared with the other threads), and returns where
+/// to send it work.
+fn event_loop(
+    concurrency: usize,
+    slots: &Arc<Semaphore>,
+    roots: RootCertStore,
+    proxies: Arc<Matcher>,
+    report: Reporter,
+) -> std::io::Result<mpsc::UnboundedSender<Message>> {
+    // Blocking threads only look names up, at most one per request in
+    // flight.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .max_blocking_threads(concurrency)
+        .build()?;
+    let mut http = client(concurrency, roots, &proxies)?;
+    let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Message>();
+    let slots = Arc::clone(slots);
+    std::thread::Builder::new().name("outbox-http".into()).spawn(move || {
             runtime.block_on(async move {
-                let slots = Arc::new(Semaphore::new(concurrency));
                 while let Some(message) = req_rx.recv().await {
                     let request = match message {
                         Message::Send(request) => request,
@@ -138,24 +187,10 @@ impl Pool {
             // Requests still in flight are dropped with the runtime: the
             // worker is exiting, and they are delivered again after it.
         })?;
-        Ok(Pool { requests: Some(req_tx), outcomes: out_rx, wake_read, waiting })
-    }
+    Ok(req_tx)
+}
 
-    pub fn submit(&self, request: Request) {
-        if let Some(tx) = &self.requests {
-            // Fails only once the loop has stopped, when nothing is waiting
-            // for the outcome any more.
-            let _ = tx.send(Message::Send(request));
-        }
-    }
-
-    /// Trusts `roots` for connections made from now on.
-    pub fn trust(&self, roots: RootCertStore) {
-        if let Some(tx) = &self.requests {
-            let _ = tx.send(Message::Trust(roots));
-        }
-    }
-
+impl Pool {
     /// The fd to wait on for "an outcome is ready".
     pub fn wake_fd(&self) -> i32 {
         self.wake_read.as_raw_fd()
@@ -183,7 +218,7 @@ impl Pool {
     }
 }
 
-/// The HTTP thread's side of the outcome channel and the wake-up pipe.
+/// The HTTP threads' side of the outcome channel and the wake-up pipe.
 #[derive(Clone)]
 struct Reporter {
     outcomes: Sender<Outcome>,
@@ -437,7 +472,7 @@ mod tests {
     }
 
     fn deliver(r: Request) -> Outcome {
-        let pool = Pool::start(2, mozilla_roots()).unwrap();
+        let pool = Pool::start(2, 2, mozilla_roots()).unwrap();
         pool.submit(r);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -462,6 +497,67 @@ mod tests {
         assert_eq!((o.job_id, o.response), (7, Response::Status(409)));
         // Only max_response_bytes of the body are kept.
         assert_eq!(o.detail.as_deref(), Some("stal"));
+    }
+
+    #[test]
+    fn the_threads_share_one_limit_of_requests_in_flight() {
+        use std::sync::atomic::AtomicUsize;
+        // A server that counts request heads and answers none of them until
+        // released.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = Arc::new(AtomicUsize::new(0));
+        let released = Arc::new(AtomicBool::new(false));
+        let (h, r) = (Arc::clone(&heads), Arc::clone(&released));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let (h, r) = (Arc::clone(&h), Arc::clone(&r));
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    loop {
+                        let mut head = String::new();
+                        while reader.read_line(&mut head).unwrap_or(0) > 2 {}
+                        if head.is_empty() {
+                            return;
+                        }
+                        h.fetch_add(1, Ordering::SeqCst);
+                        while !r.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        if (&stream).write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = Pool::start(3, 2, mozilla_roots()).unwrap();
+        assert_eq!(pool.requests.len(), 2);
+        for i in 0..6 {
+            pool.submit(request(format!("http://127.0.0.1:{port}/k/{i}"), Duration::from_secs(10)));
+        }
+        // Three are sent (both threads have some), and no more until one
+        // is answered.
+        let until = |n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while heads.load(Ordering::SeqCst) < n && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            heads.load(Ordering::SeqCst)
+        };
+        assert_eq!(until(3), 3);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(heads.load(Ordering::SeqCst), 3, "more than outbox.concurrency in flight");
+        released.store(true, Ordering::SeqCst);
+        let mut outcomes = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while outcomes.len() < 6 && std::time::Instant::now() < deadline {
+            outcomes.extend(pool.drain());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(outcomes.len(), 6);
+        assert!(outcomes.iter().all(|o| o.response == Response::Status(201)));
     }
 
     #[test]

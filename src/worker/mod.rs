@@ -4,8 +4,8 @@
 //!   the database named by `outbox.database` exists, then starts the delivery
 //!   worker there, and starts it again if it exits.
 //! - [`delivery`]: the delivery worker's main loop: claim, render, hand off to
-//!   the [`http`] thread, record outcomes, wait.
-//! - [`connect`]: how the HTTP thread reaches receivers, directly or through a
+//!   the [`http`] threads, record outcomes, wait.
+//! - [`connect`]: how the HTTP threads reach receivers, directly or through a
 //!   proxy.
 //! - [`queue`]: the worker's SQL. [`render`]: jobs into requests.
 //! - [`in_flux`]: which records an open transaction is enqueueing (the

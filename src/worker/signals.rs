@@ -44,7 +44,7 @@ pub fn handle_interrupts() {
 }
 
 /// How many times the configuration was reloaded: settings read once (into
-/// the HTTP thread) are read again when this moves.
+/// the HTTP threads) are read again when this moves.
 pub fn reloads() -> u64 {
     RELOADS.get()
 }
