@@ -138,59 +138,7 @@ impl Pool {
             let _ = tx.send(Message::Trust(roots.clone()));
         }
     }
-}
 
-/// Starts one event-loop thread (a current-thread tokio runtime with its own
-/// pooled client) that sends each request once it holds one of `slots`
-/// (`concurrency` in all, shared with the other threads), and returns where
-/// to send it work.
-fn event_loop(
-    concurrency: usize,
-    slots: &Arc<Semaphore>,
-    roots: RootCertStore,
-    proxies: Arc<Matcher>,
-    report: Reporter,
-) -> std::io::Result<mpsc::UnboundedSender<Message>> {
-    // Blocking threads only look names up, at most one per request in
-    // flight.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .max_blocking_threads(concurrency)
-        .build()?;
-    let mut http = client(concurrency, roots, &proxies)?;
-    let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Message>();
-    let slots = Arc::clone(slots);
-    std::thread::Builder::new().name("outbox-http".into()).spawn(move || {
-            runtime.block_on(async move {
-                while let Some(message) = req_rx.recv().await {
-                    let request = match message {
-                        Message::Send(request) => request,
-                        Message::Trust(roots) => {
-                            // Fails only for a bad protocol setup, which the
-                            // first build would have hit already.
-                            if let Ok(c) = client(concurrency, roots, &proxies) {
-                                http = c;
-                            }
-                            continue;
-                        }
-                    };
-                    let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
-                    let (client, report, proxies) = (http.clone(), report.clone(), Arc::clone(&proxies));
-                    tokio::spawn(async move {
-                        let outcome = send(&client, &proxies, request).await;
-                        drop(slot);
-                        report.send(outcome);
-                    });
-                }
-            });
-            // Requests still in flight are dropped with the runtime: the
-            // worker is exiting, and they are delivered again after it.
-        })?;
-    Ok(req_tx)
-}
-
-impl Pool {
     /// The fd to wait on for "an outcome is ready".
     pub fn wake_fd(&self) -> i32 {
         self.wake_read.as_raw_fd()
@@ -216,6 +164,56 @@ impl Pool {
         while unsafe { libc::read(self.wake_read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
         self.outcomes.try_iter().collect()
     }
+}
+
+/// Starts one event-loop thread (a current-thread tokio runtime with its own
+/// pooled client) that sends each request once it holds one of `slots`
+/// (`concurrency` in all, shared with the other threads), and returns where
+/// to send it work.
+fn event_loop(
+    concurrency: usize,
+    slots: &Arc<Semaphore>,
+    roots: RootCertStore,
+    proxies: Arc<Matcher>,
+    report: Reporter,
+) -> std::io::Result<mpsc::UnboundedSender<Message>> {
+    // Blocking threads only look names up, at most one per request in
+    // flight.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .max_blocking_threads(concurrency)
+        .build()?;
+    let mut http = client(concurrency, roots, &proxies)?;
+    let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Message>();
+    let slots = Arc::clone(slots);
+    std::thread::Builder::new().name("outbox-http".into()).spawn(move || {
+        runtime.block_on(async move {
+            while let Some(message) = req_rx.recv().await {
+                let request = match message {
+                    Message::Send(request) => request,
+                    Message::Trust(roots) => {
+                        // Fails only for a bad protocol setup, which the
+                        // first build would have hit already.
+                        if let Ok(c) = client(concurrency, roots, &proxies) {
+                            http = c;
+                        }
+                        continue;
+                    }
+                };
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
+                let (client, report, proxies) = (http.clone(), report.clone(), Arc::clone(&proxies));
+                tokio::spawn(async move {
+                    let outcome = send(&client, &proxies, request).await;
+                    drop(slot);
+                    report.send(outcome);
+                });
+            }
+        });
+        // Requests still in flight are dropped with the runtime: the
+        // worker is exiting, and they are delivered again after it.
+    })?;
+    Ok(req_tx)
 }
 
 /// The HTTP threads' side of the outcome channel and the wake-up pipe.
