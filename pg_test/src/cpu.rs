@@ -43,7 +43,7 @@ impl Parties {
     pub fn sample(&self) -> Sample {
         let mut tasks = HashMap::new();
         let mut add = |group: usize, stat: PathBuf| {
-            if let Some(t) = ticks(&stat) {
+            if let Some(t) = stat_fields(&stat).as_deref().and_then(ticks) {
                 tasks.insert(stat, (group, t));
             }
         };
@@ -53,11 +53,17 @@ impl Parties {
         add(2, proc_stat(self.receiver));
         add(3, proc_stat(self.postmaster));
         add(4, proc_stat(std::process::id() as i32));
+        // Children, each stat file read once for its parent and its time.
         for pid in dir_pids("/proc") {
-            match parent(pid) {
-                Some(p) if p == self.receiver => add(2, proc_stat(pid)),
-                Some(p) if p == self.postmaster && pid != self.worker => add(3, proc_stat(pid)),
-                _ => {}
+            let stat = proc_stat(pid);
+            let Some(f) = stat_fields(&stat) else { continue };
+            let group = match parent(&f) {
+                Some(p) if p == self.receiver => 2,
+                Some(p) if p == self.postmaster && pid != self.worker => 3,
+                _ => continue,
+            };
+            if let Some(t) = ticks(&f) {
+                tasks.insert(stat, (group, t));
             }
         }
         Sample { tasks, machine: machine_ticks().unwrap_or_default() }
@@ -79,34 +85,50 @@ impl Sample {
     }
 }
 
+/// [`Spent`] per unit of work: what [`per_unit`] and [`json`] print.
+struct PerUnit {
+    /// µs per group, and their sum.
+    groups: [f64; 5],
+    total: f64,
+    /// Shares (0 to 1) of all the cores' time.
+    idle: f64,
+    steal: f64,
+}
+
+impl Spent {
+    fn per(&self, units: u64) -> PerUnit {
+        let groups = self.groups.map(|s| s * 1e6 / units.max(1) as f64);
+        let share = |s: f64| s / self.total.max(f64::MIN_POSITIVE);
+        PerUnit { groups, total: groups.iter().sum(), idle: share(self.idle), steal: share(self.steal) }
+    }
+}
+
 /// "CPU per delivery: worker main thread 18.2 µs, ...; total 45.3 µs: 2
 /// cores allow at most 44150/s; the cores were idle 5% of the time, and 1%
 /// was stolen": the CPU of each group per unit of work, the rate the
 /// machine's cores would bound it to, and what the cores did besides.
 pub fn per_unit(spent: &Spent, units: u64, unit: &str) -> String {
-    let per = |s: f64| s * 1e6 / units.max(1) as f64;
-    let total: f64 = spent.groups.iter().map(|&s| per(s)).sum();
+    let p = spent.per(units);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let parts: Vec<String> = GROUPS.iter().zip(spent.groups).map(|(g, s)| format!("{g} {:.1} µs", per(s))).collect();
-    let share = |s: f64| 100.0 * s / spent.total.max(f64::MIN_POSITIVE);
+    let parts: Vec<String> = GROUPS.iter().zip(p.groups).map(|(g, us)| format!("{g} {us:.1} µs")).collect();
     format!(
-        "CPU per {unit}: {}; total {total:.1} µs: {cores} cores allow at most {:.0}/s; the cores were idle {:.0}% of the time, and {:.0}% was stolen",
+        "CPU per {unit}: {}; total {:.1} µs: {cores} cores allow at most {:.0}/s; the cores were idle {:.0}% of the time, and {:.0}% was stolen",
         parts.join(", "),
-        cores * 1e6 / total.max(f64::MIN_POSITIVE),
-        share(spent.idle),
-        share(spent.steal)
+        p.total,
+        cores * 1e6 / p.total.max(f64::MIN_POSITIVE),
+        100.0 * p.idle,
+        100.0 * p.steal
     )
 }
 
 /// The CPU figures as JSON members: µs per unit for each group and in all,
 /// and the cores' idle and stolen shares.
 pub fn json(spent: &Spent, units: u64) -> String {
-    let per = |s: f64| s * 1e6 / units.max(1) as f64;
+    let p = spent.per(units);
     let keys = ["worker_main_us", "worker_http_us", "receiver_us", "other_postgres_us", "client_us"];
-    let mut members: Vec<String> = keys.iter().zip(spent.groups).map(|(k, s)| format!("\"{k}\":{:.1}", per(s))).collect();
-    members.push(format!("\"total_cpu_us\":{:.1}", spent.groups.iter().map(|&s| per(s)).sum::<f64>()));
-    let share = |s: f64| s / spent.total.max(f64::MIN_POSITIVE);
-    members.push(format!("\"idle_share\":{:.3},\"steal_share\":{:.3}", share(spent.idle), share(spent.steal)));
+    let mut members: Vec<String> = keys.iter().zip(p.groups).map(|(k, us)| format!("\"{k}\":{us:.1}")).collect();
+    members.push(format!("\"total_cpu_us\":{:.1}", p.total));
+    members.push(format!("\"idle_share\":{:.3},\"steal_share\":{:.3}", p.idle, p.steal));
     members.join(",")
 }
 
@@ -129,15 +151,14 @@ fn stat_fields(stat: &Path) -> Option<Vec<u64>> {
     Some(rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
 }
 
-/// utime + stime (fields 14 and 15), in clock ticks.
-fn ticks(stat: &Path) -> Option<u64> {
-    let f = stat_fields(stat)?;
+/// utime + stime (fields 14 and 15), in clock ticks, of [`stat_fields`].
+fn ticks(f: &[u64]) -> Option<u64> {
     Some(f.get(11)? + f.get(12)?)
 }
 
-/// The parent pid (field 4).
-fn parent(pid: i32) -> Option<i32> {
-    stat_fields(&proc_stat(pid))?.get(1).map(|&p| p as i32)
+/// The parent pid (field 4) of [`stat_fields`].
+fn parent(f: &[u64]) -> Option<i32> {
+    f.get(1).map(|&p| p as i32)
 }
 
 /// The machine's CPU ticks so far, over all cores, from the first line of
