@@ -48,7 +48,7 @@ pub fn init(preloading: bool) {
         GucRegistry::define_int_guc(
             c"outbox.http_threads",
             c"Threads the outbox worker sends requests from, each an event loop.",
-            c"The requests in flight (outbox.concurrency) are shared out among them.",
+            c"outbox.concurrency is one limit for all of them; there are never more threads than it allows requests.",
             &HTTP_THREADS,
             1,
             64,

@@ -192,9 +192,12 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         warning!("outbox.ca_file: {e}; HTTPS receivers are checked against the Mozilla roots only");
         http::mozilla_roots()
     });
-    let threads = (gucs::HTTP_THREADS.get().max(1) as usize).min(concurrency);
+    let threads = gucs::HTTP_THREADS.get().max(1) as usize;
     let pool = with_signals_blocked(|| Pool::start(concurrency, threads, roots)).unwrap_or_else(|e| panic!("starting the HTTP threads: {e}"));
-    log!("outbox worker started for database \"{database}\" with up to {concurrency} requests in flight from {threads} HTTP thread(s)");
+    log!(
+        "outbox worker started for database \"{database}\" with up to {concurrency} requests in flight from {} HTTP thread(s)",
+        pool.threads()
+    );
     let mut last_turn = Instant::now() - MIN_TURN_GAP;
     let mut w = Worker {
         pool,

@@ -124,6 +124,12 @@ impl Pool {
         Ok(Pool { requests, next: std::cell::Cell::new(0), outcomes: out_rx, wake_read, waiting })
     }
 
+    /// How many event-loop threads it started (never more than the requests
+    /// it may have in flight).
+    pub fn threads(&self) -> usize {
+        self.requests.len()
+    }
+
     pub fn submit(&self, request: Request) {
         let i = self.next.get();
         self.next.set((i + 1) % self.requests.len());
@@ -531,7 +537,9 @@ mod tests {
             }
         });
         let pool = Pool::start(3, 2, mozilla_roots()).unwrap();
-        assert_eq!(pool.requests.len(), 2);
+        assert_eq!(pool.threads(), 2);
+        // Never more threads than requests allowed in flight.
+        assert_eq!(Pool::start(1, 4, mozilla_roots()).unwrap().threads(), 1);
         for i in 0..6 {
             pool.submit(request(format!("http://127.0.0.1:{port}/k/{i}"), Duration::from_secs(10)));
         }
