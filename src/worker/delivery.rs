@@ -52,8 +52,8 @@ const BUSY_WORK: usize = 4;
 /// change coalesced into a job not due yet) waits the longest gap: no
 /// delivery is held back by it, and each absorb then moves more changes for
 /// its fixed cost. Under pgbench on a tracked table with the kind paused
-/// (about 10,000 commits/s), that cut the worker's CPU per change from about
-/// 11 to 9 µs.
+/// (about 10,000 commits/s), that cut the worker's CPU per change from 10.4
+/// to 8.6 µs.
 fn turn_gap(last_work: usize, more_due: bool, last_turn: Duration, delivering: bool) -> Duration {
     if last_work < BUSY_WORK || more_due {
         return MIN_TURN_GAP;
