@@ -151,8 +151,6 @@ struct Worker {
     last_work: usize,
     /// The last turn left work that was due at once.
     more_due: bool,
-    /// The last turn claimed jobs, or some are still in flight.
-    delivering: bool,
     /// The last absorb stopped at its limit: the inbox has more.
     inbox_backlog: bool,
     /// How long the last turn's transaction took.
@@ -224,7 +222,6 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         cursors_reset_at: Instant::now(),
         last_work: 0,
         more_due: false,
-        delivering: false,
         inbox_backlog: true,
         last_turn_time: Duration::ZERO,
         extension: None,
@@ -246,7 +243,9 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
             wait(None, gucs::poll_interval().min(Duration::from_secs(1)));
             continue;
         }
-        let gap = turn_gap(w.last_work, w.more_due, w.last_turn_time, w.delivering);
+        // Jobs the last turn claimed, or earlier ones whose outcomes are
+        // not collected yet, are in flight until `collect_outcomes` below.
+        let gap = turn_gap(w.last_work, w.more_due, w.last_turn_time, !w.in_flight.is_empty());
         if let Some(rest) = gap.checked_sub(last_turn.elapsed()) {
             pause(rest);
         }
@@ -273,7 +272,6 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
             Turn::Worked { requests, next_due } => {
                 w.more_due = next_due == Some(Duration::ZERO);
                 let claimed_any = !requests.is_empty();
-                w.delivering = claimed_any || !w.in_flight.is_empty();
                 for (request, job) in requests {
                     w.in_flight.insert(request.job_id, job);
                     w.pool.submit(request);
