@@ -71,15 +71,6 @@ WITH picked AS (
            CASE WHEN NOT c.registered THEN now() END,
            CASE WHEN NOT c.registered THEN 'kind is not registered' END
       FROM changed c
-     -- A fresh job that nobody has begun to update, lock or delete (a raw
-     -- xmax of 0) takes the change as it is: such records skip the insert
-     -- (a sequence number, the arbiter's probe) and cost one index probe.
-     -- The arbiter settles every other case.
-     WHERE NOT (c.registered AND EXISTS (
-               SELECT FROM outbox.queue f
-                WHERE f.kind = c.kind AND f.id = c.id
-                  AND f.state = 'pending' AND f.last_attempt_at IS NULL
-                  AND f.xmax = '0'::xid))
     ON CONFLICT (kind, id) WHERE state = 'pending' AND last_attempt_at IS NULL DO NOTHING
 ), left_behind AS (
     -- Only when some are named: otherwise both scans are skipped.
@@ -430,10 +421,8 @@ mod tests {
         assert_eq!(kept.as_deref(), Some("{b} t"));
     }
 
-    /// A change coalesces into its record's fresh job whether the job is
-    /// untouched (skipped before the insert) or locked (xmax set: left to
-    /// the arbiter); a running job or an unregistered kind still
-    /// gets a job of its own.
+    /// A change coalesces into its record's fresh job, locked or not; a
+    /// running job or an unregistered kind still gets a job of its own.
     #[pg_test]
     fn absorbed_changes_coalesce_into_fresh_jobs_touched_or_not() {
         Spi::run("SELECT outbox.register('absorbed', 'http://h/{id}')").unwrap();
