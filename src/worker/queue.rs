@@ -424,23 +424,23 @@ mod tests {
     /// A change coalesces into its record's fresh job, locked or not; a
     /// running job or an unregistered kind still gets a job of its own.
     #[pg_test]
-    fn absorbed_changes_coalesce_into_fresh_jobs_touched_or_not() {
+    fn absorbed_changes_coalesce_into_fresh_jobs_locked_or_not() {
         Spi::run("SELECT outbox.register('absorbed', 'http://h/{id}')").unwrap();
         Spi::run(
             "INSERT INTO outbox.queue (kind, id, state, enqueued_at) VALUES
-                ('absorbed', 'untouched', 'pending', now() - interval '1 h'),
-                ('absorbed', 'touched', 'pending', now() - interval '1 h'),
+                ('absorbed', 'unlocked', 'pending', now() - interval '1 h'),
+                ('absorbed', 'locked', 'pending', now() - interval '1 h'),
                 ('absorbed', 'running', 'running', now() - interval '1 h')",
         )
         .unwrap();
-        // A row lock sets the visible version's xmax, as an update or a
-        // delete that has begun would.
-        Spi::run("SELECT FROM outbox.queue WHERE id = 'touched' FOR UPDATE").unwrap();
-        let xmax_set = Spi::get_one::<bool>("SELECT xmax <> '0'::xid FROM outbox.queue WHERE id = 'touched'").unwrap();
+        // The arbiter meets a row this transaction holds locked (its xmax
+        // says so), as it would one an `enqueue()` had just coalesced into.
+        Spi::run("SELECT FROM outbox.queue WHERE id = 'locked' FOR UPDATE").unwrap();
+        let xmax_set = Spi::get_one::<bool>("SELECT xmax <> '0'::xid FROM outbox.queue WHERE id = 'locked'").unwrap();
         assert_eq!(xmax_set, Some(true));
         Spi::run(
-            "INSERT INTO outbox.inbox VALUES ('absorbed', '{untouched,touched,running,new}', now()),
-                                             ('nobody', '{untouched}', now())",
+            "INSERT INTO outbox.inbox VALUES ('absorbed', '{unlocked,locked,running,new}', now()),
+                                             ('nobody', '{unlocked}', now())",
         )
         .unwrap();
         assert_eq!(absorb(&mut super::InboxCursor::default()), 5);
@@ -452,8 +452,8 @@ mod tests {
         assert_eq!(
             jobs.as_deref(),
             Some(
-                "absorbed/new:pending:f absorbed/running:pending:f absorbed/running:running:t \
-                 absorbed/touched:pending:t absorbed/untouched:pending:t nobody/untouched:dead:f"
+                "absorbed/locked:pending:t absorbed/new:pending:f absorbed/running:pending:f \
+                 absorbed/running:running:t absorbed/unlocked:pending:t nobody/unlocked:dead:f"
             )
         );
     }
