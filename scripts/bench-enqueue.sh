@@ -20,8 +20,8 @@ DIR=$(mktemp -d /tmp/outbox-bench-XXXX)
 PORT=$(free_port)
 trap 'cluster_stop "$DIR"' EXIT
 
-# The only setting changed: timing each WAL sync (two clock reads a sync)
-# shows when the flush path itself was slow. On the shared 2-core VM the
+# The one setting this script changes: timing WAL writes and syncs (a clock
+# read around each) shows when the flush path itself was slow. On the shared 2-core VM the
 # tracked side's sync time has varied with the time of day, and the ratio
 # with it.
 cluster_start "$DIR" "$PORT" bench track_wal_io_timing=on "${BENCH_CONF[@]}"
