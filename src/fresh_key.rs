@@ -99,6 +99,12 @@ impl FreshKey {
         }
     }
 
+    /// Where the job `find` has just handed to `stop` is.
+    pub fn tid(&self) -> pg_sys::ItemPointerData {
+        // SAFETY: the slot is ours, and holds the tuple `find` fetched.
+        unsafe { (*self.slot).tts_tid }
+    }
+
     /// The job id of the job `find` has just handed to `stop`.
     pub fn job_id(&self) -> Option<i64> {
         let mut isnull = false;

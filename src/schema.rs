@@ -156,6 +156,9 @@ GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, interval) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, bigint, interval) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, uuid, interval) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.enqueue_trigger() TO PUBLIC;
+-- The worker's absorb calls it, whatever the worker's role; in any other
+-- session it answers false.
+GRANT EXECUTE ON FUNCTION outbox.known_fresh_job(text, text) TO PUBLIC;
 "#,
     name = "privileges",
     finalize

@@ -353,6 +353,7 @@ impl Worker {
             self.recovered = false;
             self.privileges_ok = false;
             super::plans::forget();
+            super::fresh_jobs::clear();
         }
         if extension.is_none() {
             if !self.said_no_extension {

@@ -9,11 +9,14 @@
 //!   proxy.
 //! - [`queue`]: the worker's SQL. [`render`]: jobs into requests.
 //! - [`in_flux`]: which records an open transaction is enqueueing (the
-//!   absorb leaves them for later rather than wait).
+//!   absorb leaves them for later rather than wait). [`fresh_jobs`]: where
+//!   the records' fresh jobs are (the absorb skips changes that coalesce
+//!   into one without an index descent).
 //! - [`signals`]: signal handlers, waiting, transactions.
 
 pub mod connect;
 pub mod delivery;
+pub mod fresh_jobs;
 pub mod http;
 pub mod in_flux;
 pub mod launcher;
