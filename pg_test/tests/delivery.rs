@@ -686,6 +686,27 @@ fn a_job_coalesced_into_by_an_open_transaction_waits_for_its_commit() {
     assert_eq!(r.requests()[1].json()["name"], "new");
 }
 
+/// A change to a record whose fresh job the worker made (and so knows
+/// where it is) while an open transaction deletes that job: the change must
+/// not coalesce into the job being deleted. Once the delete commits, the
+/// change gets a job of its own and is delivered.
+#[test]
+fn a_change_is_not_coalesced_into_a_fresh_job_an_open_transaction_deletes() {
+    let Setup { db, r, mut c, .. } = started("");
+    c.batch_execute("SELECT outbox.pause('user'); INSERT INTO users VALUES (1, 'old');").unwrap();
+    let queued = |c: &mut Client| c.query_one("SELECT count(*) FROM outbox.queue WHERE id = '1'", &[]).unwrap().get::<_, i64>(0);
+    assert!(wait_until(LONG, || queued(&mut c) == 1), "the worker made record 1's fresh job");
+    let mut t = db.client();
+    t.batch_execute("BEGIN; DELETE FROM outbox.queue WHERE id = '1';").unwrap();
+    c.batch_execute("UPDATE users SET name = 'new' WHERE id = 1").unwrap();
+    // The worker meets the job while the delete is open.
+    std::thread::sleep(Duration::from_millis(1000));
+    t.batch_execute("COMMIT").unwrap();
+    c.batch_execute("SELECT outbox.resume('user')").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0 && r.count() == 1), "the change was delivered");
+    assert_eq!(r.requests()[0].json()["name"], "new");
+}
+
 /// An open transaction that enqueued a record (a new pending job, not yet
 /// committed) while a tracked change of the same record sits in the inbox:
 /// the worker must not wait for it, and everything else keeps flowing.

@@ -21,20 +21,27 @@
 use pgrx::prelude::*;
 use std::cell::RefCell;
 
-/// Most records remembered: about 20 MB with short ids. When full, the
-/// hints start over (the next changes take the insert and are learnt again).
-const MOST: usize = 1 << 18;
+/// Most records remembered: 16 bytes each. When full, the hints start over
+/// (the next changes take the insert, and are learnt again).
+const MOST: usize = 1 << 20;
 
 type Tid = pg_sys::ItemPointerData;
 
 #[derive(Default)]
 struct Known {
-    /// kind -> id -> where its fresh job was.
-    jobs: foldhash::HashMap<String, foldhash::HashMap<String, Tid>>,
-    count: usize,
+    /// [`key`] of (kind, id) -> where its fresh job was. A hash, not the
+    /// texts: the check at the tid compares the job's own kind and id, so
+    /// two records with one key only make one of them take the insert.
+    jobs: foldhash::HashMap<u64, Tid>,
     /// Changes the running absorb found no standing job for, by the hints:
     /// those that then met one anyway are looked up afterwards.
     asked: Vec<(String, String)>,
+}
+
+/// A record's key in [`Known::jobs`].
+fn key(kind: &str, id: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0).hash_one((kind, id))
 }
 
 /// `outbox.queue`, open while an absorb statement runs.
@@ -76,18 +83,12 @@ pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Vec<(String, String)>) {
     let open = unsafe {
         let rel = pg_sys::table_open(queue, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let desc = (*rel).rd_att;
-        let column =
-            |name: &std::ffi::CStr| (pg_sys::get_attnum(queue, name.as_ptr()) - 1) as usize;
+        let column = |name: &std::ffi::CStr| (pg_sys::get_attnum(queue, name.as_ptr()) - 1) as usize;
         let natts = (*desc).natts as usize;
         Open {
             rel,
             blocks: pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM),
-            columns: [
-                column(c"kind"),
-                column(c"id"),
-                column(c"state"),
-                column(c"last_attempt_at"),
-            ],
+            columns: [column(c"kind"), column(c"id"), column(c"state"), column(c"last_attempt_at")],
             values: vec![pg_sys::Datum::from(0); natts],
             nulls: vec![true; natts],
         }
@@ -111,22 +112,12 @@ fn known_fresh_job(kind: &str, id: &str) -> bool {
     OPEN.with(|o| {
         let mut o = o.borrow_mut();
         let Some(open) = o.as_mut() else { return false };
-        let hint = KNOWN.with(|k| {
-            k.borrow()
-                .jobs
-                .get(kind)
-                .and_then(|ids| ids.get(id))
-                .copied()
-        });
+        let hint = KNOWN.with(|k| k.borrow().jobs.get(&key(kind, id)).copied());
         // SAFETY: `open` holds the queue open and locked (see `during_absorb`).
         if hint.is_some_and(|tid| unsafe { stands(open, kind, id, tid) }) {
             return true;
         }
-        KNOWN.with(|k| {
-            k.borrow_mut()
-                .asked
-                .push((kind.to_string(), id.to_string()))
-        });
+        KNOWN.with(|k| k.borrow_mut().asked.push((kind.to_string(), id.to_string())));
         false
     })
 }
@@ -157,25 +148,12 @@ unsafe fn stands(open: &mut Open, kind: &str, id: &str, tid: Tid) -> bool {
         if !pg_sys::heap_fetch(open.rel, &mut dirty, &mut tuple, &mut buffer, false) {
             return false;
         }
-        let settled = dirty.xmin == pg_sys::InvalidTransactionId
-            && dirty.xmax == pg_sys::InvalidTransactionId;
+        let settled = dirty.xmin == pg_sys::InvalidTransactionId && dirty.xmax == pg_sys::InvalidTransactionId;
         let fresh = settled && {
-            pg_sys::heap_deform_tuple(
-                &mut tuple,
-                (*open.rel).rd_att,
-                open.values.as_mut_ptr(),
-                open.nulls.as_mut_ptr(),
-            );
+            pg_sys::heap_deform_tuple(&mut tuple, (*open.rel).rd_att, open.values.as_mut_ptr(), open.nulls.as_mut_ptr());
             let [k, i, s, l] = open.columns;
-            let text = |c: usize| {
-                (!open.nulls[c])
-                    .then(|| plain_text(open.values[c]))
-                    .flatten()
-            };
-            text(k) == Some(kind.as_bytes())
-                && text(i) == Some(id.as_bytes())
-                && text(s) == Some(b"pending".as_slice())
-                && open.nulls[l]
+            let text = |c: usize| (!open.nulls[c]).then(|| plain_text(open.values[c])).flatten();
+            text(k) == Some(kind.as_bytes()) && text(i) == Some(id.as_bytes()) && text(s) == Some(b"pending".as_slice()) && open.nulls[l]
         };
         pg_sys::ReleaseBuffer(buffer);
         fresh
@@ -199,31 +177,18 @@ unsafe fn plain_text<'a>(d: pg_sys::Datum) -> Option<&'a [u8]> {
 }
 
 /// The absorb made these fresh jobs: (kinds, ids, tids).
-pub fn remember(kinds: Vec<String>, ids: Vec<String>, tids: Vec<Tid>) {
-    remember_each(
-        kinds
-            .into_iter()
-            .zip(ids)
-            .zip(tids)
-            .map(|((kind, id), tid)| (kind, id, tid)),
-    );
+pub fn remember(kinds: &[String], ids: &[String], tids: &[Tid]) {
+    remember_each(kinds.iter().zip(ids).zip(tids).map(|((kind, id), &tid)| (kind.as_str(), id.as_str(), tid)));
 }
 
-fn remember_each(jobs: impl IntoIterator<Item = (String, String, Tid)>) {
+fn remember_each<'a>(jobs: impl IntoIterator<Item = (&'a str, &'a str, Tid)>) {
     KNOWN.with(|k| {
-        let k = &mut *k.borrow_mut();
+        let known = &mut k.borrow_mut().jobs;
         for (kind, id, tid) in jobs {
-            if k.count >= MOST {
-                k.jobs.clear();
-                k.count = 0;
+            if known.len() >= MOST {
+                known.clear();
             }
-            let ids = match k.jobs.get_mut(&kind) {
-                Some(ids) => ids,
-                None => k.jobs.entry(kind).or_default(),
-            };
-            if ids.insert(id, tid).is_none() {
-                k.count += 1;
-            }
+            known.insert(key(kind, id), tid);
         }
     });
 }
@@ -254,21 +219,12 @@ pub fn look_up(pairs: Vec<(String, String)>) {
         }
         found
     });
-    remember_each(found.unwrap_or_default());
+    remember_each(found.iter().flatten().map(|(kind, id, tid)| (kind.as_str(), id.as_str(), *tid)));
 }
 
 /// The record's fresh job was claimed: it has none now.
 pub fn forget(kind: &str, id: &str) {
-    KNOWN.with(|k| {
-        let k = &mut *k.borrow_mut();
-        if k.jobs
-            .get_mut(kind)
-            .and_then(|ids| ids.remove(id))
-            .is_some()
-        {
-            k.count -= 1;
-        }
-    });
+    KNOWN.with(|k| k.borrow_mut().jobs.remove(&key(kind, id)));
 }
 
 /// Forgets everything (the extension was dropped or made anew).
@@ -287,49 +243,42 @@ mod tests {
     }
 
     fn known(kind: &str, id: &str) -> Option<(u32, u16)> {
-        KNOWN
-            .with(|k| {
-                k.borrow()
-                    .jobs
-                    .get(kind)
-                    .and_then(|ids| ids.get(id))
-                    .copied()
-            })
-            .map(pgrx::itemptr::item_pointer_get_both)
+        KNOWN.with(|k| k.borrow().jobs.get(&key(kind, id)).copied()).map(pgrx::itemptr::item_pointer_get_both)
+    }
+
+    fn count() -> usize {
+        KNOWN.with(|k| k.borrow().jobs.len())
     }
 
     #[test]
     fn jobs_are_remembered_by_record_until_claimed() {
         clear();
-        remember(
-            vec!["k".into(), "k".into(), "j".into()],
-            vec!["a".into(), "b".into(), "a".into()],
-            vec![tid(1, 2), tid(3, 4), tid(5, 6)],
-        );
+        remember(&["k".into(), "k".into(), "j".into()], &["a".into(), "b".into(), "a".into()], &[tid(1, 2), tid(3, 4), tid(5, 6)]);
         assert_eq!(known("k", "a"), Some((1, 2)));
         assert_eq!(known("j", "a"), Some((5, 6)));
         assert_eq!(known("k", "c"), None);
+        // The pair is hashed, not its concatenation.
+        assert_eq!(known("ka", ""), None);
         // A later job of the same record replaces the first.
-        remember(vec!["k".into()], vec!["a".into()], vec![tid(7, 8)]);
+        remember(&["k".into()], &["a".into()], &[tid(7, 8)]);
         assert_eq!(known("k", "a"), Some((7, 8)));
         forget("k", "a");
         assert_eq!(known("k", "a"), None);
         forget("k", "a");
-        assert_eq!(KNOWN.with(|k| k.borrow().count), 2);
+        assert_eq!(count(), 2);
     }
 
     #[test]
     fn when_full_the_hints_start_over() {
         clear();
-        KNOWN.with(|k| k.borrow_mut().count = MOST - 1);
-        remember(
-            vec!["k".into(), "k".into()],
-            vec!["a".into(), "b".into()],
-            vec![tid(1, 1), tid(1, 2)],
-        );
-        assert_eq!(known("k", "a"), None);
-        assert_eq!(known("k", "b"), Some((1, 2)));
-        assert_eq!(KNOWN.with(|k| k.borrow().count), 1);
+        let n = MOST;
+        let ids: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        remember(&vec!["k".into(); n], &ids, &vec![tid(1, 1); n]);
+        assert_eq!(count(), MOST);
+        remember(&["k".into()], &["new".into()], &[tid(2, 2)]);
+        assert_eq!(count(), 1);
+        assert_eq!(known("k", "new"), Some((2, 2)));
+        assert_eq!(known("k", "0"), None);
         clear();
     }
 }

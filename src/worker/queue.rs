@@ -327,7 +327,7 @@ impl Absorbed {
         } else {
             Vec::new()
         };
-        super::fresh_jobs::remember(kinds, ids, tids);
+        super::fresh_jobs::remember(&kinds, &ids, &tids);
         super::fresh_jobs::look_up(met);
         (self.moved, self.last_block)
     }
@@ -550,10 +550,10 @@ mod tests {
 
         // A hint at another record's job, or past the end of the heap, is
         // not taken for this one.
-        fresh_jobs::remember(vec!["k".into()], vec!["x".into()], vec![tid_of("y")]);
+        fresh_jobs::remember(&["k".into()], &["x".into()], &[tid_of("y")]);
         let mut far = pg_sys::ItemPointerData::default();
         pgrx::itemptr::item_pointer_set_all(&mut far, 100_000, 1);
-        fresh_jobs::remember(vec!["k".into()], vec!["z".into()], vec![far]);
+        fresh_jobs::remember(&["k".into()], &["z".into()], &[far]);
         assert_eq!(change("{x,z}"), 2);
         assert_eq!(jobs(), ["a", "b", "x", "y", "z"]);
 
