@@ -61,12 +61,13 @@ WITH picked AS (
 ), later AS (
     SELECT * FROM unnest($3::text[], $4::text[]) AS l(kind, id)
 ), changed AS (
-    SELECT m.kind, u.id, min(m.enqueued_at) AS enqueued_at,
-           m.kind IN (SELECT kind FROM outbox.kinds) AS registered
-      FROM moved m
-     CROSS JOIN LATERAL unnest(m.ids) AS u(id)
-     WHERE cardinality($4) = 0 OR (m.kind, u.id) NOT IN (SELECT kind, id FROM later)
-     GROUP BY m.kind, u.id
+    -- unnest() in the select list: a function scan per row would build and
+    -- read back a tuplestore for each inbox row's ids.
+    SELECT u.kind, u.id, min(u.enqueued_at) AS enqueued_at,
+           u.kind IN (SELECT kind FROM outbox.kinds) AS registered
+      FROM (SELECT kind, unnest(ids) AS id, enqueued_at FROM moved) u
+     WHERE cardinality($4) = 0 OR (u.kind, u.id) NOT IN (SELECT kind, id FROM later)
+     GROUP BY u.kind, u.id
 ), absorbed AS (
     -- A change of a kind nobody registered can never be delivered: it goes
     -- straight to dead, where an admin sees it.
@@ -82,10 +83,9 @@ WITH picked AS (
     RETURNING q.kind, q.id, q.ctid, q.state
 ), left_behind AS (
     -- Only when some are named: otherwise both scans are skipped.
-    SELECT m.kind, u.id, m.enqueued_at
-      FROM moved m
-     CROSS JOIN LATERAL unnest(m.ids) AS u(id)
-     WHERE cardinality($4) > 0 AND (m.kind, u.id) IN (SELECT kind, id FROM later)
+    SELECT u.kind, u.id, u.enqueued_at
+      FROM (SELECT kind, unnest(ids) AS id, enqueued_at FROM moved) u
+     WHERE cardinality($4) > 0 AND (u.kind, u.id) IN (SELECT kind, id FROM later)
 ), kept AS (
     INSERT INTO outbox.inbox (kind, ids, enqueued_at)
     SELECT kind, array_agg(DISTINCT id), min(enqueued_at) FROM left_behind GROUP BY kind
