@@ -21,8 +21,8 @@
 use pgrx::prelude::*;
 use std::cell::RefCell;
 
-/// Most records remembered: 16 bytes each. When full, the hints start over
-/// (the next changes take the insert, and are learnt again).
+/// Most records remembered, at about 20 bytes each. When full, the hints
+/// start over (the next changes take the insert, and are learnt again).
 const MOST: usize = 1 << 20;
 
 type Tid = pg_sys::ItemPointerData;
@@ -122,9 +122,10 @@ fn known_fresh_job(kind: &str, id: &str) -> bool {
     })
 }
 
-/// Whether the tuple at `tid` is a fresh job of (kind, id), committed, that
-/// no transaction in progress is updating or deleting (a row lock does not
-/// count: `ON CONFLICT DO NOTHING` passes over one too).
+/// Whether the tuple at `tid` is a fresh job of (kind, id), committed (or
+/// made by this transaction), that no other transaction in progress is
+/// updating or deleting (a row lock does not count: `ON CONFLICT DO NOTHING`
+/// passes over one too).
 ///
 /// # Safety
 /// `open.rel` must be open and locked.
