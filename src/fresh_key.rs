@@ -117,24 +117,37 @@ impl FreshKey {
     }
 }
 
+/// Runs `f` with the index open and a registered copy of the latest
+/// snapshot, for lookups as of now (this transaction's own changes
+/// included). None if the extension's relations are missing.
+pub fn with_latest_snapshot<R>(f: impl FnOnce(&mut FreshKey, pg_sys::Snapshot) -> R) -> Option<R> {
+    with_fresh_key(|k| {
+        // SAFETY: the copy stays valid until it is unregistered, after `f`.
+        // An ERROR inside `f` releases it through the resource owner.
+        unsafe {
+            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+            let r = f(k, snapshot);
+            pg_sys::UnregisterSnapshot(snapshot);
+            r
+        }
+    })
+}
+
 /// The fresh job of (kind, id) as of now, committed or this transaction's.
 /// Enqueue looks it up after its `INSERT ... ON CONFLICT` locked it without
 /// changing it (that returns no row): the lock keeps it fresh, and it may
 /// have committed after the insert's snapshot, so a new one is taken.
 pub fn fresh_job(kind: &str, id: &str) -> Option<i64> {
-    with_fresh_key(|k| {
-        // SAFETY: a registered copy of the latest snapshot stays valid until
-        // it is unregistered, after the lookup.
+    with_latest_snapshot(|k, snapshot| {
+        let mut job_id = None;
+        // SAFETY: the snapshot stays registered while `find` runs.
         unsafe {
-            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-            let mut job_id = None;
             k.find(kind, id, snapshot, |k| {
                 job_id = k.job_id();
                 job_id.is_some()
-            });
-            pg_sys::UnregisterSnapshot(snapshot);
-            job_id
-        }
+            })
+        };
+        job_id
     })
     .flatten()
 }

@@ -33,9 +33,6 @@ struct Known {
     /// texts: the check at the tid compares the job's own kind and id, so
     /// two records with one key only make one of them take the insert.
     jobs: foldhash::HashMap<u64, Tid>,
-    /// Changes the running absorb found no standing job for, by the hints:
-    /// those that then met one anyway are looked up afterwards.
-    asked: Vec<(String, String)>,
 }
 
 /// A record's key in [`Known::jobs`].
@@ -55,6 +52,9 @@ struct Open {
     columns: [usize; 4],
     values: Vec<pg_sys::Datum>,
     nulls: Vec<bool>,
+    /// Changes the statement found no standing job for, by the hints: those
+    /// that then met one anyway are looked up afterwards.
+    asked: Vec<(String, String)>,
 }
 
 thread_local! {
@@ -91,17 +91,17 @@ pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Vec<(String, String)>) {
             columns: [column(c"kind"), column(c"id"), column(c"state"), column(c"last_attempt_at")],
             values: vec![pg_sys::Datum::from(0); natts],
             nulls: vec![true; natts],
+            asked: Vec::new(),
         }
     };
-    let rel = open.rel;
-    KNOWN.with(|k| k.borrow_mut().asked.clear());
     OPEN.with(|o| *o.borrow_mut() = Some(open));
     let closed = Closed;
     let r = f();
+    let open = OPEN.with(|o| o.borrow_mut().take()).expect("open until here");
     drop(closed);
     // SAFETY: opened above; the lock stays until the transaction ends.
-    unsafe { pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
-    (r, KNOWN.with(|k| std::mem::take(&mut k.borrow_mut().asked)))
+    unsafe { pg_sys::table_close(open.rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
+    (r, open.asked)
 }
 
 /// Whether the absorb running in this process knows that (kind, id) has a
@@ -117,7 +117,7 @@ fn known_fresh_job(kind: &str, id: &str) -> bool {
         if hint.is_some_and(|tid| unsafe { stands(open, kind, id, tid) }) {
             return true;
         }
-        KNOWN.with(|k| k.borrow_mut().asked.push((kind.to_string(), id.to_string())));
+        open.asked.push((kind.to_string(), id.to_string()));
         false
     })
 }
@@ -200,23 +200,20 @@ pub fn look_up(pairs: Vec<(String, String)>) {
     if pairs.is_empty() {
         return;
     }
-    let found = crate::fresh_key::with_fresh_key(|k| {
+    let found = crate::fresh_key::with_latest_snapshot(|k, snapshot| {
         let mut found = Vec::new();
-        // SAFETY: a registered copy of the latest snapshot stays valid until
-        // it is unregistered, after the lookups.
-        unsafe {
-            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-            for (kind, id) in pairs {
-                let mut tid = None;
+        for (kind, id) in pairs {
+            let mut tid = None;
+            // SAFETY: the snapshot stays registered while `find` runs.
+            unsafe {
                 k.find(&kind, &id, snapshot, |k| {
                     tid = Some(k.tid());
                     true
-                });
-                if let Some(tid) = tid {
-                    found.push((kind, id, tid));
-                }
+                })
+            };
+            if let Some(tid) = tid {
+                found.push((kind, id, tid));
             }
-            pg_sys::UnregisterSnapshot(snapshot);
         }
         found
     });
