@@ -121,7 +121,6 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         Err(_) => (true, true, true),
     });
     crate::inbox::forget();
-    crate::triggers::forget_track_info();
     if wake && inbox {
         crate::shmem::mark_inbox_dirty();
     }

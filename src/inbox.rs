@@ -5,7 +5,8 @@
 //! backend memory and written to `outbox.inbox` as rows of `(kind, ids[])`,
 //! each up to [`ROW_BYTES`] of ids: one heap insert and one WAL record per
 //! hundred-odd changes instead of one per change. That is most of what a bulk
-//! UPDATE of a tracked table pays for tracking.
+//! UPDATE of a tracked table pays for tracking. A row of a single change
+//! holds it in `id` instead, with no array around it.
 //!
 //! Nothing may stay in memory when the transaction commits, and the rows must
 //! be visible to the next statement of the same transaction, so the buffer is
@@ -25,7 +26,8 @@
 use crate::errors::raise;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::ffi::CStr;
 
 /// Bytes of ids per inbox row. The row stays under the TOAST threshold
 /// (about 2 kB), so it is never compressed or moved out of line.
@@ -55,8 +57,6 @@ struct Buffer {
     /// transaction end and when a subtransaction aborts (its rows are gone).
     seen: foldhash::HashMap<String, foldhash::HashSet<String>>,
     seen_count: usize,
-    /// outbox.inbox's oid, looked up once per transaction.
-    inbox: Option<pg_sys::Oid>,
 }
 
 thread_local! {
@@ -138,11 +138,23 @@ pub fn pending() -> bool {
     BUFFER.with(|b| b.try_borrow().map(|b| !b.runs.is_empty()).unwrap_or(true))
 }
 
+/// Past this many remembered changes, a transaction's end frees the memory
+/// of `seen` instead of keeping it for the next transaction.
+const SEEN_KEPT: usize = 1024;
+
 /// The transaction ended: forget everything. Must not raise.
 pub(crate) fn forget() {
     BUFFER.with(|b| {
         if let Ok(mut b) = b.try_borrow_mut() {
-            *b = Buffer::default();
+            if b.seen_count > SEEN_KEPT || b.seen.len() > 16 {
+                *b = Buffer::default();
+            } else {
+                // Keep the allocations: most transactions change a record or
+                // two of the same kinds as the last one.
+                b.runs.clear();
+                b.seen.values_mut().for_each(|s| s.clear());
+                b.seen_count = 0;
+            }
         }
     });
 }
@@ -159,49 +171,122 @@ pub(crate) fn forget_subxact(subxact: pg_sys::SubTransactionId) {
     });
 }
 
-fn inbox_relid() -> pg_sys::Oid {
-    if let Some(oid) = BUFFER.with(|b| b.borrow().inbox) {
-        return oid;
+thread_local! {
+    /// outbox.inbox's oid and its schema's, looked up once per backend:
+    /// [`open`] checks them on every use.
+    static INBOX: Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { Cell::new(None) };
+    /// Where an inbox row is built; reset after each write.
+    static ROWS: Cell<pg_sys::MemoryContext> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Opens outbox.inbox with `lock`. The oid is remembered from one transaction
+/// to the next instead of looked up by name each time; a relation of that oid
+/// that is no longer `outbox.inbox` (the extension was dropped and created
+/// again) sends it back to the lookup. Taking the lock has processed the
+/// invalidations of anything committed before: a dropped table is then gone.
+///
+/// # Safety
+/// In a transaction; the caller closes the relation.
+unsafe fn open(lock: pg_sys::LOCKMODE) -> pg_sys::Relation {
+    if let Some((oid, ns)) = INBOX.get() {
+        // SAFETY: try_relation_open returns NULL for a relation that is gone;
+        // rd_rel is valid for an open relation.
+        unsafe {
+            let rel = pg_sys::try_relation_open(oid, lock);
+            if !rel.is_null() {
+                let form = &*(*rel).rd_rel;
+                if form.relnamespace == ns && CStr::from_ptr(form.relname.data.as_ptr()) == c"inbox" {
+                    return rel;
+                }
+                pg_sys::relation_close(rel, lock);
+            }
+        }
+        INBOX.set(None);
     }
-    let Some(oid) = crate::schema::relid(c"inbox") else {
-        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "outbox.inbox does not exist", Some("Is the outbox extension installed?"));
+    // SAFETY: syscache lookups; both return InvalidOid for what is missing.
+    let (ns, oid) = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
+        (ns, if ns == pg_sys::InvalidOid { ns } else { pg_sys::get_relname_relid(c"inbox".as_ptr(), ns) })
     };
-    BUFFER.with(|b| b.borrow_mut().inbox = Some(oid));
-    oid
+    if oid == pg_sys::InvalidOid {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "outbox.inbox does not exist", Some("Is the outbox extension installed?"));
+    }
+    // SAFETY: the oid was just looked up; table_open raises if it went since.
+    let rel = unsafe { pg_sys::table_open(oid, lock) };
+    INBOX.set(Some((oid, ns)));
+    rel
+}
+
+/// The memory context inbox rows are built in: made once per backend.
+fn rows_context() -> pg_sys::MemoryContext {
+    let mut cxt = ROWS.get();
+    if cxt.is_null() {
+        // SAFETY: a child of TopMemoryContext lives as long as the backend.
+        cxt = unsafe {
+            pg_sys::AllocSetContextCreateInternal(
+                pg_sys::TopMemoryContext,
+                c"outbox inbox rows".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            )
+        };
+        ROWS.set(cxt);
+    }
+    cxt
 }
 
 /// Inserts one inbox row of a kind's ids. A run never holds more than a
 /// row's worth: [`append`] writes it out before it would outgrow one.
 fn write(kind: &str, ids: &[String]) {
     debug_assert!(ids.len() == 1 || ids.iter().map(|id| stored_bytes(id)).sum::<usize>() <= ROW_BYTES);
-    let relid = inbox_relid();
+    let cxt = rows_context();
     // SAFETY: the inbox is our own plain heap table; we hold RowExclusiveLock
     // while inserting, as the executor would. It has no indexes (checked), so
     // a heap insert is the whole insert. The palloc'd values live in a memory
-    // context of their own, deleted when it goes out of scope.
+    // context of their own, reset once the row is in (or by the next write,
+    // after an ERROR).
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-        let rel = pg_sys::table_open(relid, lock);
+        let rel = open(lock);
         if (*(*rel).rd_rel).relhasindex {
             pg_sys::table_close(rel, lock);
             raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "outbox.inbox must not have indexes", None);
         }
-        PgMemoryContexts::new("outbox inbox rows").switch_to(|_| {
-            let mut elems: Vec<pg_sys::Datum> = ids.iter().map(|id| text_datum(id)).collect();
-            let array = pg_sys::construct_array(
-                elems.as_mut_ptr(),
-                elems.len() as i32,
-                pg_sys::TEXTOID,
-                -1,
-                false,
-                pg_sys::TYPALIGN_INT as std::ffi::c_char,
+        // The row below is built for the table as the extension creates it.
+        if (*(*rel).rd_att).natts != 4 {
+            pg_sys::table_close(rel, lock);
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "outbox.inbox does not have the columns (kind, id, ids, enqueued_at)",
+                Some("Was the table altered? Reinstall the extension."),
             );
+        }
+        pg_sys::MemoryContextReset(cxt);
+        PgMemoryContexts::For(cxt).switch_to(|_| {
+            // (kind, id, ids, enqueued_at): one change in id, several in ids.
+            let (id, ids) = match ids {
+                [one] => (text_datum(one), None),
+                _ => {
+                    let mut elems: Vec<pg_sys::Datum> = ids.iter().map(|id| text_datum(id)).collect();
+                    let array = pg_sys::construct_array(
+                        elems.as_mut_ptr(),
+                        elems.len() as i32,
+                        pg_sys::TEXTOID,
+                        -1,
+                        false,
+                        pg_sys::TYPALIGN_INT as std::ffi::c_char,
+                    );
+                    (pg_sys::Datum::from(0), Some(pg_sys::Datum::from(array)))
+                }
+            };
             let at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
-            let mut values = [text_datum(kind), pg_sys::Datum::from(array), at];
-            let mut nulls = [false; 3];
+            let mut values = [text_datum(kind), id, ids.unwrap_or(pg_sys::Datum::from(0)), at];
+            let mut nulls = [false, ids.is_some(), ids.is_none(), false];
             let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
             pg_sys::simple_heap_insert(rel, tuple);
         });
+        pg_sys::MemoryContextReset(cxt);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
 }

@@ -104,11 +104,15 @@ CREATE TABLE outbox.queue (
 
 -- What tracked tables changed, written by enqueue_trigger with direct heap
 -- inserts, many ids a row. No indexes, on purpose: the worker empties it
--- into the queue.
+-- into the queue. A row of one change holds its id in `id`: most
+-- transactions change one record, and an array would double the row and its
+-- WAL record.
 CREATE TABLE outbox.inbox (
     kind        text COLLATE "C" NOT NULL,
-    ids         text[] COLLATE "C" NOT NULL,
-    enqueued_at timestamptz NOT NULL
+    id          text COLLATE "C",
+    ids         text[] COLLATE "C",
+    enqueued_at timestamptz NOT NULL,
+    CONSTRAINT inbox_id_or_ids CHECK ((id IS NULL) <> (ids IS NULL))
 ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
 
 -- Coalescing: at most one fresh job per record.
@@ -137,7 +141,7 @@ SELECT job_id, kind, id, state::text AS state, attempts, run_at, enqueued_at,
 UNION ALL
 SELECT NULL, i.kind, u.id, 'pending', 0, i.enqueued_at, i.enqueued_at, NULL, NULL, NULL
   FROM outbox.inbox i
- CROSS JOIN LATERAL unnest(i.ids) AS u(id);
+ CROSS JOIN LATERAL unnest(coalesce(i.ids, ARRAY[i.id])) AS u(id);
 "#,
     name = "schema",
     bootstrap
@@ -233,7 +237,7 @@ mod tests {
             "SELECT * FROM outbox.kind_stats",
             "INSERT INTO outbox.queue (kind, id) VALUES ('user', '9')",
             "SELECT * FROM outbox.inbox",
-            "INSERT INTO outbox.inbox VALUES ('user', '{9}', now())",
+            "INSERT INTO outbox.inbox (kind, id, enqueued_at) VALUES ('user', '9', now())",
             "SELECT outbox.register('evil', 'http://attacker/{id}')",
             "SELECT outbox.unregister('user', true)",
             "SELECT outbox.pause('user')",

@@ -24,8 +24,12 @@ use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 
 /// What a tracking trigger needs per row, worked out from its arguments once
-/// per transaction (and again if the table's columns moved under it).
+/// per backend, and again if the arguments or the table's columns changed
+/// under it (a trigger oid used again for another trigger, a column dropped
+/// or its type changed).
 struct TrackInfo {
+    /// The trigger's arguments this was worked out from.
+    args: Vec<CString>,
     kind: String,
     id: Column,
     /// The watched columns; empty for "any column".
@@ -41,17 +45,13 @@ struct Column {
 }
 
 thread_local! {
-    /// By trigger oid. Cleared at transaction end.
+    /// By trigger oid. Checked against the trigger and its table on each use.
     static TRACK_INFO: RefCell<HashMap<pg_sys::Oid, TrackInfo>> = RefCell::new(HashMap::new());
 }
 
-pub(crate) fn forget_track_info() {
-    TRACK_INFO.with(|t| {
-        if let Ok(mut t) = t.try_borrow_mut() {
-            t.clear();
-        }
-    });
-}
+/// More tracking triggers than a backend fires in practice: past it, the
+/// map starts again (triggers dropped long ago leave entries behind).
+const TRACK_INFO_MOST: usize = 1000;
 
 unsafe extern "C-unwind" {
     // Postgres' binary-image equality (utils/adt/datum.c); not in pgrx's bindings.
@@ -156,6 +156,7 @@ impl TrackInfo {
         // SAFETY: guaranteed by the caller.
         unsafe {
             TrackInfo {
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
                 kind: args[0].to_string_lossy().into_owned(),
                 id: Column::find(tupdesc, args[1]),
                 watched: args[2..].iter().map(|c| Column::find(tupdesc, c)).collect(),
@@ -163,11 +164,18 @@ impl TrackInfo {
         }
     }
 
+    /// Whether this still describes `trigger` on a table of `tupdesc`.
+    ///
     /// # Safety
-    /// `tupdesc` must be valid.
-    unsafe fn current(&self, tupdesc: pg_sys::TupleDesc) -> bool {
-        // SAFETY: guaranteed by the caller.
-        unsafe { self.id.current(tupdesc) && self.watched.iter().all(|c| c.current(tupdesc)) }
+    /// `trigger` and `tupdesc` must be the fired trigger and its table's descriptor.
+    unsafe fn current(&self, trigger: &pg_sys::Trigger, tupdesc: pg_sys::TupleDesc) -> bool {
+        // SAFETY: tgargs holds tgnargs C strings; the rest is guaranteed by the caller.
+        unsafe {
+            trigger.tgnargs as usize == self.args.len()
+                && self.args.iter().enumerate().all(|(i, a)| CStr::from_ptr(*trigger.tgargs.add(i)) == a.as_c_str())
+                && self.id.current(tupdesc)
+                && self.watched.iter().all(|c| c.current(tupdesc))
+        }
     }
 }
 
@@ -209,24 +217,26 @@ fn enqueue_trigger<'a>(
         let tg = &*td.tg_trigger;
         TRACK_INFO.with(|cache| {
             let mut cache = cache.borrow_mut();
-            if !cache.get(&tg.tgoid).is_some_and(|info| info.current(tupdesc)) {
+            if !cache.get(&tg.tgoid).is_some_and(|info| info.current(tg, tupdesc)) {
+                if cache.len() >= TRACK_INFO_MOST {
+                    cache.clear();
+                }
                 cache.insert(tg.tgoid, TrackInfo::new(tg, tupdesc));
             }
             let info = &cache[&tg.tgoid];
             let (old, new) = (td.tg_trigtuple, td.tg_newtuple);
             let ids: Vec<String> = match op {
                 PgTriggerOperation::Update => {
-                    let before = id_text(old, tupdesc, &info.id);
-                    let after = id_text(new, tupdesc, &info.id);
-                    if before != after {
-                        before.into_iter().chain(after).collect()
+                    // Equal images print alike: one output call, not two.
+                    if changed(old, new, tupdesc, [info.id.attno]) {
+                        id_text(old, tupdesc, &info.id).into_iter().chain(id_text(new, tupdesc, &info.id)).collect()
                     } else {
                         let any_change = if info.watched.is_empty() {
                             changed(old, new, tupdesc, (1..=(*tupdesc).natts).filter(|&n| !attribute(tupdesc, n).attisdropped))
                         } else {
                             changed(old, new, tupdesc, info.watched.iter().map(|c| c.attno))
                         };
-                        if any_change { after.into_iter().collect() } else { Vec::new() }
+                        if any_change { id_text(new, tupdesc, &info.id).into_iter().collect() } else { Vec::new() }
                     }
                 }
                 _ => id_text(old, tupdesc, &info.id).into_iter().collect(),
@@ -685,7 +695,7 @@ mod tests {
     use pgrx::prelude::*;
 
     fn ids() -> Vec<String> {
-        texts("SELECT u.id FROM outbox.inbox, unnest(ids) AS u(id) ORDER BY 1", &[])
+        texts("SELECT u.id FROM outbox.inbox, unnest(coalesce(ids, ARRAY[id])) AS u(id) ORDER BY 1", &[])
     }
 
     fn reset() {
@@ -716,7 +726,7 @@ mod tests {
         assert_eq!(ids(), ["2"]);
         reset();
         // Bulk: one entry per row.
-        let entries = || Spi::get_one::<i64>("SELECT count(*) FROM outbox.inbox, unnest(ids)").unwrap();
+        let entries = || Spi::get_one::<i64>("SELECT count(*) FROM outbox.inbox, unnest(coalesce(ids, ARRAY[id]))").unwrap();
         Spi::run("INSERT INTO public.users SELECT g, 'x' FROM generate_series(100, 1099) g").unwrap();
         assert_eq!(entries(), Some(1000));
         // Within a transaction, the same records again add nothing.
@@ -839,7 +849,7 @@ mod tests {
         Spi::run("SELECT outbox.track('public.users', 'user')").unwrap();
         let every = |n: i64| Spi::get_one::<bool>(&format!(
             "SELECT array_agg(u.id::bigint ORDER BY u.id::bigint) = array(SELECT generate_series(1, {n})::bigint)
-               FROM outbox.inbox, unnest(ids) AS u(id)"
+               FROM outbox.inbox, unnest(coalesce(ids, ARRAY[id])) AS u(id)"
         )).unwrap().unwrap();
         Spi::run("INSERT INTO public.users SELECT g, 0 FROM generate_series(1, 5000) g").unwrap();
         // Visible to the next statement, each id once, about ROW_BYTES of ids a row.
@@ -958,7 +968,7 @@ mod tests {
         Spi::run("INSERT INTO public.users VALUES (8, NULL)").unwrap();
         reset();
         Spi::run("TRUNCATE public.users").unwrap();
-        let n = Spi::get_one::<i64>(r"SELECT count(*) FROM outbox.inbox, unnest(ids) WHERE kind = 'a\b'").unwrap();
+        let n = Spi::get_one::<i64>(r"SELECT count(*) FROM outbox.inbox, unnest(coalesce(ids, ARRAY[id])) WHERE kind = 'a\b'").unwrap();
         assert_eq!(n, Some(2), "rows 7 and 8");
         Spi::run(r"SELECT outbox.untrack('public.users', 'a\b')").unwrap();
         // Untracked, the table's TRUNCATE triggers go too.

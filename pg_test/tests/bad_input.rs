@@ -9,7 +9,7 @@ fn state(c: &mut Client) -> String {
     c.query_one(
         "SELECT md5(coalesce((SELECT string_agg(k::text, '|' ORDER BY kind) FROM outbox.kinds k), '') ||
                     coalesce((SELECT string_agg(q::text, '|' ORDER BY job_id) FROM outbox.queue q), '') ||
-                    coalesce((SELECT string_agg(i::text, '|' ORDER BY ids) FROM outbox.inbox i), '') ||
+                    coalesce((SELECT string_agg(i::text, '|' ORDER BY i::text) FROM outbox.inbox i), '') ||
                     coalesce((SELECT string_agg(tgname::text, '|' ORDER BY tgname) FROM pg_trigger WHERE NOT tgisinternal), ''))",
         &[],
     )

@@ -371,6 +371,29 @@ fn the_worker_waits_for_the_database_and_the_extension() {
     assert!(wait_until(LONG, || r.count() == 2));
 }
 
+/// A session remembers where the inbox is from one transaction to the next:
+/// after the extension is dropped and created again under it, its tracked
+/// changes go to the new inbox, and none is lost or fails.
+#[test]
+fn a_session_records_changes_into_the_inbox_of_an_extension_created_again() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    let mut c = db.client();
+    let setup = format!(
+        "SELECT outbox.register('item', '{}'); SELECT outbox.track('items', 'item');",
+        r.url("/item/{id}")
+    );
+    c.batch_execute(&format!("CREATE TABLE items (id int PRIMARY KEY, v int); {setup}")).unwrap();
+    db.wait_for_worker();
+    c.batch_execute("INSERT INTO items VALUES (1, 0)").unwrap();
+    assert!(wait_until(LONG, || r.requests_for("/item/1").len() == 1));
+    // The same session: the trigger goes with the extension (CASCADE).
+    c.batch_execute(&format!("DROP EXTENSION outbox CASCADE; CREATE EXTENSION outbox; {setup}")).unwrap();
+    c.batch_execute("INSERT INTO items VALUES (2, 0); UPDATE items SET v = 1 WHERE id = 1").unwrap();
+    assert!(wait_until(LONG, || r.requests_for("/item/2").len() == 1 && r.requests_for("/item/1").len() == 2));
+    assert_eq!(r.count(), 3);
+}
+
 /// Without the worker stepping aside, each of these statements would wait
 /// five seconds for it to leave the database, then fail.
 #[test]

@@ -50,22 +50,25 @@ UPDATE outbox.queue q
 /// fresh jobs it made.
 pub const ABSORB_INBOX: &str = "
 WITH picked AS (
-    SELECT ctid, sum(cardinality(ids)) OVER (ROWS UNBOUNDED PRECEDING) - cardinality(ids) AS before
-      FROM (SELECT ctid, ids FROM outbox.inbox
+    SELECT ctid, sum(n) OVER (ROWS UNBOUNDED PRECEDING) - n AS before
+      FROM (SELECT ctid, coalesce(cardinality(ids), 1) AS n FROM outbox.inbox
              WHERE ctid >= pg_catalog.format('(%s,0)', $2)::tid
              LIMIT $1) r
 ), moved AS (
     DELETE FROM outbox.inbox
      WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked WHERE before < $1))
-    RETURNING kind, ids, enqueued_at, ctid
+    RETURNING kind, id, ids, enqueued_at, ctid
 ), later AS (
     SELECT * FROM unnest($3::text[], $4::text[]) AS l(kind, id)
 ), changed AS (
-    -- unnest() in the select list: a function scan per row would build and
-    -- read back a tuplestore for each inbox row's ids.
+    -- Rows of one change hold it in id, the others in ids. unnest() in the
+    -- select list: a function scan per row would build and read back a
+    -- tuplestore for each inbox row's ids.
     SELECT u.kind, u.id, min(u.enqueued_at) AS enqueued_at,
            u.kind IN (SELECT kind FROM outbox.kinds) AS registered
-      FROM (SELECT kind, unnest(ids) AS id, enqueued_at FROM moved) u
+      FROM (SELECT kind, id, enqueued_at FROM moved WHERE ids IS NULL
+            UNION ALL
+            SELECT kind, unnest(ids), enqueued_at FROM moved WHERE ids IS NOT NULL) u
      WHERE cardinality($4) = 0 OR (u.kind, u.id) NOT IN (SELECT kind, id FROM later)
      GROUP BY u.kind, u.id
 ), absorbed AS (
@@ -84,13 +87,13 @@ WITH picked AS (
 ), left_behind AS (
     -- Only when some are named: otherwise both scans are skipped.
     SELECT u.kind, u.id, u.enqueued_at
-      FROM (SELECT kind, unnest(ids) AS id, enqueued_at FROM moved) u
+      FROM (SELECT kind, unnest(coalesce(ids, ARRAY[id])) AS id, enqueued_at FROM moved) u
      WHERE cardinality($4) > 0 AND (u.kind, u.id) IN (SELECT kind, id FROM later)
 ), kept AS (
     INSERT INTO outbox.inbox (kind, ids, enqueued_at)
     SELECT kind, array_agg(DISTINCT id), min(enqueued_at) FROM left_behind GROUP BY kind
 )
-SELECT ((SELECT coalesce(sum(cardinality(ids)), 0) FROM moved) - (SELECT count(*) FROM left_behind))::bigint,
+SELECT ((SELECT coalesce(sum(coalesce(cardinality(ids), 1)), 0) FROM moved) - (SELECT count(*) FROM left_behind))::bigint,
        (SELECT coalesce(max((ctid::text::point)[0]), 0)::bigint FROM moved),
        made.kinds, made.ids, made.ctids
   FROM (SELECT array_agg(kind) AS kinds, array_agg(id) AS ids, array_agg(ctid) AS ctids
@@ -100,10 +103,10 @@ SELECT ((SELECT coalesce(sum(cardinality(ids)), 0) FROM moved) - (SELECT count(*
 /// rows [`ABSORB_INBOX`] would take next), as distinct (kind, id) pairs.
 pub const INBOX_CHANGES: &str = "
 SELECT DISTINCT r.kind, u.id
-  FROM (SELECT kind, ids FROM outbox.inbox
+  FROM (SELECT kind, id, ids FROM outbox.inbox
          WHERE ctid >= pg_catalog.format('(%s,0)', $2)::tid
          LIMIT $1) r
- CROSS JOIN LATERAL unnest(r.ids) AS u(id)";
+ CROSS JOIN LATERAL unnest(coalesce(r.ids, ARRAY[r.id])) AS u(id)";
 
 /// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), oldest
 /// first, at most one per record, and none for a record in flight: $5 holds
@@ -444,7 +447,7 @@ mod tests {
     #[pg_test]
     fn absorb_finds_rows_before_its_cursor() {
         Spi::run("SELECT outbox.register('absorbed', 'http://h/{id}')").unwrap();
-        Spi::run("INSERT INTO outbox.inbox VALUES ('absorbed', '{a,b}', now())").unwrap();
+        Spi::run("INSERT INTO outbox.inbox (kind, ids, enqueued_at) VALUES ('absorbed', '{a,b}', now())").unwrap();
         let block = Spi::get_one::<i64>("SELECT (ctid::text::point)[0]::bigint FROM outbox.inbox").unwrap().unwrap();
         // The last scan ended past the block the new row went to, as when a
         // vacuum freed the space before it.
@@ -461,7 +464,8 @@ mod tests {
     #[pg_test]
     fn changes_named_later_go_back_to_the_inbox() {
         Spi::run("SELECT outbox.register('absorbed', 'http://h/{id}')").unwrap();
-        Spi::run("INSERT INTO outbox.inbox VALUES ('absorbed', '{a,b,c}', now() - interval '1 min'), ('absorbed', '{b}', now())").unwrap();
+        Spi::run("INSERT INTO outbox.inbox (kind, ids, enqueued_at) VALUES ('absorbed', '{a,b,c}', now() - interval '1 min')").unwrap();
+        Spi::run("INSERT INTO outbox.inbox (kind, id, enqueued_at) VALUES ('absorbed', 'b', now())").unwrap();
         let moved = Spi::connect_mut(|c| {
             let args: [pgrx::datum::DatumWithOid; 4] = [1000i64.into(), 0i64.into(), vec!["absorbed"].into(), vec!["b"].into()];
             super::execute(c, super::ABSORB_INBOX, &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args).unwrap().first().get_one::<i64>().unwrap()
@@ -492,7 +496,7 @@ mod tests {
         let xmax_set = Spi::get_one::<bool>("SELECT xmax <> '0'::xid FROM outbox.queue WHERE id = 'locked'").unwrap();
         assert_eq!(xmax_set, Some(true));
         Spi::run(
-            "INSERT INTO outbox.inbox VALUES ('absorbed', '{unlocked,locked,running,new}', now()),
+            "INSERT INTO outbox.inbox (kind, ids, enqueued_at) VALUES ('absorbed', '{unlocked,locked,running,new}', now()),
                                              ('nobody', '{unlocked}', now())",
         )
         .unwrap();
@@ -519,7 +523,7 @@ mod tests {
         fresh_jobs::clear();
         Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
         let change = |ids: &str| {
-            Spi::run(&format!("INSERT INTO outbox.inbox VALUES ('k', '{ids}', now())")).unwrap();
+            Spi::run(&format!("INSERT INTO outbox.inbox (kind, ids, enqueued_at) VALUES ('k', '{ids}', now())")).unwrap();
             absorb(&mut super::InboxCursor::default())
         };
         // An insert draws a job id even when it then conflicts: the sequence
