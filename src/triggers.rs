@@ -20,7 +20,6 @@ use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal};
 use pgrx::{Array, PgList};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 
 /// What a tracking trigger needs per row, worked out from its arguments once
@@ -46,7 +45,7 @@ struct Column {
 
 thread_local! {
     /// By trigger oid. Checked against the trigger and its table on each use.
-    static TRACK_INFO: RefCell<HashMap<pg_sys::Oid, TrackInfo>> = RefCell::new(HashMap::new());
+    static TRACK_INFO: RefCell<foldhash::HashMap<pg_sys::Oid, TrackInfo>> = RefCell::new(foldhash::HashMap::default());
 }
 
 /// More tracking triggers than a backend fires in practice: past it, the
