@@ -863,6 +863,21 @@ mod tests {
         assert!(every(5000));
     }
 
+    /// A statement that changed one record writes its id alone; one that
+    /// changed several writes them as an array. The jobs view shows both.
+    #[pg_test]
+    fn one_change_is_written_without_an_array() {
+        Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
+        Spi::run("CREATE TABLE public.users (id bigint PRIMARY KEY, v int)").unwrap();
+        Spi::run("SELECT outbox.track('public.users', 'user')").unwrap();
+        let rows = || texts("SELECT format('%s|%s', id, ids) FROM outbox.inbox ORDER BY ctid", &[]);
+        Spi::run("INSERT INTO public.users VALUES (7, 0)").unwrap();
+        Spi::run("INSERT INTO public.users VALUES (8, 0), (9, 0)").unwrap();
+        assert_eq!(rows(), ["7|", "|{8,9}"]);
+        let pending = texts("SELECT id FROM outbox.jobs WHERE kind = 'user' AND job_id IS NULL ORDER BY id", &[]);
+        assert_eq!(pending, ["7", "8", "9"]);
+    }
+
     #[pg_test]
     fn a_rolled_back_subtransaction_drops_only_its_own_changes() {
         Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
