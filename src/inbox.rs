@@ -110,6 +110,10 @@ pub fn append(kind: &str, id: String) {
 
 /// Writes every run the current subtransaction may write.
 pub fn flush() {
+    // Every statement of every session passes here: most have nothing to write.
+    if !pending() {
+        return;
+    }
     // SAFETY: plain reads of the transaction state.
     let (writable, current) = unsafe {
         (pg_sys::IsTransactionState() && !pg_sys::IsInParallelMode(), pg_sys::GetCurrentSubTransactionId())
@@ -121,8 +125,8 @@ pub fn flush() {
     // from a child that committed into it: it is ours now.
     let runs: Vec<Run> = BUFFER.with(|b| {
         let runs = &mut b.borrow_mut().runs;
-        if runs.is_empty() {
-            return Vec::new();
+        if runs.iter().all(|r| r.subxact >= current) {
+            return std::mem::take(runs);
         }
         let (mine, theirs) = std::mem::take(runs).into_iter().partition(|r| r.subxact >= current);
         *runs = theirs;
@@ -244,8 +248,8 @@ fn write(kind: &str, ids: &[String]) {
     // SAFETY: the inbox is our own plain heap table; we hold RowExclusiveLock
     // while inserting, as the executor would. It has no indexes (checked), so
     // a heap insert is the whole insert. The palloc'd values live in a memory
-    // context of their own, reset once the row is in (or by the next write,
-    // after an ERROR).
+    // context of their own, reset before each row is built: it holds at most
+    // one row's worth between writes.
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         let rel = open(lock);
@@ -286,7 +290,6 @@ fn write(kind: &str, ids: &[String]) {
             let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
             pg_sys::simple_heap_insert(rel, tuple);
         });
-        pg_sys::MemoryContextReset(cxt);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
 }
