@@ -179,7 +179,7 @@ thread_local! {
     /// outbox.inbox's oid and its schema's, looked up once per backend:
     /// [`open`] checks them on every use.
     static INBOX: Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { Cell::new(None) };
-    /// Where an inbox row is built; reset after each write.
+    /// Where an inbox row is built; reset before each row.
     static ROWS: Cell<pg_sys::MemoryContext> = const { Cell::new(std::ptr::null_mut()) };
 }
 
@@ -207,14 +207,9 @@ unsafe fn open(lock: pg_sys::LOCKMODE) -> pg_sys::Relation {
         }
         INBOX.set(None);
     }
-    // SAFETY: syscache lookups; both return InvalidOid for what is missing.
-    let (ns, oid) = unsafe {
-        let ns = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
-        (ns, if ns == pg_sys::InvalidOid { ns } else { pg_sys::get_relname_relid(c"inbox".as_ptr(), ns) })
-    };
-    if oid == pg_sys::InvalidOid {
+    let Some((oid, ns)) = crate::schema::relation(c"inbox") else {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "outbox.inbox does not exist", Some("Is the outbox extension installed?"));
-    }
+    };
     // SAFETY: the oid was just looked up; table_open raises if it went since.
     let rel = unsafe { pg_sys::table_open(oid, lock) };
     INBOX.set(Some((oid, ns)));

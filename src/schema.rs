@@ -26,12 +26,17 @@ impl JobState {
 
 /// The oid of table `outbox.<name>`, if it exists.
 pub fn relid(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
+    relation(name).map(|(oid, _)| oid)
+}
+
+/// The oids of table `outbox.<name>` and of the schema `outbox`, if it exists.
+pub fn relation(name: &std::ffi::CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     // SAFETY: syscache lookups; both return InvalidOid for what is missing.
-    let oid = unsafe {
+    let (oid, ns) = unsafe {
         let ns = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
-        if ns == pg_sys::InvalidOid { ns } else { pg_sys::get_relname_relid(name.as_ptr(), ns) }
+        (if ns == pg_sys::InvalidOid { ns } else { pg_sys::get_relname_relid(name.as_ptr(), ns) }, ns)
     };
-    (oid != pg_sys::InvalidOid).then_some(oid)
+    (oid != pg_sys::InvalidOid).then_some((oid, ns))
 }
 
 /// Lets `#[pg_extern(schema = "outbox")]` name the schema. The bootstrap SQL
