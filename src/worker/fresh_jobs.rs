@@ -27,15 +27,7 @@ const MOST: usize = 1 << 20;
 
 type Tid = pg_sys::ItemPointerData;
 
-#[derive(Default)]
-struct Known {
-    /// [`key`] of (kind, id) -> where its fresh job was. A hash, not the
-    /// texts: the check at the tid compares the job's own kind and id, so
-    /// two records with one key only make one of them take the insert.
-    jobs: foldhash::HashMap<u64, Tid>,
-}
-
-/// A record's key in [`Known::jobs`].
+/// A record's key in [`KNOWN`].
 fn key(kind: &str, id: &str) -> u64 {
     use std::hash::BuildHasher;
     foldhash::fast::FixedState::with_seed(0).hash_one((kind, id))
@@ -58,7 +50,10 @@ struct Open {
 }
 
 thread_local! {
-    static KNOWN: RefCell<Known> = RefCell::new(Known::default());
+    /// [`key`] of (kind, id) -> where its fresh job was. A hash, not the
+    /// texts: the check at the tid compares the job's own kind and id, so
+    /// two records with one key only make one of them take the insert.
+    static KNOWN: RefCell<foldhash::HashMap<u64, Tid>> = RefCell::new(foldhash::HashMap::default());
     static OPEN: RefCell<Option<Open>> = const { RefCell::new(None) };
 }
 
@@ -112,7 +107,7 @@ fn known_fresh_job(kind: &str, id: &str) -> bool {
     OPEN.with(|o| {
         let mut o = o.borrow_mut();
         let Some(open) = o.as_mut() else { return false };
-        let hint = KNOWN.with(|k| k.borrow().jobs.get(&key(kind, id)).copied());
+        let hint = KNOWN.with(|k| k.borrow().get(&key(kind, id)).copied());
         // SAFETY: `open` holds the queue open and locked (see `during_absorb`).
         if hint.is_some_and(|tid| unsafe { stands(open, kind, id, tid) }) {
             return true;
@@ -184,7 +179,7 @@ pub fn remember(kinds: &[String], ids: &[String], tids: &[Tid]) {
 
 fn remember_each<'a>(jobs: impl IntoIterator<Item = (&'a str, &'a str, Tid)>) {
     KNOWN.with(|k| {
-        let known = &mut k.borrow_mut().jobs;
+        let known = &mut *k.borrow_mut();
         for (kind, id, tid) in jobs {
             if known.len() >= MOST {
                 known.clear();
@@ -222,12 +217,12 @@ pub fn look_up(pairs: Vec<(String, String)>) {
 
 /// The record's fresh job was claimed: it has none now.
 pub fn forget(kind: &str, id: &str) {
-    KNOWN.with(|k| k.borrow_mut().jobs.remove(&key(kind, id)));
+    KNOWN.with(|k| k.borrow_mut().remove(&key(kind, id)));
 }
 
 /// Forgets everything (the extension was dropped or made anew).
 pub fn clear() {
-    KNOWN.with(|k| *k.borrow_mut() = Known::default());
+    KNOWN.with(|k| *k.borrow_mut() = foldhash::HashMap::default());
 }
 
 #[cfg(test)]
@@ -241,11 +236,11 @@ mod tests {
     }
 
     fn known(kind: &str, id: &str) -> Option<(u32, u16)> {
-        KNOWN.with(|k| k.borrow().jobs.get(&key(kind, id)).copied()).map(pgrx::itemptr::item_pointer_get_both)
+        KNOWN.with(|k| k.borrow().get(&key(kind, id)).copied()).map(pgrx::itemptr::item_pointer_get_both)
     }
 
     fn count() -> usize {
-        KNOWN.with(|k| k.borrow().jobs.len())
+        KNOWN.with(|k| k.borrow().len())
     }
 
     #[test]
