@@ -93,10 +93,12 @@ WITH picked AS (
     INSERT INTO outbox.inbox (kind, ids, enqueued_at)
     SELECT kind, array_agg(DISTINCT id), min(enqueued_at) FROM left_behind GROUP BY kind
 )
-SELECT ((SELECT coalesce(sum(coalesce(cardinality(ids), 1)), 0) FROM moved) - (SELECT count(*) FROM left_behind))::bigint,
-       (SELECT coalesce(max((ctid::text::point)[0]), 0)::bigint FROM moved),
+SELECT (m.changes - (SELECT count(*) FROM left_behind))::bigint, m.last_block,
        made.kinds, made.ids, made.ctids
-  FROM (SELECT array_agg(kind) AS kinds, array_agg(id) AS ids, array_agg(ctid) AS ctids
+  FROM (SELECT coalesce(sum(coalesce(cardinality(ids), 1)), 0) AS changes,
+               coalesce(max((ctid::text::point)[0]), 0)::bigint AS last_block
+          FROM moved) m,
+       (SELECT array_agg(kind) AS kinds, array_agg(id) AS ids, array_agg(ctid) AS ctids
           FROM absorbed WHERE state = 'pending') made";
 
 /// The changes in the inbox from heap block $2 on, about $1 of them (the
