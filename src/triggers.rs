@@ -168,10 +168,9 @@ impl TrackInfo {
     /// # Safety
     /// `trigger` and `tupdesc` must be the fired trigger and its table's descriptor.
     unsafe fn current(&self, trigger: &pg_sys::Trigger, tupdesc: pg_sys::TupleDesc) -> bool {
-        // SAFETY: tgargs holds tgnargs C strings; the rest is guaranteed by the caller.
+        // SAFETY: guaranteed by the caller.
         unsafe {
-            trigger.tgnargs as usize == self.args.len()
-                && self.args.iter().enumerate().all(|(i, a)| CStr::from_ptr(*trigger.tgargs.add(i)) == a.as_c_str())
+            raw_args(trigger).eq(self.args.iter().map(CString::as_c_str))
                 && self.id.current(tupdesc)
                 && self.watched.iter().all(|c| c.current(tupdesc))
         }
@@ -248,13 +247,22 @@ fn enqueue_trigger<'a>(
     Ok(None)
 }
 
+/// The trigger's arguments as Postgres holds them, without allocating.
+///
+/// # Safety
+/// `trigger` must be a fired trigger.
+unsafe fn raw_args(trigger: &pg_sys::Trigger) -> impl Iterator<Item = &CStr> {
+    // SAFETY: tgargs holds tgnargs C strings.
+    (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) })
+}
+
 /// The trigger's arguments: (kind, id_column [, column ...]), at least two.
 ///
 /// # Safety
 /// `trigger` must be a fired trigger.
 unsafe fn trigger_args(trigger: &pg_sys::Trigger) -> Vec<&CStr> {
-    // SAFETY: tgargs holds tgnargs C strings.
-    let args: Vec<&CStr> = (0..trigger.tgnargs as usize).map(|i| unsafe { CStr::from_ptr(*trigger.tgargs.add(i)) }).collect();
+    // SAFETY: guaranteed by the caller.
+    let args: Vec<&CStr> = unsafe { raw_args(trigger) }.collect();
     if args.len() < 2 {
         misuse("needs the arguments (kind, id_column [, column ...])");
     }
