@@ -104,6 +104,8 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => false,
         _ => return,
     };
+    crate::queue_writers::transaction_ended();
+    crate::worker::fresh_jobs::transaction_ended(wake);
     if wake && crate::inbox::pending() {
         // Something appended after our PRE_COMMIT flush (another extension's
         // callback writing a tracked table): those changes can't be saved now.
@@ -145,6 +147,7 @@ unsafe extern "C-unwind" fn on_subxact_event(
             }
         });
         crate::inbox::forget_subxact(my);
+        crate::queue_writers::subtransaction_aborted(my);
     }
 }
 

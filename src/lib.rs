@@ -12,6 +12,7 @@
 //! - [`hooks`]: the executor and utility hooks (statement-end inbox writes, database DDL).
 //! - [`database_ddl`]: the worker steps aside for DDL that needs its database alone.
 //! - [`restore`]: what a COPY into the extension's tables (`pg_restore`) needs fixed.
+//! - [`queue_writers`]: counts other sessions' statements that may change queue jobs (for the worker's hints).
 //! - [`inspection`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`, `purge_dead`.
 //! - [`gucs`]: the `outbox.*` settings.
 //! - [`shmem`]: what backends and the worker share (the worker's latch, its status).
@@ -32,6 +33,7 @@ pub mod inbox;
 pub mod inspection;
 pub mod kinds;
 pub mod policy;
+pub mod queue_writers;
 pub mod restore;
 pub mod schema;
 pub mod shmem;

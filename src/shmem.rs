@@ -61,6 +61,11 @@ pub struct WorkerSlot {
     /// Bumped by every committed change of `outbox.kinds` made through the
     /// SQL functions: the worker reloads its kinds when it moves.
     kinds_generation: AtomicU64,
+    /// Statements of other sessions now running that may change queue jobs
+    /// (`queue_writers`), and a count of their starts: the worker trusts its
+    /// fresh-job hints only while neither moves.
+    queue_writers: AtomicU32,
+    queue_generation: AtomicU64,
 }
 
 // SAFETY: only atomics, no pointers: valid in any process that maps the segment.
@@ -71,6 +76,9 @@ static WORKER: PgAtomic<WorkerSlot> = unsafe { PgAtomic::new(c"outbox_worker_slo
 
 /// Set in the postmaster before backends fork, so every backend inherits it.
 static READY: AtomicBool = AtomicBool::new(false);
+
+/// Set in the worker's own process.
+static IS_WORKER: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
     pg_shmem_init!(WORKER = WorkerSlot::default());
@@ -110,6 +118,7 @@ pub fn publish_worker() {
     // SAFETY: a plain read of this process's own proc number.
     #[cfg(any(feature = "pg17", feature = "pg18"))]
     let procno = unsafe { pg_sys::MyProcNumber };
+    IS_WORKER.store(true, Ordering::Relaxed);
     slot.pid.store(std::process::id() as i32, Ordering::Relaxed);
     slot.procno_plus_one.store(procno + 1, Ordering::Release);
 }
@@ -160,6 +169,49 @@ pub fn bump_kinds_generation() {
 /// can't tell, and reloads every turn).
 pub fn kinds_generation() -> Option<u64> {
     slot().map(|slot| slot.kinds_generation.load(Ordering::Acquire))
+}
+
+/// Whether this process is the delivery worker.
+pub fn is_worker() -> bool {
+    IS_WORKER.load(Ordering::Relaxed)
+}
+
+/// Another session's statement that may change queue jobs starts. The count
+/// goes up before the generation moves: whoever reads the generation and then
+/// the count sees one or the other (see [`queue_quiet`]).
+pub fn queue_statement_starts() {
+    if let Some(slot) = slot() {
+        slot.queue_writers.fetch_add(1, Ordering::SeqCst);
+        slot.queue_generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// `n` such statements ended (or their transaction did). Cannot raise.
+pub fn queue_statements_end(n: u32) {
+    if let Some(slot) = slot() {
+        // Saturating: an imbalance must never wrap to "nobody is writing".
+        let _ = slot.queue_writers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(w.saturating_sub(n)));
+    }
+}
+
+/// The queue generation, if no other session's statement that may change
+/// queue jobs is running now; None otherwise, or without shared memory.
+/// The generation is read first: a statement starting meanwhile has already
+/// raised the count, or moves the generation after this read.
+pub fn queue_quiet() -> Option<u64> {
+    let slot = slot()?;
+    let generation = slot.queue_generation.load(Ordering::SeqCst);
+    (slot.queue_writers.load(Ordering::SeqCst) == 0).then_some(generation)
+}
+
+/// The queue generation (see [`queue_quiet`]).
+pub fn queue_generation() -> Option<u64> {
+    slot().map(|slot| slot.queue_generation.load(Ordering::SeqCst))
+}
+
+/// How many statements that may change queue jobs run now (for tests).
+pub fn queue_writers() -> Option<u32> {
+    slot().map(|slot| slot.queue_writers.load(Ordering::SeqCst))
 }
 
 pub fn mark_batch() {

@@ -17,6 +17,11 @@ impl Caught {
     pub fn is_lock_timeout(&self) -> bool {
         self.sqlstate == sqlstate(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE)
     }
+
+    /// Whether it is a serialization failure (40001): worth running again.
+    pub fn is_serialization_failure(&self) -> bool {
+        self.sqlstate == sqlstate(PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE)
+    }
 }
 
 /// The five-character SQLSTATE of an error code.

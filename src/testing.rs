@@ -29,3 +29,10 @@ pub fn assert_sqlstates(cases: &[(&str, &str)]) {
 pub fn texts(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> Vec<String> {
     Spi::connect(|c| c.select(sql, None, args).unwrap().map(|r| r.get::<String>(1).unwrap().unwrap()).collect())
 }
+
+/// Tests run side by side: other tests' writes to the queue would draw job
+/// ids and move the queue-writer generation under the caller. They wait until
+/// its transaction ends (the mode conflicts with itself and with writes).
+pub fn hold_the_queue() {
+    Spi::run("LOCK TABLE outbox.queue IN SHARE ROW EXCLUSIVE MODE").unwrap();
+}

@@ -730,6 +730,41 @@ fn a_change_is_not_coalesced_into_a_fresh_job_an_open_transaction_deletes() {
     assert_eq!(r.requests()[0].json()["name"], "new");
 }
 
+/// As above, once the worker trusts what it knows of the job: it saw the
+/// job standing and nobody else has written to the queue since, so it skips
+/// the check. Another session's DELETE of the job, committed or still open,
+/// must end that trust: the next change gets a job of its own.
+#[test]
+fn a_change_is_not_coalesced_into_a_trusted_fresh_job_another_session_deletes() {
+    let Setup { db, r, mut c, .. } = started("");
+    c.batch_execute("SELECT outbox.pause('user'); INSERT INTO users VALUES (1, 'old'), (2, 'old');").unwrap();
+    let queued = |c: &mut Client| c.query_one("SELECT count(*) FROM outbox.queue", &[]).unwrap().get::<_, i64>(0);
+    let inbox_empty = |c: &mut Client| c.query_one("SELECT NOT EXISTS (SELECT FROM outbox.inbox)", &[]).unwrap().get::<_, bool>(0);
+    assert!(wait_until(LONG, || queued(&mut c) == 2), "the worker made both records' fresh jobs");
+    // The first of these changes is checked against the jobs and finds them
+    // standing; the next ones are taken on trust.
+    for name in ["b", "c", "d"] {
+        c.batch_execute(&format!("UPDATE users SET name = '{name}'")).unwrap();
+        assert!(wait_until(LONG, || inbox_empty(&mut c)));
+    }
+    assert_eq!(queued(&mut c), 2, "the changes coalesced");
+    let mut t = db.client();
+    // Record 1: deleted and committed before the change.
+    t.batch_execute("DELETE FROM outbox.queue WHERE id = '1'").unwrap();
+    c.batch_execute("UPDATE users SET name = 'new' WHERE id = 1").unwrap();
+    // Record 2: deleted by a transaction still open when the worker meets it.
+    t.batch_execute("BEGIN; DELETE FROM outbox.queue WHERE id = '2';").unwrap();
+    c.batch_execute("UPDATE users SET name = 'new' WHERE id = 2").unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    t.batch_execute("COMMIT").unwrap();
+    c.batch_execute("SELECT outbox.resume('user')").unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0 && r.count() == 2), "both changes were delivered");
+    for path in ["/users/1", "/users/2"] {
+        assert_eq!(r.requests_for(path).len(), 1, "{path}");
+        assert_eq!(r.requests_for(path)[0].json()["name"], "new", "{path}");
+    }
+}
+
 /// An open transaction that enqueued a record (a new pending job, not yet
 /// committed) while a tracked change of the same record sits in the inbox:
 /// the worker must not wait for it, and everything else keeps flowing.

@@ -398,6 +398,9 @@ impl Worker {
                     log!("outbox worker: {n} job(s) left running by a previous worker are pending again");
                 }
                 c.update(queue::DEAD_LETTER_ORPHANS, None, &[]).unwrap_or_else(|e| panic!("orphans: {e}"));
+                // The worker's own statements don't count as queue writers
+                // (queue_writers.rs): this one may have ended fresh jobs.
+                super::fresh_jobs::clear();
                 self.in_flight.clear();
                 self.recovered = true;
             }

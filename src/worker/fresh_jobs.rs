@@ -7,30 +7,117 @@
 //! records changed again before their job is due) that insert was most of
 //! the worker's CPU per change.
 //!
-//! What is remembered is a hint, never trusted. [`known_fresh_job`] says
-//! yes only if the tuple at the tid is, right now, a committed fresh job of
-//! that very (kind, id) that no transaction in progress inserted, updates or
-//! deletes: exactly when `ON CONFLICT ... DO NOTHING` would find it and do
-//! nothing. A stale tid (the job claimed, updated, deleted, vacuumed away and
-//! the slot reused) fails the check, and the change takes the insert.
+//! What is remembered is a hint. [`known_fresh_job`] says yes if the tuple
+//! at the tid is, right now, a committed fresh job of that very (kind, id)
+//! that no transaction in progress inserted, updates or deletes: exactly when
+//! `ON CONFLICT ... DO NOTHING` would find it and do nothing. A stale tid (the
+//! job claimed, updated, deleted, vacuumed away and the slot reused) fails the
+//! check, and the change takes the insert.
+//!
+//! That check is a heap fetch per change, about a fifth of the worker's CPU
+//! under a stream of tracked changes. It is skipped for a job seen standing
+//! since the last time anybody else could have changed it: every statement of
+//! another session that may change queue jobs counts itself in and out and
+//! moves a generation (`queue_writers`), and the worker accounts for its own
+//! (a claim forgets the job). A hint is taken on trust only by a statement
+//! that starts and ends with no such statement running and no generation
+//! moved since the job was seen standing in a statement that did the same.
+//! Why that is enough: another session's change of the job after it was seen
+//! standing either started before this statement began (then it was still
+//! counted in, or it moved the generation since) or after it began (then it
+//! moved the generation before this statement ended, and the statement is
+//! redone without trust, or it changes the job only after this statement).
+//! A change before the job was seen standing was seen by the check itself.
+//! A job the worker made in a quiet statement counts as seen standing once
+//! its transaction commits: nobody else could see, let alone change, it
+//! before, and a writer that started since has moved the generation.
 //!
 //! The hints come from the absorb itself: the tids its insert returned, and,
 //! for changes that met a fresh job it did not know of (made by `enqueue()`,
 //! or before this worker started), one index lookup after the statement.
 
 use pgrx::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
-/// Most records remembered, at about 20 bytes each. When full, the hints
-/// start over (the next changes take the insert, and are learnt again).
-const MOST: usize = 1 << 20;
+/// Most records remembered: 7/8 of 2^19, so that the map stays at 2^19
+/// slots of 64 bytes (about 34 MB). When full, the hints start over (the
+/// next changes take the insert, and are learnt again).
+const MOST: usize = 7 << 16;
 
 type Tid = pg_sys::ItemPointerData;
 
-/// A record's key in [`KNOWN`].
-fn key(kind: &str, id: &str) -> u64 {
-    use std::hash::BuildHasher;
-    foldhash::fast::FixedState::with_seed(0).hash_one((kind, id))
+/// What is known of a record's fresh job.
+#[derive(Clone, Copy)]
+struct Hint {
+    tid: Tid,
+    /// 1 + the queue generation of a quiet statement that saw the job
+    /// standing (see the module's doc); 0 if none has.
+    standing_at: u64,
+}
+
+/// Calls `f` with a record's key in [`KNOWN`]: `kind`, NUL, `id` (a text
+/// holds no NUL, so two records never share one).
+fn with_key<R>(kind: &str, id: &str, f: impl FnOnce(&[u8]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        s.clear();
+        s.extend_from_slice(kind.as_bytes());
+        s.push(0);
+        s.extend_from_slice(id.as_bytes());
+        f(&s)
+    })
+}
+
+/// Keys up to this long are held in the map's own slot.
+const KEY_INLINE: usize = 46;
+
+/// A record's key (see [`with_key`]), held in place when short (most are):
+/// a lookup then compares it without following a pointer to another cache
+/// line.
+#[derive(Clone)]
+enum Key {
+    Short { len: u8, bytes: [u8; KEY_INLINE] },
+    Long(Box<[u8]>),
+}
+
+impl Key {
+    fn new(key: &[u8]) -> Self {
+        if key.len() <= KEY_INLINE {
+            let mut bytes = [0; KEY_INLINE];
+            bytes[..key.len()].copy_from_slice(key);
+            Key::Short { len: key.len() as u8, bytes }
+        } else {
+            Key::Long(key.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Short { len, bytes } => &bytes[..*len as usize],
+            Key::Long(bytes) => bytes,
+        }
+    }
+}
+
+// Equality and hashing are those of the bytes, as `Borrow<[u8]>` requires.
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state)
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
 }
 
 /// `outbox.queue`, open while an absorb statement runs.
@@ -47,13 +134,33 @@ struct Open {
     /// Changes the statement found no standing job for, by the hints: those
     /// that then met one anyway are looked up afterwards.
     asked: Vec<(String, String)>,
+    /// 1 + the queue generation if no other session's statement that may
+    /// change queue jobs was running when this one started; 0 otherwise.
+    quiet: u64,
+    /// Hints this statement took on trust.
+    trusted: usize,
+    /// Keys of the jobs this statement saw standing, by the check.
+    seen_standing: Vec<Key>,
 }
 
 thread_local! {
-    /// [`key`] of (kind, id) -> where its fresh job was. A hash, not the
-    /// texts: the check at the tid compares the job's own kind and id, so
-    /// two records with one key only make one of them take the insert.
-    static KNOWN: RefCell<foldhash::HashMap<u64, Tid>> = RefCell::new(foldhash::HashMap::default());
+    /// Record key (see [`with_key`]) -> what is known of its fresh job. The
+    /// whole key, not a hash of it: a hint taken on trust for another record
+    /// that shares a hash would drop a change.
+    static KNOWN: RefCell<foldhash::HashMap<Key, Hint>> = RefCell::new(foldhash::HashMap::default());
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Hints taken on trust, and absorbs run again because the queue changed
+    /// meanwhile, since the process started (for tests).
+    static TRUSTED: Cell<u64> = const { Cell::new(0) };
+    /// 1 + the generation of the last absorb statement, if it was quiet
+    /// throughout; 0 otherwise.
+    static LAST_QUIET: Cell<u64> = const { Cell::new(0) };
+    /// Jobs made by this transaction's quiet absorbs, with the generation
+    /// they were made at. Nobody else sees them until the transaction
+    /// commits, and a queue writer that may change them then moves the
+    /// generation: at commit they count as seen standing.
+    static MADE: RefCell<Vec<(Key, Tid, u64)>> = const { RefCell::new(Vec::new()) };
+    static REDONE: Cell<u64> = const { Cell::new(0) };
     static OPEN: RefCell<Option<Open>> = const { RefCell::new(None) };
 }
 
@@ -61,6 +168,11 @@ thread_local! {
 /// returns what `f` returns and the changes it asked about and found no
 /// standing job for. Only the worker, and tests, call this: in any other
 /// session the function answers false.
+///
+/// If `f` took a hint on trust and the queue was not quiet throughout, this
+/// raises [`ERRCODE_T_R_SERIALIZATION_FAILURE`](PgSqlErrorCode): the caller
+/// runs `f` in a subtransaction and runs it again (no hint is trusted then
+/// until a quiet statement has seen its job standing).
 pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Vec<(String, String)>) {
     /// Forgets the open relation however `f` ends. On an ERROR the
     /// (sub)transaction's resource owner closes it.
@@ -70,6 +182,9 @@ pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Vec<(String, String)>) {
             OPEN.with(|o| o.borrow_mut().take());
         }
     }
+    LAST_QUIET.set(0);
+    // Commit marks the jobs made here as seen standing (`transaction_ended`).
+    crate::enqueue::register_callbacks();
     let Some(queue) = crate::schema::relid(c"queue") else {
         return (f(), Vec::new());
     };
@@ -87,6 +202,9 @@ pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Vec<(String, String)>) {
             values: vec![pg_sys::Datum::from(0); natts],
             nulls: vec![true; natts],
             asked: Vec::new(),
+            quiet: crate::shmem::queue_quiet().map_or(0, |g| g + 1),
+            trusted: 0,
+            seen_standing: Vec::new(),
         }
     };
     OPEN.with(|o| *o.borrow_mut() = Some(open));
@@ -96,6 +214,25 @@ pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Vec<(String, String)>) {
     drop(closed);
     // SAFETY: opened above; the lock stays until the transaction ends.
     unsafe { pg_sys::table_close(open.rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
+    let quiet_throughout = open.quiet != 0 && crate::shmem::queue_generation().map(|g| g + 1) == Some(open.quiet);
+    if quiet_throughout {
+        LAST_QUIET.set(open.quiet);
+        KNOWN.with(|k| {
+            let known = &mut *k.borrow_mut();
+            for key in &open.seen_standing {
+                if let Some(hint) = known.get_mut(key) {
+                    hint.standing_at = open.quiet;
+                }
+            }
+        });
+    } else if open.trusted > 0 {
+        REDONE.set(REDONE.get() + 1);
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            "outbox: the queue changed while the absorb trusted its hints",
+            None,
+        );
+    }
     (r, open.asked)
 }
 
@@ -107,10 +244,19 @@ fn known_fresh_job(kind: &str, id: &str) -> bool {
     OPEN.with(|o| {
         let mut o = o.borrow_mut();
         let Some(open) = o.as_mut() else { return false };
-        let hint = KNOWN.with(|k| k.borrow().get(&key(kind, id)).copied());
-        // SAFETY: `open` holds the queue open and locked (see `during_absorb`).
-        if hint.is_some_and(|tid| unsafe { stands(open, kind, id, tid) }) {
-            return true;
+        if let Some(hint) = with_key(kind, id, |key| KNOWN.with(|k| k.borrow().get(key).copied())) {
+            if open.quiet != 0 && hint.standing_at == open.quiet {
+                open.trusted += 1;
+                TRUSTED.set(TRUSTED.get() + 1);
+                return true;
+            }
+            // SAFETY: `open` holds the queue open and locked (see `during_absorb`).
+            if unsafe { stands(open, kind, id, hint.tid) } {
+                if open.quiet != 0 {
+                    open.seen_standing.push(with_key(kind, id, Key::new));
+                }
+                return true;
+            }
         }
         open.asked.push((kind.to_string(), id.to_string()));
         false
@@ -175,6 +321,33 @@ unsafe fn plain_text<'a>(d: pg_sys::Datum) -> Option<&'a [u8]> {
 /// The absorb made these fresh jobs: (kinds, ids, tids).
 pub fn remember(kinds: &[String], ids: &[String], tids: &[Tid]) {
     remember_each(kinds.iter().zip(ids).zip(tids).map(|((kind, id), &tid)| (kind.as_str(), id.as_str(), tid)));
+    let quiet = LAST_QUIET.get();
+    if quiet != 0 {
+        MADE.with(|m| {
+            let made = &mut *m.borrow_mut();
+            made.extend(kinds.iter().zip(ids).zip(tids).map(|((kind, id), &tid)| (with_key(kind, id, Key::new), tid, quiet)));
+        });
+    }
+}
+
+/// The transaction ended: if it committed, the jobs its quiet absorbs made
+/// count as seen standing (unless forgotten or replaced since). Cannot raise.
+pub(crate) fn transaction_ended(committed: bool) {
+    let Ok(made) = MADE.with(|m| m.try_borrow_mut().map(|mut m| std::mem::take(&mut *m))) else { return };
+    if !committed || made.is_empty() {
+        return;
+    }
+    KNOWN.with(|k| {
+        let Ok(mut known) = k.try_borrow_mut() else { return };
+        let same = |a: Tid, b: Tid| pgrx::itemptr::item_pointer_get_both(a) == pgrx::itemptr::item_pointer_get_both(b);
+        for (key, tid, quiet) in made {
+            if let Some(hint) = known.get_mut(&key) {
+                if same(hint.tid, tid) {
+                    hint.standing_at = quiet;
+                }
+            }
+        }
+    });
 }
 
 fn remember_each<'a>(jobs: impl IntoIterator<Item = (&'a str, &'a str, Tid)>) {
@@ -184,7 +357,7 @@ fn remember_each<'a>(jobs: impl IntoIterator<Item = (&'a str, &'a str, Tid)>) {
             if known.len() >= MOST {
                 known.clear();
             }
-            known.insert(key(kind, id), tid);
+            known.insert(with_key(kind, id, Key::new), Hint { tid, standing_at: 0 });
         }
     });
 }
@@ -217,7 +390,12 @@ pub fn look_up(pairs: Vec<(String, String)>) {
 
 /// The record's fresh job was claimed: it has none now.
 pub fn forget(kind: &str, id: &str) {
-    KNOWN.with(|k| k.borrow_mut().remove(&key(kind, id)));
+    with_key(kind, id, |key| KNOWN.with(|k| k.borrow_mut().remove(key)));
+}
+
+/// (hints taken on trust, absorbs run again) so far in this process.
+pub fn counts() -> (u64, u64) {
+    (TRUSTED.get(), REDONE.get())
 }
 
 /// Forgets everything (the extension was dropped or made anew).
@@ -236,7 +414,7 @@ mod tests {
     }
 
     fn known(kind: &str, id: &str) -> Option<(u32, u16)> {
-        KNOWN.with(|k| k.borrow().get(&key(kind, id)).copied()).map(pgrx::itemptr::item_pointer_get_both)
+        with_key(kind, id, |key| KNOWN.with(|k| k.borrow().get(key).copied())).map(|h| pgrx::itemptr::item_pointer_get_both(h.tid))
     }
 
     fn count() -> usize {
@@ -250,8 +428,19 @@ mod tests {
         assert_eq!(known("k", "a"), Some((1, 2)));
         assert_eq!(known("j", "a"), Some((5, 6)));
         assert_eq!(known("k", "c"), None);
-        // The pair is hashed, not its concatenation.
+        // The pair is the key, not its concatenation.
         assert_eq!(known("ka", ""), None);
+        assert_eq!(known("", "ka"), None);
+        // Keys too long to hold in place, and one just short enough.
+        let long = "0190f1a2-7b3c-7d4e-8f50-6a7b8c9d0e1f".repeat(2);
+        let edge = "x".repeat(KEY_INLINE - 2);
+        remember(&["k".into(), "k".into()], &[long.clone(), edge.clone()], &[tid(9, 1), tid(9, 2)]);
+        assert_eq!(known("k", &long), Some((9, 1)));
+        assert_eq!(known("k", &edge), Some((9, 2)));
+        assert_eq!(known("k", &long[1..]), None);
+        assert_eq!(known("k", &format!("{edge}x")), None);
+        forget("k", &long);
+        forget("k", &edge);
         // A later job of the same record replaces the first.
         remember(&["k".into()], &["a".into()], &[tid(7, 8)]);
         assert_eq!(known("k", "a"), Some((7, 8)));

@@ -268,7 +268,7 @@ pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, cursor: &mut InboxCursor)
 /// changes of records whose fresh job an open transaction holds are found
 /// and left in the inbox, and the rest moves.
 fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool) -> (i64, i64) {
-    let attempt = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| {
+    let once = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| {
         let (kinds, ids): (Vec<String>, Vec<String>) = later.into_iter().unzip();
         crate::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
             super::plans::with_settings(&[(c"lock_timeout", ABSORB_LOCK_TIMEOUT)], || {
@@ -281,6 +281,12 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
             })
         }))
         .map(|(absorbed, asked)| absorbed.learn(asked))
+    };
+    // The queue changed while the statement trusted hints (see
+    // `fresh_jobs::during_absorb`): once more, and then it trusts none.
+    let attempt = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| match once(c, later.clone()) {
+        Err(e) if e.is_serialization_failure() => once(c, later),
+        r => r,
     };
     if !*careful {
         match attempt(c, Vec::new()) {
@@ -536,10 +542,11 @@ mod tests {
     #[pg_test]
     fn a_change_skips_the_insert_only_while_its_known_fresh_job_stands() {
         use super::super::fresh_jobs;
+        crate::testing::hold_the_queue();
         fresh_jobs::clear();
-        Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
+        Spi::run("SELECT outbox.register('skipping', 'http://h/{id}')").unwrap();
         let change = |ids: &str| {
-            Spi::run(&format!("INSERT INTO outbox.inbox (kind, ids, enqueued_at) VALUES ('k', '{ids}', now())")).unwrap();
+            Spi::run(&format!("INSERT INTO outbox.inbox (kind, ids, enqueued_at) VALUES ('skipping', '{ids}', now())")).unwrap();
             absorb(&mut super::InboxCursor::default())
         };
         // An insert draws a job id even when it then conflicts: the sequence
@@ -570,16 +577,16 @@ mod tests {
 
         // A hint at another record's job, or past the end of the heap, is
         // not taken for this one.
-        fresh_jobs::remember(&["k".into()], &["x".into()], &[tid_of("y")]);
+        fresh_jobs::remember(&["skipping".into()], &["x".into()], &[tid_of("y")]);
         let mut far = pg_sys::ItemPointerData::default();
         pgrx::itemptr::item_pointer_set_all(&mut far, 100_000, 1);
-        fresh_jobs::remember(&["k".into()], &["z".into()], &[far]);
+        fresh_jobs::remember(&["skipping".into()], &["z".into()], &[far]);
         assert_eq!(change("{x,z}"), 2);
         assert_eq!(jobs(), ["a", "b", "x", "y", "z"]);
 
         // A job made by enqueue() is not known: the first change meets it,
         // and where it is is looked up. A row lock on it does not count.
-        Spi::run("SELECT outbox.enqueue('k', 'e')").unwrap();
+        Spi::run("SELECT outbox.enqueue('skipping', 'e')").unwrap();
         let before = drawn();
         assert_eq!(change("{e}"), 1);
         assert_eq!(drawn(), before + 1);
@@ -589,16 +596,86 @@ mod tests {
         assert_eq!(jobs(), ["a", "b", "e", "x", "y", "z"]);
 
         // Claimed, a job is no longer fresh: the next change makes a new one.
-        assert_eq!(claim(&Vec::new()).len(), 6);
+        assert_eq!(claim_of("skipping", &Vec::new()).len(), 6);
         assert_eq!(change("{y}"), 1);
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue WHERE id = 'y'").unwrap(), Some(2));
         // Outside the worker's absorb, nothing is known.
-        assert_eq!(Spi::get_one::<bool>("SELECT outbox.known_fresh_job('k', 'y')").unwrap(), Some(false));
+        assert_eq!(Spi::get_one::<bool>("SELECT outbox.known_fresh_job('skipping', 'y')").unwrap(), Some(false));
+        fresh_jobs::clear();
+    }
+
+    /// A job seen standing by a check, in a statement that no other
+    /// session's queue writer overlapped, is then trusted without a check,
+    /// until such a statement may have changed a queue job.
+    #[pg_test]
+    fn a_known_fresh_job_is_trusted_only_while_nobody_else_may_have_changed_it() {
+        use super::super::fresh_jobs;
+        crate::testing::hold_the_queue();
+        fresh_jobs::clear();
+        Spi::run("SELECT outbox.register('trusting', 'http://h/{id}')").unwrap();
+        let change = |id: &str| {
+            Spi::run(&format!("INSERT INTO outbox.inbox (kind, id, enqueued_at) VALUES ('trusting', '{id}', now())")).unwrap();
+            absorb(&mut super::InboxCursor::default())
+        };
+        let drawn = || Spi::get_one::<i64>("SELECT last_value FROM outbox.queue_job_id_seq").unwrap().unwrap();
+        let a_jobs = || Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue WHERE id = 'a'").unwrap().unwrap();
+        assert_eq!(change("a"), 1);
+        let made = drawn();
+        // Made, not yet seen standing: checked. Then trusted.
+        let (trusted, _) = fresh_jobs::counts();
+        assert_eq!(change("a"), 1);
+        assert_eq!(fresh_jobs::counts().0, trusted, "checked first");
+        assert_eq!(change("a"), 1);
+        assert_eq!(fresh_jobs::counts().0, trusted + 1, "then trusted");
+        assert_eq!((drawn(), a_jobs()), (made, 1));
+
+        // This session is not the worker: its DELETE counts as another
+        // session's. The hint is not trusted now, and the change gets a new job.
+        Spi::run("DELETE FROM outbox.queue WHERE id = 'a'").unwrap();
+        assert_eq!(change("a"), 1);
+        assert_eq!(fresh_jobs::counts().0, trusted + 1, "not trusted after a queue writer");
+        assert_eq!(a_jobs(), 1);
+        assert!(drawn() > made, "a new job");
+
+        // A queue writer that runs while an absorb trusts a hint (here from
+        // a trigger the absorb's own inbox delete fires): the absorb is run
+        // again without trusting, and its result stands.
+        assert_eq!(change("a"), 1);
+        assert_eq!(change("a"), 1);
+        let (trusted, redone) = fresh_jobs::counts();
+        Spi::run(
+            "CREATE FUNCTION pg_temp.touch_queue() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN UPDATE outbox.queue SET run_at = run_at WHERE false; RETURN NULL; END $$;
+             CREATE TRIGGER touch_queue AFTER DELETE ON outbox.inbox FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.touch_queue();",
+        )
+        .unwrap();
+        let before = drawn();
+        assert_eq!(change("a"), 1);
+        assert_eq!(fresh_jobs::counts(), (trusted + 1, redone + 1), "trusted once, then run again");
+        assert_eq!((drawn(), a_jobs()), (before, 1), "the job still stood: no insert");
+        Spi::run("DROP TRIGGER touch_queue ON outbox.inbox").unwrap();
+
+        // A job a quiet absorb made counts as seen standing once the
+        // transaction commits (called here as the commit would), not if it
+        // rolls back.
+        let (trusted, _) = fresh_jobs::counts();
+        assert_eq!(change("n"), 1);
+        fresh_jobs::transaction_ended(false);
+        assert_eq!(change("n"), 1);
+        assert_eq!(fresh_jobs::counts().0, trusted, "not after a rollback");
+        assert_eq!(change("m"), 1);
+        fresh_jobs::transaction_ended(true);
+        assert_eq!(change("m"), 1);
+        assert_eq!(fresh_jobs::counts().0, trusted + 1, "trusted after the commit");
         fresh_jobs::clear();
     }
 
     fn claim(busy: &super::InFlightKeys) -> Vec<super::Claimed> {
-        Spi::connect_mut(|c| super::claim(c, &["k".to_string()], &mut super::Cursors::new(), 10, busy))
+        claim_of("k", busy)
+    }
+
+    fn claim_of(kind: &str, busy: &super::InFlightKeys) -> Vec<super::Claimed> {
+        Spi::connect_mut(|c| super::claim(c, &[kind.to_string()], &mut super::Cursors::new(), 10, busy))
     }
 
     fn ids(claimed: &[super::Claimed]) -> Vec<&str> {
