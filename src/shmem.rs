@@ -188,6 +188,11 @@ pub fn queue_statement_starts() {
 
 /// `n` such statements ended (or their transaction did). Cannot raise.
 pub fn queue_statements_end(n: u32) {
+    // Every transaction end of a session that tracks or enqueues passes here,
+    // almost always with none: no write to the shared line then.
+    if n == 0 {
+        return;
+    }
     if let Some(slot) = slot() {
         // Saturating: an imbalance must never wrap to "nobody is writing".
         let _ = slot.queue_writers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(w.saturating_sub(n)));
