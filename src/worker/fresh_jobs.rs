@@ -66,6 +66,16 @@ fn key(kind: &str, id: &str) -> u128 {
     HASHERS.with(|(fold, sip)| ((fold.hash_one((kind, id)) as u128) << 64) | sip.hash_one((kind, id)) as u128)
 }
 
+/// What an absorb statement asked of the hints, besides its own result.
+pub struct Asked {
+    /// Changes it found no standing job for, by the hints: those that then
+    /// met one anyway are looked up afterwards ([`look_up`]).
+    pub unknown: Vec<(String, String)>,
+    /// 1 + the queue generation if the statement was quiet throughout (see
+    /// the module's doc); 0 otherwise.
+    quiet: u64,
+}
+
 /// `outbox.queue`, open while an absorb statement runs.
 struct Open {
     rel: pg_sys::Relation,
@@ -96,9 +106,6 @@ thread_local! {
     /// Hints taken on trust, and absorbs run again because the queue changed
     /// meanwhile, since the process started (for tests).
     static TRUSTED: Cell<u64> = const { Cell::new(0) };
-    /// 1 + the generation of the last absorb statement, if it was quiet
-    /// throughout; 0 otherwise.
-    static LAST_QUIET: Cell<u64> = const { Cell::new(0) };
     /// Jobs made by this transaction's quiet absorbs, with the generation
     /// they were made at. Nobody else sees them until the transaction
     /// commits, and a queue writer that may change them then moves the
@@ -109,15 +116,14 @@ thread_local! {
 }
 
 /// Runs the absorb statement `f` with the queue open for [`known_fresh_job`];
-/// returns what `f` returns and the changes it asked about and found no
-/// standing job for. Only the worker, and tests, call this: in any other
+/// returns what `f` returns and what it asked of the hints. Only the worker, and tests, call this: in any other
 /// session the function answers false.
 ///
 /// If `f` took a hint on trust and the queue was not quiet throughout, this
 /// raises [`ERRCODE_T_R_SERIALIZATION_FAILURE`](PgSqlErrorCode): the caller
 /// runs `f` in a subtransaction and runs it again (no hint is trusted then
 /// until a quiet statement has seen its job standing).
-pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Vec<(String, String)>) {
+pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Asked) {
     /// Forgets the open relation however `f` ends. On an ERROR the
     /// (sub)transaction's resource owner closes it.
     struct Closed;
@@ -126,11 +132,10 @@ pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Vec<(String, String)>) {
             OPEN.with(|o| o.borrow_mut().take());
         }
     }
-    LAST_QUIET.set(0);
     // Commit marks the jobs made here as seen standing (`transaction_ended`).
     crate::enqueue::register_callbacks();
     let Some(queue) = crate::schema::relid(c"queue") else {
-        return (f(), Vec::new());
+        return (f(), Asked { unknown: Vec::new(), quiet: 0 });
     };
     // SAFETY: opened with a lock, as the absorb's own insert will; closed
     // below after `f`, or by the resource owner if `f` raises.
@@ -160,7 +165,6 @@ pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Vec<(String, String)>) {
     unsafe { pg_sys::table_close(open.rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
     let quiet_throughout = open.quiet != 0 && crate::shmem::queue_generation().map(|g| g + 1) == Some(open.quiet);
     if quiet_throughout {
-        LAST_QUIET.set(open.quiet);
         KNOWN.with(|k| {
             let known = &mut *k.borrow_mut();
             for key in &open.seen_standing {
@@ -177,7 +181,7 @@ pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Vec<(String, String)>) {
             None,
         );
     }
-    (r, open.asked)
+    (r, Asked { unknown: open.asked, quiet: if quiet_throughout { open.quiet } else { 0 } })
 }
 
 /// Whether the absorb running in this process knows that (kind, id) has a
@@ -188,7 +192,8 @@ fn known_fresh_job(kind: &str, id: &str) -> bool {
     OPEN.with(|o| {
         let mut o = o.borrow_mut();
         let Some(open) = o.as_mut() else { return false };
-        if let Some(hint) = KNOWN.with(|k| k.borrow().get(&key(kind, id)).copied()) {
+        let key = key(kind, id);
+        if let Some(hint) = KNOWN.with(|k| k.borrow().get(&key).copied()) {
             if open.quiet != 0 && hint.standing_at == open.quiet {
                 open.trusted += 1;
                 TRUSTED.set(TRUSTED.get() + 1);
@@ -197,7 +202,7 @@ fn known_fresh_job(kind: &str, id: &str) -> bool {
             // SAFETY: `open` holds the queue open and locked (see `during_absorb`).
             if unsafe { stands(open, kind, id, hint.tid) } {
                 if open.quiet != 0 {
-                    open.seen_standing.push(key(kind, id));
+                    open.seen_standing.push(key);
                 }
                 return true;
             }
@@ -262,16 +267,21 @@ unsafe fn plain_text<'a>(d: pg_sys::Datum) -> Option<&'a [u8]> {
     }
 }
 
-/// The absorb made these fresh jobs: (kinds, ids, tids).
-pub fn remember(kinds: &[String], ids: &[String], tids: &[Tid]) {
-    remember_each(kinds.iter().zip(ids).zip(tids).map(|((kind, id), &tid)| (kind.as_str(), id.as_str(), tid)));
-    let quiet = LAST_QUIET.get();
-    if quiet != 0 {
-        MADE.with(|m| {
-            let made = &mut *m.borrow_mut();
-            made.extend(kinds.iter().zip(ids).zip(tids).map(|((kind, id), &tid)| (key(kind, id), tid, quiet)));
-        });
+/// The absorb statement that `asked` made these fresh jobs: (kinds, ids,
+/// tids). Made by a statement quiet throughout, they count as seen standing
+/// once the transaction commits.
+pub fn made(kinds: &[String], ids: &[String], tids: &[Tid], asked: &Asked) {
+    let keys: Vec<u128> = kinds.iter().zip(ids).map(|(kind, id)| key(kind, id)).collect();
+    remember_keys(keys.iter().copied().zip(tids.iter().copied()));
+    if asked.quiet != 0 {
+        MADE.with(|m| m.borrow_mut().extend(keys.into_iter().zip(tids.iter().copied()).map(|(key, tid)| (key, tid, asked.quiet))));
     }
+}
+
+/// Hints at where these records' fresh jobs are, not yet seen standing:
+/// (kinds, ids, tids).
+pub fn remember(kinds: &[String], ids: &[String], tids: &[Tid]) {
+    remember_keys(kinds.iter().zip(ids).zip(tids).map(|((kind, id), &tid)| (key(kind, id), tid)));
 }
 
 /// The transaction ended: if it committed, the jobs its quiet absorbs made
@@ -294,14 +304,14 @@ pub(crate) fn transaction_ended(committed: bool) {
     });
 }
 
-fn remember_each<'a>(jobs: impl IntoIterator<Item = (&'a str, &'a str, Tid)>) {
+fn remember_keys(hints: impl IntoIterator<Item = (u128, Tid)>) {
     KNOWN.with(|k| {
         let known = &mut *k.borrow_mut();
-        for (kind, id, tid) in jobs {
+        for (key, tid) in hints {
             if known.len() >= MOST {
                 known.clear();
             }
-            known.insert(key(kind, id), Hint { tid, standing_at: 0 });
+            known.insert(key, Hint { tid, standing_at: 0 });
         }
     });
 }
@@ -329,7 +339,7 @@ pub fn look_up(pairs: Vec<(String, String)>) {
         }
         found
     });
-    remember_each(found.iter().flatten().map(|(kind, id, tid)| (kind.as_str(), id.as_str(), *tid)));
+    remember_keys(found.iter().flatten().map(|(kind, id, tid)| (key(kind, id), *tid)));
 }
 
 /// The record's fresh job was claimed: it has none now.

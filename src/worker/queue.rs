@@ -329,18 +329,19 @@ impl Absorbed {
     }
 
     /// Remembers where the jobs it made are, and looks up those that the
-    /// changes it `asked` about met instead (jobs it did not know of);
-    /// returns (changes moved, last block).
-    fn learn(self, asked: Vec<(String, String)>) -> (i64, i64) {
+    /// changes it `asked` about and found unknown met instead (jobs it did
+    /// not know of); returns (changes moved, last block).
+    fn learn(self, mut asked: super::fresh_jobs::Asked) -> (i64, i64) {
         let (kinds, ids, tids) = self.made;
+        let unknown = std::mem::take(&mut asked.unknown);
         // Each change it asked about was either made into a job or met one.
-        let met: Vec<(String, String)> = if asked.len() > kinds.len() {
+        let met: Vec<(String, String)> = if unknown.len() > kinds.len() {
             let made: std::collections::HashSet<(&str, &str)> = kinds.iter().map(String::as_str).zip(ids.iter().map(String::as_str)).collect();
-            asked.into_iter().filter(|(k, i)| !made.contains(&(k.as_str(), i.as_str()))).collect()
+            unknown.into_iter().filter(|(k, i)| !made.contains(&(k.as_str(), i.as_str()))).collect()
         } else {
             Vec::new()
         };
-        super::fresh_jobs::remember(&kinds, &ids, &tids);
+        super::fresh_jobs::made(&kinds, &ids, &tids, &asked);
         super::fresh_jobs::look_up(met);
         (self.moved, self.last_block)
     }
@@ -450,6 +451,12 @@ mod tests {
     use super::super::plans::types::{INT8, TEXT_ARRAY};
     use pgrx::prelude::*;
 
+    /// The last job id drawn. An insert draws one even when it then
+    /// conflicts: the sequence shows whether a change took the insert.
+    fn drawn() -> i64 {
+        Spi::get_one::<i64>("SELECT last_value FROM outbox.queue_job_id_seq").unwrap().unwrap()
+    }
+
     fn absorb(cursor: &mut super::InboxCursor) -> i64 {
         Spi::connect_mut(|c| super::absorb_inbox(c, 1000, cursor))
     }
@@ -549,9 +556,6 @@ mod tests {
             Spi::run(&format!("INSERT INTO outbox.inbox (kind, ids, enqueued_at) VALUES ('skipping', '{ids}', now())")).unwrap();
             absorb(&mut super::InboxCursor::default())
         };
-        // An insert draws a job id even when it then conflicts: the sequence
-        // shows whether a change took the insert.
-        let drawn = || Spi::get_one::<i64>("SELECT last_value FROM outbox.queue_job_id_seq").unwrap().unwrap();
         let jobs = || crate::testing::texts("SELECT id FROM outbox.queue ORDER BY id", &[]);
         let tid_of = |id: &str| {
             Spi::get_one_with_args::<pg_sys::ItemPointerData>("SELECT ctid FROM outbox.queue WHERE id = $1", &[id.into()]).unwrap().unwrap()
@@ -617,7 +621,6 @@ mod tests {
             Spi::run(&format!("INSERT INTO outbox.inbox (kind, id, enqueued_at) VALUES ('trusting', '{id}', now())")).unwrap();
             absorb(&mut super::InboxCursor::default())
         };
-        let drawn = || Spi::get_one::<i64>("SELECT last_value FROM outbox.queue_job_id_seq").unwrap().unwrap();
         let a_jobs = || Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue WHERE id = 'a'").unwrap().unwrap();
         assert_eq!(change("a"), 1);
         let made = drawn();
