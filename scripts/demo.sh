@@ -35,12 +35,19 @@ step() { echo; echo "-- $*"; }
 step "a users table, tracked; each change sends the row's current state"
 psql -q <<SQL
 CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text);
+-- Bodies run as a role that can read what they send, and nothing more.
+CREATE ROLE outbox_reader NOLOGIN;
+GRANT SELECT ON users TO outbox_reader;
 CREATE FUNCTION user_body(id text) RETURNS jsonb LANGUAGE sql STABLE
-    AS \$\$ SELECT to_jsonb(u) FROM users u WHERE u.id = \$1::bigint \$\$;
+    AS \$\$ SELECT to_jsonb(u) FROM public.users u WHERE u.id = \$1::bigint \$\$;
 SELECT outbox.register('user', 'http://127.0.0.1:$RPORT/users/{id}',
-                       body => 'user_body(text)',
+                       body => 'user_body(text)', run_as => 'outbox_reader',
                        secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
 SELECT outbox.track('users', 'user');
+-- The application's role may enqueue kind 'user' itself too.
+CREATE ROLE app LOGIN;
+GRANT SELECT, INSERT, UPDATE, DELETE ON users TO app;
+SELECT outbox.grant_enqueue('app', 'user');
 SQL
 
 step "insert three users"
@@ -54,8 +61,8 @@ psql -qc "DELETE FROM users WHERE id = 3"
 sleep 1
 step "a transaction that rolls back (nothing is sent)"
 psql -qc "BEGIN; INSERT INTO users VALUES (4, 'Never', NULL); ROLLBACK;"
-step "an explicit enqueue, no trigger involved"
-psql -qc "SELECT outbox.enqueue('user', 1) AS job_id"
+step "an explicit enqueue by the application's role, no trigger involved"
+$PGBIN/psql -X -h 127.0.0.1 -p "$PORT" -U app -d demo -qc "SELECT outbox.enqueue('user', 1)"
 
 for _ in $(seq 100); do
     [ "$(psql -tAc 'SELECT count(*) FROM outbox.jobs')" = 0 ] && break

@@ -2,9 +2,10 @@
 //! `ALTER DATABASE ... RENAME TO` and `... SET TABLESPACE`, and `CREATE
 //! DATABASE ... TEMPLATE` it. Postgres waits five seconds for every other
 //! session in the database to leave, then fails; the worker never would. So
-//! when such a statement names the served database and its user may run it
-//! (the database's owner, or a superuser), the worker is asked to stop
-//! first. The lock the statement takes on the database is taken before
+//! when such a statement names the served database and Postgres will run it
+//! (its permission checks pass: the owner, CREATEDB, the tablespace's
+//! CREATE, a free new name), the worker is asked to stop first; a statement
+//! Postgres refuses leaves the worker alone. The lock the statement takes on the database is taken before
 //! that, so the worker the launcher starts next waits in its connection
 //! until the statement ends, then connects, or finds the database gone (and
 //! waits for it, as at startup). If the statement fails, nothing is lost:
@@ -15,10 +16,26 @@ use pgrx::prelude::*;
 use pgrx::PgList;
 use std::ffi::{c_char, CStr};
 
+/// What Postgres checks before it runs a statement on a database, beyond
+/// the database's existence: the hook acts only on statements that pass.
+enum Needs {
+    /// DROP DATABASE: the owner, and not a template.
+    Drop,
+    /// RENAME: the owner with CREATEDB, and a new name not taken.
+    Rename { new_name: *const c_char },
+    /// SET TABLESPACE: the owner, with CREATE on a tablespace that exists.
+    Tablespace { tablespace: *const c_char },
+    /// CREATE DATABASE ... TEMPLATE: CREATEDB, a template or the owner, and
+    /// a new name not taken.
+    Copy { new_name: *const c_char },
+}
+
 /// A statement that needs a database to itself.
 struct Ddl {
     /// The database.
     name: *const c_char,
+    /// What Postgres will check first.
+    needs: Needs,
     /// The lock the statement takes on it.
     lock: pg_sys::LOCKMODE,
     /// What to call the statement in the log.
@@ -40,12 +57,13 @@ unsafe fn needs_database_alone(stmt: *mut pg_sys::Node) -> Option<Ddl> {
         match (*stmt).type_ {
             T_DropdbStmt => {
                 let name = (*stmt.cast::<pg_sys::DropdbStmt>()).dbname;
-                Some(Ddl { name: name.cast_const(), lock: exclusive, what: "DROP DATABASE", in_block: false })
+                Some(Ddl { name: name.cast_const(), needs: Needs::Drop, lock: exclusive, what: "DROP DATABASE", in_block: false })
             }
             T_RenameStmt => {
                 let s = stmt.cast::<pg_sys::RenameStmt>();
                 ((*s).renameType == pg_sys::ObjectType::OBJECT_DATABASE).then(|| Ddl {
                     name: (*s).subname.cast_const(),
+                    needs: Needs::Rename { new_name: (*s).newname.cast_const() },
                     lock: exclusive,
                     what: "ALTER DATABASE ... RENAME",
                     in_block: true,
@@ -53,8 +71,9 @@ unsafe fn needs_database_alone(stmt: *mut pg_sys::Node) -> Option<Ddl> {
             }
             T_AlterDatabaseStmt => {
                 let s = stmt.cast::<pg_sys::AlterDatabaseStmt>();
-                option(PgList::from_pg((*s).options), "tablespace").map(|_| Ddl {
+                option(PgList::from_pg((*s).options), "tablespace").map(|tablespace| Ddl {
                     name: (*s).dbname.cast_const(),
+                    needs: Needs::Tablespace { tablespace },
                     lock: exclusive,
                     what: "ALTER DATABASE ... SET TABLESPACE",
                     in_block: false,
@@ -63,7 +82,13 @@ unsafe fn needs_database_alone(stmt: *mut pg_sys::Node) -> Option<Ddl> {
             T_CreatedbStmt => {
                 let s = stmt.cast::<pg_sys::CreatedbStmt>();
                 let name = option(PgList::from_pg((*s).options), "template")?;
-                Some(Ddl { name, lock: pg_sys::ShareLock as pg_sys::LOCKMODE, what: "CREATE DATABASE ... TEMPLATE", in_block: false })
+                Some(Ddl {
+                    name,
+                    needs: Needs::Copy { new_name: (*s).dbname.cast_const() },
+                    lock: pg_sys::ShareLock as pg_sys::LOCKMODE,
+                    what: "CREATE DATABASE ... TEMPLATE",
+                    in_block: false,
+                })
             }
             _ => None,
         }
@@ -85,7 +110,7 @@ unsafe fn option(options: PgList<pg_sys::DefElem>, name: &str) -> Option<*const 
 }
 
 /// Whether the current user owns database `db` (superusers own everything).
-fn may_run_ddl_on(db: pg_sys::Oid) -> bool {
+fn owns(db: pg_sys::Oid) -> bool {
     // SAFETY: a catalog lookup of a database that exists, in a transaction.
     unsafe {
         let user = pg_sys::GetUserId();
@@ -96,6 +121,87 @@ fn may_run_ddl_on(db: pg_sys::Oid) -> bool {
     }
 }
 
+/// Whether the current user may create databases (as dbcommands.c asks).
+fn may_create_databases() -> bool {
+    // SAFETY: syscache lookups of the current user, released before return.
+    unsafe {
+        let user = pg_sys::GetUserId();
+        if pg_sys::superuser_arg(user) {
+            return true;
+        }
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::AUTHOID as i32, pg_sys::Datum::from(user));
+        if tuple.is_null() {
+            return false;
+        }
+        let createdb = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_authid>(tuple)).rolcreatedb;
+        pg_sys::ReleaseSysCache(tuple);
+        createdb
+    }
+}
+
+/// Whether database `db` is a template (`datistemplate`).
+fn is_template(db: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache lookup of a database that exists, released before return.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::DATABASEOID as i32, pg_sys::Datum::from(db));
+        if tuple.is_null() {
+            return false;
+        }
+        let template = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple)).datistemplate;
+        pg_sys::ReleaseSysCache(tuple);
+        template
+    }
+}
+
+/// Whether no database is called `name`.
+///
+/// # Safety
+/// `name` is NULL or a NUL-terminated string.
+unsafe fn name_is_free(name: *const c_char) -> bool {
+    // SAFETY: as this function's contract; missing_ok.
+    !name.is_null() && unsafe { pg_sys::get_database_oid(name, true) } == pg_sys::InvalidOid
+}
+
+/// Whether the current user may create in tablespace `name`, which exists.
+///
+/// # Safety
+/// `name` is a NUL-terminated string.
+unsafe fn may_use_tablespace(name: *const c_char) -> bool {
+    // SAFETY: catalog lookups; missing_ok.
+    unsafe {
+        let space = pg_sys::get_tablespace_oid(name, true);
+        if space == pg_sys::InvalidOid {
+            return false;
+        }
+        let user = pg_sys::GetUserId();
+        let create = pg_sys::ACL_CREATE as pg_sys::AclMode;
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+        let result = pg_sys::pg_tablespace_aclcheck(space, user, create);
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+        let result = pg_sys::object_aclcheck(pg_sys::TableSpaceRelationId, space, user, create);
+        result == pg_sys::AclResult::ACLCHECK_OK
+    }
+}
+
+/// Whether Postgres will let the current user run the statement on `db`:
+/// its permission checks, and the plain refusals that come before it waits
+/// for other sessions. Anything it refuses must not stop the worker: a
+/// role could otherwise restart it at will.
+///
+/// # Safety
+/// The pointers in `needs` come from a valid statement node.
+unsafe fn postgres_allows(needs: &Needs, db: pg_sys::Oid) -> bool {
+    // SAFETY: as this function's contract.
+    unsafe {
+        match *needs {
+            Needs::Drop => owns(db) && !is_template(db),
+            Needs::Rename { new_name } => owns(db) && may_create_databases() && name_is_free(new_name),
+            Needs::Tablespace { tablespace } => owns(db) && may_use_tablespace(tablespace),
+            Needs::Copy { new_name } => may_create_databases() && (is_template(db) || owns(db)) && name_is_free(new_name),
+        }
+    }
+}
+
 /// Called before every utility statement: stops the worker if `stmt` is DDL
 /// that needs the served database to itself.
 ///
@@ -103,7 +209,7 @@ fn may_run_ddl_on(db: pg_sys::Oid) -> bool {
 /// `stmt` is a valid utility statement node.
 pub unsafe fn step_aside_for(stmt: *mut pg_sys::Node) {
     // SAFETY: as this function's contract.
-    let Some(Ddl { name, lock, what, in_block }) = (unsafe { needs_database_alone(stmt) }) else { return };
+    let Some(Ddl { name, needs, lock, what, in_block }) = (unsafe { needs_database_alone(stmt) }) else { return };
     // SAFETY: a plain read of the transaction state.
     if !in_block && unsafe { pg_sys::IsTransactionBlock() } {
         return;
@@ -118,7 +224,11 @@ pub unsafe fn step_aside_for(stmt: *mut pg_sys::Node) {
     let db = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
     // From inside the database itself the statement fails anyway.
     // SAFETY: a plain read of this backend's database.
-    if db == pg_sys::InvalidOid || db == unsafe { pg_sys::MyDatabaseId } || !may_run_ddl_on(db) {
+    if db == pg_sys::InvalidOid || db == unsafe { pg_sys::MyDatabaseId } {
+        return;
+    }
+    // SAFETY: `needs` points into the statement node.
+    if !unsafe { postgres_allows(&needs, db) } {
         return;
     }
     // SAFETY: the lock the statement itself takes next, in this transaction;

@@ -12,7 +12,7 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::PgOid;
 use std::cell::{Cell, OnceCell, RefCell};
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 /// Longest id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 1024;
@@ -21,14 +21,18 @@ pub const MAX_ID_LEN: usize = 1024;
 /// `DO UPDATE ... WHERE` locks the conflicting row even when it updates nothing.
 const INSERT_OR_LOCK: &str = "
 INSERT INTO outbox.queue AS q (kind, id, run_at)
-SELECT k.kind, $2, now() + coalesce($3, interval '0')
+SELECT k.kind, $2, pg_catalog.now() OPERATOR(pg_catalog.+) $3
   FROM outbox.kinds k
- WHERE k.kind = $1
-ON CONFLICT (kind, id) WHERE state = 'pending' AND last_attempt_at IS NULL
-DO UPDATE SET run_at = excluded.run_at WHERE q.run_at > excluded.run_at
+ WHERE k.kind OPERATOR(pg_catalog.=) $1
+ON CONFLICT (kind, id) WHERE state OPERATOR(pg_catalog.=) 'pending' AND last_attempt_at IS NULL
+DO UPDATE SET run_at = excluded.run_at WHERE q.run_at OPERATOR(pg_catalog.>) excluded.run_at
 RETURNING q.job_id";
 
-const KIND_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM outbox.kinds WHERE kind = $1)";
+const KIND_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM outbox.kinds WHERE kind OPERATOR(pg_catalog.=) $1)";
+
+/// The SQL statements of this module, for the qualification sweep.
+#[cfg(test)]
+pub(crate) const STATEMENTS: &[(&str, &str)] = &[("INSERT_OR_LOCK", INSERT_OR_LOCK), ("KIND_EXISTS", KIND_EXISTS)];
 
 thread_local! {
     static PLANS: OnceCell<[OwnedPreparedStatement; 2]> = const { OnceCell::new() };
@@ -48,7 +52,9 @@ struct XactState {
     /// transaction: repeating one needs no round trip. Cleared when the
     /// transaction ends and whenever a subtransaction aborts (its inserts and
     /// row locks are gone).
-    seen: HashMap<(String, String), i64>,
+    seen: HashSet<(String, String)>,
+    /// (user, kind) pairs found allowed to enqueue in this transaction.
+    allowed: HashSet<(pg_sys::Oid, String)>,
 }
 
 /// Makes the worker's latch be set when the current transaction commits.
@@ -118,6 +124,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             s.inbox_on_commit = false;
             s.kinds_on_commit = false;
             s.seen.clear();
+            s.allowed.clear();
             w
         }
         Err(_) => (true, true, true),
@@ -167,24 +174,61 @@ fn with_plans<R>(f: impl FnOnce(&[OwnedPreparedStatement; 2]) -> R) -> R {
     })
 }
 
-/// Validates the id and enqueues; shared by every `enqueue` overload.
-pub fn enqueue_one(kind: Option<&str>, id: Option<&str>, delay: Option<Interval>) -> i64 {
+/// Validates the arguments, checks that the caller may enqueue the kind,
+/// and enqueues; shared by every `enqueue` overload.
+pub fn enqueue_one(kind: Option<&str>, id: Option<&str>, delay: Option<Interval>) {
     let kind = require_kind(kind);
     let id = require(id, "id");
     check_id(id);
-    let immediate = delay.is_none();
-    if immediate {
-        let cached = XACT.with(|x| x.borrow().seen.get(&(kind.to_string(), id.to_string())).copied());
-        if let Some(job_id) = cached {
-            return job_id;
-        }
+    let delay = require(delay, "delay");
+    if delay.as_micros() < 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "delay must not be negative",
+            Some("A delay means \"not before now + delay\"; use '0 s' (the default) for now."),
+        );
     }
-    let job_id = insert_or_lock(kind, id, delay);
+    check_allowed(kind);
+    let immediate = delay.as_micros() == 0;
+    if immediate && XACT.with(|x| x.borrow().seen.contains(&(kind.to_string(), id.to_string()))) {
+        return;
+    }
+    crate::roles::as_queue_owner(|| insert_or_lock(kind, id, delay));
     wake_on_commit();
     if immediate {
-        XACT.with(|x| x.borrow_mut().seen.insert((kind.to_string(), id.to_string()), job_id));
+        XACT.with(|x| x.borrow_mut().seen.insert((kind.to_string(), id.to_string())));
     }
-    job_id
+}
+
+/// Forgets which enqueues this transaction made, and who was allowed what:
+/// after a grant or revoke, and in tests that claim in the enqueuing
+/// transaction (which the worker never can).
+pub fn forget_this_transaction() {
+    XACT.with(|x| {
+        let mut x = x.borrow_mut();
+        x.seen.clear();
+        x.allowed.clear();
+    });
+}
+
+/// Raises 42501 unless the current user may enqueue `kind` (checked once
+/// per user and kind in a transaction). The same error whether or not the
+/// kind exists: a role learns nothing of kinds it may not use.
+fn check_allowed(kind: &str) {
+    // SAFETY: reading the current user id.
+    let user = unsafe { pg_sys::GetUserId() };
+    let key = (user, kind.to_string());
+    if XACT.with(|x| x.borrow().allowed.contains(&key)) {
+        return;
+    }
+    if !crate::enqueue_grants::may_enqueue(user, kind) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to enqueue kind \"{kind}\""),
+            Some("An admin allows a role with SELECT outbox.grant_enqueue('role', 'kind'), or for every kind with SELECT outbox.grant_enqueue('role')."),
+        );
+    }
+    XACT.with(|x| x.borrow_mut().allowed.insert(key));
 }
 
 pub(crate) fn check_id(id: &str) {
@@ -200,18 +244,19 @@ pub(crate) fn check_id(id: &str) {
     }
 }
 
-fn insert_or_lock(kind: &str, id: &str, delay: Option<Interval>) -> i64 {
+/// Inserts a fresh job or locks the one there is; raises if the kind is not
+/// registered.
+fn insert_or_lock(kind: &str, id: &str, delay: Interval) {
     with_plans(|[insert, kind_exists]| {
         Spi::connect_mut(|c| {
-            let args: [DatumWithOid; 3] =
-                [kind.into(), id.into(), delay.map_or(DatumWithOid::null::<Interval>(), DatumWithOid::from)];
+            let args: [DatumWithOid; 3] = [kind.into(), id.into(), delay.into()];
             let inserted = c.update(insert, None, &args).unwrap_or_else(|e| panic!("enqueue: {e}"));
-            if let Some(job_id) = inserted.first().get_one::<i64>().ok().flatten() {
-                return job_id;
+            if inserted.first().get_one::<i64>().ok().flatten().is_some() {
+                return;
             }
             // Locked, not changed: the insert returned no row.
-            if let Some(job_id) = crate::fresh_key::fresh_job(kind, id) {
-                return job_id;
+            if crate::fresh_key::fresh_job(kind, id).is_some() {
+                return;
             }
             let exists = c
                 .select(kind_exists, None, &[kind.into()])
@@ -232,23 +277,25 @@ fn insert_or_lock(kind: &str, id: &str, delay: Option<Interval>) -> i64 {
     })
 }
 
-/// Enqueues a delivery of record `id` of `kind`. Returns the job id.
-#[pg_extern(schema = "outbox", name = "enqueue", security_definer)]
+/// Enqueues a delivery of record `id` of `kind`, not before `delay` from now.
+/// Runs as the caller: [`check_allowed`] decides, then only the insert runs
+/// as the queue's owner.
+#[pg_extern(schema = "outbox", name = "enqueue")]
 #[search_path(pg_catalog, pg_temp)]
-fn enqueue_text(kind: Option<&str>, id: Option<&str>, delay: default!(Option<Interval>, "NULL")) -> i64 {
+fn enqueue_text(kind: Option<&str>, id: Option<&str>, delay: default!(Option<Interval>, "'0 s'")) {
     enqueue_one(kind, id, delay)
 }
 
-#[pg_extern(schema = "outbox", name = "enqueue", security_definer)]
+#[pg_extern(schema = "outbox", name = "enqueue")]
 #[search_path(pg_catalog, pg_temp)]
-fn enqueue_bigint(kind: Option<&str>, id: Option<i64>, delay: default!(Option<Interval>, "NULL")) -> i64 {
+fn enqueue_bigint(kind: Option<&str>, id: Option<i64>, delay: default!(Option<Interval>, "'0 s'")) {
     let id = id.map(|i| i.to_string());
     enqueue_one(kind, id.as_deref(), delay)
 }
 
-#[pg_extern(schema = "outbox", name = "enqueue", security_definer)]
+#[pg_extern(schema = "outbox", name = "enqueue")]
 #[search_path(pg_catalog, pg_temp)]
-fn enqueue_uuid(kind: Option<&str>, id: Option<pgrx::Uuid>, delay: default!(Option<Interval>, "NULL")) -> i64 {
+fn enqueue_uuid(kind: Option<&str>, id: Option<pgrx::Uuid>, delay: default!(Option<Interval>, "'0 s'")) {
     // pgrx formats a uuid exactly as uuid_out does: lower-case, hyphenated.
     let id = id.map(|u| u.to_string());
     enqueue_one(kind, id.as_deref(), delay)
@@ -268,24 +315,29 @@ mod tests {
         Spi::get_one::<i64>(sql).unwrap().unwrap()
     }
 
+    fn job_ids() -> Vec<i64> {
+        Spi::connect(|c| c.select("SELECT job_id FROM outbox.queue ORDER BY job_id", None, &[]).unwrap().filter_map(|r| r.get::<i64>(1).ok().flatten()).collect())
+    }
+
     #[pg_test]
     fn enqueue_text_bigint_uuid() {
         setup();
-        let a = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 'a')").unwrap().unwrap();
-        let b = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 42)").unwrap().unwrap();
-        let c = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid)").unwrap().unwrap();
-        assert!(a != b && b != c);
+        Spi::run("SELECT outbox.enqueue('user', 'a')").unwrap();
+        Spi::run("SELECT outbox.enqueue('user', 42)").unwrap();
+        Spi::run("SELECT outbox.enqueue('user', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid)").unwrap();
         let ids = crate::testing::texts("SELECT id FROM outbox.jobs ORDER BY job_id", &[]);
         assert_eq!(ids, ["a", "42", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]);
         assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE state = 'pending' AND attempts = 0"), 3);
+        // It returns nothing: no job id of a record the caller can't see.
+        let returns = Spi::get_one::<String>("SELECT prorettype::regtype::text FROM pg_proc WHERE oid = 'outbox.enqueue(text, text, interval)'::regprocedure").unwrap();
+        assert_eq!(returns.as_deref(), Some("void"));
     }
 
     #[pg_test]
     fn coalesces_into_one_pending_job() {
         setup();
-        let first = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 7)").unwrap();
-        let second = Spi::get_one::<i64>("SELECT outbox.enqueue('user', '7')").unwrap();
-        assert_eq!(first, second);
+        Spi::run("SELECT outbox.enqueue('user', 7)").unwrap();
+        Spi::run("SELECT outbox.enqueue('user', '7')").unwrap();
         assert_eq!(count("SELECT count(*) FROM outbox.queue"), 1);
     }
 
@@ -306,15 +358,17 @@ mod tests {
     #[pg_test]
     fn a_running_job_gets_a_new_pending_one() {
         setup();
-        let first = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 7)").unwrap().unwrap();
+        Spi::run("SELECT outbox.enqueue('user', 7)").unwrap();
+        let first = job_ids()[0];
         // As the worker's claim would.
         Spi::run(&format!("UPDATE outbox.queue SET state = 'running', attempts = 1, last_attempt_at = now() WHERE job_id = {first}")).unwrap();
         // A fresh transaction-level cache would still map (user, 7) to the
         // running job; the real worker only claims committed jobs, so clear
         // it the way a new transaction does.
         super::XACT.with(|x| x.borrow_mut().seen.clear());
-        let second = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 7)").unwrap().unwrap();
-        assert_ne!(first, second);
+        Spi::run("SELECT outbox.enqueue('user', 7)").unwrap();
+        assert_eq!(job_ids().len(), 2);
+        assert_ne!(first, job_ids()[1]);
         assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE state = 'pending'"), 1);
         assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE state = 'running'"), 1);
     }
@@ -333,8 +387,8 @@ mod tests {
             // As a new transaction would find it: no cached job id.
             super::XACT.with(|x| x.borrow_mut().seen.clear());
             let (due, fresh) = (read("queue_due"), read("queue_fresh_key"));
-            let job_id = Spi::get_one::<i64>("SELECT outbox.enqueue('user', 4321)").unwrap().unwrap();
-            assert_eq!(job_id, expected);
+            Spi::run("SELECT outbox.enqueue('user', 4321)").unwrap();
+            assert_eq!(count("SELECT job_id FROM outbox.queue WHERE id = '4321'"), expected);
             assert_eq!(read("queue_due") - due, 0, "the lookup went through queue_due");
             assert!(read("queue_fresh_key") - fresh >= 1, "the counters did not move");
         }
@@ -363,6 +417,9 @@ mod tests {
             ("SELECT outbox.enqueue('user', NULL::uuid)", "22004"),
             ("SELECT outbox.enqueue('user', '')", "22023"),
             ("SELECT outbox.enqueue('user', repeat('x', 1025))", "22001"),
+            ("SELECT outbox.enqueue('user', 'x', NULL)", "22004"),
+            ("SELECT outbox.enqueue('user', 1, interval '-1 s')", "22023"),
+            ("SELECT outbox.enqueue('user', 'x', interval '-1 month')", "22023"),
         ];
         crate::testing::assert_sqlstates(&cases);
         let msg = error_of("SELECT outbox.enqueue('nope', 'x')").unwrap();

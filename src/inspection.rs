@@ -12,18 +12,19 @@ RETURNS TABLE (kind text, pending bigint, running bigint, dead bigint,
                last_success_at timestamptz, last_failure_at timestamptz, paused boolean)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 SELECT k.kind,
-       count(q.id) FILTER (WHERE q.state = 'pending'),
-       count(q.id) FILTER (WHERE q.state = 'running'),
-       count(q.id) FILTER (WHERE q.state = 'dead'),
+       pg_catalog.count(q.id) FILTER (WHERE q.state OPERATOR(pg_catalog.=) 'pending'),
+       pg_catalog.count(q.id) FILTER (WHERE q.state OPERATOR(pg_catalog.=) 'running'),
+       pg_catalog.count(q.id) FILTER (WHERE q.state OPERATOR(pg_catalog.=) 'dead'),
        coalesce(s.delivered, 0),
        coalesce(s.failed_attempts, 0),
-       now() - min(q.enqueued_at) FILTER (WHERE q.state = 'pending'),
+       pg_catalog.now() OPERATOR(pg_catalog.-)
+           pg_catalog.min(q.enqueued_at) FILTER (WHERE q.state OPERATOR(pg_catalog.=) 'pending'),
        s.last_success_at,
        s.last_failure_at,
        k.paused
   FROM outbox.kinds k
-  LEFT JOIN outbox.kind_stats s ON s.kind = k.kind
-  LEFT JOIN outbox.jobs q ON q.kind = k.kind
+  LEFT JOIN outbox.kind_stats s ON s.kind OPERATOR(pg_catalog.=) k.kind
+  LEFT JOIN outbox.jobs q ON q.kind OPERATOR(pg_catalog.=) k.kind
  GROUP BY k.kind, k.paused, s.delivered, s.failed_attempts, s.last_success_at, s.last_failure_at
  ORDER BY k.kind
 $$;
@@ -35,10 +36,10 @@ BEGIN
         RAISE EXCEPTION 'job_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     UPDATE outbox.queue q
-       SET state = 'pending', run_at = now(), attempts = 0
-     WHERE q.job_id = retry.job_id AND q.state = 'dead';
+       SET state = 'pending', run_at = pg_catalog.now(), attempts = 0
+     WHERE q.job_id OPERATOR(pg_catalog.=) retry.job_id AND q.state OPERATOR(pg_catalog.=) 'dead';
     IF NOT FOUND THEN
-        IF EXISTS (SELECT 1 FROM outbox.queue q WHERE q.job_id = retry.job_id) THEN
+        IF EXISTS (SELECT 1 FROM outbox.queue q WHERE q.job_id OPERATOR(pg_catalog.=) retry.job_id) THEN
             RAISE EXCEPTION 'job % is not dead', retry.job_id
                 USING ERRCODE = 'object_not_in_prerequisite_state',
                       HINT = 'Only dead jobs can be retried; pending jobs run by themselves.';
@@ -55,15 +56,16 @@ DECLARE
     n bigint;
 BEGIN
     IF retry_dead.kind IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM outbox.kinds k WHERE k.kind = retry_dead.kind) THEN
+       AND NOT EXISTS (SELECT 1 FROM outbox.kinds k WHERE k.kind OPERATOR(pg_catalog.=) retry_dead.kind) THEN
         RAISE EXCEPTION 'outbox kind "%" is not registered', retry_dead.kind
             USING ERRCODE = 'undefined_object', HINT = 'Pass NULL to retry the dead jobs of every kind.';
     END IF;
     UPDATE outbox.queue q
-       SET state = 'pending', run_at = now(), attempts = 0
-     WHERE q.state = 'dead' AND (retry_dead.kind IS NULL OR q.kind = retry_dead.kind);
+       SET state = 'pending', run_at = pg_catalog.now(), attempts = 0
+     WHERE q.state OPERATOR(pg_catalog.=) 'dead'
+       AND (retry_dead.kind IS NULL OR q.kind OPERATOR(pg_catalog.=) retry_dead.kind);
     GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 THEN
+    IF n OPERATOR(pg_catalog.>) 0 THEN
         PERFORM outbox.wake();
     END IF;
     RETURN n;
@@ -76,7 +78,7 @@ BEGIN
     IF discard.job_id IS NULL THEN
         RAISE EXCEPTION 'job_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    DELETE FROM outbox.queue q WHERE q.job_id = discard.job_id;
+    DELETE FROM outbox.queue q WHERE q.job_id OPERATOR(pg_catalog.=) discard.job_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'job % does not exist', discard.job_id USING ERRCODE = 'undefined_object';
     END IF;
@@ -92,11 +94,12 @@ BEGIN
         RAISE EXCEPTION 'older_than must not be NULL' USING ERRCODE = 'null_value_not_allowed',
             HINT = 'Use interval ''0'' to purge every dead job.';
     END IF;
-    IF older_than < interval '0' THEN
+    IF older_than OPERATOR(pg_catalog.<) interval '0' THEN
         RAISE EXCEPTION 'older_than must not be negative' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     DELETE FROM outbox.queue q
-     WHERE q.state = 'dead' AND coalesce(q.last_attempt_at, q.enqueued_at) <= now() - older_than;
+     WHERE q.state OPERATOR(pg_catalog.=) 'dead'
+       AND coalesce(q.last_attempt_at, q.enqueued_at) OPERATOR(pg_catalog.<=) (pg_catalog.now() OPERATOR(pg_catalog.-) older_than);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
@@ -108,12 +111,14 @@ $$;
 
 /// Wakes the worker when the current transaction commits.
 #[pg_extern(schema = "outbox")]
+#[search_path(pg_catalog, pg_temp)]
 fn wake() {
     crate::enqueue::wake_on_commit();
 }
 
 /// One row per worker: the database it serves, its pid, what it is doing.
 #[pg_extern(schema = "outbox")]
+#[search_path(pg_catalog, pg_temp)]
 fn worker_status() -> TableIterator<
     'static,
     (
@@ -129,6 +134,18 @@ fn worker_status() -> TableIterator<
         (crate::gucs::database(), s.pid, s.state.name().to_string(), s.in_flight, last)
     });
     TableIterator::new(rows)
+}
+
+#[cfg(test)]
+mod qualified {
+    /// The functions' bodies included: [`crate::sql_check::unqualified`]
+    /// reads dollar-quoted bodies as SQL.
+    #[test]
+    fn every_statement_names_the_schema_of_its_functions_and_operators() {
+        let blocks = crate::sql_check::extension_sql_blocks(include_str!("inspection.rs"));
+        assert_eq!(blocks.len(), 1);
+        crate::sql_check::assert_qualified(&[("extension_sql inspection", blocks[0])]);
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -10,32 +10,52 @@ use pgrx::JsonB;
 pub const MAX_KIND_LEN: usize = 200;
 
 const UPSERT_KIND: &str = "
-INSERT INTO outbox.kinds AS k (kind, url, body, headers, secret, timeout, max_attempts, on_missing)
-VALUES ($1, $2, $3::regprocedure, $4, $5, $6, $7, $8)
+INSERT INTO outbox.kinds AS k (kind, url, body, headers, secret, timeout, max_attempts, on_missing,
+                               run_as, render_timeout, allow_superuser)
+VALUES ($1, $2, $3::pg_catalog.regprocedure, $4, $5, $6, $7, $8, $9::pg_catalog.regrole, $10, $11)
 ON CONFLICT (kind) DO UPDATE
    SET url = excluded.url, body = excluded.body, headers = excluded.headers,
        secret = excluded.secret, timeout = excluded.timeout,
        max_attempts = excluded.max_attempts, on_missing = excluded.on_missing,
-       updated_at = now()";
+       run_as = excluded.run_as, render_timeout = excluded.render_timeout,
+       allow_superuser = excluded.allow_superuser,
+       updated_at = pg_catalog.now()";
 
 const INSERT_STATS: &str = "INSERT INTO outbox.kind_stats (kind) VALUES ($1) ON CONFLICT DO NOTHING";
 
-/// A body function must be `f(text) RETURNS json|jsonb`, not a set, not a procedure.
-const BODY_SIGNATURE_OK: &str = "
-SELECT p.pronargs = 1 AND p.proargtypes[0] = 'text'::regtype
-       AND p.prorettype IN ('json'::regtype, 'jsonb'::regtype)
-       AND p.prokind = 'f' AND NOT p.proretset
-  FROM pg_catalog.pg_proc p WHERE p.oid = $1";
+/// Whether function $1 is a body function, `f(text) RETURNS json|jsonb`
+/// (not a set, not a procedure), and who owns it.
+const BODY_FUNCTION: &str = "
+SELECT p.pronargs OPERATOR(pg_catalog.=) 1
+       AND p.proargtypes[0] OPERATOR(pg_catalog.=) 'pg_catalog.text'::pg_catalog.regtype
+       AND p.prorettype OPERATOR(pg_catalog.=) ANY ('{pg_catalog.json,pg_catalog.jsonb}'::pg_catalog.regtype[])
+       AND p.prokind OPERATOR(pg_catalog.=) 'f' AND NOT p.proretset,
+       p.proowner
+  FROM pg_catalog.pg_proc p WHERE p.oid OPERATOR(pg_catalog.=) $1";
 
 /// The kind's row is locked so that concurrent `track` calls see the delete.
-const LOCK_KIND: &str = "SELECT 1 FROM outbox.kinds WHERE kind = $1 FOR UPDATE";
+const LOCK_KIND: &str = "SELECT 1 FROM outbox.kinds WHERE kind OPERATOR(pg_catalog.=) $1 FOR UPDATE";
 
-const COUNT_JOBS: &str = "SELECT count(*) FROM outbox.jobs WHERE kind = $1";
+const COUNT_JOBS: &str = "SELECT pg_catalog.count(*) FROM outbox.jobs WHERE kind OPERATOR(pg_catalog.=) $1";
 const DELETE_JOBS: &str = "
-WITH q AS (DELETE FROM outbox.queue WHERE kind = $1)
-DELETE FROM outbox.inbox WHERE kind = $1";
-const DELETE_KIND: &str = "DELETE FROM outbox.kinds WHERE kind = $1";
-const SET_PAUSED: &str = "UPDATE outbox.kinds SET paused = $2, updated_at = now() WHERE kind = $1";
+WITH q AS (DELETE FROM outbox.queue WHERE kind OPERATOR(pg_catalog.=) $1)
+DELETE FROM outbox.inbox WHERE kind OPERATOR(pg_catalog.=) $1";
+const DELETE_KIND: &str = "DELETE FROM outbox.kinds WHERE kind OPERATOR(pg_catalog.=) $1";
+const SET_PAUSED: &str = "
+UPDATE outbox.kinds SET paused = $2, updated_at = pg_catalog.now() WHERE kind OPERATOR(pg_catalog.=) $1";
+
+/// The SQL statements of this module, for the qualification sweep.
+#[cfg(test)]
+pub(crate) const STATEMENTS: &[(&str, &str)] = &[
+    ("UPSERT_KIND", UPSERT_KIND),
+    ("INSERT_STATS", INSERT_STATS),
+    ("BODY_FUNCTION", BODY_FUNCTION),
+    ("LOCK_KIND", LOCK_KIND),
+    ("COUNT_JOBS", COUNT_JOBS),
+    ("DELETE_JOBS", DELETE_JOBS),
+    ("DELETE_KIND", DELETE_KIND),
+    ("SET_PAUSED", SET_PAUSED),
+];
 
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(sql = "
@@ -46,8 +66,12 @@ CREATE FUNCTION outbox.register(
     secret text DEFAULT NULL,
     timeout interval DEFAULT '10 s',
     max_attempts int DEFAULT 25,
-    on_missing text DEFAULT 'delete'
-) RETURNS void VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+    on_missing text DEFAULT 'delete',
+    run_as regrole DEFAULT NULL,
+    render_timeout interval DEFAULT '1 s',
+    allow_superuser boolean DEFAULT false
+) RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 ")]
 fn register(
     kind: Option<&str>,
@@ -58,6 +82,9 @@ fn register(
     timeout: Option<Interval>,
     max_attempts: Option<i32>,
     on_missing: Option<&str>,
+    run_as: Option<pg_sys::Oid>,
+    render_timeout: Option<Interval>,
+    allow_superuser: Option<bool>,
 ) {
     let kind = require_kind(kind);
     let url = require(url, "url");
@@ -68,8 +95,19 @@ fn register(
             Some("Use an http or https URL; {id} and {kind} are replaced per job, e.g. 'https://api.example.com/users/{id}'."),
         );
     }
-    if let Some(f) = body {
-        check_body_function(f);
+    let owner = body.map(check_body_function);
+    let allow_superuser = require(allow_superuser, "allow_superuser");
+    let run_as = run_as.or(owner);
+    if let Some(role) = run_as {
+        crate::roles::check_run_as(kind, role, allow_superuser);
+    }
+    let render_timeout = require(render_timeout, "render_timeout");
+    if !(10_000..=300_000_000).contains(&render_timeout.as_micros()) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "render_timeout must be between 10 milliseconds and 5 minutes",
+            Some("It bounds how long one render of the kind's bodies may run or wait for a lock."),
+        );
     }
     let headers = headers.unwrap_or_else(|| JsonB(serde_json::json!({})));
     check_headers(&headers.0);
@@ -104,7 +142,7 @@ fn register(
         );
     }
     Spi::connect_mut(|c| {
-        let args: [DatumWithOid; 8] = [
+        let args: [DatumWithOid; 11] = [
             kind.into(),
             url.into(),
             body.map_or(DatumWithOid::null::<pg_sys::Oid>(), DatumWithOid::from),
@@ -113,6 +151,9 @@ fn register(
             timeout.into(),
             max_attempts.into(),
             on_missing.into(),
+            run_as.map_or(DatumWithOid::null::<pg_sys::Oid>(), DatumWithOid::from),
+            render_timeout.into(),
+            allow_superuser.into(),
         ];
         c.update(UPSERT_KIND, None, &args).unwrap_or_else(|e| panic!("upserting kind: {e}"));
         c.update(INSERT_STATS, None, &[kind.into()]).unwrap_or_else(|e| panic!("creating kind stats: {e}"));
@@ -120,14 +161,16 @@ fn register(
     crate::enqueue::kinds_changed_on_commit();
 }
 
-fn check_body_function(f: pg_sys::Oid) {
-    let ok = Spi::get_one_with_args::<bool>(BODY_SIGNATURE_OK, &[f.into()]).unwrap_or(None);
-    if ok != Some(true) {
-        raise(
+/// Checks that `f` is a body function; returns its owner.
+fn check_body_function(f: pg_sys::Oid) -> pg_sys::Oid {
+    let found = Spi::get_two_with_args::<bool, pg_sys::Oid>(BODY_FUNCTION, &[f.into()]).unwrap_or((None, None));
+    match found {
+        (Some(true), Some(owner)) => owner,
+        _ => raise(
             PgSqlErrorCode::ERRCODE_INVALID_FUNCTION_DEFINITION,
             "body function has the wrong signature",
             Some("A body function takes the id as text and returns json or jsonb: f(id text) RETURNS jsonb."),
-        );
+        ),
     }
 }
 
@@ -171,7 +214,8 @@ fn check_headers(headers: &serde_json::Value) {
 
 #[pg_extern(sql = "
 CREATE FUNCTION outbox.unregister(kind text, \"cascade\" boolean DEFAULT false)
-RETURNS void VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 ")]
 fn unregister(kind: Option<&str>, cascade: Option<bool>) {
     let kind = require_kind(kind);
@@ -224,12 +268,14 @@ fn set_paused(kind: Option<&str>, paused: bool) {
 
 /// Stops deliveries of a kind; jobs keep queueing.
 #[pg_extern(schema = "outbox")]
+#[search_path(pg_catalog, pg_temp)]
 fn pause(kind: Option<&str>) {
     set_paused(kind, true);
 }
 
 /// Resumes deliveries of a paused kind.
 #[pg_extern(schema = "outbox")]
+#[search_path(pg_catalog, pg_temp)]
 fn resume(kind: Option<&str>) {
     set_paused(kind, false);
 }
@@ -278,13 +324,54 @@ mod tests {
     #[pg_test]
     fn register_accepts_a_body_function_and_secret() {
         Spi::run("CREATE FUNCTION public.user_body(id text) RETURNS jsonb LANGUAGE sql AS $$ SELECT jsonb_build_object('id', id) $$").unwrap();
+        Spi::run("CREATE ROLE outbox_test_reader NOLOGIN").unwrap();
         Spi::run(
-            "SELECT outbox.register('user', 'http://h/{id}', body => 'public.user_body(text)',
+            "SELECT outbox.register('user', 'http://h/{id}', body => 'public.user_body(text)', run_as => 'outbox_test_reader',
                     secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', headers => '{\"Authorization\": \"Bearer t\"}')",
         )
         .unwrap();
-        let body = Spi::get_one::<String>("SELECT body::text FROM outbox.kinds WHERE kind = 'user'").unwrap();
+        let (body, run_as) = Spi::get_two::<String, String>("SELECT body::text, run_as::text FROM outbox.kinds WHERE kind = 'user'").unwrap();
         assert_eq!(body.as_deref(), Some("user_body(text)"));
+        assert_eq!(run_as.as_deref(), Some("outbox_test_reader"));
+    }
+
+    /// Bodies never run as a superuser by accident: not by default, not for
+    /// a registrar who can't act as the role, not at a non-superuser's word.
+    #[pg_test]
+    fn run_as_defaults_to_the_owner_and_refuses_superusers() {
+        Spi::run("CREATE ROLE outbox_test_owner NOLOGIN; CREATE ROLE outbox_test_other NOLOGIN; CREATE ROLE outbox_test_admin NOLOGIN").unwrap();
+        Spi::run("CREATE FUNCTION public.owned_body(id text) RETURNS jsonb LANGUAGE sql AS $$ SELECT NULL::jsonb $$").unwrap();
+        // Owned by a superuser, no run_as: refused, with the way out.
+        assert_eq!(err_of("SELECT outbox.register('k', 'http://h/{id}', body => 'public.owned_body(text)')"), "42501");
+        let msg = crate::testing::error_of("SELECT outbox.register('k', 'http://h/{id}', body => 'public.owned_body(text)')").unwrap();
+        assert!(msg.contains("superuser"), "{msg}");
+        assert_eq!(err_of("SELECT outbox.register('k', 'http://h/{id}', body => 'public.owned_body(text)', run_as => 'postgres')"), "42501");
+        // The explicit opt-in, from a superuser.
+        Spi::run("SELECT outbox.register('k', 'http://h/{id}', body => 'public.owned_body(text)', allow_superuser => true)").unwrap();
+        // Owned by a plain role: it is the default run_as.
+        Spi::run("ALTER FUNCTION public.owned_body(text) OWNER TO outbox_test_owner").unwrap();
+        Spi::run("SELECT outbox.register('k', 'http://h/{id}', body => 'public.owned_body(text)')").unwrap();
+        let run_as = Spi::get_one::<String>("SELECT run_as::text FROM outbox.kinds WHERE kind = 'k'").unwrap();
+        assert_eq!(run_as.as_deref(), Some("outbox_test_owner"));
+        // A delegated admin: only roles it is a member of, never the opt-in.
+        Spi::run("GRANT EXECUTE ON FUNCTION outbox.register TO outbox_test_admin; GRANT outbox_test_owner TO outbox_test_admin").unwrap();
+        Spi::run("GRANT ALL ON outbox.kinds, outbox.kind_stats TO outbox_test_admin").unwrap();
+        Spi::run("SET ROLE outbox_test_admin").unwrap();
+        let cases = [
+            ("SELECT outbox.register('k2', 'http://h/{id}', body => 'public.owned_body(text)', run_as => 'outbox_test_other')", "42501"),
+            ("SELECT outbox.register('k2', 'http://h/{id}', body => 'public.owned_body(text)', run_as => 'postgres')", "42501"),
+            ("SELECT outbox.register('k2', 'http://h/{id}', body => 'public.owned_body(text)', allow_superuser => true)", "42501"),
+            ("SELECT outbox.register('k2', 'http://h/{id}', body => 'public.owned_body(text)', run_as => 'outbox_test_owner')", "00000"),
+        ];
+        crate::testing::assert_sqlstates(&cases);
+        Spi::run("RESET ROLE").unwrap();
+        let bad = [
+            ("SELECT outbox.register('k3', 'http://h/{id}', render_timeout => '1 ms')", "22023"),
+            ("SELECT outbox.register('k3', 'http://h/{id}', render_timeout => '1 hour')", "22023"),
+            ("SELECT outbox.register('k3', 'http://h/{id}', render_timeout => NULL)", "22004"),
+            ("SELECT outbox.register('k3', 'http://h/{id}', allow_superuser => NULL)", "22004"),
+        ];
+        crate::testing::assert_sqlstates(&bad);
     }
 
     #[pg_test]

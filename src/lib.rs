@@ -5,6 +5,8 @@
 //! - [`schema`]: tables, indexes, the `jobs` view and privileges (DDL).
 //! - [`errors`]: user-facing errors with a SQLSTATE and a hint.
 //! - [`kinds`]: `register`, `unregister`, `pause`, `resume`.
+//! - [`roles`]: who body functions run as (`run_as`), and running code as that role.
+//! - [`enqueue_grants`]: who may call `enqueue` (`grant_enqueue`, `revoke_enqueue`).
 //! - [`enqueue`]: `enqueue(kind, id [, delay])`, coalescing, the commit wake-up.
 //! - [`triggers`]: `track`, `untrack` and the `enqueue_trigger` trigger function.
 //! - [`fresh_key`]: fresh jobs looked up by (kind, id) on their unique index, not through the planner.
@@ -17,6 +19,7 @@
 //! - [`gucs`]: the `outbox.*` settings.
 //! - [`shmem`]: what backends and the worker share (the worker's latch, its status).
 //! - [`worker`]: the background worker: claim, render, deliver from an HTTP thread, record.
+//! - [`sql_check`] (tests only): every statement names the schema of its functions and operators.
 //! - Pure decisions, no Postgres: [`template`] (URLs), [`policy`] (classification
 //!   and backoff), [`signing`] (Standard Webhooks HMAC).
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -25,6 +28,7 @@ use pgrx::prelude::*;
 
 pub mod database_ddl;
 pub mod enqueue;
+pub mod enqueue_grants;
 pub mod errors;
 pub mod fresh_key;
 pub mod gucs;
@@ -35,9 +39,12 @@ pub mod kinds;
 pub mod policy;
 pub mod queue_writers;
 pub mod restore;
+pub mod roles;
 pub mod schema;
 pub mod shmem;
 pub mod signing;
+#[cfg(test)]
+pub mod sql_check;
 pub mod subxact;
 pub mod template;
 #[cfg(any(test, feature = "pg_test"))]

@@ -19,7 +19,7 @@ thread_local! {
 
 #[pg_trigger(sql = "
 CREATE FUNCTION outbox.queue_changing() RETURNS trigger
-LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 ")]
 fn queue_changing<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -85,6 +85,16 @@ ALTER TABLE outbox.queue ENABLE ALWAYS TRIGGER queue_changing_after;
     name = "queue_writer_triggers",
     requires = [queue_changing]
 );
+
+#[cfg(test)]
+mod qualified {
+    #[test]
+    fn every_statement_names_the_schema_of_its_functions_and_operators() {
+        let blocks = crate::sql_check::extension_sql_blocks(include_str!("queue_writers.rs"));
+        assert_eq!(blocks.len(), 1);
+        crate::sql_check::assert_qualified(&[("extension_sql queue_writer_triggers", blocks[0])]);
+    }
+}
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]

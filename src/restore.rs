@@ -12,8 +12,8 @@ use pgrx::prelude::*;
 
 /// `running` rows added by the current (sub)transaction ($1, its xid).
 const RUNNING_COPIED: &str = "
-UPDATE outbox.queue SET state = 'pending', run_at = now()
- WHERE state = 'running' AND xmin = $1::text::xid";
+UPDATE outbox.queue SET state = 'pending', run_at = pg_catalog.now()
+ WHERE state OPERATOR(pg_catalog.=) 'running' AND xmin OPERATOR(pg_catalog.=) $1::text::xid";
 
 /// Called after every COPY.
 ///
@@ -35,13 +35,28 @@ pub unsafe fn after_copy(stmt: *mut pg_sys::CopyStmt) {
         // SAFETY: a plain read of the transaction state.
         let xid = unsafe { pg_sys::GetCurrentTransactionIdIfAny() };
         if xid != pg_sys::InvalidTransactionId {
-            Spi::connect_mut(|c| c.update(RUNNING_COPIED, None, &[xid.into_inner().to_string().into()]).map(|_| ()))
-                .unwrap_or_else(|e| panic!("resetting restored running jobs: {e}"));
+            // In the restoring session, under its search_path: pinned here.
+            crate::worker::plans::with_settings(&[(c"search_path", c"pg_catalog, pg_temp")], || {
+                Spi::connect_mut(|c| c.update(RUNNING_COPIED, None, &[xid.into_inner().to_string().into()]).map(|_| ()))
+            })
+            .unwrap_or_else(|e| panic!("resetting restored running jobs: {e}"));
         }
         wake_on_commit();
     } else if table == relid(c"kinds") {
         kinds_changed_on_commit();
     } else if table == relid(c"inbox") {
         wake_on_commit_for_inbox();
+    }
+}
+
+/// The SQL statements of this module, for the qualification sweep.
+#[cfg(test)]
+pub(crate) const STATEMENTS: &[(&str, &str)] = &[("RUNNING_COPIED", RUNNING_COPIED)];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_statement_names_the_schema_of_its_functions_and_operators() {
+        crate::sql_check::assert_qualified(super::STATEMENTS);
     }
 }

@@ -56,19 +56,42 @@ COMMENT ON SCHEMA outbox IS 'transactional outbox: enqueue ids, deliver current 
 -- longer with that collation than with "C".
 CREATE TABLE outbox.kinds (
     kind         text COLLATE "C" PRIMARY KEY
-                 CHECK (kind <> '' AND octet_length(kind) <= 200),
+                 CHECK (kind OPERATOR(pg_catalog.<>) ''
+                        AND pg_catalog.octet_length(kind) OPERATOR(pg_catalog.<=) 200),
     url          text NOT NULL,
     body         regprocedure,
-    headers      jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(headers) = 'object'),
+    headers      jsonb NOT NULL DEFAULT '{}'
+                 CHECK (pg_catalog.jsonb_typeof(headers) OPERATOR(pg_catalog.=) 'object'),
     secret       text,
     timeout      interval NOT NULL DEFAULT '10 s'
-                 CHECK (timeout >= '1 ms' AND timeout <= '1 hour'),
-    max_attempts int NOT NULL DEFAULT 25 CHECK (max_attempts BETWEEN 1 AND 1000),
-    on_missing   text NOT NULL DEFAULT 'delete' CHECK (on_missing IN ('delete', 'skip')),
+                 CHECK (timeout OPERATOR(pg_catalog.>=) '1 ms' AND timeout OPERATOR(pg_catalog.<=) '1 hour'),
+    max_attempts int NOT NULL DEFAULT 25
+                 CHECK (max_attempts OPERATOR(pg_catalog.>=) 1 AND max_attempts OPERATOR(pg_catalog.<=) 1000),
+    on_missing   text NOT NULL DEFAULT 'delete'
+                 CHECK (on_missing OPERATOR(pg_catalog.=) 'delete' OR on_missing OPERATOR(pg_catalog.=) 'skip'),
     paused       boolean NOT NULL DEFAULT false,
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    updated_at   timestamptz NOT NULL DEFAULT now()
+    -- The role body functions run as (see worker/render.rs); a superuser
+    -- only with allow_superuser, which only a superuser may set.
+    run_as       regrole,
+    allow_superuser boolean NOT NULL DEFAULT false,
+    -- How long a render of this kind's bodies may run or wait for a lock.
+    render_timeout interval NOT NULL DEFAULT '1 s'
+                 CHECK (render_timeout OPERATOR(pg_catalog.>=) '10 ms'
+                        AND render_timeout OPERATOR(pg_catalog.<=) '5 min'),
+    created_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at   timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
+
+-- Who may call outbox.enqueue() for a kind, or (kind NULL) for every kind.
+-- Membership counts, as for a GRANT. Tracked tables need no entry: their
+-- triggers were made by an admin.
+CREATE TABLE outbox.enqueuers (
+    role       regrole NOT NULL,
+    kind       text COLLATE "C" REFERENCES outbox.kinds ON DELETE CASCADE,
+    granted_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+-- A kind is never '' (a CHECK on kinds), so '' stands for every kind.
+CREATE UNIQUE INDEX enqueuers_key ON outbox.enqueuers (role, (coalesce(kind, '')));
 
 -- Counters the worker bumps once per batch and kind.
 CREATE TABLE outbox.kind_stats (
@@ -85,7 +108,8 @@ CREATE TABLE outbox.kind_stats (
 -- parsed once per session. Text underneath, so `state = 'dead'` on the jobs
 -- view still proves the partial indexes' predicates (an enum behind a
 -- `::text` view did not).
-CREATE DOMAIN outbox.job_state AS text CHECK (VALUE IN ('pending', 'running', 'dead'));
+CREATE DOMAIN outbox.job_state AS text
+    CHECK (VALUE OPERATOR(pg_catalog.=) ANY ('{pending,running,dead}'::text[]));
 
 -- No foreign key to kinds: it would lock the kind's row in every enqueuing
 -- transaction. The worker dead-letters a job whose kind has gone.
@@ -95,8 +119,8 @@ CREATE TABLE outbox.queue (
     id              text COLLATE "C" NOT NULL,
     state           outbox.job_state NOT NULL DEFAULT 'pending',
     attempts        int NOT NULL DEFAULT 0,
-    run_at          timestamptz NOT NULL DEFAULT now(),
-    enqueued_at     timestamptz NOT NULL DEFAULT now(),
+    run_at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    enqueued_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     last_attempt_at timestamptz,
     last_status     int,
     last_error      text
@@ -117,17 +141,29 @@ CREATE TABLE outbox.inbox (
     id          text COLLATE "C",
     ids         text[] COLLATE "C",
     enqueued_at timestamptz NOT NULL,
-    CONSTRAINT inbox_id_or_ids CHECK ((id IS NULL) <> (ids IS NULL))
+    CONSTRAINT inbox_id_or_ids CHECK ((id IS NULL) OPERATOR(pg_catalog.<>) (ids IS NULL))
 ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
+
+-- Inbox rows the worker could not move into the queue (worker/queue.rs):
+-- set aside with the reason, so that one bad row costs that row, never the
+-- worker. Shown in outbox.jobs as dead.
+CREATE TABLE outbox.rejected (
+    kind        text COLLATE "C" NOT NULL,
+    id          text COLLATE "C",
+    ids         text[] COLLATE "C",
+    enqueued_at timestamptz NOT NULL,
+    rejected_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    reason      text NOT NULL
+);
 
 -- Coalescing: at most one fresh job per record.
 CREATE UNIQUE INDEX queue_fresh_key ON outbox.queue (kind, id)
-    WHERE state = 'pending' AND last_attempt_at IS NULL;
+    WHERE state OPERATOR(pg_catalog.=) 'pending' AND last_attempt_at IS NULL;
 -- The claim's scan order, per kind (so paused kinds cost nothing to skip).
-CREATE INDEX queue_due ON outbox.queue (kind, run_at, job_id) WHERE state = 'pending';
+CREATE INDEX queue_due ON outbox.queue (kind, run_at, job_id) WHERE state OPERATOR(pg_catalog.=) 'pending';
 -- No index of running jobs: the worker, their only claimer, keeps them in
 -- memory and skips their records when it claims.
-CREATE INDEX queue_dead ON outbox.queue (kind) WHERE state = 'dead';
+CREATE INDEX queue_dead ON outbox.queue (kind) WHERE state OPERATOR(pg_catalog.=) 'dead';
 
 -- pg_dump keeps what these hold, as it does a table of the database's own:
 -- the kinds, the jobs and the inbox (changes not yet delivered), and the
@@ -136,9 +172,12 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.kinds', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.kind_stats', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.queue', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.inbox', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.enqueuers', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.rejected', '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('outbox.queue', 'job_id'), '');
 
--- Changes still in the inbox are pending jobs without a job_id yet.
+-- Changes still in the inbox are pending jobs without a job_id yet; inbox
+-- rows the worker set aside are dead ones, with the reason.
 CREATE VIEW outbox.jobs AS
 SELECT job_id, kind, id, state::text AS state, attempts, run_at, enqueued_at,
        last_attempt_at, last_status, last_error
@@ -146,7 +185,11 @@ SELECT job_id, kind, id, state::text AS state, attempts, run_at, enqueued_at,
 UNION ALL
 SELECT NULL, i.kind, u.id, 'pending', 0, i.enqueued_at, i.enqueued_at, NULL, NULL, NULL
   FROM outbox.inbox i
- CROSS JOIN LATERAL unnest(coalesce(i.ids, ARRAY[i.id])) AS u(id);
+ CROSS JOIN LATERAL pg_catalog.unnest(coalesce(i.ids, ARRAY[i.id])) AS u(id)
+UNION ALL
+SELECT NULL, r.kind, u.id, 'dead', 0, r.enqueued_at, r.enqueued_at, r.rejected_at, NULL, r.reason
+  FROM outbox.rejected r
+ CROSS JOIN LATERAL pg_catalog.unnest(coalesce(r.ids, ARRAY[r.id])) AS u(id);
 "#,
     name = "schema",
     bootstrap
@@ -155,8 +198,10 @@ SELECT NULL, i.kind, u.id, 'pending', 0, i.enqueued_at, i.enqueued_at, NULL, NUL
 extension_sql!(
     r#"
 
--- Application roles may enqueue (directly or through tracked tables) and do
--- nothing else. Everything else is for admins.
+-- Application roles may enqueue the kinds an admin allowed them
+-- (outbox.grant_enqueue; enqueue checks that itself), and do nothing else.
+-- Tracked tables need no grant: an admin made their triggers, and
+-- attaching enqueue_trigger() is for admins too (`track`).
 REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
@@ -164,7 +209,6 @@ GRANT USAGE ON SCHEMA outbox TO PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, interval) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, bigint, interval) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, uuid, interval) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION outbox.enqueue_trigger() TO PUBLIC;
 -- The worker's absorb calls it, whatever the worker's role; in any other
 -- session it answers false.
 GRANT EXECUTE ON FUNCTION outbox.known_fresh_job(text, text) TO PUBLIC;
@@ -198,6 +242,20 @@ mod tests {
         assert_eq!(ids, ["B", "a"]);
     }
 
+    /// Every function the extension defines pins its search_path, so that no
+    /// function or operator it uses can be shadowed from the caller's path.
+    #[pg_test]
+    fn every_function_pins_its_search_path() {
+        let loose = crate::testing::texts(
+            "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'outbox'::regnamespace
+                AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)
+              ORDER BY 1",
+            &[],
+        );
+        assert!(loose.is_empty(), "without a pinned search_path: {loose:?}");
+    }
+
     #[pg_test]
     fn the_jobs_view_finds_dead_jobs_on_their_index() {
         // The README's query for dead jobs must not read every pending one.
@@ -224,6 +282,9 @@ mod tests {
         Spi::run("SELECT outbox.track('public.users', 'user')").unwrap();
         Spi::run("CREATE ROLE outbox_test_app NOLOGIN NOSUPERUSER").unwrap();
         Spi::run("GRANT ALL ON public.users TO outbox_test_app").unwrap();
+        Spi::run("CREATE TABLE public.own (id int PRIMARY KEY)").unwrap();
+        Spi::run("ALTER TABLE public.own OWNER TO outbox_test_app").unwrap();
+        Spi::run("SELECT outbox.grant_enqueue('outbox_test_app', 'user')").unwrap();
         Spi::run("SET ROLE outbox_test_app").unwrap();
         let allowed = [
             "SELECT outbox.enqueue('user', 1)",
@@ -256,6 +317,13 @@ mod tests {
             "SELECT outbox.discard(1)",
             "SELECT outbox.purge_dead('1 day')",
             "SELECT outbox.wake()",
+            "SELECT outbox.grant_enqueue('outbox_test_app')",
+            "SELECT * FROM outbox.enqueuers",
+            "SELECT * FROM outbox.rejected",
+            // Attaching the trigger function is for admins (`track`): on a
+            // table of its own, temporary or not, a role gets nothing.
+            "CREATE TRIGGER t AFTER INSERT ON public.own FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger('user', 'id')",
+            "CREATE TEMP TABLE tmp (id int); CREATE TRIGGER t AFTER INSERT ON tmp FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger('user', 'id')",
         ];
         for sql in denied {
             assert_eq!(sqlstate_of(sql), "42501", "{sql}");

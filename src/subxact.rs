@@ -18,6 +18,12 @@ impl Caught {
         self.sqlstate == sqlstate(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE)
     }
 
+    /// Whether it ran out of time: a lock wait (`lock_timeout`, 55P03) or a
+    /// statement cancelled by its time limit (57014).
+    pub fn is_timeout(&self) -> bool {
+        self.is_lock_timeout() || self.sqlstate == sqlstate(PgSqlErrorCode::ERRCODE_QUERY_CANCELED)
+    }
+
     /// Whether it is a serialization failure (40001): worth running again.
     pub fn is_serialization_failure(&self) -> bool {
         self.sqlstate == sqlstate(PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE)

@@ -39,6 +39,17 @@ impl std::fmt::Display for TemplateError {
     }
 }
 
+/// A value as a path segment: percent-encoded, and `.` or `..` in full
+/// (`%2E`, `%2E%2E`), which a proxy or framework would otherwise resolve as
+/// dot segments, sending `DELETE /docs/..` to the collection.
+fn encode(out: &mut String, value: &str) {
+    match value {
+        "." => out.push_str("%2E"),
+        ".." => out.push_str("%2E%2E"),
+        _ => out.extend(utf8_percent_encode(value, COMPONENT)),
+    }
+}
+
 /// Substitutes `{id}` and `{kind}`, percent-encoding both values.
 pub fn render(template: &str, kind: &str, id: &str) -> String {
     let mut out = String::with_capacity(template.len() + id.len() * 3);
@@ -47,10 +58,10 @@ pub fn render(template: &str, kind: &str, id: &str) -> String {
         out.push_str(&rest[..start]);
         let after = &rest[start..];
         if let Some(tail) = after.strip_prefix("{id}") {
-            out.extend(utf8_percent_encode(id, COMPONENT));
+            encode(&mut out, id);
             rest = tail;
         } else if let Some(tail) = after.strip_prefix("{kind}") {
-            out.extend(utf8_percent_encode(kind, COMPONENT));
+            encode(&mut out, kind);
             rest = tail;
         } else {
             // validate() rejects this; render stays total anyway.
@@ -121,6 +132,14 @@ pub fn validate(template: &str) -> Result<(), TemplateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments_are_encoded_in_full() {
+        assert_eq!(render("http://h/docs/{id}", "k", ".."), "http://h/docs/%2E%2E");
+        assert_eq!(render("http://h/docs/{id}", "k", "."), "http://h/docs/%2E");
+        assert_eq!(render("http://h/{kind}/{id}", ".", "..."), "http://h/%2E/...");
+        assert_eq!(render("http://h/docs/{id}", "k", "a.b"), "http://h/docs/a.b");
+    }
 
     #[test]
     fn renders_and_encodes() {

@@ -187,7 +187,7 @@ fn misuse(what: &str) -> ! {
 
 #[pg_trigger(sql = "
 CREATE FUNCTION outbox.enqueue_trigger() RETURNS trigger
-LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 ")]
 fn enqueue_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -266,6 +266,15 @@ unsafe fn trigger_args(trigger: &pg_sys::Trigger) -> Vec<&CStr> {
     if args.len() < 2 {
         misuse("needs the arguments (kind, id_column [, column ...])");
     }
+    // A kind no `register` could accept would only fail the worker's absorb.
+    let kind = args[0].to_bytes();
+    if kind.is_empty() || kind.len() > crate::kinds::MAX_KIND_LEN {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("outbox.enqueue_trigger: a kind is 1 to {} bytes long, not {}", crate::kinds::MAX_KIND_LEN, kind.len()),
+            Some("Create tracking triggers with outbox.track(table, kind)."),
+        );
+    }
     args
 }
 
@@ -279,17 +288,17 @@ SELECT $1
 UNION ALL
 SELECT t.relid::oid
   FROM pg_catalog.pg_partition_tree($1) t
-  JOIN pg_catalog.pg_class c ON c.oid = t.relid
+  JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
  WHERE t.isleaf
-   AND c.relkind = 'r'
+   AND c.relkind OPERATOR(pg_catalog.=) 'r'
    AND NOT EXISTS (
         SELECT FROM pg_catalog.pg_trigger g
-         WHERE g.tgrelid = t.relid
-           AND g.tgrelid <> $1
-           AND g.tgfoid = 'outbox.enqueue_trigger()'::pg_catalog.regprocedure
-           AND g.tgtype & 32 <> 0
-           AND g.tgenabled <> 'D'
-           AND g.tgargs = (SELECT tgargs FROM pg_catalog.pg_trigger WHERE oid = $2))";
+         WHERE g.tgrelid OPERATOR(pg_catalog.=) t.relid
+           AND g.tgrelid OPERATOR(pg_catalog.<>) $1
+           AND g.tgfoid OPERATOR(pg_catalog.=) 'outbox.enqueue_trigger()'::pg_catalog.regprocedure
+           AND (g.tgtype OPERATOR(pg_catalog.&) 32) OPERATOR(pg_catalog.<>) 0
+           AND g.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND g.tgargs OPERATOR(pg_catalog.=) (SELECT tgargs FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $2))";
 
 /// BEFORE TRUNCATE of a tracked table: every row is about to go, so every
 /// id goes to the inbox, as a DELETE of each row would send it.
@@ -300,11 +309,13 @@ unsafe fn truncated(trigger: &pg_sys::Trigger, relid: pg_sys::Oid) {
     // SAFETY: guaranteed by the caller.
     let args = unsafe { trigger_args(trigger) };
     let (kind, id_column) = (args[0].to_string_lossy(), args[1]);
-    let tables: Vec<pg_sys::Oid> = Spi::connect(|c| {
-        c.select(TRUNCATED_TABLES, None, &[relid.into(), trigger.tgoid.into()])
-            .unwrap_or_else(|e| panic!("listing truncated tables: {e}"))
-            .filter_map(|r| r.get::<pg_sys::Oid>(1).ok().flatten())
-            .collect()
+    let tables: Vec<pg_sys::Oid> = with_pinned_search_path(|| {
+        Spi::connect(|c| {
+            c.select(TRUNCATED_TABLES, None, &[relid.into(), trigger.tgoid.into()])
+                .unwrap_or_else(|e| panic!("listing truncated tables: {e}"))
+                .filter_map(|r| r.get::<pg_sys::Oid>(1).ok().flatten())
+                .collect()
+        })
     });
     for table in tables {
         // SAFETY: the TRUNCATE holds an AccessExclusiveLock on each table.
@@ -359,34 +370,83 @@ unsafe fn each_id(table: pg_sys::Oid, id_column: &CStr, mut f: impl FnMut(String
     }
 }
 
-const LOCK_KIND_SHARE: &str = "SELECT 1 FROM outbox.kinds WHERE kind = $1 FOR SHARE";
+const LOCK_KIND_SHARE: &str = "SELECT 1 FROM outbox.kinds WHERE kind OPERATOR(pg_catalog.=) $1 FOR SHARE";
 const TABLE_INFO: &str = "
-SELECT c.relkind::text, c.oid::regclass::text, c.relpersistence = 't'
-  FROM pg_catalog.pg_class c WHERE c.oid = $1";
+SELECT c.relkind::text, c.oid::regclass::text, c.relpersistence OPERATOR(pg_catalog.=) 't'
+  FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1";
 const COLUMN_EXISTS: &str = "
 SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
-                WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped)";
+                WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attname OPERATOR(pg_catalog.=) $2
+                  AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped)";
 /// The single-column primary key, if the table has one.
 const PRIMARY_KEY_COLUMNS: &str = "
 SELECT a.attname::text
   FROM pg_catalog.pg_index i
-  JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
- WHERE i.indrelid = $1 AND i.indisprimary";
+  JOIN pg_catalog.pg_attribute a
+    ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey)
+ WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisprimary";
 /// Tracking triggers of kind $1 (the kind is their first argument), on table
 /// $2 and its partitions, or on every table when $2 is NULL. Not the clones
 /// of a partitioned table's row trigger: they go with it.
 const KIND_TRIGGERS: &str = "
 SELECT t.tgrelid::regclass::text, t.tgname::text, t.tgenabled::text
   FROM pg_catalog.pg_trigger t
- WHERE t.tgfoid = 'outbox.enqueue_trigger()'::regprocedure
-   AND t.tgparentid = 0
-   AND ($2::oid IS NULL OR t.tgrelid = $2
-        OR t.tgrelid IN (SELECT relid FROM pg_catalog.pg_partition_tree($2)))
-   AND t.tgnargs >= 1
+ WHERE t.tgfoid OPERATOR(pg_catalog.=) 'outbox.enqueue_trigger()'::regprocedure
+   AND t.tgparentid OPERATOR(pg_catalog.=) 0
+   AND ($2::oid IS NULL OR t.tgrelid OPERATOR(pg_catalog.=) $2
+        OR t.tgrelid OPERATOR(pg_catalog.=) ANY (SELECT relid FROM pg_catalog.pg_partition_tree($2)))
+   AND t.tgnargs OPERATOR(pg_catalog.>=) 1
    -- tgargs is the arguments, each ending in a NUL byte.
-   AND pg_catalog.substring(t.tgargs, 1, pg_catalog.octet_length($1) + 1)
-       = pg_catalog.convert_to($1, pg_catalog.getdatabaseencoding()) || '\\x00'::bytea
+   AND pg_catalog.substring(t.tgargs, 1, pg_catalog.octet_length($1) OPERATOR(pg_catalog.+) 1)
+       OPERATOR(pg_catalog.=) (pg_catalog.convert_to($1, pg_catalog.getdatabaseencoding()) OPERATOR(pg_catalog.||) '\\x00'::bytea)
  ORDER BY 1, 2";
+
+/// The constant SQL statements of this module, for the qualification sweep
+/// (the DDL built with format!() is checked in this module's unit test).
+#[cfg(test)]
+pub(crate) const STATEMENTS: &[(&str, &str)] = &[
+    ("TRUNCATED_TABLES", TRUNCATED_TABLES),
+    ("LOCK_KIND_SHARE", LOCK_KIND_SHARE),
+    ("TABLE_INFO", TABLE_INFO),
+    ("COLUMN_EXISTS", COLUMN_EXISTS),
+    ("PRIMARY_KEY_COLUMNS", PRIMARY_KEY_COLUMNS),
+    ("KIND_TRIGGERS", KIND_TRIGGERS),
+    ("NEEDING_TRUNCATE_TRIGGER", NEEDING_TRUNCATE_TRIGGER),
+    ("ANCESTORS_TRUNCATE_TRIGGERS", ANCESTORS_TRUNCATE_TRIGGERS),
+];
+
+/// Runs `f`, and the statements it runs through SPI, with `search_path =
+/// pg_catalog, pg_temp`: the trigger and the DDL hook run in the user's
+/// session, under the user's search_path.
+fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
+    crate::worker::plans::with_settings(&[(c"search_path", c"pg_catalog, pg_temp")], f)
+}
+
+/// `track`'s row trigger `name` (quoted) on `table` (as regclass prints
+/// it), with `args` (quoted literals, comma-separated).
+fn create_row_trigger(name: &str, table: &str, args: &str) -> String {
+    format!(
+        "CREATE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {table}
+         FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger({args})"
+    )
+}
+
+/// The TRUNCATE trigger `name` on `table`, arguments as for [`create_row_trigger`].
+fn create_truncate_trigger(name: &str, table: &str, args: &str) -> String {
+    format!(
+        "CREATE TRIGGER {name} BEFORE TRUNCATE ON {table}
+         FOR EACH STATEMENT EXECUTE FUNCTION outbox.enqueue_trigger({args})"
+    )
+}
+
+fn drop_trigger(name: &str, table: &str) -> String {
+    format!("DROP TRIGGER {name} ON {table}")
+}
+
+/// `how`: ENABLE ALWAYS, ENABLE REPLICA or DISABLE (see [`set_firing`]).
+fn alter_trigger_firing(table: &str, how: &str, name: &str) -> String {
+    format!("ALTER TABLE {table} {how} TRIGGER {name}")
+}
 
 /// `outbox_<kind><suffix>`, the kind shortened with a hash to fit in 63 bytes.
 fn trigger_name(kind: &str, suffix: &str) -> String {
@@ -407,9 +467,11 @@ fn trigger_name(kind: &str, suffix: &str) -> String {
 const NEEDING_TRUNCATE_TRIGGER: &str = "
 SELECT c.oid::regclass::text
   FROM pg_catalog.pg_class c
- WHERE (c.oid = $1 OR c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1)))
-   AND c.relkind IN ('r', 'p')
-   AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = $2)";
+ WHERE (c.oid OPERATOR(pg_catalog.=) $1
+        OR c.oid OPERATOR(pg_catalog.=) ANY (SELECT relid FROM pg_catalog.pg_partition_tree($1)))
+   AND (c.relkind OPERATOR(pg_catalog.=) 'r' OR c.relkind OPERATOR(pg_catalog.=) 'p')
+   AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger g
+                    WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND g.tgname OPERATOR(pg_catalog.=) $2)";
 
 /// Gives table `tbl` and its partitions the TRUNCATE trigger of `kind`,
 /// firing as `firing` says (see [`set_firing`]).
@@ -421,13 +483,8 @@ fn create_truncate_triggers(c: &mut pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid, 
         .filter_map(|r| r.get::<String>(1).ok().flatten())
         .collect();
     for table in tables {
-        let sql = format!(
-            "CREATE TRIGGER {} BEFORE TRUNCATE ON {table}
-             FOR EACH STATEMENT EXECUTE FUNCTION outbox.enqueue_trigger({}, {})",
-            quote_identifier(&name),
-            quote_literal(kind),
-            quote_literal(id_column)
-        );
+        let args = format!("{}, {}", quote_literal(kind), quote_literal(id_column));
+        let sql = create_truncate_trigger(&quote_identifier(&name), &table, &args);
         c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("creating trigger: {e}"));
         set_firing(c, &table, &name, firing);
     }
@@ -439,10 +496,10 @@ fn create_truncate_triggers(c: &mut pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid, 
 const ANCESTORS_TRUNCATE_TRIGGERS: &str = "
 SELECT DISTINCT ON (g.tgargs) g.tgargs, g.tgenabled::text
   FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY AS a(relid, nearness)
-  JOIN pg_catalog.pg_trigger g ON g.tgrelid = a.relid
- WHERE a.relid <> $1
-   AND g.tgfoid = pg_catalog.to_regprocedure('outbox.enqueue_trigger()')
-   AND g.tgtype & 32 <> 0
+  JOIN pg_catalog.pg_trigger g ON g.tgrelid OPERATOR(pg_catalog.=) a.relid
+ WHERE a.relid OPERATOR(pg_catalog.<>) $1
+   AND g.tgfoid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure('outbox.enqueue_trigger()')
+   AND (g.tgtype OPERATOR(pg_catalog.&) 32) OPERATOR(pg_catalog.<>) 0
  ORDER BY g.tgargs, a.nearness";
 
 /// After `CREATE TABLE ... PARTITION OF` or `ALTER TABLE ... ATTACH
@@ -475,18 +532,20 @@ pub unsafe fn cover_new_partition(stmt: *mut pg_sys::Node) {
     };
     // SAFETY: the statement just created or attached it, and holds its lock.
     let Some(relid) = (unsafe { crate::hooks::relid_named(partition) }) else { return };
-    Spi::connect_mut(|c| {
-        let triggers: Vec<(Vec<u8>, String)> = c
-            .select(ANCESTORS_TRUNCATE_TRIGGERS, None, &[relid.into()])
-            .unwrap_or_else(|e| panic!("reading triggers: {e}"))
-            .filter_map(|r| Some((r.get::<Vec<u8>>(1).ok()??, r.get::<String>(2).ok()??)))
-            .collect();
-        for (args, firing) in triggers {
-            let mut args = args.split(|&b| b == 0).map(String::from_utf8_lossy);
-            if let (Some(kind), Some(id_column)) = (args.next(), args.next()) {
-                create_truncate_triggers(c, relid, &kind, &id_column, &firing);
+    with_pinned_search_path(|| {
+        Spi::connect_mut(|c| {
+            let triggers: Vec<(Vec<u8>, String)> = c
+                .select(ANCESTORS_TRUNCATE_TRIGGERS, None, &[relid.into()])
+                .unwrap_or_else(|e| panic!("reading triggers: {e}"))
+                .filter_map(|r| Some((r.get::<Vec<u8>>(1).ok()??, r.get::<String>(2).ok()??)))
+                .collect();
+            for (args, firing) in triggers {
+                let mut args = args.split(|&b| b == 0).map(String::from_utf8_lossy);
+                if let (Some(kind), Some(id_column)) = (args.next(), args.next()) {
+                    create_truncate_triggers(c, relid, &kind, &id_column, &firing);
+                }
             }
-        }
+        })
     });
 }
 
@@ -510,7 +569,7 @@ pub(crate) fn kind_triggers(c: &pgrx::spi::SpiClient<'_>, kind: &str, tbl: Optio
 
 pub(crate) fn drop_triggers(c: &mut pgrx::spi::SpiClient<'_>, triggers: &[KindTrigger]) {
     for t in triggers {
-        let sql = format!("DROP TRIGGER {} ON {}", quote_identifier(&t.name), t.table);
+        let sql = drop_trigger(&quote_identifier(&t.name), &t.table);
         c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("dropping trigger: {e}"));
     }
 }
@@ -525,7 +584,7 @@ fn set_firing(c: &mut pgrx::spi::SpiClient<'_>, table: &str, name: &str, firing:
         "D" => "DISABLE",
         _ => return,
     };
-    let sql = format!("ALTER TABLE {table} {how} TRIGGER {}", quote_identifier(name));
+    let sql = alter_trigger_firing(table, how, &quote_identifier(name));
     c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("setting when a trigger fires: {e}"));
 }
 
@@ -549,7 +608,7 @@ fn table_name(c: &pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid) -> (String, bool) 
 
 #[pg_extern(sql = "
 CREATE FUNCTION outbox.track(tbl regclass, kind text, id_column name DEFAULT NULL, columns name[] DEFAULT NULL)
-RETURNS text VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+RETURNS text VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 ")]
 fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>, columns: Option<Array<&CStr>>) -> String {
     let tbl = require(tbl, "tbl");
@@ -640,12 +699,7 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
         let name = trigger_name(kind, "");
         let mut args = vec![quote_literal(kind), quote_literal(&id_column)];
         args.extend(watched.iter().map(quote_literal));
-        let sql = format!(
-            "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {table}
-             FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger({})",
-            quote_identifier(&name),
-            args.join(", ")
-        );
+        let sql = create_row_trigger(&quote_identifier(&name), &table, &args.join(", "));
         c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("creating trigger: {e}"));
         create_truncate_triggers(c, tbl, kind, &id_column, "O");
         for t in &previous {
@@ -657,7 +711,7 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
 
 #[pg_extern(sql = "
 CREATE FUNCTION outbox.untrack(tbl regclass, kind text)
-RETURNS void VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 ")]
 fn untrack(tbl: Option<pg_sys::Oid>, kind: Option<&str>) {
     let tbl = require(tbl, "tbl");
@@ -679,6 +733,19 @@ fn untrack(tbl: Option<pg_sys::Oid>, kind: Option<&str>) {
 #[cfg(test)]
 mod unit {
     use super::trigger_name;
+
+    #[test]
+    fn every_statement_names_the_schema_of_its_functions_and_operators() {
+        crate::sql_check::assert_qualified(super::STATEMENTS);
+        // The DDL, rendered as track() renders it.
+        let (name, table, args) = ("\"outbox_user\"", "public.users", "'user', 'id', 'name'");
+        crate::sql_check::assert_qualified(&[
+            ("create_row_trigger", &super::create_row_trigger(name, table, args)),
+            ("create_truncate_trigger", &super::create_truncate_trigger(name, table, args)),
+            ("drop_trigger", &super::drop_trigger(name, table)),
+            ("alter_trigger_firing", &super::alter_trigger_firing(table, "ENABLE ALWAYS", name)),
+        ]);
+    }
 
     #[test]
     fn names_fit() {

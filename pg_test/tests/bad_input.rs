@@ -37,7 +37,8 @@ fn bad_input_fails_cleanly_and_loses_nothing() {
          CREATE FUNCTION text_ret(a text) RETURNS text LANGUAGE sql AS $$ SELECT a $$;
          CREATE FUNCTION set_ret(a text) RETURNS SETOF jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
          CREATE PROCEDURE a_proc(a text) LANGUAGE sql AS $$ SELECT 1 $$;
-         SELECT outbox.register('user', 'http://127.0.0.1:9/{id}', body => 'good_body(text)');
+         CREATE ROLE reader NOLOGIN;
+         SELECT outbox.register('user', 'http://127.0.0.1:9/{id}', body => 'good_body(text)', run_as => 'reader');
          SELECT outbox.pause('user');
          SELECT outbox.track('users', 'user');
          INSERT INTO users SELECT g, 'n' FROM generate_series(1, 50) g;

@@ -118,9 +118,10 @@ fn every_committed_change_converges_under_faults() {
         let mut c = db.client();
         c.batch_execute(&format!(
             "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL);
+             CREATE ROLE reader NOLOGIN IN ROLE pg_read_all_data;
              CREATE FUNCTION item_body(id text) RETURNS jsonb LANGUAGE sql STABLE
-                 AS $$ SELECT to_jsonb(i) FROM items i WHERE i.id = $1::bigint $$;
-             SELECT outbox.register('item', '{}', body => 'item_body(text)', timeout => '300 ms');
+                 AS $$ SELECT to_jsonb(i) FROM public.items i WHERE i.id = $1::bigint $$;
+             SELECT outbox.register('item', '{}', body => 'item_body(text)', run_as => 'reader', timeout => '300 ms');
              SELECT outbox.track('items', 'item');",
             r.url("/items/{id}")
         ))

@@ -9,17 +9,19 @@ use std::time::Duration;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const LONG: Duration = Duration::from_secs(30);
 
-/// A tracked `users` table whose body function returns the row as JSON.
+/// A tracked `users` table whose body function returns the row as JSON,
+/// run as role `reader`, which may read every table and nothing more.
 fn users(c: &mut Client, r: &Receiver, options: &str) {
     c.batch_execute(
         "CREATE TABLE users (id bigint PRIMARY KEY, name text);
+         CREATE ROLE reader NOLOGIN IN ROLE pg_read_all_data;
          CREATE FUNCTION user_body(id text) RETURNS jsonb LANGUAGE sql STABLE
-             AS $$ SELECT to_jsonb(u) FROM users u WHERE u.id = $1::bigint $$;",
+             AS $$ SELECT to_jsonb(u) FROM public.users u WHERE u.id = $1::bigint $$;",
     )
     .unwrap();
     let url = r.url("/users/{id}");
     c.batch_execute(&format!(
-        "SELECT outbox.register('user', '{url}', body => 'user_body(text)', secret => '{SECRET}'{options});
+        "SELECT outbox.register('user', '{url}', body => 'user_body(text)', run_as => 'reader', secret => '{SECRET}'{options});
          SELECT outbox.track('users', 'user');"
     ))
     .unwrap();
@@ -221,7 +223,8 @@ fn a_raising_body_function_fails_only_its_job() {
         "CREATE FUNCTION picky(id text) RETURNS json LANGUAGE plpgsql AS $$
          BEGIN IF id = 'bad' THEN RAISE EXCEPTION 'no body for %', id; END IF;
                RETURN json_build_object('id', id); END $$;
-         SELECT outbox.register('p', '{}', body => 'picky(text)');",
+         CREATE ROLE reader NOLOGIN;
+         SELECT outbox.register('p', '{}', body => 'picky(text)', run_as => 'reader');",
         r.url("/p/{id}")
     ))
     .unwrap();
@@ -270,7 +273,7 @@ fn a_deleted_record_is_sent_as_delete_or_skipped() {
     assert_eq!(reqs[0].method, "DELETE");
     assert!(reqs[0].body.is_empty());
     // on_missing = 'skip': nothing is sent, the job is done.
-    c.batch_execute("SELECT outbox.register('user', 'http://127.0.0.1:9/{id}', body => 'user_body(text)', on_missing => 'skip')").unwrap();
+    c.batch_execute("SELECT outbox.register('user', 'http://127.0.0.1:9/{id}', body => 'user_body(text)', run_as => 'reader', on_missing => 'skip')").unwrap();
     c.batch_execute("SELECT outbox.enqueue('user', 2)").unwrap();
     assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
     assert_eq!(r.count(), 1);
@@ -287,8 +290,8 @@ fn a_paused_kind_waits_until_resumed() {
     assert!(wait_until(LONG, || jobs_left(&mut c) == 0 && r.count() == 1));
 }
 
-/// Enqueueing a record that has a fresh job returns that job at every
-/// isolation level. A fresh job committed after a repeatable-read
+/// Enqueueing a record that has a fresh job coalesces into that job at
+/// every isolation level. A fresh job committed after a repeatable-read
 /// transaction's snapshot makes its enqueue a serialization failure, to be
 /// retried; nothing is lost either way.
 #[test]
@@ -297,12 +300,17 @@ fn enqueue_coalesces_at_every_isolation_level() {
     use postgres::IsolationLevel::{ReadCommitted, RepeatableRead, Serializable};
     let Setup { db, r: _r, mut c, .. } = started("");
     c.batch_execute("SELECT outbox.pause('user')").unwrap();
-    let first: i64 = c.query_one("SELECT outbox.enqueue('user', 7)", &[]).unwrap().get(0);
+    c.batch_execute("SELECT outbox.enqueue('user', 7)").unwrap();
+    let job_of_7 = |c: &mut Client| -> Vec<i64> {
+        c.query("SELECT job_id FROM outbox.queue WHERE id = '7'", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+    };
+    let first = job_of_7(&mut c);
+    assert_eq!(first.len(), 1);
     for level in [ReadCommitted, RepeatableRead, Serializable] {
         let mut t = c.build_transaction().isolation_level(level).start().unwrap();
-        let again: i64 = t.query_one("SELECT outbox.enqueue('user', 7)", &[]).unwrap().get(0);
-        assert_eq!(again, first, "{level:?}");
+        t.batch_execute("SELECT outbox.enqueue('user', 7)").unwrap();
         t.commit().unwrap();
+        assert_eq!(job_of_7(&mut c), first, "{level:?}");
     }
     let mut other = db.client();
     let mut t = c.build_transaction().isolation_level(RepeatableRead).start().unwrap();
@@ -835,7 +843,7 @@ fn kind_changes_reach_the_worker_at_once() {
     // The worker keeps the kinds between turns; register() tells it when
     // they change.
     let v2 = r.url("/v2/{id}");
-    c.batch_execute(&format!("SELECT outbox.register('user', '{v2}', body => 'user_body(text)', secret => '{SECRET}')"))
+    c.batch_execute(&format!("SELECT outbox.register('user', '{v2}', body => 'user_body(text)', run_as => 'reader', secret => '{SECRET}')"))
         .unwrap();
     c.batch_execute("INSERT INTO users VALUES (2, 'b')").unwrap();
     assert!(wait_until(LONG, || r.count() == 2));

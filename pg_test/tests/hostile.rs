@@ -91,7 +91,8 @@ fn a_huge_body_fails_its_job_without_the_worker_holding_it() {
         "CREATE FUNCTION big_body(id text) RETURNS json LANGUAGE sql STABLE AS $$
              SELECT json_build_object('id', id, 'pad', repeat('x', CASE WHEN id LIKE 'huge%' THEN 20000000 ELSE 10 END))
          $$;
-         SELECT outbox.register('big', '{}', body => 'big_body(text)', max_attempts => 1);",
+         CREATE ROLE reader NOLOGIN;
+         SELECT outbox.register('big', '{}', body => 'big_body(text)', run_as => 'reader', max_attempts => 1);",
         big.url("/big/{id}")
     ))
     .unwrap();

@@ -88,8 +88,13 @@ fn sleep_limit(next_due: Option<Duration>, poll: Duration, inbox_behind: bool, s
 ///   turns, one restart after another. At READ COMMITTED it also takes no
 ///   predicate locks that could fail the applications' serializable
 ///   transactions. Body functions run in these transactions too: they read
-///   the record's latest committed state, which is what is to be sent.
-const SESSION_SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 4] = [
+///   the record's latest committed state, which is what is to be sent;
+/// - search_path: nothing the worker runs can be shadowed by a function or
+///   operator someone created in a schema on the role's path (its SQL is
+///   schema-qualified too). Body functions get the same path, and what they
+///   set is undone after them (`roles::as_restricted`).
+const SESSION_SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
+    (c"search_path", c"pg_catalog, pg_temp"),
     (c"synchronous_commit", c"off"),
     (c"application_name", c"outbox worker"),
     (c"default_transaction_isolation", c"read committed"),
@@ -165,6 +170,10 @@ struct Worker {
     ca_file: Option<String>,
     /// Configuration reloads handled so far.
     reloads_seen: u64,
+    /// Kinds whose bodies last ran out of their render_timeout: not claimed
+    /// until the instant, so one blocked kind stalls the others' turns once
+    /// per back-off, not every turn. With how often it happened in a row.
+    benched: HashMap<String, (Instant, u32)>,
 }
 
 /// The roots HTTPS receivers are checked against, with what `ca_file` adds
@@ -229,6 +238,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         kinds_generation: None,
         ca_file,
         reloads_seen: reloads(),
+        benched: HashMap::new(),
     };
     loop {
         handle_interrupts();
@@ -431,12 +441,19 @@ impl Worker {
                 self.kinds_generation = kinds_generation;
             }
             let kinds = &self.kinds;
-            let active: Vec<String> = kinds.iter().filter(|(_, k)| !k.paused).map(|(n, _)| n.clone()).collect();
+            let now = Instant::now();
+            self.benched.retain(|name, _| kinds.contains_key(name));
+            let benched_until = |name: &str| self.benched.get(name).map(|b| b.0).filter(|&until| until > now);
+            let active: Vec<String> =
+                kinds.iter().filter(|(n, k)| !k.paused && benched_until(n).is_none()).map(|(n, _)| n.clone()).collect();
+            // A benched kind is looked at again when its time is up.
+            let bench_ends = self.benched.values().map(|b| b.0).filter(|&until| until > now).min().map(|until| until - now);
             let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
             let room = limit.saturating_sub(self.in_flight.len()).min(batch);
             // No room in flight, or every kind paused: nothing to claim.
             if room == 0 || active.is_empty() {
-                return Turn::Worked { requests: Vec::new(), next_due: if inbox_full { Some(Duration::ZERO) } else { None } };
+                let next_due = if inbox_full { Some(Duration::ZERO) } else { bench_ends };
+                return Turn::Worked { requests: Vec::new(), next_due };
             }
             // Every job in flight is `running`: none was recorded yet.
             let busy: queue::InFlightKeys = self.in_flight.values().map(|j| j.key_hash).collect();
@@ -448,7 +465,8 @@ impl Worker {
             }
             let max_response = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
             let max_body = i64::from(gucs::MAX_BODY_BYTES.get().max(0));
-            let rendered = render::render(kinds, &claimed, max_body, max_response);
+            let (rendered, slow_kinds) = render::render(kinds, &claimed, max_body, max_response);
+            bench(&mut self.benched, &claimed, &slow_kinds);
             let mut requests = Vec::new();
             let mut done_now = Vec::new();
             for (job, r) in claimed.iter().zip(rendered) {
@@ -499,8 +517,29 @@ impl Worker {
                     ms => Duration::from_millis(ms as u64),
                 })
             };
+            let next_due = match (next_due, bench_ends) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             Turn::Worked { requests, next_due }
         })
+    }
+}
+
+/// Benches the kinds whose bodies ran out of time, for the retry back-off of
+/// how many turns in a row they did; a kind rendered in time is off the
+/// bench.
+fn bench(benched: &mut HashMap<String, (Instant, u32)>, claimed: &[queue::Claimed], slow_kinds: &[String]) {
+    for job in claimed {
+        if !slow_kinds.contains(&job.kind) {
+            benched.remove(&job.kind);
+        }
+    }
+    for kind in slow_kinds {
+        let strikes = benched.get(kind).map_or(0, |b| b.1) + 1;
+        let pause = retry_delay(strikes, None, gucs::retry_base(), gucs::retry_max(), rand::random::<f64>());
+        warning!("outbox worker: bodies of kind \"{kind}\" ran out of their render_timeout; not claiming the kind for {} ms", pause.as_millis());
+        benched.insert(kind.clone(), (Instant::now() + pause, strikes));
     }
 }
 

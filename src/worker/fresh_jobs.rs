@@ -188,6 +188,7 @@ pub fn during_absorb<R>(f: impl FnOnce() -> R) -> (R, Asked) {
 /// fresh job standing: a change to it coalesces into that job. For the
 /// worker's absorb statement only; false in any other session.
 #[pg_extern(schema = "outbox", volatile, strict, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn known_fresh_job(kind: &str, id: &str) -> bool {
     OPEN.with(|o| {
         let mut o = o.borrow_mut();

@@ -7,7 +7,9 @@
 //!   the [`http`] threads, record outcomes, wait.
 //! - [`connect`]: how the HTTP threads reach receivers, directly or through a
 //!   proxy.
-//! - [`queue`]: the worker's SQL. [`render`]: jobs into requests.
+//! - [`queue`]: the worker's SQL. [`render`]: jobs into requests, bodies run
+//!   as the kind's role within its time limit. [`quarantine`]: inbox rows
+//!   that can't be absorbed are set aside, not retried forever.
 //! - [`in_flux`]: which records an open transaction is enqueueing (the
 //!   absorb leaves them for later rather than wait). [`fresh_jobs`]: where
 //!   the records' fresh jobs are (the absorb skips changes that coalesce
@@ -21,6 +23,7 @@ pub mod http;
 pub mod in_flux;
 pub mod launcher;
 pub mod plans;
+pub mod quarantine;
 pub mod queue;
 pub mod render;
 pub mod signals;

@@ -11,26 +11,27 @@ use pgrx::spi::SpiClient;
 /// "PRIVILEGE on TABLE" each (NULL: nothing). `has_table_privilege` given
 /// several privileges answers whether *any* is held, so they go one by one.
 pub const MISSING_PRIVILEGES: &str = "
-SELECT string_agg(format('%s on %s', p, t), ', ' ORDER BY t, p)
+SELECT pg_catalog.string_agg(pg_catalog.format('%s on %s', p, t), ', ' ORDER BY t, p)
   FROM (VALUES ('outbox.queue', 'SELECT'), ('outbox.queue', 'INSERT'),
                ('outbox.queue', 'UPDATE'), ('outbox.queue', 'DELETE'),
                ('outbox.inbox', 'SELECT'), ('outbox.inbox', 'INSERT'), ('outbox.inbox', 'DELETE'),
                ('outbox.kinds', 'SELECT'),
-               ('outbox.kind_stats', 'SELECT'), ('outbox.kind_stats', 'UPDATE')) AS v(t, p)
+               ('outbox.kind_stats', 'SELECT'), ('outbox.kind_stats', 'UPDATE'),
+               ('outbox.rejected', 'INSERT')) AS v(t, p)
  WHERE NOT pg_catalog.has_table_privilege(t, p)";
 
 /// Startup repair: deliveries that a dead worker left `running` go back to
 /// `pending`, due now. They stay out of coalescing (last_attempt_at is set).
 pub const RECOVER_RUNNING: &str = "
-UPDATE outbox.queue SET state = 'pending', run_at = now()
- WHERE state = 'running'";
+UPDATE outbox.queue SET state = 'pending', run_at = pg_catalog.now()
+ WHERE state OPERATOR(pg_catalog.=) 'running'";
 
 /// Jobs whose kind was unregistered under them cannot be delivered.
 pub const DEAD_LETTER_ORPHANS: &str = "
 UPDATE outbox.queue q
-   SET state = 'dead', last_error = 'kind is not registered', last_attempt_at = now()
- WHERE q.state = 'pending'
-   AND NOT EXISTS (SELECT 1 FROM outbox.kinds k WHERE k.kind = q.kind)";
+   SET state = 'dead', last_error = 'kind is not registered', last_attempt_at = pg_catalog.now()
+ WHERE q.state OPERATOR(pg_catalog.=) 'pending'
+   AND NOT EXISTS (SELECT 1 FROM outbox.kinds k WHERE k.kind OPERATOR(pg_catalog.=) q.kind)";
 
 /// Moves what tracked tables wrote to the inbox into the queue, about $1
 /// changes per call: whole inbox rows (each holds many ids) while the count
@@ -50,67 +51,73 @@ UPDATE outbox.queue q
 /// fresh jobs it made.
 pub const ABSORB_INBOX: &str = "
 WITH picked AS (
-    SELECT ctid, sum(n) OVER (ROWS UNBOUNDED PRECEDING) - n AS before
-      FROM (SELECT ctid, coalesce(cardinality(ids), 1) AS n FROM outbox.inbox
-             WHERE ctid >= pg_catalog.format('(%s,0)', $2)::tid
+    SELECT ctid, pg_catalog.sum(n) OVER (ROWS UNBOUNDED PRECEDING) OPERATOR(pg_catalog.-) n AS before
+      FROM (SELECT ctid, coalesce(pg_catalog.cardinality(ids), 1) AS n FROM outbox.inbox
+             WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format('(%s,0)', $2)::tid
              LIMIT $1) r
 ), moved AS (
     DELETE FROM outbox.inbox
-     WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked WHERE before < $1))
+     WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM picked WHERE before OPERATOR(pg_catalog.<) $1))
     RETURNING kind, id, ids, enqueued_at, ctid
 ), later AS (
-    SELECT * FROM unnest($3::text[], $4::text[]) AS l(kind, id)
+    -- ROWS FROM, which unnest(a, b) stands for: pg_catalog.unnest(a, b)
+    -- is not that syntax.
+    SELECT * FROM ROWS FROM (pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[])) AS l(kind, id)
 ), changed AS (
     -- Rows of one change hold it in id, the others in ids. unnest() in the
     -- select list: a function scan per row would build and read back a
     -- tuplestore for each inbox row's ids.
-    SELECT u.kind, u.id, min(u.enqueued_at) AS enqueued_at,
-           u.kind IN (SELECT kind FROM outbox.kinds) AS registered
+    -- `= ANY (subquery)` and `NOT (... = ANY (subquery))` are what IN and
+    -- NOT IN stand for, with the operator named.
+    SELECT u.kind, u.id, pg_catalog.min(u.enqueued_at) AS enqueued_at,
+           u.kind OPERATOR(pg_catalog.=) ANY (SELECT kind FROM outbox.kinds) AS registered
       FROM (SELECT kind, id, enqueued_at FROM moved WHERE ids IS NULL
             UNION ALL
-            SELECT kind, unnest(ids), enqueued_at FROM moved WHERE ids IS NOT NULL) u
-     WHERE cardinality($4) = 0 OR (u.kind, u.id) NOT IN (SELECT kind, id FROM later)
+            SELECT kind, pg_catalog.unnest(ids), enqueued_at FROM moved WHERE ids IS NOT NULL) u
+     WHERE pg_catalog.cardinality($4) OPERATOR(pg_catalog.=) 0
+        OR NOT ((u.kind, u.id) OPERATOR(pg_catalog.=) ANY (SELECT kind, id FROM later))
      GROUP BY u.kind, u.id
 ), absorbed AS (
     -- A change of a kind nobody registered can never be delivered: it goes
     -- straight to dead, where an admin sees it.
     INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
-    SELECT c.kind, c.id, c.enqueued_at, now(),
+    SELECT c.kind, c.id, c.enqueued_at, pg_catalog.now(),
            CASE WHEN c.registered THEN 'pending' ELSE 'dead' END,
-           CASE WHEN NOT c.registered THEN now() END,
+           CASE WHEN NOT c.registered THEN pg_catalog.now() END,
            CASE WHEN NOT c.registered THEN 'kind is not registered' END
       FROM changed c
      -- CASE, so that only registered kinds ask: a dead job never coalesces.
      WHERE CASE WHEN c.registered THEN outbox.known_fresh_job(c.kind, c.id) IS NOT TRUE ELSE true END
-    ON CONFLICT (kind, id) WHERE state = 'pending' AND last_attempt_at IS NULL DO NOTHING
+    ON CONFLICT (kind, id) WHERE state OPERATOR(pg_catalog.=) 'pending' AND last_attempt_at IS NULL DO NOTHING
     RETURNING q.kind, q.id, q.ctid, q.state
 ), left_behind AS (
     -- Only when some are named: otherwise both scans are skipped.
     SELECT u.kind, u.id, u.enqueued_at
-      FROM (SELECT kind, unnest(coalesce(ids, ARRAY[id])) AS id, enqueued_at FROM moved) u
-     WHERE cardinality($4) > 0 AND (u.kind, u.id) IN (SELECT kind, id FROM later)
+      FROM (SELECT kind, pg_catalog.unnest(coalesce(ids, ARRAY[id])) AS id, enqueued_at FROM moved) u
+     WHERE pg_catalog.cardinality($4) OPERATOR(pg_catalog.>) 0
+       AND (u.kind, u.id) OPERATOR(pg_catalog.=) ANY (SELECT kind, id FROM later)
 ), kept AS (
     INSERT INTO outbox.inbox (kind, ids, enqueued_at)
-    SELECT kind, array_agg(DISTINCT id), min(enqueued_at) FROM left_behind GROUP BY kind
+    SELECT kind, pg_catalog.array_agg(DISTINCT id), pg_catalog.min(enqueued_at) FROM left_behind GROUP BY kind
 )
-SELECT (m.changes - (SELECT count(*) FROM left_behind))::bigint, m.last_block,
+SELECT (m.changes OPERATOR(pg_catalog.-) (SELECT pg_catalog.count(*) FROM left_behind))::bigint, m.last_block,
        made.kinds, made.ids, made.ctids
-  FROM (SELECT coalesce(sum(coalesce(cardinality(ids), 1)), 0) AS changes,
+  FROM (SELECT coalesce(pg_catalog.sum(coalesce(pg_catalog.cardinality(ids), 1)), 0) AS changes,
                -- The block of the largest tid: the text round trip once,
                -- not per row.
-               coalesce((max(ctid)::text::point)[0], 0)::bigint AS last_block
+               coalesce((pg_catalog.max(ctid)::text::point)[0], 0)::bigint AS last_block
           FROM moved) m,
-       (SELECT array_agg(kind) AS kinds, array_agg(id) AS ids, array_agg(ctid) AS ctids
-          FROM absorbed WHERE state = 'pending') made";
+       (SELECT pg_catalog.array_agg(kind) AS kinds, pg_catalog.array_agg(id) AS ids, pg_catalog.array_agg(ctid) AS ctids
+          FROM absorbed WHERE state OPERATOR(pg_catalog.=) 'pending') made";
 
 /// The changes in the inbox from heap block $2 on, about $1 of them (the
 /// rows [`ABSORB_INBOX`] would take next), as distinct (kind, id) pairs.
 pub const INBOX_CHANGES: &str = "
 SELECT DISTINCT r.kind, u.id
   FROM (SELECT kind, id, ids FROM outbox.inbox
-         WHERE ctid >= pg_catalog.format('(%s,0)', $2)::tid
+         WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format('(%s,0)', $2)::tid
          LIMIT $1) r
- CROSS JOIN LATERAL unnest(coalesce(r.ids, ARRAY[r.id])) AS u(id)";
+ CROSS JOIN LATERAL pg_catalog.unnest(coalesce(r.ids, ARRAY[r.id])) AS u(id)";
 
 /// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), oldest
 /// first, at most one per record, and none for a record in flight: $5 holds
@@ -134,17 +141,21 @@ SELECT DISTINCT r.kind, u.id
 pub const CLAIM: &str = "
 WITH due AS (
     SELECT d.ctid, d.job_id, d.kind, d.id, d.run_at
-      FROM unnest($1::text[], $3::bigint[], $4::bigint[]) AS k(kind, after_us, after_id)
+      FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($3::bigint[]), pg_catalog.unnest($4::bigint[]))
+           AS k(kind, after_us, after_id)
      CROSS JOIN LATERAL (
         SELECT q.ctid, q.job_id, q.kind, q.id, q.run_at
           FROM outbox.queue q
-         WHERE q.kind = k.kind
-           AND q.state = 'pending'
-           AND q.run_at <= now()
-           AND (q.run_at, q.job_id) > (coalesce('epoch'::timestamptz + k.after_us * interval '1 microsecond', '-infinity'),
-                                       coalesce(k.after_id, 0))
-           AND pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))
-               NOT IN (SELECT pg_catalog.unnest($5::bigint[]))
+         WHERE q.kind OPERATOR(pg_catalog.=) k.kind
+           AND q.state OPERATOR(pg_catalog.=) 'pending'
+           AND q.run_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+           AND (q.run_at, q.job_id) OPERATOR(pg_catalog.>)
+               (coalesce('epoch'::timestamptz OPERATOR(pg_catalog.+) (k.after_us OPERATOR(pg_catalog.*) interval '1 microsecond'),
+                         '-infinity'),
+                coalesce(k.after_id, 0))
+           -- NOT IN, with the operator named: a hashed subplan.
+           AND NOT (pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))
+                    OPERATOR(pg_catalog.=) ANY (SELECT pg_catalog.unnest($5::bigint[])))
          ORDER BY q.run_at, q.job_id
          LIMIT $2
            FOR UPDATE SKIP LOCKED
@@ -158,24 +169,24 @@ WITH due AS (
 -- no index descent. An array, not a join: a generic plan can't know the CTE
 -- is small and would hash-join it against a scan of the whole queue.
 UPDATE outbox.queue q
-   SET state = 'running', attempts = q.attempts + 1, last_attempt_at = now()
- WHERE q.ctid = ANY (ARRAY(SELECT ctid FROM one_per_record))
+   SET state = 'running', attempts = q.attempts OPERATOR(pg_catalog.+) 1, last_attempt_at = pg_catalog.now()
+ WHERE q.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM one_per_record))
 RETURNING q.job_id, q.kind, q.id, q.attempts, pg_catalog.pg_current_xact_id()::text::bigint,
-          (extract(epoch FROM q.run_at) * 1000000)::bigint, q.ctid::text,
+          (extract(epoch FROM q.run_at) OPERATOR(pg_catalog.*) 1000000)::bigint, q.ctid::text,
           pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))";
 
 /// How long until the next job of the kinds in $1 falls due (among those the
 /// claim could take: not for a record in flight, $2 as for [`CLAIM`]).
 pub const NEXT_DUE: &str = "
-SELECT min(d.run_at) - now()
-  FROM unnest($1::text[]) AS k(kind)
+SELECT pg_catalog.min(d.run_at) OPERATOR(pg_catalog.-) pg_catalog.now()
+  FROM pg_catalog.unnest($1::text[]) AS k(kind)
  CROSS JOIN LATERAL (
     SELECT q.run_at
       FROM outbox.queue q
-     WHERE q.kind = k.kind
-       AND q.state = 'pending'
-       AND pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))
-           NOT IN (SELECT pg_catalog.unnest($2::bigint[]))
+     WHERE q.kind OPERATOR(pg_catalog.=) k.kind
+       AND q.state OPERATOR(pg_catalog.=) 'pending'
+       AND NOT (pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))
+                OPERATOR(pg_catalog.=) ANY (SELECT pg_catalog.unnest($2::bigint[])))
      ORDER BY q.run_at, q.job_id
      LIMIT 1
  ) d";
@@ -187,33 +198,32 @@ SELECT min(d.run_at) - now()
 /// spelled so that the planner can't use a partial index for it.
 pub const COMPLETE: &str = "
 DELETE FROM outbox.queue
- WHERE ctid = ANY ($1::text[]::tid[]) AND job_id = ANY ($2::bigint[]) AND state || '' = 'running'";
+ WHERE ctid OPERATOR(pg_catalog.=) ANY ($1::text[]::tid[])
+   AND job_id OPERATOR(pg_catalog.=) ANY ($2::bigint[])
+   AND (state OPERATOR(pg_catalog.||) '') OPERATOR(pg_catalog.=) 'running'";
 
 /// Failed attempts: back to `pending` after a delay, or `dead`.
 pub const FAIL: &str = "
 UPDATE outbox.queue q
    SET state = u.state,
-       run_at = now() + u.delay_ms * interval '1 millisecond',
+       run_at = pg_catalog.now() OPERATOR(pg_catalog.+) (u.delay_ms OPERATOR(pg_catalog.*) interval '1 millisecond'),
        last_status = u.status,
        last_error = u.error
-  FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::int[], $5::text[])
+  FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::bigint[]),
+                  pg_catalog.unnest($4::int[]), pg_catalog.unnest($5::text[]))
        AS u(job_id, state, delay_ms, status, error)
- WHERE q.job_id = u.job_id AND q.state || '' = 'running'";
+ WHERE q.job_id OPERATOR(pg_catalog.=) u.job_id
+   AND (q.state OPERATOR(pg_catalog.||) '') OPERATOR(pg_catalog.=) 'running'";
 
 pub const BUMP_STATS: &str = "
 UPDATE outbox.kind_stats s
-   SET delivered = s.delivered + u.delivered,
-       failed_attempts = s.failed_attempts + u.failed,
-       last_success_at = CASE WHEN u.delivered > 0 THEN now() ELSE s.last_success_at END,
-       last_failure_at = CASE WHEN u.failed > 0 THEN now() ELSE s.last_failure_at END
-  FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(kind, delivered, failed)
- WHERE s.kind = u.kind";
-
-/// Everything the worker needs to know about each kind.
-pub const LOAD_KINDS: &str = "
-SELECT kind, url, body::regproc::text, headers::text, secret,
-       (extract(epoch FROM timeout) * 1000)::bigint, max_attempts, on_missing, paused
-  FROM outbox.kinds";
+   SET delivered = s.delivered OPERATOR(pg_catalog.+) u.delivered,
+       failed_attempts = s.failed_attempts OPERATOR(pg_catalog.+) u.failed,
+       last_success_at = CASE WHEN u.delivered OPERATOR(pg_catalog.>) 0 THEN pg_catalog.now() ELSE s.last_success_at END,
+       last_failure_at = CASE WHEN u.failed OPERATOR(pg_catalog.>) 0 THEN pg_catalog.now() ELSE s.last_failure_at END
+  FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::bigint[]))
+       AS u(kind, delivered, failed)
+ WHERE s.kind OPERATOR(pg_catalog.=) u.kind";
 
 pub struct Claimed {
     pub job_id: i64,
@@ -292,7 +302,8 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
         match attempt(c, Vec::new()) {
             Ok(r) => return r,
             Err(e) if e.is_lock_timeout() => *careful = true,
-            Err(e) => panic!("absorb inbox: {} (SQLSTATE {})", e.message, e.sqlstate),
+            // One bad row must not stop the worker: see `quarantine`.
+            Err(e) => return super::quarantine::absorb_one_by_one(c, limit, start, &e),
         }
     }
     let changes: Vec<(String, String)> = execute(c, INBOX_CHANGES, &[INT8, INT8], &[limit.into(), start.into()])
@@ -306,7 +317,7 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
         // A transaction took a fresh job between the look and the absorb:
         // the next turn looks again.
         Err(e) if e.is_lock_timeout() => (0, start),
-        Err(e) => panic!("absorb inbox: {} (SQLSTATE {})", e.message, e.sqlstate),
+        Err(e) => super::quarantine::absorb_one_by_one(c, limit, start, &e),
     }
 }
 
@@ -443,6 +454,29 @@ pub fn bump_stats(c: &mut SpiClient<'_>, kinds: Vec<String>, delivered: Vec<i64>
     }
     let args: [DatumWithOid; 3] = [kinds.into(), delivered.into(), failed.into()];
     execute(c, BUMP_STATS, &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("stats: {e}"));
+}
+
+/// The SQL statements of this module, for the qualification sweep.
+#[cfg(test)]
+pub(crate) const STATEMENTS: &[(&str, &str)] = &[
+    ("MISSING_PRIVILEGES", MISSING_PRIVILEGES),
+    ("RECOVER_RUNNING", RECOVER_RUNNING),
+    ("DEAD_LETTER_ORPHANS", DEAD_LETTER_ORPHANS),
+    ("ABSORB_INBOX", ABSORB_INBOX),
+    ("INBOX_CHANGES", INBOX_CHANGES),
+    ("CLAIM", CLAIM),
+    ("NEXT_DUE", NEXT_DUE),
+    ("COMPLETE", COMPLETE),
+    ("FAIL", FAIL),
+    ("BUMP_STATS", BUMP_STATS),
+];
+
+#[cfg(test)]
+mod qualified {
+    #[test]
+    fn every_statement_names_the_schema_of_its_functions_and_operators() {
+        crate::sql_check::assert_qualified(super::STATEMENTS);
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -699,7 +733,8 @@ mod tests {
         // the running one may have read the old state), and so is c. (With a
         // delay of zero: an immediate enqueue repeated in one transaction
         // returns the job it made before, and this test is one transaction.)
-        Spi::run("SELECT outbox.enqueue('k', 'a', interval '0 s'), outbox.enqueue('k', 'c')").unwrap();
+        crate::enqueue::forget_this_transaction();
+        Spi::run("SELECT outbox.enqueue('k', 'a'), outbox.enqueue('k', 'c')").unwrap();
         let in_flight = vec![a.key_hash];
         let due = |busy: &super::InFlightKeys| Spi::connect_mut(|c| super::next_due_ms(c, vec!["k".into()], busy));
         let second = claim(&in_flight);

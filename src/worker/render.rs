@@ -3,7 +3,7 @@
 //! headers and signing key.
 
 use super::http::{Method, Request};
-use super::queue::{Claimed, LOAD_KINDS};
+use super::queue::Claimed;
 use super::plans::with_settings;
 use crate::subxact::try_subtransaction;
 use crate::{signing, template};
@@ -11,16 +11,31 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Header that grows with every delivery of a record, so a receiver can drop
 /// a stale PUT that arrives late.
 pub const SEQUENCE_HEADER: &str = "outbox-sequence";
 
+/// Everything the worker needs to know about each kind. The body function's
+/// name is regproc output under the worker's pinned search_path, so it is
+/// schema-qualified unless it lives in pg_catalog.
+pub(crate) const LOAD_KINDS: &str = "
+SELECT kind, url, body::pg_catalog.regproc::pg_catalog.text, headers::pg_catalog.text, secret,
+       (extract(epoch FROM timeout) OPERATOR(pg_catalog.*) 1000)::bigint, max_attempts, on_missing, paused,
+       run_as::pg_catalog.oid, allow_superuser,
+       (extract(epoch FROM render_timeout) OPERATOR(pg_catalog.*) 1000)::bigint
+  FROM outbox.kinds";
+
 pub struct Kind {
     pub url: String,
     /// The body function, as a name Postgres resolves (regproc output).
     pub body_fn: Option<String>,
+    /// The role body functions run as, and whether it may be a superuser.
+    pub run_as: Option<pg_sys::Oid>,
+    pub allow_superuser: bool,
+    /// How long one turn's render of this kind's bodies may take in all.
+    pub render_timeout: Duration,
     pub headers: Vec<(String, String)>,
     pub key: Option<Arc<Vec<u8>>>,
     pub timeout: Duration,
@@ -56,6 +71,9 @@ pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
                 host_per_record: template::id_in_authority(&url),
                 url,
                 body_fn: r.get::<String>(3).ok().flatten(),
+                run_as: r.get::<pg_sys::Oid>(10).ok().flatten(),
+                allow_superuser: r.get::<bool>(11).ok().flatten().unwrap_or(false),
+                render_timeout: Duration::from_millis(r.get::<i64>(12).ok().flatten().unwrap_or(1_000).max(10) as u64),
                 headers,
                 key,
                 timeout: Duration::from_millis(r.get::<i64>(6).ok().flatten().unwrap_or(10_000).max(1) as u64),
@@ -91,25 +109,108 @@ fn within_limit((body, size): Measured, limit: i64) -> Result<Option<String>, St
     }
 }
 
-/// How long a body function may wait for a lock (a migration's, a LOCK
-/// TABLE's) before its jobs are retried later: meanwhile the worker would
-/// deliver nothing, of any kind.
-const BODY_LOCK_TIMEOUT: &std::ffi::CStr = c"1s";
+/// Why a kind's bodies can't be rendered at all now: no role to run them
+/// as, or one that is (now) a superuser without the kind's opt-in.
+fn refusal(kind: &Kind) -> Option<String> {
+    let Some(role) = kind.run_as else {
+        return Some("the kind has no run_as role: register it again".into());
+    };
+    if !crate::roles::role_exists(role) {
+        return Some(format!("run_as role {} does not exist", role.to_u32()));
+    }
+    if crate::roles::is_superuser(role) && !kind.allow_superuser {
+        return Some(format!(
+            "run_as role \"{}\" is a superuser: bodies do not run as one unless the kind was registered with allow_superuser",
+            crate::roles::role_name(role)
+        ));
+    }
+    None
+}
+
+// timeout.h, which pgrx does not bind.
+unsafe extern "C-unwind" {
+    fn enable_timeout_after(id: u32, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: u32, keep_indicator: bool);
+    fn get_timeout_indicator(id: u32, reset_indicator: bool) -> bool;
+}
+
+/// `STATEMENT_TIMEOUT` of enum `TimeoutId`: the fourth, in every version
+/// from 13 to 18.
+const STATEMENT_TIMEOUT: u32 = 3;
+
+/// A deadline on the statements run inside it: Postgres' statement timeout,
+/// armed by hand (SPI statements in a background worker get none), and
+/// taken down on every path.
+struct TimeLimit;
+
+impl TimeLimit {
+    fn until(deadline: Instant) -> Option<TimeLimit> {
+        let left = deadline.checked_duration_since(Instant::now())?.as_millis().max(1);
+        // SAFETY: the timeout framework is set up for every backend; the
+        // handler cancels the running statement (SIGINT), which raises.
+        unsafe { enable_timeout_after(STATEMENT_TIMEOUT, left.min(i32::MAX as u128) as i32) };
+        Some(TimeLimit)
+    }
+}
+
+impl Drop for TimeLimit {
+    fn drop(&mut self) {
+        // SAFETY: disarming our own timer. If it fired just as the statement
+        // ended, the cancel it asked for is ours and no longer wanted: left
+        // pending, it would fail the worker's next statement.
+        unsafe {
+            disable_timeout(STATEMENT_TIMEOUT, true);
+            if get_timeout_indicator(STATEMENT_TIMEOUT, true) {
+                pg_sys::QueryCancelPending = 0;
+            }
+        }
+    }
+}
+
+/// Runs one body statement as the kind's role, restricted, within the
+/// kind's deadline, in a subtransaction of its own.
+fn run_body<R>(role: pg_sys::Oid, deadline: Instant, f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, crate::subxact::Caught> {
+    try_subtransaction(move || {
+        let Some(_limit) = TimeLimit::until(deadline) else {
+            crate::errors::raise(PgSqlErrorCode::ERRCODE_QUERY_CANCELED, "no render time left this turn", None)
+        };
+        let lock_timeout = std::ffi::CString::new(format!("{}ms", deadline.saturating_duration_since(Instant::now()).as_millis().max(1)))
+            .expect("no NUL in a number");
+        crate::roles::as_restricted(role, || with_settings(&[(c"lock_timeout", lock_timeout.as_c_str())], f))
+    })
+}
 
 /// Calls the body function of `kind` for each id; `None` means the function
 /// returned NULL. One statement for all; if it raises, one subtransaction per
-/// id so that only the bad ids fail. If it waits too long for a lock, every
-/// id fails (to be retried), without a second wait per id.
+/// id so that only the bad ids fail. The bodies run as the kind's `run_as`
+/// role in a security-restricted operation (`roles::as_restricted`), and all
+/// of them within the kind's `render_timeout`, lock waits included: past
+/// it, every id not rendered yet fails (to be retried), and `timed_out` says
+/// so, so that one kind's slow or blocked bodies hold up others only once.
 ///
 /// A body over `limit` bytes is measured and dropped inside the statement
 /// (OFFSET 0 keeps the function to one call per id): the statement's result
 /// holds only bodies within the limit, so one huge record, or a body
 /// function gone wrong, cannot run the worker out of memory (and the server
 /// into a crash-restart, again at every claim).
-fn bodies(function: &str, ids: &[String], limit: i64) -> Vec<Result<Option<String>, String>> {
+fn bodies(kind: &Kind, function: &str, ids: &[String], limit: i64, timed_out: &mut bool) -> Vec<Result<Option<String>, String>> {
     use super::plans::types::{INT8, TEXT_ARRAY};
+    if let Some(why) = refusal(kind) {
+        return ids.iter().map(|_| Err(why.clone())).collect();
+    }
+    let role = kind.run_as.expect("refusal checks run_as");
+    let deadline = Instant::now() + kind.render_timeout;
+    let too_slow = |e: &crate::subxact::Caught| {
+        format!(
+            "body function {function} took longer than the kind's render_timeout ({} ms): {} (SQLSTATE {})",
+            kind.render_timeout.as_millis(),
+            e.message,
+            e.sqlstate
+        )
+    };
     let batch_sql = format!(
-        "SELECT CASE WHEN pg_catalog.octet_length(b.t) <= $2 THEN b.t END, pg_catalog.octet_length(b.t)::bigint
+        "SELECT CASE WHEN pg_catalog.octet_length(b.t) OPERATOR(pg_catalog.<=) $2 THEN b.t END,
+                pg_catalog.octet_length(b.t)::bigint
            FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS u(id, n)
           CROSS JOIN LATERAL (SELECT {function}(u.id)::text AS t OFFSET 0) b
           ORDER BY u.n"
@@ -117,61 +218,81 @@ fn bodies(function: &str, ids: &[String], limit: i64) -> Vec<Result<Option<Strin
     let ids_owned = ids.to_vec();
     // Read-write SPI (update) takes a fresh snapshot per statement, so the
     // body is read after the claim's snapshot: never older than the job.
-    let batch = try_subtransaction(move || {
-        with_settings(&[(c"lock_timeout", BODY_LOCK_TIMEOUT)], || {
-            Spi::connect_mut(|c| {
-                super::plans::execute_plain(c, &batch_sql, &[TEXT_ARRAY, INT8], &[ids_owned.into(), limit.into()])
-                    .unwrap_or_else(|e| panic!("{e}"))
-                    .map(|r| (r.get::<String>(1).ok().flatten(), r.get::<i64>(2).ok().flatten()))
-                    .collect::<Vec<Measured>>()
-            })
+    let batch = run_body(role, deadline, move || {
+        Spi::connect_mut(|c| {
+            super::plans::execute_plain(c, &batch_sql, &[TEXT_ARRAY, INT8], &[ids_owned.into(), limit.into()])
+                .unwrap_or_else(|e| panic!("{e}"))
+                .map(|r| (r.get::<String>(1).ok().flatten(), r.get::<i64>(2).ok().flatten()))
+                .collect::<Vec<Measured>>()
         })
     });
     match batch {
         Ok(rows) if rows.len() == ids.len() => return rows.into_iter().map(|r| within_limit(r, limit)).collect(),
-        Err(e) if e.is_lock_timeout() => {
-            let error = format!("body function {function} waited too long for a lock: {} (SQLSTATE {})", e.message, e.sqlstate);
+        Err(e) if e.is_timeout() => {
+            *timed_out = true;
+            let error = too_slow(&e);
             return ids.iter().map(|_| Err(error.clone())).collect();
         }
         _ => {}
     }
     let one_sql = format!(
-        "SELECT CASE WHEN pg_catalog.octet_length(b.t) <= $2 THEN b.t END, pg_catalog.octet_length(b.t)::bigint
+        "SELECT CASE WHEN pg_catalog.octet_length(b.t) OPERATOR(pg_catalog.<=) $2 THEN b.t END,
+                pg_catalog.octet_length(b.t)::bigint
            FROM (SELECT {function}($1)::text AS t OFFSET 0) b"
     );
     ids.iter()
         .map(|id| {
+            if *timed_out {
+                return Err(format!("body function {function}: the kind's render_timeout ran out before this id"));
+            }
             let sql = one_sql.clone();
             let id = id.clone();
-            try_subtransaction(move || {
-                with_settings(&[(c"lock_timeout", BODY_LOCK_TIMEOUT)], || {
-                    Spi::connect_mut(|c| {
-                        let t = c.update(sql.as_str(), None, &[id.as_str().into(), limit.into()]).unwrap_or_else(|e| panic!("{e}"));
-                        t.first().get_two::<String, i64>().unwrap_or_else(|e| panic!("{e}"))
-                    })
+            run_body(role, deadline, move || {
+                Spi::connect_mut(|c| {
+                    let t = c.update(sql.as_str(), None, &[id.as_str().into(), limit.into()]).unwrap_or_else(|e| panic!("{e}"));
+                    t.first().get_two::<String, i64>().unwrap_or_else(|e| panic!("{e}"))
                 })
             })
-            .map_err(|e| format!("body function {function} failed: {} (SQLSTATE {})", e.message, e.sqlstate))
+            .map_err(|e| {
+                if e.is_timeout() {
+                    *timed_out = true;
+                    too_slow(&e)
+                } else {
+                    format!("body function {function} failed: {} (SQLSTATE {})", e.message, e.sqlstate)
+                }
+            })
             .and_then(|r| within_limit(r, limit))
         })
         .collect()
 }
 
-pub fn render(kinds: &HashMap<String, Kind>, jobs: &[Claimed], max_body_bytes: i64, max_response_bytes: usize) -> Vec<Rendered> {
+/// Claimed jobs as requests, and the kinds whose bodies ran out of time.
+pub fn render(
+    kinds: &HashMap<String, Kind>,
+    jobs: &[Claimed],
+    max_body_bytes: i64,
+    max_response_bytes: usize,
+) -> (Vec<Rendered>, Vec<String>) {
+    let mut slow_kinds = Vec::new();
     // Body functions, one call per kind.
     let mut by_kind: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, j) in jobs.iter().enumerate() {
         by_kind.entry(j.kind.as_str()).or_default().push(i);
     }
     let mut body_of: Vec<Option<Result<Option<String>, String>>> = (0..jobs.len()).map(|_| None).collect();
-    for (kind, idx) in &by_kind {
-        let Some(function) = kinds.get(*kind).and_then(|k| k.body_fn.as_deref()) else { continue };
+    for (name, idx) in &by_kind {
+        let Some(kind) = kinds.get(*name) else { continue };
+        let Some(function) = kind.body_fn.as_deref() else { continue };
         let ids: Vec<String> = idx.iter().map(|&i| jobs[i].id.clone()).collect();
-        for (&i, b) in idx.iter().zip(bodies(function, &ids, max_body_bytes)) {
+        let mut timed_out = false;
+        for (&i, b) in idx.iter().zip(bodies(kind, function, &ids, max_body_bytes, &mut timed_out)) {
             body_of[i] = Some(b);
         }
+        if timed_out {
+            slow_kinds.push(name.to_string());
+        }
     }
-    jobs.iter()
+    let rendered = jobs.iter()
         .zip(body_of)
         .map(|(job, body)| {
             let Some(kind) = kinds.get(&job.kind) else {
@@ -202,7 +323,8 @@ pub fn render(kinds: &HashMap<String, Kind>, jobs: &[Claimed], max_body_bytes: i
                 keep_alive: !kind.host_per_record,
             })
         })
-        .collect()
+        .collect();
+    (rendered, slow_kinds)
 }
 
 #[cfg(test)]
