@@ -649,9 +649,10 @@ fn shadows_in_public_never_run_as_the_worker_or_an_admin() {
                  AS $$ SELECT to_jsonb(i) FROM public.items i WHERE i.id = $1::int $$;",
         )
         .unwrap();
-    let (attacker_before, owner_before) = (privileges(&s.db, "attacker"), privileges(&s.db, "dbowner"));
     let mut attacker = client_as(&s.db, "attacker");
     attacker.batch_execute(SHADOWS).unwrap();
+    // Taken once the traps are set: their own log's PUBLIC grant is theirs.
+    let (attacker_before, owner_before) = (privileges(&s.db, "attacker"), privileges(&s.db, "dbowner"));
     // The shadows are live: in the attacker's own session, with the default
     // path, they win over pg_catalog's.
     attacker.batch_execute("SELECT cardinality(ARRAY['a']), 'pg_class'::regclass = 'pg_class'::regclass").unwrap();
