@@ -97,10 +97,8 @@ fn register(
     }
     let owner = body.map(check_body_function);
     let allow_superuser = require(allow_superuser, "allow_superuser");
+    // Checked, with body and allow_superuser, by the trigger on the table.
     let run_as = run_as.or(owner);
-    if let Some(role) = run_as {
-        crate::roles::check_run_as(kind, role, allow_superuser);
-    }
     let render_timeout = require(render_timeout, "render_timeout");
     if !(10_000..=300_000_000).contains(&render_timeout.as_micros()) {
         raise(
@@ -162,6 +160,49 @@ fn register(
 }
 
 /// Checks that `f` is a body function; returns its owner.
+/// Checks every write of what decides who bodies run as (body, run_as,
+/// allow_superuser), however it is made: `register`, or a direct INSERT,
+/// UPDATE or COPY by an admin granted the table. Otherwise a delegated admin
+/// could set run_as, or allow_superuser, with an UPDATE.
+#[pg_trigger(sql = "
+CREATE FUNCTION outbox.kinds_checked() RETURNS trigger
+LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+CREATE TRIGGER kinds_checked BEFORE INSERT OR UPDATE ON outbox.kinds
+    FOR EACH ROW EXECUTE FUNCTION outbox.kinds_checked();
+ALTER TABLE outbox.kinds ENABLE ALWAYS TRIGGER kinds_checked;
+")]
+fn kinds_checked<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, std::convert::Infallible> {
+    let td = trigger.trigger_data();
+    let update = matches!(trigger.op(), Ok(PgTriggerOperation::Update));
+    // SAFETY: Postgres hands us the fired trigger, its row(s) and the table's
+    // descriptor, valid for this call; each column is looked up by name.
+    unsafe {
+        let tupdesc = (*td.tg_relation).rd_att;
+        let get = |tuple: *mut pg_sys::HeapTupleData, name: &std::ffi::CStr| {
+            let attno = pg_sys::SPI_fnumber(tupdesc, name.as_ptr());
+            let mut is_null = false;
+            let datum = pg_sys::heap_getattr(tuple, attno, tupdesc, &mut is_null);
+            (!is_null).then_some(datum)
+        };
+        let decides = |tuple| {
+            (
+                get(tuple, c"body").map(|d| pg_sys::Oid::from(d.value() as u32)),
+                get(tuple, c"run_as").map(|d| pg_sys::Oid::from(d.value() as u32)),
+                get(tuple, c"allow_superuser").is_some_and(|d| d.value() != 0),
+            )
+        };
+        let (old, new) = if update { (Some(td.tg_trigtuple), td.tg_newtuple) } else { (None, td.tg_trigtuple) };
+        let (body, run_as, allow_superuser) = decides(new);
+        if old.is_none_or(|old| decides(old) != (body, run_as, allow_superuser)) {
+            let kind = get(new, c"kind").and_then(|d| String::from_datum(d, false)).unwrap_or_default();
+            crate::roles::check_kind(&kind, body, run_as, allow_superuser);
+        }
+    }
+    Ok(trigger.new())
+}
+
 fn check_body_function(f: pg_sys::Oid) -> pg_sys::Oid {
     let found = Spi::get_two_with_args::<bool, pg_sys::Oid>(BODY_FUNCTION, &[f.into()]).unwrap_or((None, None));
     match found {
@@ -364,7 +405,24 @@ mod tests {
             ("SELECT outbox.register('k2', 'http://h/{id}', body => 'public.owned_body(text)', run_as => 'outbox_test_owner')", "00000"),
         ];
         crate::testing::assert_sqlstates(&cases);
+        // Nor through the table, which it may write; what it may not decide
+        // stays as a superuser left it (pause and resume still work).
+        Spi::run("RESET ROLE; GRANT EXECUTE ON FUNCTION outbox.pause(text) TO outbox_test_admin; SET ROLE outbox_test_admin").unwrap();
+        let direct = [
+            ("UPDATE outbox.kinds SET run_as = 'outbox_test_other' WHERE kind = 'k2'", "42501"),
+            ("UPDATE outbox.kinds SET run_as = 'postgres', allow_superuser = true WHERE kind = 'k2'", "42501"),
+            ("UPDATE outbox.kinds SET body = 'public.owned_body(text)', allow_superuser = true WHERE kind = 'k2'", "42501"),
+            ("INSERT INTO outbox.kinds (kind, url, body, run_as) VALUES ('k4', 'http://h/', 'public.owned_body(text)', 'postgres')", "42501"),
+            ("UPDATE outbox.kinds SET url = 'http://h2/{id}' WHERE kind = 'k2'", "00000"),
+            ("SELECT outbox.pause('k')", "00000"),
+        ];
+        crate::testing::assert_sqlstates(&direct);
         Spi::run("RESET ROLE").unwrap();
+        // A SECURITY DEFINER body runs as its owner: a superuser owner needs
+        // the opt-in, whatever run_as says.
+        Spi::run("CREATE FUNCTION public.definer_body(id text) RETURNS jsonb LANGUAGE sql SECURITY DEFINER AS $$ SELECT NULL::jsonb $$").unwrap();
+        assert_eq!(err_of("SELECT outbox.register('k5', 'http://h/{id}', body => 'public.definer_body(text)', run_as => 'outbox_test_owner')"), "42501");
+        Spi::run("SELECT outbox.register('k5', 'http://h/{id}', body => 'public.definer_body(text)', run_as => 'outbox_test_owner', allow_superuser => true)").unwrap();
         let bad = [
             ("SELECT outbox.register('k3', 'http://h/{id}', render_timeout => '1 ms')", "22023"),
             ("SELECT outbox.register('k3', 'http://h/{id}', render_timeout => '1 hour')", "22023"),

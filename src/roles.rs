@@ -74,6 +74,34 @@ pub fn check_run_as(kind: &str, role: pg_sys::Oid, allow_superuser: bool) {
     }
 }
 
+/// The role a body function really runs as, if it is not its caller: the
+/// owner of a SECURITY DEFINER function.
+pub fn definer_of(function: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup, released before return.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as i32, pg_sys::Datum::from(function));
+        if tuple.is_null() {
+            return None;
+        }
+        let proc_ = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple);
+        let definer = proc_.prosecdef.then_some(proc_.proowner);
+        pg_sys::ReleaseSysCache(tuple);
+        definer
+    }
+}
+
+/// What a kind may run as, checked on every write of its body, run_as or
+/// allow_superuser: run_as by [`check_run_as`], and the owner of a SECURITY
+/// DEFINER body likewise, since the body runs as that owner.
+pub fn check_kind(kind: &str, body: Option<pg_sys::Oid>, run_as: Option<pg_sys::Oid>, allow_superuser: bool) {
+    if let Some(role) = run_as {
+        check_run_as(kind, role, allow_superuser);
+    }
+    if let Some(definer) = body.and_then(definer_of) {
+        check_run_as(kind, definer, allow_superuser);
+    }
+}
+
 /// A role's name, or its oid if it has none.
 pub fn role_name(role: pg_sys::Oid) -> String {
     // SAFETY: a syscache lookup; NULL for a role that does not exist.

@@ -66,6 +66,12 @@ pub struct WorkerSlot {
     /// fresh-job hints only while neither moves.
     queue_writers: AtomicU32,
     queue_generation: AtomicU64,
+    /// The kind whose bodies the worker is rendering (`watchdog::kind_hash`;
+    /// 0: none), and the kind a render outlived its watchdog for, with how
+    /// many times in a row: the next worker benches it.
+    rendering: AtomicU64,
+    stuck: AtomicU64,
+    stuck_times: AtomicU32,
 }
 
 // SAFETY: only atomics, no pointers: valid in any process that maps the segment.
@@ -87,6 +93,32 @@ pub fn init() {
 
 fn slot() -> Option<&'static WorkerSlot> {
     READY.load(Ordering::Relaxed).then(|| WORKER.get())
+}
+
+/// Says which kind the worker is rendering (0: none).
+pub fn set_rendering(kind_hash: u64) {
+    if let Some(s) = slot() {
+        s.rendering.store(kind_hash, Ordering::Relaxed);
+    }
+}
+
+/// At the worker's exit by its watchdog: the kind it was rendering is stuck.
+pub fn mark_stuck() {
+    if let Some(s) = slot() {
+        let kind = s.rendering.load(Ordering::Relaxed);
+        let again = s.stuck_times.load(Ordering::Relaxed);
+        let times = if s.stuck.load(Ordering::Relaxed) == kind { again + 1 } else { 1 };
+        s.stuck.store(kind, Ordering::Relaxed);
+        s.stuck_times.store(times, Ordering::Relaxed);
+    }
+}
+
+/// The kind a previous worker got stuck rendering, and how many times in a
+/// row; taken once (the count stays, for the next time).
+pub fn take_stuck_kind() -> Option<(u64, u32)> {
+    let s = slot()?;
+    let kind = s.stuck.swap(0, Ordering::Relaxed);
+    (kind != 0).then(|| (kind, s.stuck_times.load(Ordering::Relaxed)))
 }
 
 /// Sets the worker's latch. Safe in commit callbacks: it cannot raise an ERROR.

@@ -5,6 +5,22 @@
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
+/// The longest message kept of a caught ERROR: it may be user text (a body
+/// function's RAISE) of any size, and ends up in a job's last_error.
+const MAX_MESSAGE: usize = 1024;
+
+/// `message`, cut to [`MAX_MESSAGE`] bytes at a character boundary.
+pub fn bounded(message: &str) -> String {
+    if message.len() <= MAX_MESSAGE {
+        return message.to_string();
+    }
+    let mut cut = MAX_MESSAGE;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}...", &message[..cut])
+}
+
 /// A caught ERROR: its SQLSTATE and message.
 #[derive(Debug, Clone)]
 pub struct Caught {
@@ -74,7 +90,7 @@ pub fn try_subtransaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> 
         }
         Err(match e {
             CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => {
-                Caught { sqlstate: sqlstate(r.sql_error_code()), message: r.message().to_string() }
+                Caught { sqlstate: sqlstate(r.sql_error_code()), message: bounded(r.message()) }
             }
         })
     })
@@ -85,6 +101,14 @@ pub fn try_subtransaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> 
 mod tests {
     use super::sqlstate;
     use pgrx::prelude::PgSqlErrorCode;
+
+    #[test]
+    fn messages_are_bounded() {
+        assert_eq!(super::bounded("short"), "short");
+        let long = "é".repeat(1000);
+        let cut = super::bounded(&long);
+        assert!(cut.len() <= super::MAX_MESSAGE + 3 && cut.ends_with("..."), "{}", cut.len());
+    }
 
     #[test]
     fn sqlstates() {

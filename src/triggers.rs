@@ -539,12 +539,16 @@ pub unsafe fn cover_new_partition(stmt: *mut pg_sys::Node) {
                 .unwrap_or_else(|e| panic!("reading triggers: {e}"))
                 .filter_map(|r| Some((r.get::<Vec<u8>>(1).ok()??, r.get::<String>(2).ok()??)))
                 .collect();
-            for (args, firing) in triggers {
-                let mut args = args.split(|&b| b == 0).map(String::from_utf8_lossy);
-                if let (Some(kind), Some(id_column)) = (args.next(), args.next()) {
-                    create_truncate_triggers(c, relid, &kind, &id_column, &firing);
+            // As the extension's owner: attaching enqueue_trigger() is for
+            // admins, but the table's owner may add partitions to it.
+            crate::roles::as_queue_owner(|| {
+                for (args, firing) in triggers {
+                    let mut args = args.split(|&b| b == 0).map(String::from_utf8_lossy);
+                    if let (Some(kind), Some(id_column)) = (args.next(), args.next()) {
+                        create_truncate_triggers(c, relid, &kind, &id_column, &firing);
+                    }
                 }
-            }
+            })
         })
     });
 }

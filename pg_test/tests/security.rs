@@ -977,3 +977,49 @@ fn a_delegated_admin_cannot_register_bodies_as_a_role_it_is_not() {
     assert_unprivileged(&s.db, "delegate", &before);
     still_healthy(&s.db, &s.good, s.pid);
 }
+
+/// Finding: a body that never returns stalled every kind for good. One that
+/// catches its own cancel (`EXCEPTION WHEN query_canceled`) and loops can't
+/// be stopped by any ERROR: the watchdog ends the worker (die), the next
+/// worker benches the kind, and other kinds keep flowing; the attacker
+/// gains nothing.
+#[test]
+fn a_body_that_ignores_its_cancel_is_ended_and_its_kind_benched() {
+    let s = started();
+    let r = Receiver::start();
+    let mut admin = clean(&s.db);
+    admin.batch_execute("CREATE ROLE attacker LOGIN NOSUPERUSER; CREATE SCHEMA att AUTHORIZATION attacker;").unwrap();
+    let before = privileges(&s.db, "attacker");
+    let mut attacker = client_as(&s.db, "attacker");
+    attacker
+        .batch_execute(
+            "CREATE FUNCTION att.stubborn(id text) RETURNS jsonb LANGUAGE plpgsql AS $$
+             BEGIN
+                 LOOP
+                     BEGIN PERFORM pg_catalog.pg_sleep(3600);
+                     EXCEPTION WHEN query_canceled THEN NULL;
+                     END;
+                 END LOOP;
+             END $$;",
+        )
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "SELECT outbox.register('stubborn', '{}', body => 'att.stubborn(text)', render_timeout => '200 ms');
+             SELECT outbox.enqueue('stubborn', '1');",
+            r.url("/stubborn/{id}")
+        ))
+        .unwrap();
+    // The worker that rendered it is ended, and a new one says why.
+    assert!(wait_until(LONG, || s.db.worker_pid().is_some_and(|p| p != s.pid)), "the stuck worker was ended");
+    assert!(wait_until(LONG, || s.db.log().contains("whose bodies ignored their cancel")), "the next worker benches the kind");
+    let pid = s.db.wait_for_worker();
+    for n in 1..=10 {
+        admin.batch_execute(&format!("SELECT outbox.enqueue('good', 'g{n}')")).unwrap();
+        let path = format!("/good/g{n}");
+        assert!(wait_until(Duration::from_secs(8), || s.good.requests_for(&path).len() == 1), "delivery {n} of kind good was held up");
+    }
+    assert_eq!(s.db.worker_pid(), Some(pid), "benched: the kind did not stop the new worker");
+    assert!(r.requests_for("/stubborn/1").is_empty());
+    assert_unprivileged(&s.db, "attacker", &before);
+}

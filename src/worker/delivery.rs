@@ -110,6 +110,11 @@ const LOCKED_BACKOFF: Duration = Duration::from_millis(100);
 /// PREPARED, which runs no callback of ours).
 const CURSOR_RESET: Duration = Duration::from_secs(1);
 
+/// How many strikes more a kind whose render the watchdog had to end
+/// starts with than one that ran out of time: benched from 16-32 s at the
+/// default `outbox.retry_base`, since each time costs a worker restart.
+const STUCK_EXTRA_STRIKES: u32 = 5;
+
 /// A job handed to the HTTP threads, until its outcome is recorded.
 struct InFlight {
     kind: String,
@@ -174,6 +179,9 @@ struct Worker {
     /// until the instant, so one blocked kind stalls the others' turns once
     /// per back-off, not every turn. With how often it happened in a row.
     benched: HashMap<String, (Instant, u32)>,
+    /// The kind a previous worker got stuck rendering (its hash), and how
+    /// many times in a row: benched once the kinds are read.
+    stuck: Option<(u64, u32)>,
 }
 
 /// The roots HTTPS receivers are checked against, with what `ca_file` adds
@@ -213,6 +221,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     });
     let threads = gucs::HTTP_THREADS.get().max(1) as usize;
     let pool = with_signals_blocked(|| Pool::start(concurrency, threads, roots)).unwrap_or_else(|e| panic!("starting the HTTP threads: {e}"));
+    with_signals_blocked(super::watchdog::start).unwrap_or_else(|e| panic!("starting the watchdog: {e}"));
     log!(
         "outbox worker started for database \"{database}\" with up to {concurrency} requests in flight from {} HTTP thread(s)",
         pool.threads()
@@ -239,6 +248,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         ca_file,
         reloads_seen: reloads(),
         benched: HashMap::new(),
+        stuck: shmem::take_stuck_kind(),
     };
     loop {
         handle_interrupts();
@@ -302,6 +312,9 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
 }
 
 unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
+    if super::watchdog::fired() {
+        shmem::mark_stuck();
+    }
     shmem::unpublish_worker();
 }
 
@@ -440,6 +453,14 @@ impl Worker {
                 self.kinds = render::load_kinds(c);
                 self.kinds_generation = kinds_generation;
             }
+            if let Some((hash, times)) = self.stuck.take() {
+                let stuck: Vec<String> = self.kinds.keys().filter(|k| super::watchdog::kind_hash(k) == hash).cloned().collect();
+                for kind in stuck {
+                    warning!("outbox worker: the last worker was stopped while rendering kind \"{kind}\", whose bodies ignored their cancel");
+                    // Each time costs a worker: bench it longer than a slow kind.
+                    bench_kind(&mut self.benched, &kind, times + STUCK_EXTRA_STRIKES);
+                }
+            }
             let kinds = &self.kinds;
             let now = Instant::now();
             self.benched.retain(|name, _| kinds.contains_key(name));
@@ -537,10 +558,15 @@ fn bench(benched: &mut HashMap<String, (Instant, u32)>, claimed: &[queue::Claime
     }
     for kind in slow_kinds {
         let strikes = benched.get(kind).map_or(0, |b| b.1) + 1;
-        let pause = retry_delay(strikes, None, gucs::retry_base(), gucs::retry_max(), rand::random::<f64>());
-        warning!("outbox worker: bodies of kind \"{kind}\" ran out of their render_timeout; not claiming the kind for {} ms", pause.as_millis());
-        benched.insert(kind.clone(), (Instant::now() + pause, strikes));
+        bench_kind(benched, kind, strikes);
     }
+}
+
+/// Benches `kind` for the retry back-off of its `strikes`-th time.
+fn bench_kind(benched: &mut HashMap<String, (Instant, u32)>, kind: &str, strikes: u32) {
+    let pause = retry_delay(strikes, None, gucs::retry_base(), gucs::retry_max(), rand::random::<f64>());
+    warning!("outbox worker: bodies of kind \"{kind}\" ran out of their render_timeout; not claiming the kind for {} ms", pause.as_millis());
+    benched.insert(kind.to_string(), (Instant::now() + pause, strikes));
 }
 
 /// The extension's oid and its schema's, if it is installed; if so, it stays

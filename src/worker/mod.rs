@@ -14,7 +14,8 @@
 //!   absorb leaves them for later rather than wait). [`fresh_jobs`]: where
 //!   the records' fresh jobs are (the absorb skips changes that coalesce
 //!   into one without an index descent).
-//! - [`signals`]: signal handlers, waiting, transactions.
+//! - [`signals`]: signal handlers, waiting, transactions. [`watchdog`]: ends
+//!   the worker when a render outlives its cancel.
 
 pub mod connect;
 pub mod delivery;
@@ -27,6 +28,7 @@ pub mod quarantine;
 pub mod queue;
 pub mod render;
 pub mod signals;
+pub mod watchdog;
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
 use std::time::Duration;

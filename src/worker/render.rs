@@ -24,7 +24,8 @@ pub(crate) const LOAD_KINDS: &str = "
 SELECT kind, url, body::pg_catalog.regproc::pg_catalog.text, headers::pg_catalog.text, secret,
        (extract(epoch FROM timeout) OPERATOR(pg_catalog.*) 1000)::bigint, max_attempts, on_missing, paused,
        run_as::pg_catalog.oid, allow_superuser,
-       (extract(epoch FROM render_timeout) OPERATOR(pg_catalog.*) 1000)::bigint
+       (extract(epoch FROM render_timeout) OPERATOR(pg_catalog.*) 1000)::bigint,
+       (SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid OPERATOR(pg_catalog.=) body AND p.prosecdef)
   FROM outbox.kinds";
 
 pub struct Kind {
@@ -34,6 +35,9 @@ pub struct Kind {
     /// The role body functions run as, and whether it may be a superuser.
     pub run_as: Option<pg_sys::Oid>,
     pub allow_superuser: bool,
+    /// The owner of a SECURITY DEFINER body, which it runs as whatever
+    /// run_as says.
+    pub definer: Option<pg_sys::Oid>,
     /// How long one turn's render of this kind's bodies may take in all.
     pub render_timeout: Duration,
     pub headers: Vec<(String, String)>,
@@ -73,6 +77,7 @@ pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
                 body_fn: r.get::<String>(3).ok().flatten(),
                 run_as: r.get::<pg_sys::Oid>(10).ok().flatten(),
                 allow_superuser: r.get::<bool>(11).ok().flatten().unwrap_or(false),
+                definer: r.get::<pg_sys::Oid>(13).ok().flatten(),
                 render_timeout: Duration::from_millis(r.get::<i64>(12).ok().flatten().unwrap_or(1_000).max(10) as u64),
                 headers,
                 key,
@@ -117,6 +122,12 @@ fn refusal(kind: &Kind) -> Option<String> {
     };
     if !crate::roles::role_exists(role) {
         return Some(format!("run_as role {} does not exist", role.to_u32()));
+    }
+    if let Some(definer) = kind.definer.filter(|&d| crate::roles::is_superuser(d) && !kind.allow_superuser) {
+        return Some(format!(
+            "the body function is SECURITY DEFINER and owned by superuser \"{}\": bodies do not run as one unless the kind was registered with allow_superuser",
+            crate::roles::role_name(definer)
+        ));
     }
     if crate::roles::is_superuser(role) && !kind.allow_superuser {
         return Some(format!(
@@ -266,6 +277,17 @@ fn bodies(kind: &Kind, function: &str, ids: &[String], limit: i64, timed_out: &m
         .collect()
 }
 
+/// What a body can leave in the worker's session past its security-
+/// restricted operation: session advisory locks and prepared statements.
+fn clear_session_leftovers() {
+    // SAFETY: releasing this session's user locks (the worker takes none of
+    // its own) and dropping its prepared statements (its plans are SPI's).
+    unsafe {
+        pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
+        pg_sys::DropAllPreparedStatements();
+    }
+}
+
 /// Claimed jobs as requests, and the kinds whose bodies ran out of time.
 pub fn render(
     kinds: &HashMap<String, Kind>,
@@ -285,7 +307,13 @@ pub fn render(
         let Some(function) = kind.body_fn.as_deref() else { continue };
         let ids: Vec<String> = idx.iter().map(|&i| jobs[i].id.clone()).collect();
         let mut timed_out = false;
-        for (&i, b) in idx.iter().zip(bodies(kind, function, &ids, max_body_bytes, &mut timed_out)) {
+        crate::shmem::set_rendering(super::watchdog::kind_hash(name));
+        super::watchdog::arm(Instant::now() + kind.render_timeout);
+        let rendered = bodies(kind, function, &ids, max_body_bytes, &mut timed_out);
+        super::watchdog::disarm();
+        crate::shmem::set_rendering(0);
+        clear_session_leftovers();
+        for (&i, b) in idx.iter().zip(rendered) {
             body_of[i] = Some(b);
         }
         if timed_out {
