@@ -207,11 +207,12 @@ unsafe fn postgres_allows(needs: &Needs, db: pg_sys::Oid) -> bool {
 ///
 /// # Safety
 /// `stmt` is a valid utility statement node.
-pub unsafe fn step_aside_for(stmt: *mut pg_sys::Node) {
+pub unsafe fn step_aside_for(stmt: *mut pg_sys::Node, toplevel: bool) {
     // SAFETY: as this function's contract.
     let Some(Ddl { name, needs, lock, what, in_block }) = (unsafe { needs_database_alone(stmt) }) else { return };
     // SAFETY: a plain read of the transaction state.
-    if !in_block && unsafe { pg_sys::IsTransactionBlock() } {
+    // Those that can't run in a block can't run from a function either.
+    if !in_block && (!toplevel || unsafe { pg_sys::IsTransactionBlock() }) {
         return;
     }
     // SAFETY: statement names are NUL-terminated strings.
@@ -237,6 +238,11 @@ pub unsafe fn step_aside_for(stmt: *mut pg_sys::Node) {
     // pg_terminate_backend does.
     unsafe {
         pg_sys::LockSharedObject(pg_sys::DatabaseRelationId, db, 0, lock);
+        // Sessions still in the database fail the statement whatever the
+        // worker does (none can connect while we hold the lock).
+        if pg_sys::CountDBConnections(db) > 0 {
+            return;
+        }
         let proc_ = pg_sys::BackendPidGetProc(pid);
         if proc_.is_null() || (*proc_).databaseId != db {
             return;

@@ -80,9 +80,9 @@ extern "C-unwind" fn flush_after_statement() {
 /// As [`flush_after_statement`].
 #[cfg(not(feature = "pg13"))]
 #[pg_guard]
-unsafe extern "C-unwind" fn before_utility(stmt: *mut pg_sys::Node) {
+unsafe extern "C-unwind" fn before_utility(stmt: *mut pg_sys::Node, toplevel: bool) {
     // SAFETY: called with the statement the utility hook runs.
-    unsafe { crate::database_ddl::step_aside_for(stmt) };
+    unsafe { crate::database_ddl::step_aside_for(stmt, toplevel) };
 }
 
 /// Not `#[pg_guard]`, as for [`executor_finish`].
@@ -101,7 +101,7 @@ unsafe extern "C-unwind" fn process_utility(
     // SAFETY: as for executor_finish; pstmt is a valid utility statement.
     let tag = unsafe {
         let stmt = (*pstmt).utilityStmt;
-        before_utility(stmt);
+        before_utility(stmt, context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL);
         let tag = (*stmt).type_;
         match PREV_PROCESS_UTILITY {
             Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),

@@ -97,8 +97,10 @@ fn register(
     }
     let owner = body.map(check_body_function);
     let allow_superuser = require(allow_superuser, "allow_superuser");
-    // Checked, with body and allow_superuser, by the trigger on the table.
     let run_as = run_as.or(owner);
+    // Before any table access, for a clear error; the trigger on the table
+    // checks every other write the same way.
+    crate::roles::check_kind(kind, body, run_as, allow_superuser);
     let render_timeout = require(render_timeout, "render_timeout");
     if !(10_000..=300_000_000).contains(&render_timeout.as_micros()) {
         raise(
