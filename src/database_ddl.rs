@@ -239,9 +239,17 @@ pub unsafe fn step_aside_for(stmt: *mut pg_sys::Node, toplevel: bool) {
     unsafe {
         pg_sys::LockSharedObject(pg_sys::DatabaseRelationId, db, 0, lock);
         // Sessions still in the database fail the statement whatever the
-        // worker does (none can connect while we hold the lock).
-        if pg_sys::CountDBConnections(db) > 0 {
-            return;
+        // worker does (none can connect while we hold the lock). Postgres
+        // waits five seconds for them to leave; so do we, for one that is
+        // closing.
+        let mut waited = 0;
+        while pg_sys::CountDBConnections(db) > 0 {
+            if waited == 50 {
+                return;
+            }
+            pg_sys::pg_usleep(100_000);
+            pg_sys::check_for_interrupts!();
+            waited += 1;
         }
         let proc_ = pg_sys::BackendPidGetProc(pid);
         if proc_.is_null() || (*proc_).databaseId != db {
