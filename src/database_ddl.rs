@@ -11,7 +11,7 @@
 //! waits for it, as at startup). If the statement fails, nothing is lost:
 //! the next worker sends the deliveries that were in flight again.
 
-use crate::{gucs, shmem};
+use crate::{gucs, shmem, syscache};
 use pgrx::prelude::*;
 use pgrx::PgList;
 use std::ffi::{c_char, CStr};
@@ -123,34 +123,17 @@ fn owns(db: pg_sys::Oid) -> bool {
 
 /// Whether the current user may create databases (as dbcommands.c asks).
 fn may_create_databases() -> bool {
-    // SAFETY: syscache lookups of the current user, released before return.
-    unsafe {
-        let user = pg_sys::GetUserId();
-        if pg_sys::superuser_arg(user) {
-            return true;
-        }
-        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::AUTHOID as i32, pg_sys::Datum::from(user));
-        if tuple.is_null() {
-            return false;
-        }
-        let createdb = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_authid>(tuple)).rolcreatedb;
-        pg_sys::ReleaseSysCache(tuple);
-        createdb
-    }
+    // SAFETY: reading the current user id.
+    let user = unsafe { pg_sys::GetUserId() };
+    // SAFETY: a syscache lookup.
+    let superuser = unsafe { pg_sys::superuser_arg(user) };
+    superuser
+        || syscache::row(pg_sys::SysCacheIdentifier::AUTHOID, user, |r: &pg_sys::FormData_pg_authid| r.rolcreatedb) == Some(true)
 }
 
 /// Whether database `db` is a template (`datistemplate`).
 fn is_template(db: pg_sys::Oid) -> bool {
-    // SAFETY: a syscache lookup of a database that exists, released before return.
-    unsafe {
-        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::DATABASEOID as i32, pg_sys::Datum::from(db));
-        if tuple.is_null() {
-            return false;
-        }
-        let template = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple)).datistemplate;
-        pg_sys::ReleaseSysCache(tuple);
-        template
-    }
+    syscache::row(pg_sys::SysCacheIdentifier::DATABASEOID, db, |r: &pg_sys::FormData_pg_database| r.datistemplate) == Some(true)
 }
 
 /// Whether no database is called `name`.

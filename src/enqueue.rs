@@ -365,7 +365,7 @@ mod tests {
         // A fresh transaction-level cache would still map (user, 7) to the
         // running job; the real worker only claims committed jobs, so clear
         // it the way a new transaction does.
-        super::XACT.with(|x| x.borrow_mut().seen.clear());
+        super::forget_this_transaction();
         Spi::run("SELECT outbox.enqueue('user', 7)").unwrap();
         assert_eq!(job_ids().len(), 2);
         assert_ne!(first, job_ids()[1]);
@@ -385,7 +385,7 @@ mod tests {
         let read = |index: &str| count(&format!("SELECT pg_stat_get_xact_tuples_returned('outbox.{index}'::regclass)"));
         for _ in 0..3 {
             // As a new transaction would find it: no cached job id.
-            super::XACT.with(|x| x.borrow_mut().seen.clear());
+            super::forget_this_transaction();
             let (due, fresh) = (read("queue_due"), read("queue_fresh_key"));
             Spi::run("SELECT outbox.enqueue('user', 4321)").unwrap();
             assert_eq!(count("SELECT job_id FROM outbox.queue WHERE id = '4321'"), expected);

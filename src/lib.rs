@@ -17,6 +17,7 @@
 //! - [`queue_writers`]: counts other sessions' statements that may change queue jobs (for the worker's hints).
 //! - [`inspection`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`, `purge_dead`.
 //! - [`gucs`]: the `outbox.*` settings.
+//! - [`syscache`]: one catalog row, read through its syscache.
 //! - [`shmem`]: what backends and the worker share (the worker's latch, its status).
 //! - [`worker`]: the background worker: claim, render, deliver from an HTTP thread, record.
 //! - [`sql_check`] (tests only): every statement names the schema of its functions and operators.
@@ -46,6 +47,7 @@ pub mod signing;
 #[cfg(test)]
 pub mod sql_check;
 pub mod subxact;
+pub mod syscache;
 pub mod template;
 #[cfg(any(test, feature = "pg_test"))]
 pub mod testing;

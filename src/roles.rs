@@ -77,17 +77,10 @@ pub fn check_run_as(kind: &str, role: pg_sys::Oid, allow_superuser: bool) {
 /// The role a body function really runs as, if it is not its caller: the
 /// owner of a SECURITY DEFINER function.
 pub fn definer_of(function: pg_sys::Oid) -> Option<pg_sys::Oid> {
-    // SAFETY: a syscache lookup, released before return.
-    unsafe {
-        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as i32, pg_sys::Datum::from(function));
-        if tuple.is_null() {
-            return None;
-        }
-        let proc_ = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple);
-        let definer = proc_.prosecdef.then_some(proc_.proowner);
-        pg_sys::ReleaseSysCache(tuple);
-        definer
-    }
+    crate::syscache::row(pg_sys::SysCacheIdentifier::PROCOID, function, |p: &pg_sys::FormData_pg_proc| {
+        p.prosecdef.then_some(p.proowner)
+    })
+    .flatten()
 }
 
 /// What a kind may run as, checked on every write of its body, run_as or

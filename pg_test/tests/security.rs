@@ -125,6 +125,15 @@ fn assert_unprivileged(db: &Cluster, role: &str, before: &str) {
     assert!(gained.is_empty() && lost.is_empty(), "{role}'s privileges changed: gained {gained:#?}, lost {lost:#?}");
 }
 
+/// An admin connection, and one of role `attacker`, which owns schema `att`
+/// and whose privileges are as `before` says.
+fn attacker_with_schema(db: &Cluster) -> (Client, Client, String) {
+    let mut admin = clean(db);
+    admin.batch_execute("CREATE ROLE attacker LOGIN NOSUPERUSER; CREATE SCHEMA att AUTHORIZATION attacker;").unwrap();
+    let before = privileges(db, "attacker");
+    (admin, client_as(db, "attacker"), before)
+}
+
 /// Kind `good` is still delivered and recorded, by the worker process `pid`.
 #[track_caller]
 fn still_healthy(db: &Cluster, good: &Receiver, pid: i32) {
@@ -551,10 +560,7 @@ fn an_inbox_row_the_worker_cannot_absorb_is_set_aside() {
 fn a_blocked_or_slow_body_fails_its_job_while_other_kinds_flow() {
     let s = started();
     let r = Receiver::start();
-    let mut admin = clean(&s.db);
-    admin.batch_execute("CREATE ROLE attacker LOGIN NOSUPERUSER; CREATE SCHEMA att AUTHORIZATION attacker;").unwrap();
-    let before = privileges(&s.db, "attacker");
-    let mut attacker = client_as(&s.db, "attacker");
+    let (mut admin, mut attacker, before) = attacker_with_schema(&s.db);
     attacker
         .batch_execute(
             "CREATE TABLE att.docs (id text PRIMARY KEY, v text);
@@ -987,10 +993,7 @@ fn a_delegated_admin_cannot_register_bodies_as_a_role_it_is_not() {
 fn a_body_that_ignores_its_cancel_is_ended_and_its_kind_benched() {
     let s = started();
     let r = Receiver::start();
-    let mut admin = clean(&s.db);
-    admin.batch_execute("CREATE ROLE attacker LOGIN NOSUPERUSER; CREATE SCHEMA att AUTHORIZATION attacker;").unwrap();
-    let before = privileges(&s.db, "attacker");
-    let mut attacker = client_as(&s.db, "attacker");
+    let (mut admin, mut attacker, before) = attacker_with_schema(&s.db);
     attacker
         .batch_execute(
             "CREATE FUNCTION att.stubborn(id text) RETURNS jsonb LANGUAGE plpgsql AS $$

@@ -95,6 +95,7 @@ pub mod types {
     use pgrx::pg_sys::BuiltinOid;
     use pgrx::PgOid;
     pub const INT8: PgOid = PgOid::BuiltIn(BuiltinOid::INT8OID);
+    pub const TEXT: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTOID);
     pub const TEXT_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTARRAYOID);
     pub const INT8_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT8ARRAYOID);
     pub const INT4_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT4ARRAYOID);

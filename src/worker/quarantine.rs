@@ -10,10 +10,7 @@ use super::plans::{execute, with_settings};
 use crate::subxact::{try_subtransaction, Caught};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::PgOid;
-
-const TEXT: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
-use super::plans::types::INT8;
+use super::plans::types::{INT8, TEXT};
 
 /// The inbox rows from heap block $2 on, at most $1: those the failed
 /// absorb would have taken.
