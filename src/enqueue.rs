@@ -151,6 +151,8 @@ unsafe extern "C-unwind" fn on_subxact_event(
         XACT.with(|x| {
             if let Ok(mut s) = x.try_borrow_mut() {
                 s.seen.clear();
+                // A grant made in the subtransaction is gone with it.
+                s.allowed.clear();
             }
         });
         crate::inbox::forget_subxact(my);

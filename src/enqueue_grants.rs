@@ -140,7 +140,18 @@ mod tests {
         Spi::run("SELECT outbox.grant_enqueue('outbox_test_app')").unwrap();
         assert_eq!(as_role("outbox_test_app", "SELECT outbox.enqueue('order', 1)"), "00000");
         assert_eq!(as_role("outbox_test_app", "SELECT outbox.enqueue('nope', 1)"), "42704", "granted every kind: told it is unknown");
-        Spi::run("SELECT outbox.revoke_enqueue('outbox_test_app'), outbox.revoke_enqueue('outbox_test_app', 'user')").unwrap();
+        Spi::run("SELECT outbox.revoke_enqueue('outbox_test_app')").unwrap();
+        // A grant rolled back with its subtransaction allows nothing after.
+        let r = crate::subxact::try_subtransaction(|| {
+            Spi::run("SELECT outbox.grant_enqueue('outbox_test_app', 'order')").unwrap();
+            Spi::run("SET ROLE outbox_test_app").unwrap();
+            Spi::run("SELECT outbox.enqueue('order', 2)").unwrap();
+            panic!("roll the subtransaction back");
+        });
+        assert!(r.is_err());
+        Spi::run("RESET ROLE").unwrap();
+        assert_eq!(as_role("outbox_test_app", "SELECT outbox.enqueue('order', 3)"), "42501", "the rolled-back grant is forgotten");
+        Spi::run("SELECT outbox.revoke_enqueue('outbox_test_app', 'user')").unwrap();
         assert_eq!(as_role("outbox_test_app", "SELECT outbox.enqueue('user', 3)"), "42501");
         // Admin only, with clear errors.
         assert_eq!(as_role("outbox_test_app", "SELECT outbox.grant_enqueue('outbox_test_app')"), "42501");
