@@ -92,7 +92,11 @@ fn a_huge_body_fails_its_job_without_the_worker_holding_it() {
              SELECT json_build_object('id', id, 'pad', repeat('x', CASE WHEN id LIKE 'huge%' THEN 20000000 ELSE 10 END))
          $$;
          CREATE ROLE reader NOLOGIN;
-         SELECT outbox.register('big', '{}', body => 'big_body(text)', run_as => 'reader', max_attempts => 1);",
+         -- Six 20 MB bodies take about a second to build on the test
+         -- machine: more time than the default render_timeout, which is
+         -- not what this test is about.
+         SELECT outbox.register('big', '{}', body => 'big_body(text)', run_as => 'reader', max_attempts => 1,
+                                render_timeout => '1 min');",
         big.url("/big/{id}")
     ))
     .unwrap();
