@@ -22,45 +22,62 @@ DELETE FROM outbox.enqueuers
 
 const KIND_EXISTS: &str = "SELECT EXISTS (SELECT FROM outbox.kinds WHERE kind OPERATOR(pg_catalog.=) $1)";
 
-/// The roles allowed to enqueue kind $1.
-const ENQUEUERS: &str = "
-SELECT e.role::pg_catalog.oid FROM outbox.enqueuers e
- WHERE e.kind IS NULL OR e.kind OPERATOR(pg_catalog.=) $1";
+
+/// Whether kind $1 is registered, and the roles allowed to enqueue it: what
+/// an `enqueue()` asks once per transaction and kind, in one statement.
+const ACCESS: &str = "
+SELECT EXISTS (SELECT FROM outbox.kinds k WHERE k.kind OPERATOR(pg_catalog.=) $1),
+       ARRAY(SELECT e.role::pg_catalog.oid FROM outbox.enqueuers e
+              WHERE e.kind IS NULL OR e.kind OPERATOR(pg_catalog.=) $1)";
 
 /// The SQL statements of this module, for the qualification sweep.
 #[cfg(test)]
 pub(crate) const STATEMENTS: &[(&str, &str)] =
-    &[("GRANT", GRANT), ("REVOKE", REVOKE), ("KIND_EXISTS", KIND_EXISTS), ("ENQUEUERS", ENQUEUERS)];
+    &[("GRANT", GRANT), ("REVOKE", REVOKE), ("KIND_EXISTS", KIND_EXISTS), ("ACCESS", ACCESS)];
 
 thread_local! {
     static PLAN: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
 }
 
-/// Whether `user` may enqueue `kind`. Reads `outbox.enqueuers` as the
-/// queue's owner: application roles can't read it.
-pub fn may_enqueue(user: pg_sys::Oid, kind: &str) -> bool {
-    // SAFETY: a syscache lookup of a role.
-    if unsafe { pg_sys::superuser_arg(user) } {
-        return true;
-    }
-    let roles: Vec<pg_sys::Oid> = crate::roles::as_queue_owner(|| {
+/// What a role may do with a kind through `enqueue()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Allowed,
+    /// The same answer whether or not the kind exists: a role learns nothing
+    /// of kinds it may not use.
+    Denied,
+    /// Allowed, but nobody registered the kind.
+    UnknownKind,
+}
+
+/// What `user` may do with `kind`. Reads the tables as the queue's owner:
+/// application roles can't read them.
+pub fn access(user: pg_sys::Oid, kind: &str) -> Access {
+    let (exists, roles): (bool, Vec<pg_sys::Oid>) = crate::roles::as_queue_owner(|| {
         PLAN.with(|plan| {
             let plan = plan.get_or_init(|| {
                 Spi::connect(|c| {
                     let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
-                    c.prepare(ENQUEUERS, &[text]).unwrap_or_else(|e| panic!("preparing enqueuers: {e}")).keep()
+                    c.prepare(ACCESS, &[text]).unwrap_or_else(|e| panic!("preparing enqueue access: {e}")).keep()
                 })
             });
             Spi::connect(|c| {
-                c.select(plan, None, &[kind.into()])
-                    .unwrap_or_else(|e| panic!("reading enqueuers: {e}"))
-                    .filter_map(|r| r.get::<pg_sys::Oid>(1).ok().flatten())
-                    .collect()
+                let row = c.select(plan, None, &[kind.into()]).unwrap_or_else(|e| panic!("reading enqueuers: {e}"));
+                let row = row.first();
+                (
+                    row.get::<bool>(1).ok().flatten().unwrap_or(false),
+                    row.get::<Vec<pg_sys::Oid>>(2).ok().flatten().unwrap_or_default(),
+                )
             })
         })
     });
-    // SAFETY: role membership lookups; false for a role dropped since.
-    roles.into_iter().any(|role| unsafe { pg_sys::has_privs_of_role(user, role) })
+    // SAFETY: role lookups in the syscache; false for a role dropped since.
+    let allowed = unsafe { pg_sys::superuser_arg(user) || roles.into_iter().any(|role| pg_sys::has_privs_of_role(user, role)) };
+    match (allowed, exists) {
+        (false, _) => Access::Denied,
+        (true, false) => Access::UnknownKind,
+        (true, true) => Access::Allowed,
+    }
 }
 
 fn check_kind(c: &pgrx::spi::SpiClient<'_>, kind: Option<&str>) {

@@ -1,13 +1,13 @@
 //! Lookups of fresh jobs by (kind, id), made on their unique index
-//! `queue_fresh_key` itself.
+//! `queue_fresh_key` itself, with a snapshot of the caller's choice (the
+//! worker's `in_flux` asks with a dirty one).
 //!
 //! Through SQL, `kind = $1 AND id = $2 AND state = 'pending' ...` may be
 //! planned on `queue_due` instead, whose leading column is `kind` too, and
 //! then filters every pending job of the kind. Both look like one row to the
 //! planner when the queue's statistics date from when it was small (or say
-//! the kind is rare): enqueue's lookup of the job it had just locked did
-//! that, and took 9 ms with 40,000 jobs pending. Going to the index leaves
-//! the planner no choice.
+//! the kind is rare): a lookup that did that took 9 ms with 40,000 jobs
+//! pending. Going to the index leaves the planner no choice.
 
 use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum};
@@ -115,39 +115,4 @@ impl FreshKey {
             i64::from_datum(datum, isnull)
         }
     }
-}
-
-/// Runs `f` with the index open and a registered copy of the latest
-/// snapshot, for lookups as of now (this transaction's own changes
-/// included). None if the extension's relations are missing.
-pub fn with_latest_snapshot<R>(f: impl FnOnce(&mut FreshKey, pg_sys::Snapshot) -> R) -> Option<R> {
-    with_fresh_key(|k| {
-        // SAFETY: the copy stays valid until it is unregistered, after `f`.
-        // An ERROR inside `f` releases it through the resource owner.
-        unsafe {
-            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-            let r = f(k, snapshot);
-            pg_sys::UnregisterSnapshot(snapshot);
-            r
-        }
-    })
-}
-
-/// The fresh job of (kind, id) as of now, committed or this transaction's.
-/// Enqueue looks it up after its `INSERT ... ON CONFLICT` locked it without
-/// changing it (that returns no row): the lock keeps it fresh, and it may
-/// have committed after the insert's snapshot, so a new one is taken.
-pub fn fresh_job(kind: &str, id: &str) -> Option<i64> {
-    with_latest_snapshot(|k, snapshot| {
-        let mut job_id = None;
-        // SAFETY: the snapshot stays registered while `find` runs.
-        unsafe {
-            k.find(kind, id, snapshot, |k| {
-                job_id = k.job_id();
-                job_id.is_some()
-            })
-        };
-        job_id
-    })
-    .flatten()
 }

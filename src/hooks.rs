@@ -7,7 +7,9 @@
 //! - after a partition is created or attached, it gets the TRUNCATE triggers
 //!   of its tracked ancestors ([`crate::triggers::cover_new_partition`]);
 //! - after a COPY into the extension's own tables (a restore), jobs restored
-//!   `running` are made `pending` and the worker is told ([`crate::restore`]).
+//!   `running` are made `pending` and the worker is told ([`crate::restore`]);
+//! - after `COMMIT PREPARED`, the worker is woken (no callback of the
+//!   prepared transaction runs at its commit).
 
 use pgrx::prelude::*;
 
@@ -120,7 +122,26 @@ unsafe extern "C-unwind" fn process_utility(
         }
         // SAFETY: the statement is the one that just ran.
         pg_sys::NodeTag::T_CreateStmt | pg_sys::NodeTag::T_AlterTableStmt => unsafe { after_table_ddl((*pstmt).utilityStmt) },
+        // SAFETY: the node is a TransactionStmt, by its tag.
+        pg_sys::NodeTag::T_TransactionStmt => unsafe { after_transaction_statement((*pstmt).utilityStmt.cast()) },
         _ => {}
+    }
+}
+
+/// `COMMIT PREPARED` runs none of the prepared transaction's callbacks: the
+/// transaction that wrote the changes said nothing at PREPARE, so the worker
+/// is woken here, once the commit is done, as if it had appended to the inbox
+/// and changed the kinds (a spare look costs one turn).
+///
+/// # Safety
+/// `stmt` is the TransactionStmt that just ran.
+#[cfg(not(feature = "pg13"))]
+unsafe fn after_transaction_statement(stmt: *mut pg_sys::TransactionStmt) {
+    // SAFETY: the caller's contract.
+    if unsafe { (*stmt).kind } == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED {
+        crate::shmem::mark_inbox_dirty();
+        crate::shmem::bump_kinds_generation();
+        crate::shmem::wake_worker();
     }
 }
 

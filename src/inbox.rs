@@ -1,7 +1,8 @@
-//! The inbox writer: where tracked tables' changes go before the worker moves
-//! them into the queue.
+//! The inbox writer: where every change goes before the worker moves it into
+//! the queue, whether a tracked table's trigger or `outbox.enqueue()` made it.
 //!
-//! `enqueue_trigger` hands each changed id to [`append`]. Ids are kept in
+//! `enqueue_trigger` and `enqueue` hand each changed id to [`append`], with
+//! the time it may be delivered from if the enqueue had a delay. Ids are kept in
 //! backend memory and written to `outbox.inbox` as rows of `(kind, ids[])`,
 //! each up to [`ROW_BYTES`] of ids: one heap insert and one WAL record per
 //! hundred-odd changes instead of one per change. That is most of what a bulk
@@ -42,10 +43,12 @@ fn stored_bytes(id: &str) -> usize {
 /// it, repeats are simply written again (the worker coalesces them).
 const DEDUPE_LIMIT: usize = 100_000;
 
-/// Ids of one kind buffered by one subtransaction.
+/// Ids of one kind and delay buffered by one subtransaction.
 struct Run {
     subxact: pg_sys::SubTransactionId,
     kind: String,
+    /// Not before this time (an enqueue's delay); None: at once.
+    run_at: Option<pg_sys::TimestampTz>,
     ids: Vec<String>,
     bytes: usize,
 }
@@ -53,8 +56,10 @@ struct Run {
 #[derive(Default)]
 struct Buffer {
     runs: Vec<Run>,
-    /// (kind, id) already buffered or written by this transaction. Cleared at
-    /// transaction end and when a subtransaction aborts (its rows are gone).
+    /// (kind, id) already buffered or written by this transaction, without a
+    /// delay: a repeat, delayed or not, adds nothing (the worker takes the
+    /// earliest time a record's changes ask for). Cleared at transaction end
+    /// and when a subtransaction aborts (its rows are gone).
     seen: foldhash::HashMap<String, foldhash::HashSet<String>>,
     seen_count: usize,
 }
@@ -63,8 +68,9 @@ thread_local! {
     static BUFFER: RefCell<Buffer> = RefCell::new(Buffer::default());
 }
 
-/// Buffers a change of `(kind, id)` made by the current (sub)transaction.
-pub fn append(kind: &str, id: String) {
+/// Buffers a change of `(kind, id)` made by the current (sub)transaction,
+/// to be delivered not before `run_at` (None: at once).
+pub fn append(kind: &str, id: String, run_at: Option<pg_sys::TimestampTz>) {
     crate::enqueue::check_id(&id);
     // SAFETY: a plain read of the transaction state; we are in a transaction.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
@@ -73,14 +79,14 @@ pub fn append(kind: &str, id: String) {
         if b.seen.get(kind).is_some_and(|s| s.contains(&id)) {
             return None;
         }
-        if b.seen_count < DEDUPE_LIMIT {
+        if run_at.is_none() && b.seen_count < DEDUPE_LIMIT {
             match b.seen.get_mut(kind) {
                 Some(s) => s.insert(id.clone()),
                 None => b.seen.entry(kind.to_string()).or_default().insert(id.clone()),
             };
             b.seen_count += 1;
         }
-        let at = match b.runs.iter().rposition(|r| r.subxact == subxact && r.kind == kind) {
+        let at = match b.runs.iter().rposition(|r| r.subxact == subxact && r.run_at == run_at && r.kind == kind) {
             Some(i) => i,
             None => {
                 // Every buffered id sits in a run, and runs end with their
@@ -88,7 +94,7 @@ pub fn append(kind: &str, id: String) {
                 // what is left before commit, forget it all at the end and
                 // wake the worker, are in place before the first id is kept.
                 crate::enqueue::wake_on_commit_for_inbox();
-                b.runs.push(Run { subxact, kind: kind.to_string(), ids: Vec::new(), bytes: 0 });
+                b.runs.push(Run { subxact, kind: kind.to_string(), run_at, ids: Vec::new(), bytes: 0 });
                 b.runs.len() - 1
             }
         };
@@ -104,7 +110,7 @@ pub fn append(kind: &str, id: String) {
         full
     });
     if let Some((kind, ids)) = full {
-        write(&kind, &ids);
+        write(&kind, &ids, run_at);
     }
 }
 
@@ -133,7 +139,7 @@ pub fn flush() {
         mine
     });
     for run in &runs {
-        write(&run.kind, &run.ids);
+        write(&run.kind, &run.ids, run.run_at);
     }
 }
 
@@ -237,7 +243,7 @@ fn rows_context() -> pg_sys::MemoryContext {
 
 /// Inserts one inbox row of a kind's ids. A run never holds more than a
 /// row's worth: [`append`] writes it out before it would outgrow one.
-fn write(kind: &str, ids: &[String]) {
+fn write(kind: &str, ids: &[String], run_at: Option<pg_sys::TimestampTz>) {
     debug_assert!(ids.len() == 1 || ids.iter().map(|id| stored_bytes(id)).sum::<usize>() <= ROW_BYTES);
     let cxt = rows_context();
     // SAFETY: the inbox is our own plain heap table; we hold RowExclusiveLock
@@ -253,17 +259,18 @@ fn write(kind: &str, ids: &[String]) {
             raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "outbox.inbox must not have indexes", None);
         }
         // The row below is built for the table as the extension creates it.
-        if (*(*rel).rd_att).natts != 4 {
+        if (*(*rel).rd_att).natts != 5 {
             pg_sys::table_close(rel, lock);
             raise(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "outbox.inbox does not have the columns (kind, id, ids, enqueued_at)",
+                "outbox.inbox does not have the columns (kind, id, ids, enqueued_at, run_at)",
                 Some("Was the table altered? Reinstall the extension."),
             );
         }
         pg_sys::MemoryContextReset(cxt);
         PgMemoryContexts::For(cxt).switch_to(|_| {
-            // (kind, id, ids, enqueued_at): one change in id, several in ids.
+            // (kind, id, ids, enqueued_at, run_at): one change in id,
+            // several in ids.
             let (id, ids) = match ids {
                 [one] => (text_datum(one), None),
                 _ => {
@@ -280,8 +287,9 @@ fn write(kind: &str, ids: &[String]) {
                 }
             };
             let at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
-            let mut values = [text_datum(kind), id, ids.unwrap_or(pg_sys::Datum::from(0)), at];
-            let mut nulls = [false, ids.is_some(), ids.is_none(), false];
+            let not_before = pg_sys::Datum::from(run_at.unwrap_or(0));
+            let mut values = [text_datum(kind), id, ids.unwrap_or(pg_sys::Datum::from(0)), at, not_before];
+            let mut nulls = [false, ids.is_some(), ids.is_none(), false, run_at.is_none()];
             let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
             pg_sys::simple_heap_insert(rel, tuple);
         });

@@ -7,14 +7,14 @@
 //! - [`kinds`]: `register`, `unregister`, `pause`, `resume`.
 //! - [`roles`]: who body functions run as (`run_as`), and running code as that role.
 //! - [`enqueue_grants`]: who may call `enqueue` (`grant_enqueue`, `revoke_enqueue`).
-//! - [`enqueue`]: `enqueue(kind, id [, delay])`, coalescing, the commit wake-up.
+//! - [`enqueue`]: `enqueue(kind, id [, delay])` into the inbox, the commit wake-up.
 //! - [`triggers`]: `track`, `untrack` and the `enqueue_trigger` trigger function.
+//! - [`ids`]: which key types name a record alike in every session.
 //! - [`fresh_key`]: fresh jobs looked up by (kind, id) on their unique index, not through the planner.
-//! - [`inbox`]: buffers what tracked tables changed and writes it to `outbox.inbox`.
+//! - [`inbox`]: buffers every change (tracked or enqueued) and writes it to `outbox.inbox`.
 //! - [`hooks`]: the executor and utility hooks (statement-end inbox writes, database DDL).
 //! - [`database_ddl`]: the worker steps aside for DDL that needs its database alone.
 //! - [`restore`]: what a COPY into the extension's tables (`pg_restore`) needs fixed.
-//! - [`queue_writers`]: counts other sessions' statements that may change queue jobs (for the worker's hints).
 //! - [`inspection`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`, `purge_dead`.
 //! - [`gucs`]: the `outbox.*` settings.
 //! - [`syscache`]: one catalog row, read through its syscache.
@@ -34,11 +34,11 @@ pub mod errors;
 pub mod fresh_key;
 pub mod gucs;
 pub mod hooks;
+pub mod ids;
 pub mod inbox;
 pub mod inspection;
 pub mod kinds;
 pub mod policy;
-pub mod queue_writers;
 pub mod restore;
 pub mod roles;
 pub mod schema;

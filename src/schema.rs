@@ -104,7 +104,7 @@ CREATE TABLE outbox.kind_stats (
 
 -- A domain, not a CHECK on the table: Postgres parses and plans a table's
 -- CHECK constraints again for every INSERT statement it runs, a seventh of
--- the CPU of each outbox.enqueue() insert (perf), while a domain's check is
+-- the CPU of each queue insert (perf), while a domain's check is
 -- parsed once per session. Text underneath, so `state = 'dead'` on the jobs
 -- view still proves the partial indexes' predicates (an enum behind a
 -- `::text` view did not).
@@ -123,7 +123,12 @@ CREATE TABLE outbox.queue (
     enqueued_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     last_attempt_at timestamptz,
     last_status     int,
-    last_error      text
+    last_error      text,
+    -- The claim that made the job running: the claiming transaction's id.
+    -- An outcome names it, so that one answering an older claim (of a job
+    -- id since reused: TRUNCATE ... RESTART IDENTITY, the extension made
+    -- anew) changes nothing.
+    claim           bigint
 ) WITH (
     -- A queue churns: vacuum it early so dead index entries stay few.
     autovacuum_vacuum_scale_factor = 0.02,
@@ -131,16 +136,17 @@ CREATE TABLE outbox.queue (
     autovacuum_vacuum_cost_delay = 0
 );
 
--- What tracked tables changed, written by enqueue_trigger with direct heap
--- inserts, many ids a row. No indexes, on purpose: the worker empties it
--- into the queue. A row of one change holds its id in `id`: most
--- transactions change one record, and an array would double the row and its
--- WAL record.
+-- Every change, tracked or enqueued, written with direct heap inserts, many
+-- ids a row (inbox.rs). No indexes, on purpose: the worker empties it into
+-- the queue. A row of one change holds its id in `id`: most transactions
+-- change one record, and an array would double the row and its WAL record.
+-- run_at: not before then (an enqueue with a delay); NULL: at once.
 CREATE TABLE outbox.inbox (
     kind        text COLLATE "C" NOT NULL,
     id          text COLLATE "C",
     ids         text[] COLLATE "C",
     enqueued_at timestamptz NOT NULL,
+    run_at      timestamptz,
     CONSTRAINT inbox_id_or_ids CHECK ((id IS NULL) OPERATOR(pg_catalog.<>) (ids IS NULL))
 ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
 
@@ -152,6 +158,7 @@ CREATE TABLE outbox.rejected (
     id          text COLLATE "C",
     ids         text[] COLLATE "C",
     enqueued_at timestamptz NOT NULL,
+    run_at      timestamptz,
     rejected_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     reason      text NOT NULL
 );
@@ -183,7 +190,7 @@ SELECT job_id, kind, id, state::text AS state, attempts, run_at, enqueued_at,
        last_attempt_at, last_status, last_error
   FROM outbox.queue
 UNION ALL
-SELECT NULL, i.kind, u.id, 'pending', 0, i.enqueued_at, i.enqueued_at, NULL, NULL, NULL
+SELECT NULL, i.kind, u.id, 'pending', 0, coalesce(i.run_at, i.enqueued_at), i.enqueued_at, NULL, NULL, NULL
   FROM outbox.inbox i
  CROSS JOIN LATERAL pg_catalog.unnest(coalesce(i.ids, ARRAY[i.id])) AS u(id)
 UNION ALL
@@ -209,9 +216,6 @@ GRANT USAGE ON SCHEMA outbox TO PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, interval) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, bigint, interval) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.enqueue(text, uuid, interval) TO PUBLIC;
--- The worker's absorb calls it, whatever the worker's role; in any other
--- session it answers false.
-GRANT EXECUTE ON FUNCTION outbox.known_fresh_job(text, text) TO PUBLIC;
 "#,
     name = "privileges",
     finalize
@@ -261,6 +265,7 @@ mod tests {
         // The README's query for dead jobs must not read every pending one.
         Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
         Spi::run("SELECT count(outbox.enqueue('user', g)) FROM generate_series(1, 5000) g").unwrap();
+        crate::testing::absorb();
         Spi::run("UPDATE outbox.queue SET state = 'dead', last_attempt_at = now() WHERE id IN ('1', '2')").unwrap();
         Spi::run("ANALYZE outbox.queue").unwrap();
         let plan = crate::testing::texts(

@@ -50,6 +50,8 @@ impl WorkerState {
 pub struct WorkerSlot {
     /// The worker's PGPROC number plus one; 0 means no worker to wake.
     procno_plus_one: AtomicI32,
+    /// The pid of the worker that serves, 0 if none: claimed by one worker
+    /// at a time (`claim_worker`).
     pid: AtomicI32,
     state: AtomicU32,
     in_flight: AtomicU32,
@@ -61,11 +63,6 @@ pub struct WorkerSlot {
     /// Bumped by every committed change of `outbox.kinds` made through the
     /// SQL functions: the worker reloads its kinds when it moves.
     kinds_generation: AtomicU64,
-    /// Statements of other sessions now running that may change queue jobs
-    /// (`queue_writers`), and a count of their starts: the worker trusts its
-    /// fresh-job hints only while neither moves.
-    queue_writers: AtomicU32,
-    queue_generation: AtomicU64,
     /// The kind whose bodies the worker is rendering (`watchdog::kind_hash`;
     /// 0: none), and the kind a render outlived its watchdog for, with how
     /// many times in a row: the next worker benches it.
@@ -141,9 +138,32 @@ pub fn wake_worker() {
     }
 }
 
-/// Called by the worker once it runs: publishes its latch and pid.
-pub fn publish_worker() {
-    let Some(slot) = slot() else { return };
+/// Makes this process the delivery worker, if no other live process is:
+/// claims the slot and publishes its latch. False while another worker holds
+/// it (a launcher that restarted has no handle on the worker it left, and
+/// starts another): that one must wait, or two would claim and deliver the
+/// same jobs. Without shared memory (not preloaded) nothing can start a
+/// worker, so true.
+pub fn claim_worker() -> bool {
+    let Some(slot) = slot() else { return true };
+    let me = std::process::id() as i32;
+    let mut holder = 0;
+    loop {
+        match slot.pid.compare_exchange(holder, me, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => break,
+            Err(other) if other == me => break,
+            // Another pid holds it: ours only if that process is gone
+            // without releasing it, which exit (`release_worker`) always
+            // does short of a crash, and a crash resets shared memory.
+            Err(other) => {
+                // SAFETY: a ProcArray lookup by pid, in a connected backend.
+                if unsafe { !pg_sys::BackendPidGetProc(other).is_null() } {
+                    return false;
+                }
+                holder = other;
+            }
+        }
+    }
     // SAFETY: MyProc is set for a connected background worker.
     #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
@@ -151,25 +171,48 @@ pub fn publish_worker() {
     #[cfg(any(feature = "pg17", feature = "pg18"))]
     let procno = unsafe { pg_sys::MyProcNumber };
     IS_WORKER.store(true, Ordering::Relaxed);
-    slot.pid.store(std::process::id() as i32, Ordering::Relaxed);
     slot.procno_plus_one.store(procno + 1, Ordering::Release);
+    true
 }
 
-/// Called at worker exit so nobody wakes a recycled PGPROC on purpose.
-pub fn unpublish_worker() {
+/// The pid of the worker that serves, if that process is alive: one the
+/// caller did not start (a launcher that was restarted) must not get a
+/// second beside it.
+pub fn serving_worker() -> Option<i32> {
+    let pid = slot()?.pid.load(Ordering::Acquire);
+    // SAFETY: a ProcArray lookup by pid.
+    (pid != 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }).then_some(pid)
+}
+
+/// Called at every worker's exit: if it held the slot, frees it, so that
+/// nobody wakes a recycled PGPROC and a waiting worker takes over. A worker
+/// that never held it leaves the serving one's latch published.
+pub fn release_worker() {
     let Some(slot) = slot() else { return };
+    if !IS_WORKER.load(Ordering::Relaxed) {
+        return;
+    }
     slot.procno_plus_one.store(0, Ordering::Release);
     slot.state.store(WorkerState::Stopped as u32, Ordering::Relaxed);
     slot.in_flight.store(0, Ordering::Relaxed);
+    let me = std::process::id() as i32;
+    let _ = slot.pid.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire);
 }
 
+/// Sets what `worker_status()` shows; only the worker holding the slot does.
 pub fn set_state(state: WorkerState) {
+    if !IS_WORKER.load(Ordering::Relaxed) {
+        return;
+    }
     if let Some(slot) = slot() {
         slot.state.store(state as u32, Ordering::Relaxed);
     }
 }
 
 pub fn set_in_flight(n: usize) {
+    if !IS_WORKER.load(Ordering::Relaxed) {
+        return;
+    }
     if let Some(slot) = slot() {
         slot.in_flight.store(n as u32, Ordering::Relaxed);
     }
@@ -206,49 +249,6 @@ pub fn kinds_generation() -> Option<u64> {
 /// Whether this process is the delivery worker.
 pub fn is_worker() -> bool {
     IS_WORKER.load(Ordering::Relaxed)
-}
-
-/// Another session's statement that may change queue jobs starts. The count
-/// goes up before the generation moves: whoever reads the generation and then
-/// the count sees one or the other (see [`queue_quiet`]).
-pub fn queue_statement_starts() {
-    if let Some(slot) = slot() {
-        slot.queue_writers.fetch_add(1, Ordering::SeqCst);
-        slot.queue_generation.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-/// `n` such statements ended (or their transaction did). Cannot raise.
-pub fn queue_statements_end(n: u32) {
-    // Every transaction end of a session that tracks or enqueues passes here,
-    // almost always with none: no write to the shared line then.
-    if n == 0 {
-        return;
-    }
-    if let Some(slot) = slot() {
-        // Saturating: an imbalance must never wrap to "nobody is writing".
-        let _ = slot.queue_writers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(w.saturating_sub(n)));
-    }
-}
-
-/// The queue generation, if no other session's statement that may change
-/// queue jobs is running now; None otherwise, or without shared memory.
-/// The generation is read first: a statement starting meanwhile has already
-/// raised the count, or moves the generation after this read.
-pub fn queue_quiet() -> Option<u64> {
-    let slot = slot()?;
-    let generation = slot.queue_generation.load(Ordering::SeqCst);
-    (slot.queue_writers.load(Ordering::SeqCst) == 0).then_some(generation)
-}
-
-/// The queue generation (see [`queue_quiet`]).
-pub fn queue_generation() -> Option<u64> {
-    slot().map(|slot| slot.queue_generation.load(Ordering::SeqCst))
-}
-
-/// How many statements that may change queue jobs run now (for tests).
-pub fn queue_writers() -> Option<u32> {
-    slot().map(|slot| slot.queue_writers.load(Ordering::SeqCst))
 }
 
 pub fn mark_batch() {

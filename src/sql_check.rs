@@ -899,7 +899,6 @@ mod sweep {
     #[test]
     fn every_statement_of_the_other_modules_is_qualified() {
         crate::sql_check::assert_qualified(crate::kinds::STATEMENTS);
-        crate::sql_check::assert_qualified(crate::enqueue::STATEMENTS);
         crate::sql_check::assert_qualified(crate::enqueue_grants::STATEMENTS);
         crate::sql_check::assert_qualified(crate::worker::quarantine::STATEMENTS);
         crate::sql_check::assert_qualified(&[("LOAD_KINDS", crate::worker::render::LOAD_KINDS)]);

@@ -31,8 +31,14 @@ pub fn texts(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> Vec<String> {
 }
 
 /// Tests run side by side: other tests' writes to the queue would draw job
-/// ids and move the queue-writer generation under the caller. They wait until
-/// its transaction ends (the mode conflicts with itself and with writes).
+/// ids under the caller. They wait until its transaction ends (the mode
+/// conflicts with itself and with writes).
 pub fn hold_the_queue() {
     Spi::run("LOCK TABLE outbox.queue IN SHARE ROW EXCLUSIVE MODE").unwrap();
+}
+
+/// Moves the inbox into the queue as the worker's absorb does; returns how
+/// many changes moved.
+pub fn absorb() -> i64 {
+    Spi::connect_mut(|c| crate::worker::queue::absorb_inbox(c, 100_000, &mut crate::worker::queue::InboxCursor::default()))
 }

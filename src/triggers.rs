@@ -131,6 +131,19 @@ impl Column {
         Column { name: name.to_owned(), attno, typid, output }
     }
 
+    /// Like [`Column::find`], for the id column: its type must print alike
+    /// in every session (checked again whenever the table's columns change,
+    /// since the cached column is looked up again then).
+    ///
+    /// # Safety
+    /// `tupdesc` must be valid.
+    unsafe fn find_id(tupdesc: pg_sys::TupleDesc, name: &CStr) -> Column {
+        // SAFETY: the caller's contract.
+        let column = unsafe { Column::find(tupdesc, name) };
+        crate::ids::require_canonical(&name.to_string_lossy(), column.typid);
+        column
+    }
+
     /// Whether the column still sits at `attno` with the same type.
     ///
     /// # Safety
@@ -157,7 +170,7 @@ impl TrackInfo {
             TrackInfo {
                 args: args.iter().map(|a| (*a).to_owned()).collect(),
                 kind: args[0].to_string_lossy().into_owned(),
-                id: Column::find(tupdesc, args[1]),
+                id: Column::find_id(tupdesc, args[1]),
                 watched: args[2..].iter().map(|c| Column::find(tupdesc, c)).collect(),
             }
         }
@@ -240,7 +253,7 @@ fn enqueue_trigger<'a>(
                 _ => id_text(old, tupdesc, &info.id).into_iter().collect(),
             };
             for id in ids {
-                crate::inbox::append(&info.kind, id);
+                crate::inbox::append(&info.kind, id, None);
             }
         })
     }
@@ -319,7 +332,7 @@ unsafe fn truncated(trigger: &pg_sys::Trigger, relid: pg_sys::Oid) {
     });
     for table in tables {
         // SAFETY: the TRUNCATE holds an AccessExclusiveLock on each table.
-        unsafe { each_id(table, id_column, |id| crate::inbox::append(&kind, id)) };
+        unsafe { each_id(table, id_column, |id| crate::inbox::append(&kind, id, None)) };
     }
 }
 
@@ -338,7 +351,7 @@ unsafe fn each_id(table: pg_sys::Oid, id_column: &CStr, mut f: impl FnMut(String
     // returning, and released by the resource owner if an ERROR ends it early.
     unsafe {
         let rel = pg_sys::table_open(table, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let id = Column::find((*rel).rd_att, id_column);
+        let id = Column::find_id((*rel).rd_att, id_column);
         let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
         let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
         let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
@@ -673,6 +686,10 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
                 pk.into_iter().next().expect("one column")
             }
         };
+        let id_name = CString::new(id_column.as_str()).expect("a column name has no NUL");
+        // SAFETY: syscache lookups of a column of a table that exists.
+        let id_type = unsafe { pg_sys::get_atttype(tbl, pg_sys::get_attnum(tbl, id_name.as_ptr())) };
+        crate::ids::require_canonical(&id_column, id_type);
         let mut watched: Vec<String> = Vec::new();
         if let Some(cols) = &columns {
             if cols.is_empty() {

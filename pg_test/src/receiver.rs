@@ -1,7 +1,10 @@
 //! A programmable HTTP/1.1 receiver on a free loopback port. It records every
 //! request (method, path, headers, body, arrival time) as it arrives, then
 //! acts on the next scripted [`Action`] for that path (or the default one):
-//! answer with a status, headers and delay, hang, or drop the connection.
+//! answer with a status, headers and delay, hang, drop the connection, or
+//! hold the request until the test opens a [`Gate`]. It also notes every
+//! request that arrived while another one for the same path was still being
+//! handled ([`Receiver::overlaps`]).
 //! [`Receiver::start_tls`] serves the same over TLS, with a given certificate.
 
 use std::collections::{HashMap, VecDeque};
@@ -11,7 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::listener::Listener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -26,6 +29,8 @@ pub enum Action {
     /// Answer 200 with a body of this many bytes, written until the client
     /// stops reading.
     Huge(u64),
+    /// Read the request, wait until the gate opens, then act as `then`.
+    Held { gate: Gate, then: Box<Action> },
 }
 
 impl Action {
@@ -41,11 +46,63 @@ impl Action {
     pub fn with_header(status: u16, name: &str, value: &str) -> Action {
         Action::Respond { status, headers: vec![(name.into(), value.into())], body: String::new(), delay: Duration::ZERO }
     }
+    /// Answer `status` once `gate` opens.
+    pub fn held(gate: &Gate, status: u16) -> Action {
+        Action::Held { gate: gate.clone(), then: Box::new(Action::status(status)) }
+    }
+
+    /// The status this action answers with, if it answers.
+    fn answers(&self) -> Option<u16> {
+        match self {
+            Action::Respond { status, .. } => Some(*status),
+            Action::Held { then, .. } => then.answers(),
+            _ => None,
+        }
+    }
+
+    /// Waits for the gates of a held action; returns what to do then.
+    fn released(self) -> Action {
+        match self {
+            Action::Held { gate, then } => {
+                gate.wait();
+                then.released()
+            }
+            action => action,
+        }
+    }
+}
+
+/// How long a held request waits at most for its gate: a test that failed
+/// before opening it leaves no thread behind for long.
+const GATE_LIMIT: Duration = Duration::from_secs(120);
+
+/// Holds requests ([`Action::Held`]) until the test opens it: a request in
+/// flight for exactly as long as a test needs, without guessing a delay.
+#[derive(Clone, Debug, Default)]
+pub struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate::default()
+    }
+
+    /// Releases the requests held now, and lets later ones through at once.
+    pub fn open(&self) {
+        let (open, changed) = &*self.0;
+        *open.lock().unwrap() = true;
+        changed.notify_all();
+    }
+
+    fn wait(&self) {
+        let (open, changed) = &*self.0;
+        let _ = changed.wait_timeout_while(open.lock().unwrap(), GATE_LIMIT, |open| !*open);
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct Recorded {
-    /// The status this receiver answered with; None if it hung or dropped.
+    /// The status this receiver answered (or, while it holds or delays the
+    /// request, will answer) with; None if it hung or dropped.
     pub answered: Option<u16>,
     pub method: String,
     pub path: String,
@@ -73,6 +130,44 @@ struct State {
     fallback: Mutex<Option<Action>>,
     /// Random faults, when set (takes precedence over the fallback).
     chaos: Mutex<Option<Chaos>>,
+    /// Requests being handled now, per path (see [`InProgress`]).
+    in_progress: Mutex<HashMap<String, usize>>,
+    /// The path of every request that arrived while another request for it
+    /// was still being handled.
+    overlaps: Mutex<Vec<String>>,
+}
+
+/// A request counted as being handled, from its arrival until the receiver
+/// is done waiting (its delay, gate or hang) and answers or closes: dropped
+/// just before the client can learn the outcome, so that a client that
+/// waits for it before it sends that path again is never counted twice.
+struct InProgress<'a> {
+    state: &'a State,
+    path: String,
+}
+
+impl<'a> InProgress<'a> {
+    fn arrive(state: &'a State, path: &str) -> InProgress<'a> {
+        let mut counts = state.in_progress.lock().unwrap();
+        let n = counts.entry(path.into()).or_default();
+        if *n > 0 {
+            state.overlaps.lock().unwrap().push(path.into());
+        }
+        *n += 1;
+        InProgress { state, path: path.into() }
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.state.in_progress.lock().unwrap();
+        if let Some(n) = counts.get_mut(&self.path) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.path);
+            }
+        }
+    }
 }
 
 /// Random faults from a seeded generator: the same seed, the same sequence.
@@ -200,6 +295,13 @@ impl Receiver {
         self.state.requests.lock().unwrap().len()
     }
 
+    /// The paths of requests that arrived while another request for the
+    /// same path was still being handled, once per such arrival: two
+    /// deliveries of one record in flight at once.
+    pub fn overlaps(&self) -> Vec<String> {
+        self.state.overlaps.lock().unwrap().clone()
+    }
+
     pub fn clear(&self) {
         self.state.requests.lock().unwrap().clear();
     }
@@ -251,16 +353,19 @@ fn serve(conn: impl Read + Write, state: &State, stop: &AtomicBool) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        // Declared after the stream: a return ends it before the connection
+        // closes.
+        let handling = InProgress::arrive(state, &path);
         let action = next_action(state, &path);
-        let answered = match &action {
-            Action::Respond { status, .. } => Some(*status),
-            _ => None,
-        };
+        let answered = action.answers();
         state.requests.lock().unwrap().push(Recorded { answered, method, path: path.clone(), headers, body, at: Instant::now() });
+        let action = action.released();
         let writer = reader.get_mut();
         match action {
+            Action::Held { .. } => unreachable!("released above"),
             Action::Drop => return,
             Action::Raw { bytes, drip } => {
+                drop(handling);
                 match drip {
                     None => {
                         let _ = writer.write_all(&bytes);
@@ -277,6 +382,7 @@ fn serve(conn: impl Read + Write, state: &State, stop: &AtomicBool) {
                 return;
             }
             Action::Huge(n) => {
+                drop(handling);
                 let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n");
                 if writer.write_all(head.as_bytes()).is_err() {
                     return;
@@ -297,6 +403,7 @@ fn serve(conn: impl Read + Write, state: &State, stop: &AtomicBool) {
             }
             Action::Respond { status, headers, body, delay } => {
                 std::thread::sleep(delay);
+                drop(handling);
                 let mut resp = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
                 for (k, v) in headers {
                     resp.push_str(&format!("{k}: {v}\r\n"));

@@ -3,9 +3,11 @@
 //! are released or rolled back, some statements change 300 records at once)
 //! while the receiver fails at random
 //! and the worker is killed and the server restarted at random moments.
-//! After quiescing, the receiver's latest state of every record must equal
-//! the database's. OUTBOX_SEED replays a run's faults; OUTBOX_SOAK_SECS
-//! lengthens it (`make soak`).
+//! Some of their transactions also change an untracked table, `items2`, and
+//! announce those changes with `outbox.enqueue()`: the other capture path,
+//! in the same transactions. After quiescing, the receiver's latest state of
+//! every record of both kinds must equal the database's. OUTBOX_SEED replays
+//! a run's faults; OUTBOX_SOAK_SECS lengthens it (`make soak`).
 
 use outbox_e2e::cluster::{Cluster, Options};
 use outbox_e2e::receiver::{Chaos, Receiver, Recorded};
@@ -29,14 +31,29 @@ fn connect(conninfo: &str) -> Client {
     }
 }
 
+/// The operations [`apply`] draws from.
+const OPS: u8 = 25;
+
 /// One of a writer's changes: insert-or-update, increment, delete, or now
-/// and then an increment of a run of 300 records (more ids than one inbox row).
+/// and then an increment of a run of 300 records (more ids than one inbox
+/// row); or an insert-or-update or a delete of an `items2` row, announced
+/// by an enqueue (before or after the change: either way it is in the
+/// transaction).
 fn apply(tx: &mut postgres::Transaction<'_>, (op, id, v): &(u8, i64, i64)) -> Result<u64, postgres::Error> {
+    const ENQUEUE: &str = "SELECT outbox.enqueue('item2', $1::bigint)";
     match op {
         0..=11 => tx.execute("INSERT INTO items VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = excluded.v", &[id, v]),
         12..=15 => tx.execute("UPDATE items SET v = v + 1 WHERE id = $1", &[id]),
         16..=18 => tx.execute("DELETE FROM items WHERE id = $1", &[id]),
-        _ => tx.execute("UPDATE items SET v = v + 1 WHERE id BETWEEN $1 AND $1 + 299", &[id]),
+        19 => tx.execute("UPDATE items SET v = v + 1 WHERE id BETWEEN $1 AND $1 + 299", &[id]),
+        20..=22 => {
+            tx.execute("INSERT INTO items2 VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = excluded.v", &[id, v])?;
+            tx.execute(ENQUEUE, &[id])
+        }
+        _ => {
+            tx.execute(ENQUEUE, &[id])?;
+            tx.execute("DELETE FROM items2 WHERE id = $1", &[id])
+        }
     }
 }
 
@@ -48,7 +65,7 @@ fn writer(conninfo: String, seed: u64, stop: Arc<AtomicBool>, commits: Arc<Atomi
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut c = connect(&conninfo);
     while !stop.load(Ordering::Relaxed) {
-        let ops: Vec<(u8, i64, i64)> = (0..rng.gen_range(1..=4)).map(|_| (rng.gen_range(0..20), rng.gen_range(1..=RECORDS), rng.gen())).collect();
+        let ops: Vec<(u8, i64, i64)> = (0..rng.gen_range(1..=4)).map(|_| (rng.gen_range(0..OPS), rng.gen_range(1..=RECORDS), rng.gen())).collect();
         let commit = rng.gen_bool(0.8);
         // The ops from `split` on run in a savepoint.
         let split = if rng.gen_bool(0.3) { rng.gen_range(0..ops.len()) } else { ops.len() };
@@ -122,8 +139,13 @@ fn every_committed_change_converges_under_faults() {
              CREATE FUNCTION item_body(id text) RETURNS jsonb LANGUAGE sql STABLE
                  AS $$ SELECT to_jsonb(i) FROM public.items i WHERE i.id = $1::bigint $$;
              SELECT outbox.register('item', '{}', body => 'item_body(text)', run_as => 'reader', timeout => '300 ms');
-             SELECT outbox.track('items', 'item');",
-            r.url("/items/{id}")
+             SELECT outbox.track('items', 'item');
+             CREATE TABLE items2 (id bigint PRIMARY KEY, v bigint NOT NULL);
+             CREATE FUNCTION item2_body(id text) RETURNS jsonb LANGUAGE sql STABLE
+                 AS $$ SELECT to_jsonb(i) FROM public.items2 i WHERE i.id = $1::bigint $$;
+             SELECT outbox.register('item2', '{}', body => 'item2_body(text)', run_as => 'reader', timeout => '300 ms');",
+            r.url("/items/{id}"),
+            r.url("/items2/{id}")
         ))
         .unwrap();
     }
@@ -177,22 +199,26 @@ fn every_committed_change_converges_under_faults() {
     std::thread::sleep(Duration::from_millis(300));
 
     let mut c = db.client();
-    let rows: HashMap<String, serde_json::Value> = c
-        .query("SELECT id::text, to_jsonb(i)::text FROM items i", &[])
-        .unwrap()
-        .into_iter()
-        .map(|row| (format!("/items/{}", row.get::<_, String>(0)), serde_json::from_str(row.get::<_, &str>(1)).unwrap()))
-        .collect();
     let requests = r.requests();
     let last = latest(&requests);
     let mut lost = Vec::new();
-    for id in 1..=RECORDS {
-        let path = format!("/items/{id}");
-        match (rows.get(&path), last.get(&path)) {
-            (Some(row), Some(q)) if q.method == "PUT" && &q.json() == row => {}
-            (None, Some(q)) if q.method == "DELETE" => {}
-            (None, None) => {}
-            (row, q) => lost.push(format!("{path}: db {row:?}, receiver {:?}", q.map(|q| (&q.method, q.json())))),
+    let mut in_tables = Vec::new();
+    for table in ["items", "items2"] {
+        let rows: HashMap<String, serde_json::Value> = c
+            .query(&format!("SELECT id::text, to_jsonb(i)::text FROM {table} i"), &[])
+            .unwrap()
+            .into_iter()
+            .map(|row| (format!("/{table}/{}", row.get::<_, String>(0)), serde_json::from_str(row.get::<_, &str>(1)).unwrap()))
+            .collect();
+        in_tables.push(format!("{} in {table}", rows.len()));
+        for id in 1..=RECORDS {
+            let path = format!("/{table}/{id}");
+            match (rows.get(&path), last.get(&path)) {
+                (Some(row), Some(q)) if q.method == "PUT" && &q.json() == row => {}
+                (None, Some(q)) if q.method == "DELETE" => {}
+                (None, None) => {}
+                (row, q) => lost.push(format!("{path}: db {row:?}, receiver {:?}", q.map(|q| (&q.method, q.json())))),
+            }
         }
     }
     let ok: Vec<&Recorded> = requests.iter().filter(|q| q.answered.is_some_and(|s| (200..300).contains(&s))).collect();
@@ -203,10 +229,10 @@ fn every_committed_change_converges_under_faults() {
     let duplicates: u64 = per_job.values().map(|n| n - 1).sum();
     eprintln!(
         "convergence: seed {seed}; {} commits, {} rollbacks; faults {faults:?}; receiver {receiver_faults:?}; \
-         {RECORDS} records checked, {} in the table; {} requests, {} delivered, {duplicates} duplicate deliveries; {} lost",
+         {RECORDS} records of each kind checked, {}; {} requests, {} delivered, {duplicates} duplicate deliveries; {} lost",
         commits.load(Ordering::Relaxed),
         rollbacks.load(Ordering::Relaxed),
-        rows.len(),
+        in_tables.join(", "),
         requests.len(),
         ok.len(),
         lost.len()

@@ -101,6 +101,11 @@ const SESSION_SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
     (c"default_transaction_read_only", c"off"),
 ];
 
+/// What a worker that waits for another to exit shows in pg_stat_activity,
+/// and how often it looks whether that one has.
+const WAITING_FOR_OTHER: &std::ffi::CStr = c"waiting for the other outbox worker to exit";
+const OTHER_WORKER_RECHECK: Duration = Duration::from_millis(100);
+
 /// How long to wait when a due job is locked by an open transaction.
 const LOCKED_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -130,6 +135,7 @@ struct InFlight {
 struct Finished {
     job: InFlight,
     job_id: i64,
+    claim: i64,
     response: Response,
     retry_after: Option<Duration>,
     detail: Option<String>,
@@ -144,7 +150,9 @@ enum Turn {
 
 struct Worker {
     pool: Pool,
-    in_flight: HashMap<i64, InFlight>,
+    /// By (job_id, claim): a job id may come again (`TRUNCATE ... RESTART
+    /// IDENTITY`) while an older claim of it is still out.
+    in_flight: HashMap<(i64, i64), InFlight>,
     finished: Vec<Finished>,
     recovered: bool,
     said_no_extension: bool,
@@ -202,10 +210,19 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     let database = BackgroundWorker::get_extra().to_string();
     let role = gucs::role();
     BackgroundWorker::connect_worker_to_spi(Some(&database), role.as_deref());
-    shmem::publish_worker();
-    shmem::set_state(WorkerState::Starting);
     // SAFETY: registering a plain function for process exit.
     unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
+    // One worker at a time, before any statement: two would both claim jobs,
+    // send a record twice at once, and answer each other's claims.
+    if !shmem::claim_worker() {
+        report_activity(false, WAITING_FOR_OTHER);
+        log!("outbox worker: another worker still serves; waiting for it to exit");
+        while !shmem::claim_worker() {
+            handle_interrupts();
+            wait(None, OTHER_WORKER_RECHECK);
+        }
+    }
+    shmem::set_state(WorkerState::Starting);
     // SAFETY: setting GUCs on the main thread, outside a transaction, over
     // what the database's and role's settings said.
     unsafe {
@@ -293,7 +310,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
                 w.more_due = next_due == Some(Duration::ZERO);
                 let claimed_any = !requests.is_empty();
                 for (request, job) in requests {
-                    w.in_flight.insert(request.job_id, job);
+                    w.in_flight.insert((request.job_id, request.claim), job);
                     w.pool.submit(request);
                 }
                 if claimed_any {
@@ -315,7 +332,7 @@ unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
     if super::watchdog::fired() {
         shmem::mark_stuck();
     }
-    shmem::unpublish_worker();
+    shmem::release_worker();
 }
 
 /// Runs `f` with every signal blocked, so threads it spawns inherit the mask
@@ -357,9 +374,9 @@ impl Worker {
 
     /// Moves outcomes reported by the HTTP threads into `finished`.
     fn collect_outcomes(&mut self) {
-        for Outcome { job_id, response, retry_after, detail } in self.pool.drain() {
-            if let Some(job) = self.in_flight.remove(&job_id) {
-                self.finished.push(Finished { job, job_id, response, retry_after, detail });
+        for Outcome { job_id, claim, response, retry_after, detail } in self.pool.drain() {
+            if let Some(job) = self.in_flight.remove(&(job_id, claim)) {
+                self.finished.push(Finished { job, job_id, claim, response, retry_after, detail });
             }
         }
     }
@@ -376,7 +393,6 @@ impl Worker {
             self.recovered = false;
             self.privileges_ok = false;
             super::plans::forget();
-            super::fresh_jobs::clear();
         }
         if extension.is_none() {
             if !self.said_no_extension {
@@ -421,9 +437,6 @@ impl Worker {
                     log!("outbox worker: {n} job(s) left running by a previous worker are pending again");
                 }
                 c.update(queue::DEAD_LETTER_ORPHANS, None, &[]).unwrap_or_else(|e| panic!("orphans: {e}"));
-                // The worker's own statements don't count as queue writers
-                // (queue_writers.rs): this one may have ended fresh jobs.
-                super::fresh_jobs::clear();
                 self.in_flight.clear();
                 self.recovered = true;
             }
@@ -509,6 +522,7 @@ impl Worker {
                     Rendered::Skip => done_now.push(Finished {
                         job: info(false),
                         job_id: job.job_id,
+                        claim: job.claim,
                         response: Response::Status(204),
                         retry_after: None,
                         detail: None,
@@ -516,6 +530,7 @@ impl Worker {
                     Rendered::Broken(e) => done_now.push(Finished {
                         job: InFlight { max_attempts: if kind.is_none() { 1 } else { max_attempts }, ..info(false) },
                         job_id: job.job_id,
+                        claim: job.claim,
                         response: Response::BuildError,
                         retry_after: None,
                         detail: Some(e),
@@ -620,7 +635,7 @@ fn record(c: &mut pgrx::spi::SpiClient<'_>, finished: Vec<Finished>) {
         match verdict {
             Verdict::Success => {
                 counts.0 += 1;
-                delivered.push((f.job_id, f.job.ctid));
+                delivered.push(queue::Delivered { job_id: f.job_id, claim: f.claim, ctid: f.job.ctid });
             }
             Verdict::Retry | Verdict::Permanent => {
                 counts.1 += 1;
@@ -633,6 +648,7 @@ fn record(c: &mut pgrx::spi::SpiClient<'_>, finished: Vec<Finished>) {
                 };
                 failures.push(Failure {
                     job_id: f.job_id,
+                    claim: f.claim,
                     state: if give_up { JobState::Dead } else { JobState::Pending },
                     delay_ms: if give_up { 0 } else { delay.as_millis() as i64 },
                     status,

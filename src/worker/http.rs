@@ -53,6 +53,8 @@ pub enum Method {
 /// One delivery, fully rendered by the main thread.
 pub struct Request {
     pub job_id: i64,
+    /// The claim it answers: its outcome names it (`queue::COMPLETE`).
+    pub claim: i64,
     pub method: Method,
     pub url: String,
     /// JSON; `None` for a DELETE.
@@ -71,6 +73,7 @@ pub struct Request {
 /// What happened to one request.
 pub struct Outcome {
     pub job_id: i64,
+    pub claim: i64,
     pub response: Response,
     pub retry_after: Option<Duration>,
     /// Response excerpt or error text, for `last_error`.
@@ -369,9 +372,10 @@ async fn read_limited(mut body: Incoming, max: usize) -> Result<Vec<u8>, hyper::
 /// Sends one request; never panics on a network or protocol problem. The
 /// timeout covers everything: lookup, connect, TLS, request and response.
 async fn send(client: &HttpClient, proxies: &Matcher, r: Request) -> Outcome {
-    let (job_id, limit, timeout) = (r.job_id, r.max_response_bytes, r.timeout);
+    let (job_id, claim, limit, timeout) = (r.job_id, r.claim, r.max_response_bytes, r.timeout);
     let deadline = Instant::now() + timeout;
-    let failed = |detail: String| Outcome { job_id, response: Response::NetworkError, retry_after: None, detail: Some(excerpt(&detail)) };
+    let failed =
+        |detail: String| Outcome { job_id, claim, response: Response::NetworkError, retry_after: None, detail: Some(excerpt(&detail)) };
     let timed_out = || format!("timed out after {} ms", timeout.as_millis());
     let request = match build(r, proxies) {
         Ok(request) => request,
@@ -396,7 +400,7 @@ async fn send(client: &HttpClient, proxies: &Matcher, r: Request) -> Outcome {
         Ok(Err(e)) => Some(excerpt(&format!("reading response: {}", describe(&e)))),
         Err(_) => Some(format!("reading response: {}", timed_out())),
     };
-    Outcome { job_id, response: Response::Status(status), retry_after, detail }
+    Outcome { job_id, claim, response: Response::Status(status), retry_after, detail }
 }
 
 #[cfg(test)]
@@ -424,6 +428,7 @@ mod tests {
     fn request(url: String, timeout: Duration) -> Request {
         Request {
             job_id: 7,
+            claim: 1,
             method: Method::Delete,
             url,
             body: None,

@@ -2,10 +2,11 @@
 //! inserting, changing or deleting.
 //!
 //! The absorb's `INSERT ... ON CONFLICT` waits for such a transaction to end
-//! before it knows whether its own insert conflicts. An application
-//! transaction that called `outbox.enqueue(kind, id)`, creating the fresh
-//! job, and then stays open (a long backfill, a session idle in transaction)
-//! would hold the worker in that wait, and every delivery with it. So when
+//! before it knows whether its own insert conflicts, and its move of a
+//! delayed job waits for the job's row. An admin's transaction that wrote a
+//! fresh job (`retry`, `discard`, a direct INSERT or UPDATE of the queue,
+//! a restore) and then stays open (a session idle in transaction) would hold
+//! the worker in that wait, and every delivery with it. So when
 //! an absorb times out on a lock, the worker asks this module which records
 //! are in that state, and leaves their changes in the inbox until the
 //! transaction is over (`queue::ABSORB_INBOX`).

@@ -4,7 +4,7 @@
 //! read only shared catalogs, which is all it needs.
 
 use super::signals::{handle_interrupts, install_handlers, wait};
-use crate::gucs;
+use crate::{gucs, shmem};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker,
 };
@@ -127,7 +127,7 @@ fn may_connect(role: pg_sys::Oid, db: pg_sys::Oid) -> bool {
     })
 }
 
-fn start_worker(database: &str) -> Option<DynamicBackgroundWorker> {
+pub(crate) fn start_worker(database: &str) -> Option<DynamicBackgroundWorker> {
     BackgroundWorkerBuilder::new(&format!("outbox worker {database}"))
         .set_type("outbox worker")
         .set_library("outbox")
@@ -152,6 +152,7 @@ pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
     // What was last said of why no worker can run, so it is said once.
     let mut said: Option<Blocker> = None;
     let mut last_start: Option<Instant> = None;
+    let mut said_inherited: Option<i32> = None;
     loop {
         handle_interrupts();
         // Not yet started counts as running: starting another would make two.
@@ -160,6 +161,16 @@ pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
             .is_some_and(|w| !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)));
         if !running {
             worker = None;
+        }
+        // A worker this launcher did not start serves (the launcher was
+        // restarted, and has no handle on it): wait for it to exit. A worker
+        // started anyway would only wait for it too (`shmem::claim_worker`).
+        let inherited = if running { None } else { shmem::serving_worker() };
+        if let Some(pid) = inherited.filter(|_| said_inherited != inherited) {
+            log!("outbox: a worker started before this launcher still serves (pid {pid}); waiting for it to exit");
+        }
+        said_inherited = inherited;
+        if !running && inherited.is_none() {
             let (database, role) = (gucs::database(), gucs::role());
             match blocker(database.as_deref(), role.as_deref()) {
                 Some(b) => {
@@ -183,5 +194,62 @@ pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
             }
         }
         wait(None, RECHECK);
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use std::time::{Duration, Instant};
+
+    /// What pg_stat_activity shows now for backend `pid`, if it runs.
+    fn activity(pid: i32) -> Option<String> {
+        Spi::run("SELECT pg_stat_clear_snapshot()").unwrap();
+        Spi::get_one_with_args::<String>("SELECT query FROM pg_stat_activity WHERE pid = $1", &[pid.into()]).ok().flatten()
+    }
+
+    fn serving() -> Option<i32> {
+        crate::shmem::serving_worker()
+    }
+
+    fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Two workers started for one database: the second waits, saying so,
+    /// while the first serves, and takes over when the first exits. The
+    /// launcher starts no third beside a worker it did not start.
+    #[pg_test]
+    fn a_second_worker_waits_until_the_first_exits() {
+        until("a worker serves", || serving().is_some());
+        let first = serving().unwrap();
+        let second = super::start_worker("pgrx_tests").expect("a worker slot").wait_for_startup().expect("started");
+        let second = second as i32;
+        until("the second worker waits", || activity(second).as_deref() == Some("waiting for the other outbox worker to exit"));
+        assert_eq!(serving(), Some(first), "the first serves on");
+        Spi::run(&format!("SELECT pg_terminate_backend({first})")).unwrap();
+        until("the second takes over", || serving() == Some(second));
+        assert_ne!(activity(second).as_deref(), Some("waiting for the other outbox worker to exit"));
+        let workers = || {
+            Spi::run("SELECT pg_stat_clear_snapshot()").unwrap();
+            Spi::get_one::<i64>("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox worker'").unwrap().unwrap()
+        };
+        // The launcher saw its worker exit and another serve: it starts
+        // none, or one that waits.
+        std::thread::sleep(Duration::from_millis(1500));
+        Spi::run("SELECT pg_stat_clear_snapshot()").unwrap();
+        let others = Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox worker' AND pid <> $1
+                AND query IS DISTINCT FROM 'waiting for the other outbox worker to exit'",
+            &[second.into()],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(others, 0, "{} workers", workers());
     }
 }

@@ -10,16 +10,13 @@
 //! - [`queue`]: the worker's SQL. [`render`]: jobs into requests, bodies run
 //!   as the kind's role within its time limit. [`quarantine`]: inbox rows
 //!   that can't be absorbed are set aside, not retried forever.
-//! - [`in_flux`]: which records an open transaction is enqueueing (the
-//!   absorb leaves them for later rather than wait). [`fresh_jobs`]: where
-//!   the records' fresh jobs are (the absorb skips changes that coalesce
-//!   into one without an index descent).
+//! - [`in_flux`]: which records' fresh jobs an open transaction is
+//!   changing (the absorb leaves their changes for later rather than wait).
 //! - [`signals`]: signal handlers, waiting, transactions. [`watchdog`]: ends
 //!   the worker when a render outlives its cancel.
 
 pub mod connect;
 pub mod delivery;
-pub mod fresh_jobs;
 pub mod http;
 pub mod in_flux;
 pub mod launcher;

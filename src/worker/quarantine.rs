@@ -20,25 +20,31 @@ SELECT ctid::pg_catalog.text FROM outbox.inbox
  LIMIT $1";
 
 /// Inbox row $1 into the queue, as the absorb would move it: coalescing
-/// into fresh jobs, dead at once for a kind nobody registered. Returns how
-/// many changes it held.
+/// into fresh jobs (moving a later one to the row's time), dead at once for
+/// a kind nobody registered. Returns how many changes it held.
 const ABSORB_ROW: &str = "
 WITH moved AS (
     DELETE FROM outbox.inbox WHERE ctid OPERATOR(pg_catalog.=) $1::pg_catalog.tid
-    RETURNING kind, id, ids, enqueued_at
+    RETURNING kind, id, ids, enqueued_at, run_at
 ), changed AS (
-    SELECT m.kind, u.id, m.enqueued_at,
+    SELECT m.kind, u.id, m.enqueued_at, greatest(coalesce(m.run_at, pg_catalog.now()), pg_catalog.now()) AS run_at,
            EXISTS (SELECT FROM outbox.kinds k WHERE k.kind OPERATOR(pg_catalog.=) m.kind) AS registered
       FROM moved m
      CROSS JOIN LATERAL pg_catalog.unnest(coalesce(m.ids, ARRAY[m.id])) AS u(id)
 ), absorbed AS (
     INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
-    SELECT c.kind, c.id, c.enqueued_at, pg_catalog.now(),
+    SELECT c.kind, c.id, c.enqueued_at, c.run_at,
            CASE WHEN c.registered THEN 'pending' ELSE 'dead' END,
            CASE WHEN NOT c.registered THEN pg_catalog.now() END,
            CASE WHEN NOT c.registered THEN 'kind is not registered' END
       FROM changed c
     ON CONFLICT (kind, id) WHERE state OPERATOR(pg_catalog.=) 'pending' AND last_attempt_at IS NULL DO NOTHING
+), sooner AS (
+    UPDATE outbox.queue q SET run_at = c.run_at
+      FROM changed c
+     WHERE q.kind OPERATOR(pg_catalog.=) c.kind AND q.id OPERATOR(pg_catalog.=) c.id
+       AND q.state OPERATOR(pg_catalog.=) 'pending' AND q.last_attempt_at IS NULL
+       AND q.run_at OPERATOR(pg_catalog.>) c.run_at
 )
 SELECT pg_catalog.count(*) FROM changed";
 
@@ -47,10 +53,10 @@ SELECT pg_catalog.count(*) FROM changed";
 const REJECT_ROW: &str = "
 WITH moved AS (
     DELETE FROM outbox.inbox WHERE ctid OPERATOR(pg_catalog.=) $1::pg_catalog.tid
-    RETURNING kind, id, ids, enqueued_at
+    RETURNING kind, id, ids, enqueued_at, run_at
 )
-INSERT INTO outbox.rejected (kind, id, ids, enqueued_at, reason)
-SELECT kind, id, ids, enqueued_at, $2 FROM moved
+INSERT INTO outbox.rejected (kind, id, ids, enqueued_at, run_at, reason)
+SELECT kind, id, ids, enqueued_at, run_at, $2 FROM moved
 RETURNING pg_catalog.left(kind, 64), coalesce(pg_catalog.cardinality(ids), 1)::pg_catalog.int8";
 
 /// The SQL statements of this module, for the qualification sweep.
@@ -97,8 +103,6 @@ pub fn absorb_one_by_one(c: &mut SpiClient<'_>, limit: i64, start: i64, cause: &
         }
         last = block_of(&tid);
     }
-    // The jobs made here were not remembered; forget what may be stale.
-    super::fresh_jobs::clear();
     (moved, last)
 }
 

@@ -33,22 +33,27 @@ UPDATE outbox.queue q
  WHERE q.state OPERATOR(pg_catalog.=) 'pending'
    AND NOT EXISTS (SELECT 1 FROM outbox.kinds k WHERE k.kind OPERATOR(pg_catalog.=) q.kind)";
 
-/// Moves what tracked tables wrote to the inbox into the queue, about $1
-/// changes per call: whole inbox rows (each holds many ids) while the count
-/// stays under $1. A record with a fresh job already coalesces into it.
-/// The worker is the only claimer and runs this in its claim transaction, so
-/// a fresh job can't be claimed between the commit that appended and here.
+/// Moves the inbox (every change, tracked or enqueued) into the queue, about
+/// $1 changes per call: whole inbox rows (each holds many ids) while the
+/// count stays under $1. This is where changes coalesce, and the only
+/// invariant it rests on is that a record's body is rendered after every
+/// change it absorbed had committed: the inbox rows it reads are committed,
+/// and the worker claims and renders only after this statement.
+/// - A record with a fresh job (pending, never attempted) coalesces into it:
+///   the insert's `ON CONFLICT` finds it on `queue_fresh_key`, whoever made
+///   it and however the queue was written since.
+/// - A delay means "not before": a record's job is due at the earliest time
+///   its changes ask for, and a change that asks for an earlier time than
+///   its fresh job's moves the job (`sooner`). Only kinds with a pending job
+///   due later than now look for such jobs: one probe of `queue_due` per
+///   kind otherwise.
 /// The scan starts at heap block $2: the blocks before it hold mostly rows
 /// absorbed a moment ago, dead until vacuum.
 /// ($3, $4) are (kind, id) pairs whose fresh job an open transaction is
 /// inserting or changing (see `in_flux`): their changes go back to the inbox
 /// instead of waiting for it.
-/// A change whose record has a fresh job that the worker knows of and that
-/// still stands (`fresh_jobs`) is skipped before the insert: one heap fetch
-/// instead of the insert's index descent.
 /// Returns how many changes moved into the queue (repeats of a record
-/// included), the last block they came from, and the (kind, id, ctid) of the
-/// fresh jobs it made.
+/// included) and the last block they came from.
 pub const ABSORB_INBOX: &str = "
 WITH picked AS (
     SELECT ctid, pg_catalog.sum(n) OVER (ROWS UNBOUNDED PRECEDING) OPERATOR(pg_catalog.-) n AS before
@@ -58,7 +63,7 @@ WITH picked AS (
 ), moved AS (
     DELETE FROM outbox.inbox
      WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM picked WHERE before OPERATOR(pg_catalog.<) $1))
-    RETURNING kind, id, ids, enqueued_at, ctid
+    RETURNING kind, id, ids, enqueued_at, run_at, ctid
 ), later AS (
     -- ROWS FROM, which unnest(a, b) stands for: pg_catalog.unnest(a, b)
     -- is not that syntax.
@@ -69,46 +74,61 @@ WITH picked AS (
     -- tuplestore for each inbox row's ids.
     -- `= ANY (subquery)` and `NOT (... = ANY (subquery))` are what IN and
     -- NOT IN stand for, with the operator named.
+    -- A delay whose time has passed is due now, not in the past: the
+    -- claim's cursors run ahead of jobs due earlier than those just claimed.
     SELECT u.kind, u.id, pg_catalog.min(u.enqueued_at) AS enqueued_at,
+           greatest(pg_catalog.min(coalesce(u.run_at, pg_catalog.now())), pg_catalog.now()) AS run_at,
            u.kind OPERATOR(pg_catalog.=) ANY (SELECT kind FROM outbox.kinds) AS registered
-      FROM (SELECT kind, id, enqueued_at FROM moved WHERE ids IS NULL
+      FROM (SELECT kind, id, enqueued_at, run_at FROM moved WHERE ids IS NULL
             UNION ALL
-            SELECT kind, pg_catalog.unnest(ids), enqueued_at FROM moved WHERE ids IS NOT NULL) u
+            SELECT kind, pg_catalog.unnest(ids), enqueued_at, run_at FROM moved WHERE ids IS NOT NULL) u
      WHERE pg_catalog.cardinality($4) OPERATOR(pg_catalog.=) 0
         OR NOT ((u.kind, u.id) OPERATOR(pg_catalog.=) ANY (SELECT kind, id FROM later))
      GROUP BY u.kind, u.id
 ), absorbed AS (
     -- A change of a kind nobody registered can never be delivered: it goes
-    -- straight to dead, where an admin sees it.
+    -- straight to dead, where an admin sees it (a dead job never coalesces).
     INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
-    SELECT c.kind, c.id, c.enqueued_at, pg_catalog.now(),
+    SELECT c.kind, c.id, c.enqueued_at, c.run_at,
            CASE WHEN c.registered THEN 'pending' ELSE 'dead' END,
            CASE WHEN NOT c.registered THEN pg_catalog.now() END,
            CASE WHEN NOT c.registered THEN 'kind is not registered' END
       FROM changed c
-     -- CASE, so that only registered kinds ask: a dead job never coalesces.
-     WHERE CASE WHEN c.registered THEN outbox.known_fresh_job(c.kind, c.id) IS NOT TRUE ELSE true END
     ON CONFLICT (kind, id) WHERE state OPERATOR(pg_catalog.=) 'pending' AND last_attempt_at IS NULL DO NOTHING
-    RETURNING q.kind, q.id, q.ctid, q.state
+), waiting_kinds AS (
+    SELECT k.kind FROM (SELECT DISTINCT kind FROM changed) k
+     WHERE EXISTS (SELECT FROM outbox.queue d
+                    WHERE d.kind OPERATOR(pg_catalog.=) k.kind
+                      AND d.state OPERATOR(pg_catalog.=) 'pending'
+                      AND d.run_at OPERATOR(pg_catalog.>) pg_catalog.now())
+), sooner AS (
+    -- Sees the queue as it was before this statement: the jobs the insert
+    -- above made are due when their changes asked already.
+    UPDATE outbox.queue q SET run_at = c.run_at
+      FROM changed c
+     WHERE c.kind OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT kind FROM waiting_kinds))
+       AND q.kind OPERATOR(pg_catalog.=) c.kind AND q.id OPERATOR(pg_catalog.=) c.id
+       AND q.state OPERATOR(pg_catalog.=) 'pending' AND q.last_attempt_at IS NULL
+       AND q.run_at OPERATOR(pg_catalog.>) c.run_at
 ), left_behind AS (
     -- Only when some are named: otherwise both scans are skipped.
-    SELECT u.kind, u.id, u.enqueued_at
-      FROM (SELECT kind, pg_catalog.unnest(coalesce(ids, ARRAY[id])) AS id, enqueued_at FROM moved) u
+    SELECT u.kind, u.id, u.enqueued_at, u.run_at
+      FROM (SELECT kind, pg_catalog.unnest(coalesce(ids, ARRAY[id])) AS id, enqueued_at, run_at FROM moved) u
      WHERE pg_catalog.cardinality($4) OPERATOR(pg_catalog.>) 0
        AND (u.kind, u.id) OPERATOR(pg_catalog.=) ANY (SELECT kind, id FROM later)
 ), kept AS (
-    INSERT INTO outbox.inbox (kind, ids, enqueued_at)
-    SELECT kind, pg_catalog.array_agg(DISTINCT id), pg_catalog.min(enqueued_at) FROM left_behind GROUP BY kind
+    -- Back as they came, a row per kind and delay, with the first time
+    -- each was enqueued.
+    INSERT INTO outbox.inbox (kind, ids, enqueued_at, run_at)
+    SELECT kind, pg_catalog.array_agg(DISTINCT id), pg_catalog.min(enqueued_at), run_at
+      FROM left_behind GROUP BY kind, run_at
 )
-SELECT (m.changes OPERATOR(pg_catalog.-) (SELECT pg_catalog.count(*) FROM left_behind))::bigint, m.last_block,
-       made.kinds, made.ids, made.ctids
+SELECT (m.changes OPERATOR(pg_catalog.-) (SELECT pg_catalog.count(*) FROM left_behind))::bigint, m.last_block
   FROM (SELECT coalesce(pg_catalog.sum(coalesce(pg_catalog.cardinality(ids), 1)), 0) AS changes,
                -- The block of the largest tid: the text round trip once,
                -- not per row.
                coalesce((pg_catalog.max(ctid)::text::point)[0], 0)::bigint AS last_block
-          FROM moved) m,
-       (SELECT pg_catalog.array_agg(kind) AS kinds, pg_catalog.array_agg(id) AS ids, pg_catalog.array_agg(ctid) AS ctids
-          FROM absorbed WHERE state OPERATOR(pg_catalog.=) 'pending') made";
+          FROM moved) m";
 
 /// The changes in the inbox from heap block $2 on, about $1 of them (the
 /// rows [`ABSORB_INBOX`] would take next), as distinct (kind, id) pairs.
@@ -136,8 +156,9 @@ SELECT DISTINCT r.kind, u.id
 /// ago, dead in the index until vacuum, and skipping them keeps a claim's
 /// cost flat however deep the backlog. The worker resets the cursors when a
 /// scan comes up short and every second, so nothing behind one waits long.
-/// The claiming transaction's id is the delivery's sequence number: it grows
-/// with every claim.
+/// The claiming transaction's id is the delivery's sequence number (it grows
+/// with every claim) and the claim's token: stored in `claim`, it is what an
+/// outcome must name to change the job.
 pub const CLAIM: &str = "
 WITH due AS (
     SELECT d.ctid, d.job_id, d.kind, d.id, d.run_at
@@ -169,9 +190,10 @@ WITH due AS (
 -- no index descent. An array, not a join: a generic plan can't know the CTE
 -- is small and would hash-join it against a scan of the whole queue.
 UPDATE outbox.queue q
-   SET state = 'running', attempts = q.attempts OPERATOR(pg_catalog.+) 1, last_attempt_at = pg_catalog.now()
+   SET state = 'running', attempts = q.attempts OPERATOR(pg_catalog.+) 1, last_attempt_at = pg_catalog.now(),
+       claim = pg_catalog.pg_current_xact_id()::text::bigint
  WHERE q.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM one_per_record))
-RETURNING q.job_id, q.kind, q.id, q.attempts, pg_catalog.pg_current_xact_id()::text::bigint,
+RETURNING q.job_id, q.kind, q.id, q.attempts, q.claim,
           (extract(epoch FROM q.run_at) OPERATOR(pg_catalog.*) 1000000)::bigint, q.ctid::text,
           pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))";
 
@@ -193,16 +215,19 @@ SELECT pg_catalog.min(d.run_at) OPERATOR(pg_catalog.-) pg_catalog.now()
 
 /// Delivered jobs are done: remove them, found by the ctid their claim
 /// returned (a TID scan: no index descent). Only the worker changes a running
-/// job, so the tuple is still there, unless an admin discarded the job; then
-/// the job_id check keeps a tuple that took its place. The state guard is
+/// job, so the tuple is still there, unless an admin discarded the job or
+/// emptied the queue; then the (job_id, claim) pairs ($2, $3) keep a tuple
+/// that took its place, even one of a job id used again. The state guard is
 /// spelled so that the planner can't use a partial index for it.
 pub const COMPLETE: &str = "
 DELETE FROM outbox.queue
  WHERE ctid OPERATOR(pg_catalog.=) ANY ($1::text[]::tid[])
-   AND job_id OPERATOR(pg_catalog.=) ANY ($2::bigint[])
+   AND (job_id, claim) OPERATOR(pg_catalog.=) ANY
+       (SELECT * FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::bigint[])))
    AND (state OPERATOR(pg_catalog.||) '') OPERATOR(pg_catalog.=) 'running'";
 
-/// Failed attempts: back to `pending` after a delay, or `dead`.
+/// Failed attempts: back to `pending` after a delay, or `dead`; only the
+/// claim each outcome answers ($6).
 pub const FAIL: &str = "
 UPDATE outbox.queue q
    SET state = u.state,
@@ -210,9 +235,10 @@ UPDATE outbox.queue q
        last_status = u.status,
        last_error = u.error
   FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::bigint[]),
-                  pg_catalog.unnest($4::int[]), pg_catalog.unnest($5::text[]))
-       AS u(job_id, state, delay_ms, status, error)
+                  pg_catalog.unnest($4::int[]), pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::bigint[]))
+       AS u(job_id, state, delay_ms, status, error, claim)
  WHERE q.job_id OPERATOR(pg_catalog.=) u.job_id
+   AND q.claim OPERATOR(pg_catalog.=) u.claim
    AND (q.state OPERATOR(pg_catalog.||) '') OPERATOR(pg_catalog.=) 'running'";
 
 pub const BUMP_STATS: &str = "
@@ -230,7 +256,9 @@ pub struct Claimed {
     pub kind: String,
     pub id: String,
     pub attempts: i32,
-    pub sequence: i64,
+    /// The claim's token (the claiming transaction's id), which also orders
+    /// deliveries: it grows with every claim.
+    pub claim: i64,
     /// run_at in µs since the Unix epoch, for the kind's cursor.
     pub run_at_us: i64,
     /// Where the running job's tuple is, for [`COMPLETE`].
@@ -278,25 +306,17 @@ pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, cursor: &mut InboxCursor)
 /// changes of records whose fresh job an open transaction holds are found
 /// and left in the inbox, and the rest moves.
 fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool) -> (i64, i64) {
-    let once = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| {
+    let attempt = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| {
         let (kinds, ids): (Vec<String>, Vec<String>) = later.into_iter().unzip();
         crate::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
             super::plans::with_settings(&[(c"lock_timeout", ABSORB_LOCK_TIMEOUT)], || {
-                super::fresh_jobs::during_absorb(|| {
-                    let args: [DatumWithOid; 4] = [limit.into(), start.into(), kinds.into(), ids.into()];
-                    let t = execute(c, ABSORB_INBOX, &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args)
-                        .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
-                    Absorbed::from_row(&t.first())
-                })
+                let args: [DatumWithOid; 4] = [limit.into(), start.into(), kinds.into(), ids.into()];
+                let t = execute(c, ABSORB_INBOX, &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args)
+                    .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
+                let row = t.first();
+                (row.get::<i64>(1).ok().flatten().unwrap_or(0), row.get::<i64>(2).ok().flatten().unwrap_or(0))
             })
         }))
-        .map(|(absorbed, asked)| absorbed.learn(asked))
-    };
-    // The queue changed while the statement trusted hints (see
-    // `fresh_jobs::during_absorb`): once more, and then it trusts none.
-    let attempt = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| match once(c, later.clone()) {
-        Err(e) if e.is_serialization_failure() => once(c, later),
-        r => r,
     };
     if !*careful {
         match attempt(c, Vec::new()) {
@@ -321,43 +341,6 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
     }
 }
 
-/// What one [`ABSORB_INBOX`] did.
-struct Absorbed {
-    moved: i64,
-    last_block: i64,
-    /// The fresh jobs it made: kinds, ids, ctids.
-    made: (Vec<String>, Vec<String>, Vec<pgrx::pg_sys::ItemPointerData>),
-}
-
-impl Absorbed {
-    fn from_row(row: &pgrx::spi::SpiTupleTable<'_>) -> Self {
-        let texts = |i| row.get::<Vec<String>>(i).ok().flatten().unwrap_or_default();
-        Absorbed {
-            moved: row.get::<i64>(1).ok().flatten().unwrap_or(0),
-            last_block: row.get::<i64>(2).ok().flatten().unwrap_or(0),
-            made: (texts(3), texts(4), row.get(5).ok().flatten().unwrap_or_default()),
-        }
-    }
-
-    /// Remembers where the jobs it made are, and looks up those that the
-    /// changes it `asked` about and found unknown met instead (jobs it did
-    /// not know of); returns (changes moved, last block).
-    fn learn(self, mut asked: super::fresh_jobs::Asked) -> (i64, i64) {
-        let (kinds, ids, tids) = self.made;
-        let unknown = std::mem::take(&mut asked.unknown);
-        // Each change it asked about was either made into a job or met one.
-        let met: Vec<(String, String)> = if unknown.len() > kinds.len() {
-            let made: std::collections::HashSet<(&str, &str)> = kinds.iter().map(String::as_str).zip(ids.iter().map(String::as_str)).collect();
-            unknown.into_iter().filter(|(k, i)| !made.contains(&(k.as_str(), i.as_str()))).collect()
-        } else {
-            Vec::new()
-        };
-        super::fresh_jobs::made(&kinds, &ids, &tids, &asked);
-        super::fresh_jobs::look_up(met);
-        (self.moved, self.last_block)
-    }
-}
-
 /// The key hashes of every delivery in flight (see [`CLAIM`]).
 pub type InFlightKeys = Vec<i64>;
 
@@ -377,17 +360,13 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, lim
                 kind: r.get::<String>(2).ok()??,
                 id: r.get::<String>(3).ok()??,
                 attempts: r.get::<i32>(4).ok()??,
-                sequence: r.get::<i64>(5).ok()??,
+                claim: r.get::<i64>(5).ok()??,
                 run_at_us: r.get::<i64>(6).ok()??,
                 ctid: r.get::<String>(7).ok()??,
                 key_hash: r.get::<i64>(8).ok()??,
             })
         })
         .collect();
-    // Claimed, a job is no longer fresh (its hint would only fail the check).
-    for job in &claimed {
-        super::fresh_jobs::forget(&job.kind, &job.id);
-    }
     for kind in kinds {
         let last = claimed.iter().filter(|j| &j.kind == kind).map(|j| (j.run_at_us, j.job_id)).max();
         match last {
@@ -413,19 +392,30 @@ pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>, busy: &InFlightKey
 /// A failed attempt, as recorded by [`FAIL`].
 pub struct Failure {
     pub job_id: i64,
+    pub claim: i64,
     pub state: JobState,
     pub delay_ms: i64,
     pub status: Option<i32>,
     pub error: Option<String>,
 }
 
-/// Deletes delivered jobs, given as (job_id, ctid) pairs.
-pub fn complete(c: &mut SpiClient<'_>, jobs: Vec<(i64, String)>) {
+/// A delivered job: which claim of which job, and where its tuple is.
+pub struct Delivered {
+    pub job_id: i64,
+    pub claim: i64,
+    pub ctid: String,
+}
+
+/// Deletes delivered jobs.
+pub fn complete(c: &mut SpiClient<'_>, jobs: Vec<Delivered>) {
     if jobs.is_empty() {
         return;
     }
-    let (ids, ctids): (Vec<i64>, Vec<String>) = jobs.into_iter().unzip();
-    execute(c, COMPLETE, &[TEXT_ARRAY, INT8_ARRAY], &[ctids.into(), ids.into()]).unwrap_or_else(|e| panic!("complete: {e}"));
+    let ctids: Vec<&str> = jobs.iter().map(|j| j.ctid.as_str()).collect();
+    let ids: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
+    let claims: Vec<i64> = jobs.iter().map(|j| j.claim).collect();
+    let args: [DatumWithOid; 3] = [ctids.into(), ids.into(), claims.into()];
+    execute(c, COMPLETE, &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("complete: {e}"));
 }
 
 pub fn fail(c: &mut SpiClient<'_>, failures: Vec<Failure>) {
@@ -437,15 +427,18 @@ pub fn fail(c: &mut SpiClient<'_>, failures: Vec<Failure>) {
     let mut delays = Vec::with_capacity(failures.len());
     let mut statuses = Vec::with_capacity(failures.len());
     let mut errors = Vec::with_capacity(failures.len());
+    let mut claims = Vec::with_capacity(failures.len());
     for f in failures {
         ids.push(f.job_id);
+        claims.push(f.claim);
         states.push(f.state.as_str().to_string());
         delays.push(f.delay_ms);
         statuses.push(f.status);
         errors.push(f.error);
     }
-    let args: [DatumWithOid; 5] = [ids.into(), states.into(), delays.into(), statuses.into(), errors.into()];
-    execute(c, FAIL, &[INT8_ARRAY, TEXT_ARRAY, INT8_ARRAY, INT4_ARRAY, TEXT_ARRAY], &args).unwrap_or_else(|e| panic!("fail: {e}"));
+    let args: [DatumWithOid; 6] = [ids.into(), states.into(), delays.into(), statuses.into(), errors.into(), claims.into()];
+    let types = [INT8_ARRAY, TEXT_ARRAY, INT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, INT8_ARRAY];
+    execute(c, FAIL, &types, &args).unwrap_or_else(|e| panic!("fail: {e}"));
 }
 
 pub fn bump_stats(c: &mut SpiClient<'_>, kinds: Vec<String>, delivered: Vec<i64>, failed: Vec<i64>) {
@@ -484,12 +477,6 @@ mod qualified {
 mod tests {
     use super::super::plans::types::{INT8, TEXT_ARRAY};
     use pgrx::prelude::*;
-
-    /// The last job id drawn. An insert draws one even when it then
-    /// conflicts: the sequence shows whether a change took the insert.
-    fn drawn() -> i64 {
-        Spi::get_one::<i64>("SELECT last_value FROM outbox.queue_job_id_seq").unwrap().unwrap()
-    }
 
     fn absorb(cursor: &mut super::InboxCursor) -> i64 {
         Spi::connect_mut(|c| super::absorb_inbox(c, 1000, cursor))
@@ -554,7 +541,7 @@ mod tests {
         )
         .unwrap();
         // The arbiter meets a row this transaction holds locked (its xmax
-        // says so), as it would one an `enqueue()` had just coalesced into.
+        // says so), as an admin's `SELECT ... FOR UPDATE` would.
         Spi::run("SELECT FROM outbox.queue WHERE id = 'locked' FOR UPDATE").unwrap();
         let xmax_set = Spi::get_one::<bool>("SELECT xmax <> '0'::xid FROM outbox.queue WHERE id = 'locked'").unwrap();
         assert_eq!(xmax_set, Some(true));
@@ -578,133 +565,60 @@ mod tests {
         );
     }
 
-    /// A change skips the insert only while the fresh job the worker knows
-    /// of stands where it was; otherwise it takes the insert, as before.
+    /// A delay means "not before": a change that asks for an earlier time
+    /// moves its record's fresh job there, whether it came with the job's
+    /// statement or a later one; a later time moves nothing.
     #[pg_test]
-    fn a_change_skips_the_insert_only_while_its_known_fresh_job_stands() {
-        use super::super::fresh_jobs;
-        crate::testing::hold_the_queue();
-        fresh_jobs::clear();
-        Spi::run("SELECT outbox.register('skipping', 'http://h/{id}')").unwrap();
-        let change = |ids: &str| {
-            Spi::run(&format!("INSERT INTO outbox.inbox (kind, ids, enqueued_at) VALUES ('skipping', '{ids}', now())")).unwrap();
-            absorb(&mut super::InboxCursor::default())
+    fn a_change_due_sooner_moves_a_delayed_fresh_job() {
+        Spi::run("SELECT outbox.register('absorbed', 'http://h/{id}')").unwrap();
+        let due = |id: &str| {
+            Spi::get_one_with_args::<String>(
+                "SELECT CASE WHEN run_at > now() + interval '50 min' THEN 'later' WHEN run_at <= now() THEN 'now' ELSE 'soon' END
+                   FROM outbox.queue WHERE id = $1",
+                &[id.into()],
+            )
+            .unwrap()
+            .unwrap_or_default()
         };
-        let jobs = || crate::testing::texts("SELECT id FROM outbox.queue ORDER BY id", &[]);
-        let tid_of = |id: &str| {
-            Spi::get_one_with_args::<pg_sys::ItemPointerData>("SELECT ctid FROM outbox.queue WHERE id = $1", &[id.into()]).unwrap().unwrap()
+        let inbox = |id: &str, run_at: &str| {
+            Spi::run(&format!("INSERT INTO outbox.inbox (kind, id, enqueued_at, run_at) VALUES ('absorbed', '{id}', now(), {run_at})")).unwrap();
         };
-        assert_eq!(change("{a,b,y}"), 3);
-        let before = drawn();
-        assert_eq!(change("{a,b}"), 2, "repeats count as moved");
-        assert_eq!(drawn(), before, "a and b were skipped: their jobs are known and stand");
-        assert_eq!(jobs(), ["a", "b", "y"]);
-
-        // a's job is deleted, b's updated (its tuple moves): neither stands
-        // where it was, so both take the insert; a gets a new job.
-        Spi::run("DELETE FROM outbox.queue WHERE id = 'a'").unwrap();
-        Spi::run("UPDATE outbox.queue SET run_at = run_at WHERE id = 'b'").unwrap();
-        assert_eq!(change("{a,b}"), 2);
-        assert_eq!(drawn(), before + 2);
-        let renewed = Spi::get_one_with_args::<bool>("SELECT job_id > $1 FROM outbox.queue WHERE id = 'a'", &[before.into()]).unwrap();
-        assert_eq!(renewed, Some(true));
-        assert_eq!(jobs(), ["a", "b", "y"]);
-        // b's new place was looked up: its next change is skipped.
-        assert_eq!(change("{b}"), 1);
-        assert_eq!(drawn(), before + 2);
-
-        // A hint at another record's job, or past the end of the heap, is
-        // not taken for this one.
-        fresh_jobs::remember(&["skipping".into()], &["x".into()], &[tid_of("y")]);
-        let mut far = pg_sys::ItemPointerData::default();
-        pgrx::itemptr::item_pointer_set_all(&mut far, 100_000, 1);
-        fresh_jobs::remember(&["skipping".into()], &["z".into()], &[far]);
-        assert_eq!(change("{x,z}"), 2);
-        assert_eq!(jobs(), ["a", "b", "x", "y", "z"]);
-
-        // A job made by enqueue() is not known: the first change meets it,
-        // and where it is is looked up. A row lock on it does not count.
-        Spi::run("SELECT outbox.enqueue('skipping', 'e')").unwrap();
-        let before = drawn();
-        assert_eq!(change("{e}"), 1);
-        assert_eq!(drawn(), before + 1);
-        Spi::run("SELECT FROM outbox.queue WHERE id = 'e' FOR UPDATE").unwrap();
-        assert_eq!(change("{e}"), 1);
-        assert_eq!(drawn(), before + 1, "known now");
-        assert_eq!(jobs(), ["a", "b", "e", "x", "y", "z"]);
-
-        // Claimed, a job is no longer fresh: the next change makes a new one.
-        assert_eq!(claim_of("skipping", &Vec::new()).len(), 6);
-        assert_eq!(change("{y}"), 1);
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue WHERE id = 'y'").unwrap(), Some(2));
-        // Outside the worker's absorb, nothing is known.
-        assert_eq!(Spi::get_one::<bool>("SELECT outbox.known_fresh_job('skipping', 'y')").unwrap(), Some(false));
-        fresh_jobs::clear();
+        inbox("a", "now() + interval '1 hour'");
+        inbox("b", "now() + interval '1 hour'");
+        inbox("c", "NULL");
+        // Both in one absorb: the earliest time wins.
+        inbox("d", "now() + interval '1 hour'");
+        inbox("d", "NULL");
+        // A delay whose time has passed is due now.
+        inbox("e", "now() - interval '1 hour'");
+        assert_eq!(crate::testing::absorb(), 6);
+        assert_eq!([due("a"), due("b"), due("c"), due("d"), due("e")], ["later", "later", "now", "now", "now"]);
+        // Later changes: at once for a, in ten minutes for b, an hour for c.
+        inbox("a", "NULL");
+        inbox("b", "now() + interval '10 min'");
+        inbox("c", "now() + interval '1 hour'");
+        assert_eq!(crate::testing::absorb(), 3);
+        assert_eq!([due("a"), due("b"), due("c")], ["now", "soon", "now"]);
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue").unwrap(), Some(5), "one job per record");
     }
 
-    /// A job seen standing by a check, in a statement that no other
-    /// session's queue writer overlapped, is then trusted without a check,
-    /// until such a statement may have changed a queue job.
+    /// The statement that moves delayed jobs finds them on the fresh key, one
+    /// probe per change, and only for kinds with a job due later.
     #[pg_test]
-    fn a_known_fresh_job_is_trusted_only_while_nobody_else_may_have_changed_it() {
-        use super::super::fresh_jobs;
-        crate::testing::hold_the_queue();
-        fresh_jobs::clear();
-        Spi::run("SELECT outbox.register('trusting', 'http://h/{id}')").unwrap();
-        let change = |id: &str| {
-            Spi::run(&format!("INSERT INTO outbox.inbox (kind, id, enqueued_at) VALUES ('trusting', '{id}', now())")).unwrap();
-            absorb(&mut super::InboxCursor::default())
-        };
-        let a_jobs = || Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue WHERE id = 'a'").unwrap().unwrap();
-        assert_eq!(change("a"), 1);
-        let made = drawn();
-        // Made, not yet seen standing: checked. Then trusted.
-        let (trusted, _) = fresh_jobs::counts();
-        assert_eq!(change("a"), 1);
-        assert_eq!(fresh_jobs::counts().0, trusted, "checked first");
-        assert_eq!(change("a"), 1);
-        assert_eq!(fresh_jobs::counts().0, trusted + 1, "then trusted");
-        assert_eq!((drawn(), a_jobs()), (made, 1));
-
-        // This session is not the worker: its DELETE counts as another
-        // session's. The hint is not trusted now, and the change gets a new job.
-        Spi::run("DELETE FROM outbox.queue WHERE id = 'a'").unwrap();
-        assert_eq!(change("a"), 1);
-        assert_eq!(fresh_jobs::counts().0, trusted + 1, "not trusted after a queue writer");
-        assert_eq!(a_jobs(), 1);
-        assert!(drawn() > made, "a new job");
-
-        // A queue writer that runs while an absorb trusts a hint (here from
-        // a trigger the absorb's own inbox delete fires): the absorb is run
-        // again without trusting, and its result stands.
-        assert_eq!(change("a"), 1);
-        assert_eq!(change("a"), 1);
-        let (trusted, redone) = fresh_jobs::counts();
-        Spi::run(
-            "CREATE FUNCTION pg_temp.touch_queue() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN UPDATE outbox.queue SET run_at = run_at WHERE false; RETURN NULL; END $$;
-             CREATE TRIGGER touch_queue AFTER DELETE ON outbox.inbox FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.touch_queue();",
-        )
-        .unwrap();
-        let before = drawn();
-        assert_eq!(change("a"), 1);
-        assert_eq!(fresh_jobs::counts(), (trusted + 1, redone + 1), "trusted once, then run again");
-        assert_eq!((drawn(), a_jobs()), (before, 1), "the job still stood: no insert");
-        Spi::run("DROP TRIGGER touch_queue ON outbox.inbox").unwrap();
-
-        // A job a quiet absorb made counts as seen standing once the
-        // transaction commits (called here as the commit would), not if it
-        // rolls back.
-        let (trusted, _) = fresh_jobs::counts();
-        assert_eq!(change("n"), 1);
-        fresh_jobs::transaction_ended(false);
-        assert_eq!(change("n"), 1);
-        assert_eq!(fresh_jobs::counts().0, trusted, "not after a rollback");
-        assert_eq!(change("m"), 1);
-        fresh_jobs::transaction_ended(true);
-        assert_eq!(change("m"), 1);
-        assert_eq!(fresh_jobs::counts().0, trusted + 1, "trusted after the commit");
-        fresh_jobs::clear();
+    fn moving_delayed_jobs_reads_only_their_records() {
+        Spi::run("SELECT outbox.register('absorbed', 'http://h/{id}')").unwrap();
+        Spi::run("INSERT INTO outbox.queue (kind, id, run_at) SELECT 'absorbed', g::text, now() + interval '1 hour' FROM generate_series(1, 5000) g").unwrap();
+        Spi::run("ANALYZE outbox.queue").unwrap();
+        let plan = worker_plan(super::ABSORB_INBOX, "bigint, bigint, text[], text[]", "1000, 0, '{}', '{}'");
+        assert!(!plan.contains("Seq Scan on queue"), "{plan}");
+        assert!(plan.contains("queue_fresh_key"), "{plan}");
+        Spi::run("INSERT INTO outbox.inbox (kind, id, enqueued_at) VALUES ('absorbed', '4321', now())").unwrap();
+        let read = || Spi::get_one::<i64>("SELECT pg_stat_get_xact_tuples_fetched('outbox.queue'::regclass)").unwrap().unwrap();
+        let before = read();
+        assert_eq!(crate::testing::absorb(), 1);
+        assert!(read() - before < 20, "read {} jobs", read() - before);
+        let moved = Spi::get_one::<bool>("SELECT run_at <= now() FROM outbox.queue WHERE id = '4321'").unwrap();
+        assert_eq!(moved, Some(true));
     }
 
     fn claim(busy: &super::InFlightKeys) -> Vec<super::Claimed> {
@@ -725,16 +639,18 @@ mod tests {
     fn a_record_in_flight_is_held_back_by_its_key_hash() {
         Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
         Spi::run("SELECT outbox.enqueue('k', 'a'), outbox.enqueue('k', 'b')").unwrap();
+        crate::testing::absorb();
         let first = claim(&Vec::new());
         assert_eq!(ids(&first), ["a", "b"]);
         let a = first.iter().find(|j| j.id == "a").unwrap();
         assert_ne!(a.key_hash, first.iter().find(|j| j.id == "b").unwrap().key_hash);
         // While a's delivery is in flight, a is enqueued again (a new job:
-        // the running one may have read the old state), and so is c. (With a
-        // delay of zero: an immediate enqueue repeated in one transaction
-        // returns the job it made before, and this test is one transaction.)
-        crate::enqueue::forget_this_transaction();
+        // the running one may have read the old state), and so is c. (This
+        // test is one transaction, which would take a's repeat for one it
+        // has buffered already: the worker never claims in its transaction.)
+        crate::inbox::forget();
         Spi::run("SELECT outbox.enqueue('k', 'a'), outbox.enqueue('k', 'c')").unwrap();
+        crate::testing::absorb();
         let in_flight = vec![a.key_hash];
         let due = |busy: &super::InFlightKeys| Spi::connect_mut(|c| super::next_due_ms(c, vec!["k".into()], busy));
         let second = claim(&in_flight);
@@ -764,6 +680,7 @@ mod tests {
         // Two indexes lead with kind: the claim must take the one in its order.
         Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
         Spi::run("SELECT count(outbox.enqueue('user', g)) FROM generate_series(1, 5000) g").unwrap();
+        crate::testing::absorb();
         for analyzed in [false, true] {
             if analyzed {
                 Spi::run("ANALYZE outbox.queue").unwrap();

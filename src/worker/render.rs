@@ -145,8 +145,9 @@ unsafe extern "C-unwind" {
     fn get_timeout_indicator(id: u32, reset_indicator: bool) -> bool;
 }
 
-/// `STATEMENT_TIMEOUT` of enum `TimeoutId`: the fourth, in every version
-/// from 13 to 18.
+/// `LOCK_TIMEOUT` and `STATEMENT_TIMEOUT` of enum `TimeoutId`: the third and
+/// the fourth, in every version from 13 to 18.
+const LOCK_TIMEOUT: u32 = 2;
 const STATEMENT_TIMEOUT: u32 = 3;
 
 /// A deadline on the statements run inside it: Postgres' statement timeout,
@@ -166,12 +167,18 @@ impl TimeLimit {
 
 impl Drop for TimeLimit {
     fn drop(&mut self) {
-        // SAFETY: disarming our own timer. If it fired just as the statement
-        // ended, the cancel it asked for is ours and no longer wanted: left
-        // pending, it would fail the worker's next statement.
+        // SAFETY: disarming our own timers: the statement timeout, and the
+        // lock timeout a body's lock wait armed with the deadline's
+        // `lock_timeout` (both fall due together). If either fired just as
+        // the statement ended, or after the cancel of the other was handled,
+        // the cancel it asked for is ours and no longer wanted: left pending,
+        // it would fail the worker's next statement, and the worker with it.
         unsafe {
             disable_timeout(STATEMENT_TIMEOUT, true);
-            if get_timeout_indicator(STATEMENT_TIMEOUT, true) {
+            disable_timeout(LOCK_TIMEOUT, true);
+            let statement = get_timeout_indicator(STATEMENT_TIMEOUT, true);
+            let lock = get_timeout_indicator(LOCK_TIMEOUT, true);
+            if statement || lock {
                 pg_sys::QueryCancelPending = 0;
             }
         }
@@ -338,9 +345,10 @@ pub fn render(
                 Some(Ok(None)) => return Rendered::Skip,
             };
             let mut headers = kind.headers.clone();
-            headers.push((SEQUENCE_HEADER.to_string(), job.sequence.to_string()));
+            headers.push((SEQUENCE_HEADER.to_string(), job.claim.to_string()));
             Rendered::Send(Request {
                 job_id: job.job_id,
+                claim: job.claim,
                 method,
                 url,
                 body,
