@@ -5,7 +5,7 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 SUDO := $(if $(filter 0,$(shell id -u)),,--sudo)
 
-.PHONY: soak setup test demo install install-release bench bench-enqueue clean
+.PHONY: soak setup test demo install install-release bench bench-enqueue bench-bulk-enqueue clean
 
 setup:
 	@scripts/setup.sh
@@ -37,6 +37,10 @@ bench: install-release
 ## bench-enqueue: figure 3 alone (CALL=1: outbox.enqueue() called directly)
 bench-enqueue: install-release
 	$(if $(QUICK),SECONDS_PER_RUN=5 ROUNDS=1,) scripts/bench-enqueue.sh
+
+## bench-bulk-enqueue: the bulk enqueue figure alone (QUICK=1: smaller)
+bench-bulk-enqueue: install-release
+	$(if $(QUICK),ROWS=200000 ROUNDS=1,) scripts/bench-bulk-enqueue.sh
 
 clean:
 	cargo clean

@@ -11,10 +11,10 @@ OUT=target/bench
 mkdir -p "$OUT"
 
 if [ -n "${QUICK:-}" ]; then
-    THROUGHPUT="20000 3" LATENCY=500 BACKLOG="100000 10000" BULK="200000 3"
+    THROUGHPUT="20000 3" LATENCY=500 BACKLOG="100000 10000" BULK="200000 3" BULK_ENQUEUE=200000
     export SECONDS_PER_RUN=5 ROUNDS=1
 else
-    THROUGHPUT="100000 3" LATENCY=2000 BACKLOG="1000000 10000" BULK="1000000 3"
+    THROUGHPUT="100000 3" LATENCY=2000 BACKLOG="1000000 10000" BULK="1000000 3" BULK_ENQUEUE=1000000
 fi
 
 run() { # name, command...
@@ -31,6 +31,7 @@ run throughput "$BIN/bench-throughput" $THROUGHPUT
 run latency "$BIN/bench-latency" $LATENCY
 scripts/bench-enqueue.sh 2>&1 | tee "$OUT/enqueue.txt"
 CALL=1 scripts/bench-enqueue.sh 2>&1 | tee "$OUT/enqueue-call.txt"
+ROWS=$BULK_ENQUEUE scripts/bench-bulk-enqueue.sh 2>&1 | tee "$OUT/bulk-enqueue.txt"
 # shellcheck disable=SC2086
 run backlog "$BIN/bench-backlog" $BACKLOG
 # shellcheck disable=SC2086
@@ -38,7 +39,7 @@ run bulk "$BIN/bench-bulk" $BULK
 
 echo
 echo "== figures (this run; JSON lines in $OUT/results.json)"
-grep -h -E '^(http ceiling|throughput|latency|enqueue overhead|enqueue\(\) call overhead|backlog scaling|bulk|table health):' \
+grep -h -E '^(http ceiling|throughput|latency|enqueue overhead|enqueue\(\) call overhead|bulk enqueue|backlog scaling|bulk|table health):' \
     "$OUT"/http-ceiling.txt "$OUT"/throughput.txt "$OUT"/latency.txt "$OUT"/enqueue.txt "$OUT"/enqueue-call.txt \
-    "$OUT"/backlog.txt "$OUT"/bulk.txt |
+    "$OUT"/bulk-enqueue.txt "$OUT"/backlog.txt "$OUT"/bulk.txt |
     sed 's/^/  /'
