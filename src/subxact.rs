@@ -40,9 +40,12 @@ impl Caught {
         self.is_lock_timeout() || self.sqlstate == sqlstate(PgSqlErrorCode::ERRCODE_QUERY_CANCELED)
     }
 
-    /// Whether it is a serialization failure (40001): worth running again.
-    pub fn is_serialization_failure(&self) -> bool {
-        self.sqlstate == sqlstate(PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE)
+    /// Whether what failed is not at fault and a later try may pass: it ran
+    /// out of time, lost a race with another transaction (class 40:
+    /// serialization failure, deadlock), or the server ran short of
+    /// resources (class 53) or was told to stop (class 57).
+    pub fn is_transient(&self) -> bool {
+        self.is_timeout() || ["40", "53", "57"].iter().any(|class| self.sqlstate.starts_with(class))
     }
 }
 

@@ -40,5 +40,5 @@ pub fn hold_the_queue() {
 /// Moves the inbox into the queue as the worker's absorb does; returns how
 /// many changes moved.
 pub fn absorb() -> i64 {
-    Spi::connect_mut(|c| crate::worker::queue::absorb_inbox(c, 100_000, &mut crate::worker::queue::InboxCursor::default()))
+    Spi::connect_mut(|c| crate::worker::queue::absorb_inbox(c, 100_000, &mut crate::worker::queue::InboxCursor::default())).moved
 }

@@ -260,3 +260,29 @@ fn a_change_after_its_job_was_deleted_behind_the_workers_back_is_kept() {
         assert_eq!(r.requests_for(path).last().unwrap().json()["name"], "kept", "{path}");
     }
 }
+
+/// A delayed job that another session holds locked (an admin's `SELECT ...
+/// FOR UPDATE`) can't be moved to now while the lock lasts: the change
+/// that asks for it waits in the inbox, nothing else waits at all, and once
+/// the lock is gone the change moves the job and it is delivered.
+#[test]
+fn a_locked_delayed_job_holds_up_only_its_own_record() {
+    let Setup { db, r, mut c } = started();
+    c.batch_execute("SELECT outbox.enqueue('user', 1, '1 hour')").unwrap();
+    let queued = |c: &mut Client| -> bool {
+        c.query_one("SELECT count(*) = 1 FROM outbox.queue WHERE id = '1' AND run_at > now() + interval '50 minutes'", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert!(wait_until(LONG, || queued(&mut c)), "the delayed job is in the queue");
+    let mut admin = db.client();
+    admin.batch_execute("BEGIN; SELECT FROM outbox.queue WHERE id = '1' FOR UPDATE").unwrap();
+    c.batch_execute("INSERT INTO users VALUES (1, 'a'); INSERT INTO users VALUES (2, 'b');").unwrap();
+    assert!(wait_until(PROMPT, || r.requests_for("/users/2").len() == 1), "record 2 is not held up");
+    settle(&mut c, &r);
+    assert!(r.requests_for("/users/1").is_empty(), "record 1's job is still delayed");
+    admin.batch_execute("COMMIT").unwrap();
+    assert!(wait_until(PROMPT, || r.requests_for("/users/1").len() == 1), "record 1 is delivered once the lock is gone");
+    assert_eq!(r.requests_for("/users/1")[0].json()["name"], "a");
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+}

@@ -65,10 +65,10 @@ fn turn_gap(last_work: usize, more_due: bool, last_turn: Duration, delivering: b
 }
 
 /// How long the worker may sleep when no commit or outcome wakes it: until
-/// the next due job, at most the poll interval. While the inbox cursor is
-/// past block 0 (`inbox_behind`), only until the next cursor reset: rows may
-/// have gone before the cursor while the last scan ran (into space that
-/// pruning or a vacuum freed), with no commit left to say so.
+/// the next due job, at most the poll interval. While the inbox may hold rows
+/// no commit will announce (`inbox_behind`), only until the next cursor
+/// reset: rows may have gone before the cursor while the last scan ran (into
+/// space that pruning or a vacuum freed), or the absorb put changes back.
 fn sleep_limit(next_due: Option<Duration>, poll: Duration, inbox_behind: bool, since_reset: Duration) -> Duration {
     let limit = next_due.unwrap_or(poll).min(poll);
     if inbox_behind {
@@ -100,6 +100,19 @@ const SESSION_SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
     (c"default_transaction_isolation", c"read committed"),
     (c"default_transaction_read_only", c"off"),
 ];
+
+/// The `outbox-sequence` of a turn's deliveries: the wall clock in µs, and
+/// more than the last turn's. It grows with every delivery of a record,
+/// across worker restarts and failovers alike, as long as the clock does not
+/// step back further than a restart takes. The claim's transaction id would
+/// not: the worker commits without waiting for the flush, so after a crash
+/// (or on a standby promoted) ids are handed out again, and a receiver
+/// would drop the newer state as stale.
+fn next_sequence(last: &mut i64) -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+    *last = now.max(*last + 1);
+    *last
+}
 
 /// What a worker that waits for another to exit shows in pg_stat_activity,
 /// and how often it looks whether that one has.
@@ -171,6 +184,11 @@ struct Worker {
     more_due: bool,
     /// The last absorb stopped at its limit: the inbox has more.
     inbox_backlog: bool,
+    /// The `outbox-sequence` of the last turn that claimed.
+    last_sequence: i64,
+    /// The last absorb put changes back into the inbox (their job was held
+    /// by another transaction): look again within a cursor reset.
+    inbox_left: bool,
     /// How long the last turn's transaction took.
     last_turn_time: Duration,
     /// The extension and its schema, as the last turn found them.
@@ -210,8 +228,10 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     let database = BackgroundWorker::get_extra().to_string();
     let role = gucs::role();
     BackgroundWorker::connect_worker_to_spi(Some(&database), role.as_deref());
-    // SAFETY: registering a plain function for process exit.
-    unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
+    // SAFETY: registering a plain function for process exit. On shared
+    // memory exit, not before it: the slot is freed for a waiting worker only
+    // after this one's transaction was aborted and its locks released.
+    unsafe { pg_sys::on_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
     // One worker at a time, before any statement: two would both claim jobs,
     // send a record twice at once, and answer each other's claims.
     if !shmem::claim_worker() {
@@ -258,6 +278,8 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         last_work: 0,
         more_due: false,
         inbox_backlog: true,
+        inbox_left: false,
+        last_sequence: 0,
         last_turn_time: Duration::ZERO,
         extension: None,
         kinds: HashMap::new(),
@@ -369,7 +391,8 @@ impl Worker {
     }
 
     fn sleep_limit(&self, next_due: Option<Duration>) -> Duration {
-        sleep_limit(next_due, gucs::poll_interval(), self.inbox.block > 0, self.cursors_reset_at.elapsed())
+        let behind = self.inbox.block > 0 || self.inbox_left;
+        sleep_limit(next_due, gucs::poll_interval(), behind, self.cursors_reset_at.elapsed())
     }
 
     /// Moves outcomes reported by the HTTP threads into `finished`.
@@ -385,8 +408,11 @@ impl Worker {
     fn turn(&mut self, kinds_generation: Option<u64>) -> Turn {
         let extension = lock_extension(self.extension);
         if extension != self.extension {
-            // Gone, or created anew: nothing cached belongs to it, and
-            // whatever was in flight belonged to the one before.
+            // Gone, or created anew: nothing cached belongs to it, and the
+            // outcomes not yet recorded belonged to the one before. Requests
+            // still in flight stay counted, so that their records are not
+            // sent again alongside them; their outcomes name claims no job
+            // of the new tables has, and change nothing.
             self.extension = extension;
             self.kinds_generation = None;
             self.finished.clear();
@@ -437,7 +463,6 @@ impl Worker {
                     log!("outbox worker: {n} job(s) left running by a previous worker are pending again");
                 }
                 c.update(queue::DEAD_LETTER_ORPHANS, None, &[]).unwrap_or_else(|e| panic!("orphans: {e}"));
-                self.in_flight.clear();
                 self.recovered = true;
             }
             let finished = std::mem::take(&mut self.finished);
@@ -458,10 +483,13 @@ impl Worker {
                 self.kinds_generation = None;
                 absorb = true;
             }
-            let absorbed = if absorb { queue::absorb_inbox(c, absorb_limit, &mut self.inbox) } else { 0 };
-            let inbox_full = absorbed >= absorb_limit;
+            let absorbed = if absorb { queue::absorb_inbox(c, absorb_limit, &mut self.inbox) } else { queue::Absorbed::default() };
+            let inbox_full = absorbed.moved >= absorb_limit;
             self.inbox_backlog = inbox_full;
-            self.last_work = absorbed as usize;
+            if absorb {
+                self.inbox_left = absorbed.left > 0;
+            }
+            self.last_work = absorbed.moved as usize;
             if kinds_generation.is_none() || self.kinds_generation != kinds_generation {
                 self.kinds = render::load_kinds(c);
                 self.kinds_generation = kinds_generation;
@@ -499,7 +527,8 @@ impl Worker {
             }
             let max_response = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
             let max_body = i64::from(gucs::MAX_BODY_BYTES.get().max(0));
-            let (rendered, slow_kinds) = render::render(kinds, &claimed, max_body, max_response);
+            let sequence = next_sequence(&mut self.last_sequence);
+            let (rendered, slow_kinds) = render::render(kinds, &claimed, sequence, max_body, max_response);
             bench(&mut self.benched, &claimed, &slow_kinds);
             let mut requests = Vec::new();
             let mut done_now = Vec::new();
@@ -688,6 +717,17 @@ mod tests {
         // A steady stream with nothing to deliver: the longest gap.
         assert_eq!(turn_gap(BUSY_WORK, false, ms(2), false), MAX_BUSY_TURN_GAP);
         assert_eq!(turn_gap(40, false, Duration::from_micros(300), false), MAX_BUSY_TURN_GAP);
+    }
+
+    #[test]
+    fn the_sequence_grows_even_when_the_clock_does_not() {
+        let mut last = 0;
+        let first = next_sequence(&mut last);
+        assert!(first > 1_700_000_000_000_000, "µs since the epoch: {first}");
+        let mut ahead = first + 60_000_000;
+        assert_eq!(next_sequence(&mut ahead), first + 60_000_001, "a clock behind the last turn's");
+        let second = next_sequence(&mut last);
+        assert!(second > first);
     }
 
     #[test]

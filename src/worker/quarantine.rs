@@ -98,7 +98,7 @@ pub fn absorb_one_by_one(c: &mut SpiClient<'_>, limit: i64, start: i64, cause: &
         match absorbed {
             Ok(n) => moved += n,
             // Not the row's fault: it waits for a later turn.
-            Err(e) if e.is_timeout() || e.is_serialization_failure() => break,
+            Err(e) if e.is_transient() => break,
             Err(e) => reject(c, &tid, &format!("{} (SQLSTATE {})", e.message, e.sqlstate)),
         }
         last = block_of(&tid);

@@ -46,14 +46,17 @@ UPDATE outbox.queue q
 ///   its changes ask for, and a change that asks for an earlier time than
 ///   its fresh job's moves the job (`sooner`). Only kinds with a pending job
 ///   due later than now look for such jobs: one probe of `queue_due` per
-///   kind otherwise.
+///   kind otherwise. A job another transaction holds locked (an admin's
+///   `SELECT ... FOR UPDATE`) is skipped, not waited for, and the changes
+///   that would have moved it go back to the inbox for a later turn.
 /// The scan starts at heap block $2: the blocks before it hold mostly rows
 /// absorbed a moment ago, dead until vacuum.
 /// ($3, $4) are (kind, id) pairs whose fresh job an open transaction is
 /// inserting or changing (see `in_flux`): their changes go back to the inbox
 /// instead of waiting for it.
 /// Returns how many changes moved into the queue (repeats of a record
-/// included) and the last block they came from.
+/// included), the last block they came from, and how many went back to the
+/// inbox.
 pub const ABSORB_INBOX: &str = "
 WITH picked AS (
     SELECT ctid, pg_catalog.sum(n) OVER (ROWS UNBOUNDED PRECEDING) OPERATOR(pg_catalog.-) n AS before
@@ -101,21 +104,34 @@ WITH picked AS (
                     WHERE d.kind OPERATOR(pg_catalog.=) k.kind
                       AND d.state OPERATOR(pg_catalog.=) 'pending'
                       AND d.run_at OPERATOR(pg_catalog.>) pg_catalog.now())
-), sooner AS (
-    -- Sees the queue as it was before this statement: the jobs the insert
-    -- above made are due when their changes asked already.
-    UPDATE outbox.queue q SET run_at = c.run_at
+), due_sooner AS (
+    -- The queue as it was before this statement: the jobs the insert above
+    -- made are due when their changes asked already.
+    SELECT q.ctid, c.kind, c.id, c.enqueued_at, c.run_at
       FROM changed c
+      JOIN outbox.queue q ON q.kind OPERATOR(pg_catalog.=) c.kind AND q.id OPERATOR(pg_catalog.=) c.id
      WHERE c.kind OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT kind FROM waiting_kinds))
-       AND q.kind OPERATOR(pg_catalog.=) c.kind AND q.id OPERATOR(pg_catalog.=) c.id
        AND q.state OPERATOR(pg_catalog.=) 'pending' AND q.last_attempt_at IS NULL
        AND q.run_at OPERATOR(pg_catalog.>) c.run_at
+), locked AS (
+    -- A job changed since the snapshot fails the recheck: its changes go
+    -- back to the inbox too, and meet it as it is now.
+    SELECT q.ctid FROM outbox.queue q
+     WHERE q.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM due_sooner))
+       FOR NO KEY UPDATE SKIP LOCKED
+), sooner AS (
+    UPDATE outbox.queue q
+       SET run_at = (SELECT pg_catalog.min(d.run_at) FROM due_sooner d WHERE d.ctid OPERATOR(pg_catalog.=) q.ctid)
+     WHERE q.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM locked))
 ), left_behind AS (
     -- Only when some are named: otherwise both scans are skipped.
     SELECT u.kind, u.id, u.enqueued_at, u.run_at
       FROM (SELECT kind, pg_catalog.unnest(coalesce(ids, ARRAY[id])) AS id, enqueued_at, run_at FROM moved) u
      WHERE pg_catalog.cardinality($4) OPERATOR(pg_catalog.>) 0
        AND (u.kind, u.id) OPERATOR(pg_catalog.=) ANY (SELECT kind, id FROM later)
+    UNION ALL
+    SELECT d.kind, d.id, d.enqueued_at, d.run_at FROM due_sooner d
+     WHERE NOT (d.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM locked)))
 ), kept AS (
     -- Back as they came, a row per kind and delay, with the first time
     -- each was enqueued.
@@ -123,8 +139,9 @@ WITH picked AS (
     SELECT kind, pg_catalog.array_agg(DISTINCT id), pg_catalog.min(enqueued_at), run_at
       FROM left_behind GROUP BY kind, run_at
 )
-SELECT (m.changes OPERATOR(pg_catalog.-) (SELECT pg_catalog.count(*) FROM left_behind))::bigint, m.last_block
-  FROM (SELECT coalesce(pg_catalog.sum(coalesce(pg_catalog.cardinality(ids), 1)), 0) AS changes,
+SELECT (m.changes OPERATOR(pg_catalog.-) l.n)::bigint, m.last_block, l.n
+  FROM (SELECT pg_catalog.count(*) AS n FROM left_behind) l,
+       (SELECT coalesce(pg_catalog.sum(coalesce(pg_catalog.cardinality(ids), 1)), 0) AS changes,
                -- The block of the largest tid: the text round trip once,
                -- not per row.
                coalesce((pg_catalog.max(ctid)::text::point)[0], 0)::bigint AS last_block
@@ -215,16 +232,28 @@ SELECT pg_catalog.min(d.run_at) OPERATOR(pg_catalog.-) pg_catalog.now()
 
 /// Delivered jobs are done: remove them, found by the ctid their claim
 /// returned (a TID scan: no index descent). Only the worker changes a running
-/// job, so the tuple is still there, unless an admin discarded the job or
-/// emptied the queue; then the (job_id, claim) pairs ($2, $3) keep a tuple
-/// that took its place, even one of a job id used again. The state guard is
-/// spelled so that the planner can't use a partial index for it.
+/// job, so the tuple is usually still there; the (job_id, claim) pairs ($2,
+/// $3) keep a tuple that took its place (the job discarded, the queue
+/// emptied, even a job id used again). The state guard is spelled so that
+/// the planner can't use a partial index for it. Returns the jobs removed.
 pub const COMPLETE: &str = "
 DELETE FROM outbox.queue
  WHERE ctid OPERATOR(pg_catalog.=) ANY ($1::text[]::tid[])
    AND (job_id, claim) OPERATOR(pg_catalog.=) ANY
        (SELECT * FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::bigint[])))
-   AND (state OPERATOR(pg_catalog.||) '') OPERATOR(pg_catalog.=) 'running'";
+   AND (state OPERATOR(pg_catalog.||) '') OPERATOR(pg_catalog.=) 'running'
+RETURNING job_id";
+
+/// Delivered jobs that [`COMPLETE`] did not find where their claim left
+/// them (an admin's UPDATE, `VACUUM FULL` or `CLUSTER` moved the tuple), by
+/// (job_id, claim) on the primary key: left `running`, they would be sent
+/// again after the next worker start.
+pub const COMPLETE_MOVED: &str = "
+DELETE FROM outbox.queue q
+ USING ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::bigint[])) AS u(job_id, claim)
+ WHERE q.job_id OPERATOR(pg_catalog.=) u.job_id
+   AND q.claim OPERATOR(pg_catalog.=) u.claim
+   AND (q.state OPERATOR(pg_catalog.||) '') OPERATOR(pg_catalog.=) 'running'";
 
 /// Failed attempts: back to `pending` after a delay, or `dead`; only the
 /// claim each outcome answers ($6).
@@ -256,8 +285,8 @@ pub struct Claimed {
     pub kind: String,
     pub id: String,
     pub attempts: i32,
-    /// The claim's token (the claiming transaction's id), which also orders
-    /// deliveries: it grows with every claim.
+    /// The claim's token: the claiming transaction's id, unique for the
+    /// life of the cluster.
     pub claim: i64,
     /// run_at in µs since the Unix epoch, for the kind's cursor.
     pub run_at_us: i64,
@@ -286,26 +315,40 @@ pub struct InboxCursor {
 /// short transactions are waited out well within it.
 const ABSORB_LOCK_TIMEOUT: &std::ffi::CStr = c"100ms";
 
+/// What an absorb did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Absorbed {
+    /// Changes moved into the queue (repeats of a record included).
+    pub moved: i64,
+    /// The last heap block they came from.
+    pub last_block: i64,
+    /// Changes that went back to the inbox for a later turn: no commit will
+    /// say that they are there.
+    pub left: i64,
+}
+
 /// Moves up to `limit` inbox changes, from heap block `cursor.block` on, into
-/// the queue; returns how many moved and leaves the cursor at the last block
+/// the queue; says how many moved and leaves the cursor at the last block
 /// read. A scan from past block 0 that finds nothing looks again from block 0
 /// at once: once a vacuum has freed (or truncated) the blocks before the
 /// cursor, new rows go there, and the commit that said so has been consumed;
 /// left to the next reset, they could wait for the poll interval.
-pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, cursor: &mut InboxCursor) -> i64 {
-    let (mut moved, mut last) = absorb_from(c, limit, cursor.block, &mut cursor.careful);
-    if moved == 0 && cursor.block > 0 {
-        (moved, last) = absorb_from(c, limit, 0, &mut cursor.careful);
+pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, cursor: &mut InboxCursor) -> Absorbed {
+    let mut absorbed = absorb_from(c, limit, cursor.block, &mut cursor.careful);
+    if absorbed.moved == 0 && cursor.block > 0 {
+        let left = absorbed.left;
+        absorbed = absorb_from(c, limit, 0, &mut cursor.careful);
+        absorbed.left += left;
     }
-    cursor.block = if moved > 0 { last } else { 0 };
-    moved
+    cursor.block = if absorbed.moved > 0 { absorbed.last_block } else { 0 };
+    absorbed
 }
 
-/// One absorb statement from block `start`: (changes moved, last block).
+/// One absorb statement from block `start`.
 /// It runs in a subtransaction with a lock timeout; if that runs out, the
 /// changes of records whose fresh job an open transaction holds are found
 /// and left in the inbox, and the rest moves.
-fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool) -> (i64, i64) {
+fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool) -> Absorbed {
     let attempt = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| {
         let (kinds, ids): (Vec<String>, Vec<String>) = later.into_iter().unzip();
         crate::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
@@ -314,7 +357,8 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
                 let t = execute(c, ABSORB_INBOX, &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args)
                     .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
                 let row = t.first();
-                (row.get::<i64>(1).ok().flatten().unwrap_or(0), row.get::<i64>(2).ok().flatten().unwrap_or(0))
+                let column = |i| row.get::<i64>(i).ok().flatten().unwrap_or(0);
+                Absorbed { moved: column(1), last_block: column(2), left: column(3) }
             })
         }))
     };
@@ -323,7 +367,7 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
             Ok(r) => return r,
             Err(e) if e.is_lock_timeout() => *careful = true,
             // One bad row must not stop the worker: see `quarantine`.
-            Err(e) => return super::quarantine::absorb_one_by_one(c, limit, start, &e),
+            Err(e) => return one_by_one(c, limit, start, &e),
         }
     }
     let changes: Vec<(String, String)> = execute(c, INBOX_CHANGES, &[INT8, INT8], &[limit.into(), start.into()])
@@ -336,9 +380,15 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
         Ok(r) => r,
         // A transaction took a fresh job between the look and the absorb:
         // the next turn looks again.
-        Err(e) if e.is_lock_timeout() => (0, start),
-        Err(e) => super::quarantine::absorb_one_by_one(c, limit, start, &e),
+        Err(e) if e.is_lock_timeout() => Absorbed { last_block: start, ..Absorbed::default() },
+        Err(e) => one_by_one(c, limit, start, &e),
     }
+}
+
+/// One bad row must not stop the worker: see `quarantine`.
+fn one_by_one(c: &mut SpiClient<'_>, limit: i64, start: i64, cause: &crate::subxact::Caught) -> Absorbed {
+    let (moved, last_block) = super::quarantine::absorb_one_by_one(c, limit, start, cause);
+    Absorbed { moved, last_block, left: 0 }
 }
 
 /// The key hashes of every delivery in flight (see [`CLAIM`]).
@@ -415,7 +465,16 @@ pub fn complete(c: &mut SpiClient<'_>, jobs: Vec<Delivered>) {
     let ids: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
     let claims: Vec<i64> = jobs.iter().map(|j| j.claim).collect();
     let args: [DatumWithOid; 3] = [ctids.into(), ids.into(), claims.into()];
-    execute(c, COMPLETE, &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("complete: {e}"));
+    let removed: std::collections::HashSet<i64> = execute(c, COMPLETE, &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY], &args)
+        .unwrap_or_else(|e| panic!("complete: {e}"))
+        .filter_map(|r| r.get::<i64>(1).ok().flatten())
+        .collect();
+    if removed.len() == jobs.len() {
+        return;
+    }
+    let (ids, claims): (Vec<i64>, Vec<i64>) =
+        jobs.iter().filter(|j| !removed.contains(&j.job_id)).map(|j| (j.job_id, j.claim)).unzip();
+    execute(c, COMPLETE_MOVED, &[INT8_ARRAY, INT8_ARRAY], &[ids.into(), claims.into()]).unwrap_or_else(|e| panic!("complete: {e}"));
 }
 
 pub fn fail(c: &mut SpiClient<'_>, failures: Vec<Failure>) {
@@ -460,6 +519,7 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("CLAIM", CLAIM),
     ("NEXT_DUE", NEXT_DUE),
     ("COMPLETE", COMPLETE),
+    ("COMPLETE_MOVED", COMPLETE_MOVED),
     ("FAIL", FAIL),
     ("BUMP_STATS", BUMP_STATS),
 ];
@@ -479,7 +539,7 @@ mod tests {
     use pgrx::prelude::*;
 
     fn absorb(cursor: &mut super::InboxCursor) -> i64 {
-        Spi::connect_mut(|c| super::absorb_inbox(c, 1000, cursor))
+        Spi::connect_mut(|c| super::absorb_inbox(c, 1000, cursor)).moved
     }
 
     #[pg_test]

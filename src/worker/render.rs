@@ -296,9 +296,11 @@ fn clear_session_leftovers() {
 }
 
 /// Claimed jobs as requests, and the kinds whose bodies ran out of time.
+/// `sequence` is the turn's `outbox-sequence`.
 pub fn render(
     kinds: &HashMap<String, Kind>,
     jobs: &[Claimed],
+    sequence: i64,
     max_body_bytes: i64,
     max_response_bytes: usize,
 ) -> (Vec<Rendered>, Vec<String>) {
@@ -345,7 +347,7 @@ pub fn render(
                 Some(Ok(None)) => return Rendered::Skip,
             };
             let mut headers = kind.headers.clone();
-            headers.push((SEQUENCE_HEADER.to_string(), job.claim.to_string()));
+            headers.push((SEQUENCE_HEADER.to_string(), sequence.to_string()));
             Rendered::Send(Request {
                 job_id: job.job_id,
                 claim: job.claim,
