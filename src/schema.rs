@@ -248,6 +248,10 @@ mod tests {
 
     /// Every function the extension defines pins its search_path, so that no
     /// function or operator it uses can be shadowed from the caller's path.
+    /// Except the two on every application write's path, which run no SQL
+    /// and resolve no name through the path (the statements the trigger
+    /// runs on a TRUNCATE or a new partition pin it themselves): the clause
+    /// cost each call a tenth of its time.
     #[pg_test]
     fn every_function_pins_its_search_path() {
         let loose = crate::testing::texts(
@@ -257,7 +261,13 @@ mod tests {
               ORDER BY 1",
             &[],
         );
-        assert!(loose.is_empty(), "without a pinned search_path: {loose:?}");
+        let hot_path = [
+            "outbox.enqueue(text,bigint,interval)",
+            "outbox.enqueue(text,text,interval)",
+            "outbox.enqueue(text,uuid,interval)",
+            "outbox.enqueue_trigger()",
+        ];
+        assert_eq!(loose, hot_path, "functions without a pinned search_path");
     }
 
     #[pg_test]

@@ -200,7 +200,7 @@ fn misuse(what: &str) -> ! {
 
 #[pg_trigger(sql = "
 CREATE FUNCTION outbox.enqueue_trigger() RETURNS trigger
-LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 ")]
 fn enqueue_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
