@@ -184,9 +184,8 @@ SELECT DISTINCT r.kind, u.id
 /// ago, dead in the index until vacuum, and skipping them keeps a claim's
 /// cost flat however deep the backlog. The worker resets the cursors when a
 /// scan comes up short and every second, so nothing behind one waits long.
-/// The claiming transaction's id is the delivery's sequence number (it grows
-/// with every claim) and the claim's token: stored in `claim`, it is what an
-/// outcome must name to change the job.
+/// The claiming transaction's id is the claim's token: stored in `claim`, it
+/// is what an outcome must name to change the job.
 pub const CLAIM: &str = "
 WITH due AS (
     SELECT d.ctid, d.job_id, d.kind, d.id, d.run_at
