@@ -7,137 +7,10 @@
 //! nothing the caller sees depends on other jobs: the worker coalesces when
 //! it moves the inbox into the queue, after the changes have committed.
 
-use crate::errors::{raise, require, require_kind, unknown_kind};
-use crate::enqueue_grants::Access;
+use crate::errors::{raise, require, require_kind};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::IntoDatum;
-use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
-
-/// Longest id accepted, in bytes.
-pub const MAX_ID_LEN: usize = 1024;
-
-thread_local! {
-    static XACT: RefCell<XactState> = RefCell::new(XactState::default());
-    static CALLBACKS_REGISTERED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// What this backend's current transaction has enqueued.
-#[derive(Default)]
-struct XactState {
-    wake_on_commit: bool,
-    /// This transaction appended to the inbox (through a tracked table).
-    inbox_on_commit: bool,
-    /// This transaction changed `outbox.kinds`.
-    kinds_on_commit: bool,
-    /// (user, kind) pairs found allowed to enqueue, and registered, in this
-    /// transaction. Cleared when it ends and when a subtransaction aborts
-    /// (a grant or register made in it is gone).
-    allowed: HashSet<(pg_sys::Oid, String)>,
-}
-
-/// Makes the worker's latch be set when the current transaction commits.
-pub fn wake_on_commit() {
-    on_commit(|_| {});
-}
-
-/// Like [`wake_on_commit`], and tells the worker the inbox has rows.
-pub fn wake_on_commit_for_inbox() {
-    on_commit(|x| x.inbox_on_commit = true);
-}
-
-/// Like [`wake_on_commit`], and tells the worker to reload its kinds. A
-/// kind registered or gone is looked up again by the next enqueue.
-pub fn kinds_changed_on_commit() {
-    on_commit(|x| {
-        x.kinds_on_commit = true;
-        x.allowed.clear();
-    });
-}
-
-/// Wakes the worker on commit, with whatever else `mark` asks it to do then.
-fn on_commit(mark: impl FnOnce(&mut XactState)) {
-    register_callbacks();
-    XACT.with(|x| {
-        let mut x = x.borrow_mut();
-        x.wake_on_commit = true;
-        mark(&mut x);
-    });
-}
-
-pub(crate) fn register_callbacks() {
-    if CALLBACKS_REGISTERED.get() {
-        return;
-    }
-    // SAFETY: registering plain function pointers that live as long as the
-    // library; done once per backend.
-    unsafe {
-        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
-    }
-    CALLBACKS_REGISTERED.set(true);
-}
-
-/// Only the PRE_ events may raise: an ERROR after commit aborts the backend.
-#[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    use pg_sys::XactEvent::*;
-    let wake = match event {
-        // Tracked changes still buffered go to the inbox while the
-        // transaction can still fail.
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
-            crate::inbox::flush();
-            return;
-        }
-        XACT_EVENT_COMMIT => true,
-        XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => false,
-        _ => return,
-    };
-    if wake && crate::inbox::pending() {
-        // Something appended after our PRE_COMMIT flush (another extension's
-        // callback writing a tracked table): those changes can't be saved now.
-        pgrx::warning!("outbox: changes to tracked tables made during commit were not recorded");
-    }
-    let (should_wake, inbox, kinds) = XACT.with(|x| match x.try_borrow_mut() {
-        Ok(mut s) => {
-            let w = (s.wake_on_commit, s.inbox_on_commit, s.kinds_on_commit);
-            s.wake_on_commit = false;
-            s.inbox_on_commit = false;
-            s.kinds_on_commit = false;
-            s.allowed.clear();
-            w
-        }
-        Err(_) => (true, true, true),
-    });
-    crate::inbox::forget();
-    if wake && inbox {
-        crate::shmem::mark_inbox_dirty();
-    }
-    if wake && kinds {
-        crate::shmem::bump_kinds_generation();
-    }
-    if wake && should_wake {
-        crate::shmem::wake_worker();
-    }
-}
-
-unsafe extern "C-unwind" fn on_subxact_event(
-    event: pg_sys::SubXactEvent::Type,
-    my: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
-    _arg: *mut std::ffi::c_void,
-) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        XACT.with(|x| {
-            if let Ok(mut s) = x.try_borrow_mut() {
-                // A grant or register made in the subtransaction is gone with it.
-                s.allowed.clear();
-            }
-        });
-        crate::inbox::forget_subxact(my);
-    }
-}
 
 /// Validates the arguments, checks that the caller may enqueue the kind,
 /// and appends the change to this transaction's inbox buffer; shared by
@@ -145,7 +18,7 @@ unsafe extern "C-unwind" fn on_subxact_event(
 pub fn enqueue_one(kind: Option<&str>, id: Option<&str>, delay: Option<Interval>) {
     let kind = require_kind(kind);
     let id = require(id, "id");
-    check_id(id);
+    crate::ids::check_id(id);
     let delay = require(delay, "delay");
     if delay.as_micros() < 0 {
         raise(
@@ -163,7 +36,7 @@ pub fn enqueue_one(kind: Option<&str>, id: Option<&str>, delay: Option<Interval>
         pg_sys::PreventCommandIfParallelMode(c"outbox.enqueue()".as_ptr());
         pg_sys::PreventCommandDuringRecovery(c"outbox.enqueue()".as_ptr());
     }
-    check_allowed(kind);
+    crate::enqueue_grants::require_access(kind);
     let delayed = delay.months() != 0 || delay.days() != 0 || delay.micros() != 0;
     crate::inbox::append(kind, id.to_string(), delayed.then(|| not_before(delay)));
 }
@@ -180,49 +53,9 @@ fn not_before(delay: Interval) -> pg_sys::TimestampTz {
     at.expect("timestamptz + interval is never NULL").into_inner()
 }
 
-/// Forgets who was allowed what in this transaction: after a grant, a
-/// revoke, or a change of the kinds.
-pub fn forget_this_transaction() {
-    XACT.with(|x| x.borrow_mut().allowed.clear());
-}
-
-/// Raises 42501 unless the current user may enqueue `kind`, and 42704 if
-/// the kind is not registered (checked once per user and kind in a
-/// transaction). The same 42501 whether or not the kind exists: a role
-/// learns nothing of kinds it may not use.
-fn check_allowed(kind: &str) {
-    // SAFETY: reading the current user id.
-    let user = unsafe { pg_sys::GetUserId() };
-    if XACT.with(|x| x.borrow().allowed.iter().any(|(u, k)| *u == user && k == kind)) {
-        return;
-    }
-    match crate::enqueue_grants::access(user, kind) {
-        Access::Allowed => {}
-        Access::UnknownKind => unknown_kind(kind),
-        Access::Denied => raise(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to enqueue kind \"{kind}\""),
-            Some("An admin allows a role with SELECT outbox.grant_enqueue('role', 'kind'), or for every kind with SELECT outbox.grant_enqueue('role')."),
-        ),
-    }
-    XACT.with(|x| x.borrow_mut().allowed.insert((user, kind.to_string())));
-}
-
-pub(crate) fn check_id(id: &str) {
-    if id.is_empty() {
-        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "id must not be empty", None);
-    }
-    if id.len() > MAX_ID_LEN {
-        raise(
-            PgSqlErrorCode::ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
-            format!("id is {} bytes long; the limit is {MAX_ID_LEN}", id.len()),
-            Some("Enqueue the record's key, not its data."),
-        );
-    }
-}
-
 /// Enqueues a delivery of record `id` of `kind`, not before `delay` from now.
-/// Runs as the caller: [`check_allowed`] reads the grants below privileges,
+/// Runs as the caller: `enqueue_grants::require_access` reads the grants
+/// below privileges,
 /// and the inbox row is written by the extension itself. No `SET
 /// search_path`: it runs no SQL and resolves no name through the path (the
 /// clause cost a tenth of the call), so the caller's path can change
@@ -286,7 +119,7 @@ mod tests {
         assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE job_id IS NULL"), 2, "both wait in the inbox");
         assert_eq!(count("SELECT count(*) FROM outbox.queue"), 100);
         // The worker's absorb coalesces 7 into its job, and makes one for new.
-        assert_eq!(crate::testing::absorb(), 2);
+        assert_eq!(crate::worker::queue::absorb_all(), 2);
         assert_eq!(count("SELECT count(*) FROM outbox.queue"), 101);
     }
 
@@ -296,7 +129,7 @@ mod tests {
         Spi::run("SELECT outbox.enqueue('user', 7)").unwrap();
         Spi::run("SELECT outbox.enqueue('user', '7'), outbox.enqueue('user', 7, interval '1 hour')").unwrap();
         assert_eq!(count("SELECT count(*) FROM outbox.jobs"), 1);
-        crate::testing::absorb();
+        crate::worker::queue::absorb_all();
         assert_eq!(count("SELECT count(*) FROM outbox.queue WHERE run_at <= now()"), 1);
     }
 
@@ -321,7 +154,7 @@ mod tests {
         Spi::run("SELECT outbox.enqueue('user', 1, interval '1 hour'), outbox.enqueue('user', 2, interval '1 day')").unwrap();
         assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE id = '1' AND run_at = now() + interval '1 hour'"), 1);
         assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE id = '2' AND run_at = now() + interval '1 day'"), 1);
-        crate::testing::absorb();
+        crate::worker::queue::absorb_all();
         assert_eq!(count("SELECT count(*) FROM outbox.queue WHERE id = '1' AND run_at = now() + interval '1 hour'"), 1);
     }
 
@@ -338,7 +171,7 @@ mod tests {
         assert_eq!(sqlstate_of("SELECT outbox.enqueue('user', 3)"), "00000");
         // A direct delete, which tells the enqueue cache nothing.
         Spi::run("DELETE FROM outbox.kinds WHERE kind = 'user'").unwrap();
-        super::forget_this_transaction();
+        crate::enqueue_grants::forget();
         assert_eq!(sqlstate_of("SELECT outbox.enqueue('user', 4)"), "42704");
     }
 

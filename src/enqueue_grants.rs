@@ -7,7 +7,7 @@ use crate::errors::{raise, require, require_kind, unknown_kind};
 use pgrx::prelude::*;
 use pgrx::FromDatum;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 
 const GRANT: &str = "
@@ -37,6 +37,49 @@ pub enum Access {
     Denied,
     /// Allowed, but nobody registered the kind.
     UnknownKind,
+}
+
+thread_local! {
+    /// (user, kind) pairs found allowed to enqueue, and registered, in this
+    /// transaction. Forgotten when it ends, when a subtransaction aborts (a
+    /// grant or register made in it is gone), and after a grant, a revoke
+    /// or a change of the kinds.
+    static ALLOWED: RefCell<HashSet<(pg_sys::Oid, String)>> = RefCell::new(HashSet::new());
+}
+
+/// Forgets who was found allowed what in this transaction.
+pub fn forget() {
+    ALLOWED.with(|a| {
+        if let Ok(mut a) = a.try_borrow_mut() {
+            a.clear();
+        }
+    });
+}
+
+/// The cache goes with the transaction and with an aborted subtransaction.
+pub const XACT: crate::xact::Handlers =
+    crate::xact::Handlers { before_commit: || {}, ended: |_| forget(), subtransaction_aborted: |_| forget() };
+
+/// Raises 42501 unless the current user may enqueue `kind`, and 42704 if
+/// the kind is not registered (checked once per user and kind in a
+/// transaction). The same 42501 whether or not the kind exists: a role
+/// learns nothing of kinds it may not use.
+pub fn require_access(kind: &str) {
+    // SAFETY: reading the current user id.
+    let user = unsafe { pg_sys::GetUserId() };
+    if ALLOWED.with(|a| a.borrow().iter().any(|(u, k)| *u == user && k == kind)) {
+        return;
+    }
+    match access(user, kind) {
+        Access::Allowed => {}
+        Access::UnknownKind => unknown_kind(kind),
+        Access::Denied => raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to enqueue kind \"{kind}\""),
+            Some("An admin allows a role with SELECT outbox.grant_enqueue('role', 'kind'), or for every kind with SELECT outbox.grant_enqueue('role')."),
+        ),
+    }
+    ALLOWED.with(|a| a.borrow_mut().insert((user, kind.to_string())));
 }
 
 /// What `user` may do with `kind`, as of the statement's snapshot. The
@@ -228,7 +271,7 @@ fn grant_enqueue(role: Option<pg_sys::Oid>, kind: Option<&str>) {
         check_kind(c, kind);
         c.update(GRANT, None, &[role.into(), kind.into()]).unwrap_or_else(|e| panic!("granting: {e}"));
     });
-    crate::enqueue::forget_this_transaction();
+    forget();
 }
 
 /// Takes back what `grant_enqueue(role, kind)` gave (a grant for every kind
@@ -242,7 +285,7 @@ fn revoke_enqueue(role: Option<pg_sys::Oid>, kind: Option<&str>) {
     Spi::connect_mut(|c| {
         c.update(REVOKE, None, &[role.into(), kind.into()]).unwrap_or_else(|e| panic!("revoking: {e}"));
     });
-    crate::enqueue::forget_this_transaction();
+    forget();
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -298,5 +341,13 @@ mod tests {
         // A kind's grants go with it.
         Spi::run("SELECT outbox.grant_enqueue('outbox_test_app', 'order'), outbox.unregister('order', true)").unwrap();
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.enqueuers WHERE kind = 'order'").unwrap(), Some(0));
+    }
+}
+
+#[cfg(test)]
+mod qualified {
+    #[test]
+    fn every_statement_names_the_schema_of_its_functions_and_operators() {
+        crate::sql_check::assert_qualified(super::STATEMENTS);
     }
 }

@@ -23,6 +23,9 @@ pub fn require<T>(value: Option<T>, name: &str) -> T {
     }
 }
 
+/// Longest kind accepted, in bytes (a CHECK on `outbox.kinds` says the same).
+pub const MAX_KIND_LEN: usize = 200;
+
 /// A kind name: not NULL, not empty, not absurdly long.
 #[track_caller]
 pub fn require_kind(kind: Option<&str>) -> &str {
@@ -30,10 +33,10 @@ pub fn require_kind(kind: Option<&str>) -> &str {
     if kind.is_empty() {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "kind must not be empty", None);
     }
-    if kind.len() > crate::kinds::MAX_KIND_LEN {
+    if kind.len() > MAX_KIND_LEN {
         raise(
             PgSqlErrorCode::ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
-            format!("kind is longer than {} bytes", crate::kinds::MAX_KIND_LEN),
+            format!("kind is longer than {} bytes", MAX_KIND_LEN),
             None,
         );
     }

@@ -145,20 +145,6 @@ unsafe fn after_transaction_statement(stmt: *mut pg_sys::TransactionStmt) {
     }
 }
 
-/// The relation a utility statement that just ran named, if it (still)
-/// exists. The statement resolved and locked it, so no lock is taken again.
-///
-/// # Safety
-/// `relation` is the statement's valid RangeVar.
-pub(crate) unsafe fn relid_named(relation: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
-    let no_lock = pg_sys::NoLock as pg_sys::LOCKMODE;
-    // SAFETY: a name lookup (missing_ok), as the caller's contract allows.
-    let oid = unsafe {
-        pg_sys::RangeVarGetRelidExtended(relation, no_lock, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut())
-    };
-    (oid != pg_sys::InvalidOid).then_some(oid)
-}
-
 /// As [`flush_after_statement`].
 #[cfg(not(feature = "pg13"))]
 #[pg_guard]

@@ -71,7 +71,7 @@ thread_local! {
 /// Buffers a change of `(kind, id)` made by the current (sub)transaction,
 /// to be delivered not before `run_at` (None: at once).
 pub fn append(kind: &str, id: String, run_at: Option<pg_sys::TimestampTz>) {
-    crate::enqueue::check_id(&id);
+    crate::ids::check_id(&id);
     // SAFETY: a plain read of the transaction state; we are in a transaction.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let full = BUFFER.with(|b| {
@@ -93,7 +93,7 @@ pub fn append(kind: &str, id: String, run_at: Option<pg_sys::TimestampTz>) {
                 // transaction: so the transaction's callbacks, which write
                 // what is left before commit, forget it all at the end and
                 // wake the worker, are in place before the first id is kept.
-                crate::enqueue::wake_on_commit_for_inbox();
+                crate::wake::for_inbox();
                 b.runs.push(Run { subxact, kind: kind.to_string(), run_at, ids: Vec::new(), bytes: 0 });
                 b.runs.len() - 1
             }
@@ -146,6 +146,22 @@ pub fn flush() {
 /// Whether ids are still buffered (at commit, there must be none).
 pub fn pending() -> bool {
     BUFFER.with(|b| b.try_borrow().map(|b| !b.runs.is_empty()).unwrap_or(true))
+}
+
+/// Before commit or prepare, whatever is still buffered goes to the inbox
+/// while the transaction can still fail; at its end, or a subtransaction's
+/// abort, the buffer forgets.
+pub const XACT: crate::xact::Handlers =
+    crate::xact::Handlers { before_commit: flush, ended: transaction_ended, subtransaction_aborted: forget_subxact };
+
+fn transaction_ended(committed: bool) {
+    if committed && pending() {
+        // Something appended after the flush before commit (another
+        // extension's callback writing a tracked table): those changes
+        // can't be saved now.
+        pgrx::warning!("outbox: changes to tracked tables made during commit were not recorded");
+    }
+    forget();
 }
 
 /// Past this many remembered changes, a transaction's end frees the memory

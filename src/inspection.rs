@@ -113,7 +113,7 @@ $$;
 #[pg_extern(schema = "outbox")]
 #[search_path(pg_catalog, pg_temp)]
 fn wake() {
-    crate::enqueue::wake_on_commit();
+    crate::wake::on_commit();
 }
 
 /// One row per worker: the database it serves, its pid, what it is doing.
@@ -165,7 +165,7 @@ mod tests {
             Spi::run(&format!("SELECT outbox.enqueue('user', {id})")).unwrap();
         }
         Spi::run("SELECT outbox.enqueue('team', 1)").unwrap();
-        crate::testing::absorb();
+        crate::worker::queue::absorb_all();
         // As the worker would leave permanently failed jobs.
         Spi::run(
             "UPDATE outbox.queue SET state = 'dead', attempts = 1, last_attempt_at = now() - interval '2 days',

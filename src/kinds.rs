@@ -7,7 +7,7 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 
 /// Longest kind name, in bytes (also a CHECK on `outbox.kinds`).
-pub const MAX_KIND_LEN: usize = 200;
+pub use crate::errors::MAX_KIND_LEN;
 
 const UPSERT_KIND: &str = "
 INSERT INTO outbox.kinds AS k (kind, url, body, headers, secret, timeout, max_attempts, on_missing,
@@ -158,7 +158,8 @@ fn register(
         c.update(UPSERT_KIND, None, &args).unwrap_or_else(|e| panic!("upserting kind: {e}"));
         c.update(INSERT_STATS, None, &[kind.into()]).unwrap_or_else(|e| panic!("creating kind stats: {e}"));
     });
-    crate::enqueue::kinds_changed_on_commit();
+    crate::wake::kinds_changed();
+    crate::enqueue_grants::forget();
 }
 
 /// Checks that `f` is a body function; returns its owner.
@@ -294,7 +295,8 @@ fn unregister(kind: Option<&str>, cascade: Option<bool>) {
         c.update(DELETE_JOBS, None, &[kind.into()]).unwrap_or_else(|e| panic!("deleting jobs: {e}"));
         c.update(DELETE_KIND, None, &[kind.into()]).unwrap_or_else(|e| panic!("deleting kind: {e}"));
     });
-    crate::enqueue::kinds_changed_on_commit();
+    crate::wake::kinds_changed();
+    crate::enqueue_grants::forget();
 }
 
 fn set_paused(kind: Option<&str>, paused: bool) {
@@ -306,7 +308,8 @@ fn set_paused(kind: Option<&str>, paused: bool) {
         unknown_kind(kind);
     }
     // Also wakes the worker: a resumed kind's jobs go out at once.
-    crate::enqueue::kinds_changed_on_commit();
+    crate::wake::kinds_changed();
+    crate::enqueue_grants::forget();
 }
 
 /// Stops deliveries of a kind; jobs keep queueing.
@@ -464,5 +467,13 @@ mod tests {
         assert_eq!(Spi::get_one::<bool>("SELECT paused FROM outbox.kinds WHERE kind = 'user'").unwrap(), Some(false));
         assert_eq!(err_of("SELECT outbox.pause('nope')"), "42704");
         assert_eq!(err_of("SELECT outbox.resume('')"), "22023");
+    }
+}
+
+#[cfg(test)]
+mod qualified {
+    #[test]
+    fn every_statement_names_the_schema_of_its_functions_and_operators() {
+        crate::sql_check::assert_qualified(super::STATEMENTS);
     }
 }

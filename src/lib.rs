@@ -7,7 +7,7 @@
 //! - [`kinds`]: `register`, `unregister`, `pause`, `resume`.
 //! - [`roles`]: who body functions run as (`run_as`), and running code as that role.
 //! - [`enqueue_grants`]: who may call `enqueue` (`grant_enqueue`, `revoke_enqueue`).
-//! - [`enqueue`]: `enqueue(kind, id [, delay])` into the inbox, the commit wake-up.
+//! - [`enqueue`]: `enqueue(kind, id [, delay])`, into the inbox.
 //! - [`triggers`]: `track`, `untrack` and the `enqueue_trigger` trigger function.
 //! - [`ids`]: which key types name a record alike in every session.
 //! - [`fresh_key`]: fresh jobs looked up by (kind, id) on their unique index, not through the planner.
@@ -17,9 +17,12 @@
 //! - [`restore`]: what a COPY into the extension's tables (`pg_restore`) needs fixed.
 //! - [`inspection`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`, `purge_dead`.
 //! - [`gucs`]: the `outbox.*` settings.
-//! - [`syscache`]: one catalog row, read through its syscache.
+//! - [`syscache`]: catalog lookups.
+//! - [`xact`]: transaction ends, handed to the modules that keep state per transaction.
+//! - [`wake`]: the worker's latch set when a transaction that gave it work commits.
 //! - [`shmem`]: what backends and the worker share (the worker's latch, its status).
 //! - [`worker`]: the background worker: claim, render, deliver from an HTTP thread, record.
+//! - [`layout_check`] (tests only): no module imports one that imports it back.
 //! - [`sql_check`] (tests only): every statement names the schema of its functions and operators.
 //! - Pure decisions, no Postgres: [`template`] (URLs), [`policy`] (classification
 //!   and backoff), [`signing`] (Standard Webhooks HMAC).
@@ -38,6 +41,8 @@ pub mod ids;
 pub mod inbox;
 pub mod inspection;
 pub mod kinds;
+#[cfg(test)]
+mod layout_check;
 pub mod policy;
 pub mod restore;
 pub mod roles;
@@ -52,7 +57,9 @@ pub mod template;
 #[cfg(any(test, feature = "pg_test"))]
 pub mod testing;
 pub mod triggers;
+pub mod wake;
 pub mod worker;
+pub mod xact;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -63,11 +70,16 @@ pub extern "C-unwind" fn _PG_init() {
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     gucs::init(preloading);
     hooks::install();
+    xact::install(&XACT_HANDLERS);
     if preloading {
         shmem::init();
         worker::register();
     }
 }
+
+/// What each module does as a transaction ends, in this order: the inbox
+/// writes what is buffered before anything else looks at the commit.
+static XACT_HANDLERS: [xact::Handlers; 3] = [inbox::XACT, wake::XACT, enqueue_grants::XACT];
 
 /// Used by `cargo pgrx test`: the cluster it starts preloads the extension.
 #[cfg(test)]

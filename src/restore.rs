@@ -6,7 +6,6 @@
 //! `pending`, due now, as a worker's restart does with its own. And the
 //! worker hears of the COPY at commit: jobs may be due, or kinds changed.
 
-use crate::enqueue::{kinds_changed_on_commit, wake_on_commit, wake_on_commit_for_inbox};
 use crate::schema::relid;
 use pgrx::prelude::*;
 
@@ -26,7 +25,7 @@ pub unsafe fn after_copy(stmt: *mut pg_sys::CopyStmt) {
         if !(*stmt).is_from || (*stmt).relation.is_null() {
             return;
         }
-        crate::hooks::relid_named((*stmt).relation)
+        crate::syscache::relid_named((*stmt).relation)
     };
     if table.is_none() {
         return;
@@ -41,11 +40,11 @@ pub unsafe fn after_copy(stmt: *mut pg_sys::CopyStmt) {
             })
             .unwrap_or_else(|e| panic!("resetting restored running jobs: {e}"));
         }
-        wake_on_commit();
+        crate::wake::on_commit();
     } else if table == relid(c"kinds") {
-        kinds_changed_on_commit();
+        crate::wake::kinds_changed();
     } else if table == relid(c"inbox") {
-        wake_on_commit_for_inbox();
+        crate::wake::for_inbox();
     }
 }
 

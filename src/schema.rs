@@ -274,8 +274,7 @@ mod tests {
     fn the_jobs_view_finds_dead_jobs_on_their_index() {
         // The README's query for dead jobs must not read every pending one.
         Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
-        Spi::run("SELECT count(outbox.enqueue('user', g)) FROM generate_series(1, 5000) g").unwrap();
-        crate::testing::absorb();
+        Spi::run("INSERT INTO outbox.queue (kind, id) SELECT 'user', g::text FROM generate_series(1, 5000) g").unwrap();
         Spi::run("UPDATE outbox.queue SET state = 'dead', last_attempt_at = now() WHERE id IN ('1', '2')").unwrap();
         Spi::run("ANALYZE outbox.queue").unwrap();
         let plan = crate::testing::texts(
@@ -346,5 +345,15 @@ mod tests {
         Spi::run("RESET ROLE").unwrap();
         let ids = Spi::get_one::<i64>("SELECT count(*) FROM outbox.jobs WHERE id IN ('1', 'x', '2')").unwrap();
         assert_eq!(ids, Some(3));
+    }
+}
+
+#[cfg(test)]
+mod qualified {
+    #[test]
+    fn every_statement_names_the_schema_of_its_functions_and_operators() {
+        for block in crate::sql_check::extension_sql_blocks(include_str!("schema.rs")) {
+            crate::sql_check::assert_qualified(&[("schema.rs extension_sql", block)]);
+        }
     }
 }

@@ -892,18 +892,3 @@ END";
     }
 }
 
-/// The statements of the modules that keep no sweep of their own, and the
-/// DDL: every one names the schema of its functions and operators.
-#[cfg(test)]
-mod sweep {
-    #[test]
-    fn every_statement_of_the_other_modules_is_qualified() {
-        crate::sql_check::assert_qualified(crate::kinds::STATEMENTS);
-        crate::sql_check::assert_qualified(crate::enqueue_grants::STATEMENTS);
-        crate::sql_check::assert_qualified(crate::worker::quarantine::STATEMENTS);
-        crate::sql_check::assert_qualified(&[("LOAD_KINDS", crate::worker::render::LOAD_KINDS)]);
-        for block in crate::sql_check::extension_sql_blocks(include_str!("schema.rs")) {
-            crate::sql_check::assert_qualified(&[("schema.rs extension_sql", block)]);
-        }
-    }
-}

@@ -1,4 +1,5 @@
-//! One row of a system catalog, read through its syscache.
+//! Catalog lookups: one row of a system catalog through its syscache, and
+//! the relation a utility statement named.
 
 use pgrx::pg_sys;
 
@@ -16,4 +17,18 @@ pub fn row<T, R>(cache: pg_sys::SysCacheIdentifier::Type, key: pg_sys::Oid, read
         pg_sys::ReleaseSysCache(tuple);
         Some(value)
     }
+}
+
+/// The relation a utility statement that just ran named, if it (still)
+/// exists. The statement resolved and locked it, so no lock is taken again.
+///
+/// # Safety
+/// `relation` is the statement's valid RangeVar.
+pub(crate) unsafe fn relid_named(relation: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+    let no_lock = pg_sys::NoLock as pg_sys::LOCKMODE;
+    // SAFETY: a name lookup (missing_ok), as the caller's contract allows.
+    let oid = unsafe {
+        pg_sys::RangeVarGetRelidExtended(relation, no_lock, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut())
+    };
+    (oid != pg_sys::InvalidOid).then_some(oid)
 }

@@ -36,9 +36,3 @@ pub fn texts(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> Vec<String> {
 pub fn hold_the_queue() {
     Spi::run("LOCK TABLE outbox.queue IN SHARE ROW EXCLUSIVE MODE").unwrap();
 }
-
-/// Moves the inbox into the queue as the worker's absorb does; returns how
-/// many changes moved.
-pub fn absorb() -> i64 {
-    Spi::connect_mut(|c| crate::worker::queue::absorb_inbox(c, 100_000, &mut crate::worker::queue::InboxCursor::default())).moved
-}

@@ -281,10 +281,10 @@ unsafe fn trigger_args(trigger: &pg_sys::Trigger) -> Vec<&CStr> {
     }
     // A kind no `register` could accept would only fail the worker's absorb.
     let kind = args[0].to_bytes();
-    if kind.is_empty() || kind.len() > crate::kinds::MAX_KIND_LEN {
+    if kind.is_empty() || kind.len() > crate::errors::MAX_KIND_LEN {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("outbox.enqueue_trigger: a kind is 1 to {} bytes long, not {}", crate::kinds::MAX_KIND_LEN, kind.len()),
+            format!("outbox.enqueue_trigger: a kind is 1 to {} bytes long, not {}", crate::errors::MAX_KIND_LEN, kind.len()),
             Some("Create tracking triggers with outbox.track(table, kind)."),
         );
     }
@@ -544,7 +544,7 @@ pub unsafe fn cover_new_partition(stmt: *mut pg_sys::Node) {
         }
     };
     // SAFETY: the statement just created or attached it, and holds its lock.
-    let Some(relid) = (unsafe { crate::hooks::relid_named(partition) }) else { return };
+    let Some(relid) = (unsafe { crate::syscache::relid_named(partition) }) else { return };
     with_pinned_search_path(|| {
         Spi::connect_mut(|c| {
             let triggers: Vec<(Vec<u8>, String)> = c

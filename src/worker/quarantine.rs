@@ -132,3 +132,11 @@ mod unit {
         assert_eq!(super::block_of("(0,1)"), 0);
     }
 }
+
+#[cfg(test)]
+mod qualified {
+    #[test]
+    fn every_statement_names_the_schema_of_its_functions_and_operators() {
+        crate::sql_check::assert_qualified(super::STATEMENTS);
+    }
+}

@@ -523,6 +523,13 @@ pub fn bump_stats(c: &mut SpiClient<'_>, kinds: Vec<String>, delivered: Vec<i64>
     execute(c, BUMP_STATS, &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("stats: {e}"));
 }
 
+/// Moves the whole inbox into the queue as the worker's absorb does, for
+/// tests; returns how many changes moved.
+#[cfg(any(test, feature = "pg_test"))]
+pub fn absorb_all() -> i64 {
+    pgrx::Spi::connect_mut(|c| absorb_inbox(c, 100_000, &mut InboxCursor::default())).moved
+}
+
 /// The SQL statements of this module, for the qualification sweep.
 #[cfg(test)]
 pub(crate) const STATEMENTS: &[(&str, &str)] = &[
@@ -666,13 +673,13 @@ mod tests {
         inbox("d", "NULL");
         // A delay whose time has passed is due now.
         inbox("e", "now() - interval '1 hour'");
-        assert_eq!(crate::testing::absorb(), 6);
+        assert_eq!(crate::worker::queue::absorb_all(), 6);
         assert_eq!([due("a"), due("b"), due("c"), due("d"), due("e")], ["later", "later", "now", "now", "now"]);
         // Later changes: at once for a, in ten minutes for b, an hour for c.
         inbox("a", "NULL");
         inbox("b", "now() + interval '10 min'");
         inbox("c", "now() + interval '1 hour'");
-        assert_eq!(crate::testing::absorb(), 3);
+        assert_eq!(crate::worker::queue::absorb_all(), 3);
         assert_eq!([due("a"), due("b"), due("c")], ["now", "soon", "now"]);
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue").unwrap(), Some(5), "one job per record");
     }
@@ -689,12 +696,12 @@ mod tests {
         let read = || Spi::get_one::<i64>("SELECT pg_stat_get_xact_tuples_fetched('outbox.queue'::regclass)").unwrap().unwrap();
         super::super::plans::forget();
         Spi::run("INSERT INTO outbox.inbox (kind, id, enqueued_at) VALUES ('absorbed', 'first', now())").unwrap();
-        assert_eq!(crate::testing::absorb(), 1);
+        assert_eq!(crate::worker::queue::absorb_all(), 1);
         Spi::run("INSERT INTO outbox.queue (kind, id, run_at) SELECT 'absorbed', g::text, now() FROM generate_series(1, 50000) g").unwrap();
         Spi::run("INSERT INTO outbox.inbox (kind, ids, enqueued_at) SELECT 'absorbed', array_agg('n' || g), now() FROM generate_series(1, 1000) g").unwrap();
         Spi::run("INSERT INTO outbox.inbox (kind, id, enqueued_at) VALUES ('absorbed', '4321', now())").unwrap();
         let before = read();
-        assert_eq!(crate::testing::absorb(), 1001);
+        assert_eq!(crate::worker::queue::absorb_all(), 1001);
         assert!(read() - before < 50, "read {} jobs", read() - before);
 
         Spi::run("INSERT INTO outbox.queue (kind, id, run_at) SELECT 'absorbed', 'd' || g, now() + interval '1 hour' FROM generate_series(1, 5000) g").unwrap();
@@ -710,7 +717,7 @@ mod tests {
         assert!(cond.contains("Index Cond: ((kind = changed") && cond.contains("AND (id = changed"), "{plan}");
         Spi::run("INSERT INTO outbox.inbox (kind, id, enqueued_at) VALUES ('absorbed', 'd4321', now())").unwrap();
         let before = read();
-        assert_eq!(crate::testing::absorb(), 1);
+        assert_eq!(crate::worker::queue::absorb_all(), 1);
         assert!(read() - before < 20, "read {} jobs", read() - before);
         let moved = Spi::get_one::<bool>("SELECT run_at <= now() FROM outbox.queue WHERE id = 'd4321'").unwrap();
         assert_eq!(moved, Some(true));
@@ -734,7 +741,7 @@ mod tests {
     fn a_record_in_flight_is_held_back_by_its_key_hash() {
         Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
         Spi::run("SELECT outbox.enqueue('k', 'a'), outbox.enqueue('k', 'b')").unwrap();
-        crate::testing::absorb();
+        crate::worker::queue::absorb_all();
         let first = claim(&Vec::new());
         assert_eq!(ids(&first), ["a", "b"]);
         let a = first.iter().find(|j| j.id == "a").unwrap();
@@ -745,7 +752,7 @@ mod tests {
         // has buffered already: the worker never claims in its transaction.)
         crate::inbox::forget();
         Spi::run("SELECT outbox.enqueue('k', 'a'), outbox.enqueue('k', 'c')").unwrap();
-        crate::testing::absorb();
+        crate::worker::queue::absorb_all();
         let in_flight = vec![a.key_hash];
         let due = |busy: &super::InFlightKeys| Spi::connect_mut(|c| super::next_due_ms(c, vec!["k".into()], busy));
         let second = claim(&in_flight);
@@ -785,7 +792,7 @@ mod tests {
         // Two indexes lead with kind: the claim must take the one in its order.
         Spi::run("SELECT outbox.register('user', 'http://h/{id}')").unwrap();
         Spi::run("SELECT count(outbox.enqueue('user', g)) FROM generate_series(1, 5000) g").unwrap();
-        crate::testing::absorb();
+        crate::worker::queue::absorb_all();
         for analyzed in [false, true] {
             if analyzed {
                 Spi::run("ANALYZE outbox.queue").unwrap();

@@ -377,3 +377,11 @@ mod unit {
         assert!(e.contains("11 bytes") && e.contains("outbox.max_body_bytes is 10"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod qualified {
+    #[test]
+    fn every_statement_names_the_schema_of_its_functions_and_operators() {
+        crate::sql_check::assert_qualified(&[("LOAD_KINDS", super::LOAD_KINDS)]);
+    }
+}
