@@ -161,19 +161,30 @@ enum Turn {
     Worked { requests: Vec<(Request, InFlight)>, next_due: Option<Duration> },
 }
 
+/// Where the worker stands with the database it serves, from one turn to
+/// the next. Each turn starts by moving it on, and only [`Phase::Serving`]
+/// records, absorbs and claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// The extension is not installed (said once, in the log).
+    NoExtension,
+    /// Installed, and the worker's role not yet found to have what it needs
+    /// on the extension's tables: never checked (None), or lacking this
+    /// (said once).
+    Unchecked(Option<String>),
+    /// Privileges fine; the jobs a previous worker left running are not
+    /// pending again yet.
+    Recovering,
+    Serving,
+}
+
 struct Worker {
     pool: Pool,
+    phase: Phase,
     /// By (job_id, claim): a job id may come again (`TRUNCATE ... RESTART
     /// IDENTITY`) while an older claim of it is still out.
     in_flight: HashMap<(i64, i64), InFlight>,
     finished: Vec<Finished>,
-    recovered: bool,
-    said_no_extension: bool,
-    /// The worker's role has the privileges it needs on the extension's
-    /// tables (checked when the extension is found).
-    privileges_ok: bool,
-    /// The privileges it was last found to lack, as logged.
-    said_lacking: Option<String>,
     cursors: queue::Cursors,
     /// Where the next absorb starts in the inbox.
     inbox: queue::InboxCursor,
@@ -268,10 +279,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         pool,
         in_flight: HashMap::new(),
         finished: Vec::new(),
-        recovered: false,
-        said_no_extension: false,
-        privileges_ok: false,
-        said_lacking: None,
+        phase: Phase::Unchecked(None),
         cursors: queue::Cursors::new(),
         inbox: queue::InboxCursor::default(),
         cursors_reset_at: Instant::now(),
@@ -416,54 +424,54 @@ impl Worker {
             self.extension = extension;
             self.kinds_generation = None;
             self.finished.clear();
-            self.recovered = false;
-            self.privileges_ok = false;
             super::plans::forget();
+            if extension.is_some() {
+                if self.phase == Phase::NoExtension {
+                    log!("outbox worker: extension \"outbox\" found; delivering");
+                }
+                self.phase = Phase::Unchecked(None);
+            }
         }
         if extension.is_none() {
-            if !self.said_no_extension {
+            if self.phase != Phase::NoExtension {
                 log!("outbox worker: extension \"outbox\" is not installed in this database; waiting for CREATE EXTENSION outbox");
-                self.said_no_extension = true;
+                self.phase = Phase::NoExtension;
             }
             return Turn::NoExtension;
-        }
-        if self.said_no_extension {
-            log!("outbox worker: extension \"outbox\" found; delivering");
-            self.said_no_extension = false;
         }
         Spi::connect_mut(|c| {
             // A role without them would fail every turn, one restart after
             // another: say once what to grant, and wait for it. Checked when
             // the extension is found; a REVOKE after that fails a turn, and
             // the next worker waits here.
-            if !self.privileges_ok {
+            if let Phase::Unchecked(said) = &self.phase {
                 let lacking = c
                     .select(queue::MISSING_PRIVILEGES, None, &[])
                     .and_then(|t| t.first().get_one::<String>())
                     .unwrap_or_else(|e| panic!("checking privileges: {e}"));
                 match lacking {
                     Some(what) => {
-                        if self.said_lacking.as_ref() != Some(&what) {
+                        if said.as_ref() != Some(&what) {
                             log!("outbox worker: its role may not {what}; waiting until that is granted (see the README's Security section)");
-                            self.said_lacking = Some(what);
+                            self.phase = Phase::Unchecked(Some(what));
                         }
                         return Turn::NoPrivileges;
                     }
                     None => {
-                        if self.said_lacking.take().is_some() {
+                        if said.is_some() {
                             log!("outbox worker: its role has the privileges it needs; delivering");
                         }
-                        self.privileges_ok = true;
+                        self.phase = Phase::Recovering;
                     }
                 }
             }
-            if !self.recovered {
+            if self.phase == Phase::Recovering {
                 let n = c.update(queue::RECOVER_RUNNING, None, &[]).map(|t| t.len()).unwrap_or_else(|e| panic!("recover: {e}"));
                 if n > 0 {
                     log!("outbox worker: {n} job(s) left running by a previous worker are pending again");
                 }
                 c.update(queue::DEAD_LETTER_ORPHANS, None, &[]).unwrap_or_else(|e| panic!("orphans: {e}"));
-                self.recovered = true;
+                self.phase = Phase::Serving;
             }
             let finished = std::mem::take(&mut self.finished);
             record(c, finished);
