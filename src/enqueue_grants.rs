@@ -101,6 +101,22 @@ pub fn access(user: pg_sys::Oid, kind: &str) -> Access {
     }
 }
 
+/// The snapshot the calling statement runs with (the transaction's, outside
+/// one).
+///
+/// # Safety
+/// In a transaction.
+unsafe fn statement_snapshot() -> pg_sys::Snapshot {
+    // SAFETY: the caller's contract; both only read the snapshot stack.
+    unsafe {
+        if pg_sys::ActiveSnapshotSet() {
+            pg_sys::GetActiveSnapshot()
+        } else {
+            pg_sys::GetTransactionSnapshot()
+        }
+    }
+}
+
 /// Runs `f` over the rows of `outbox.<table>` whose first column equals
 /// `key` (every row without one), with the active snapshot, until `f`
 /// returns false: on index `outbox.<index>` when there is one, else by a
@@ -129,7 +145,7 @@ fn scan(table: &CStr, index: Option<&CStr>, key: Option<&str>, mut f: impl FnMut
             );
         }
         let use_index = index != pg_sys::InvalidOid && datum.is_some();
-        let snapshot = if pg_sys::ActiveSnapshotSet() { pg_sys::GetActiveSnapshot() } else { pg_sys::GetTransactionSnapshot() };
+        let snapshot = statement_snapshot();
         let nkeys = i32::from(datum.is_some());
         let scan = pg_sys::systable_beginscan(rel, index, use_index, snapshot, nkeys, keys.as_mut_ptr());
         loop {
@@ -197,7 +213,7 @@ fn still_there(kind: &str, tid: pg_sys::ItemPointerData) -> bool {
         let (block, _) = pgrx::itemptr::item_pointer_get_both(tid);
         let mut found = false;
         if block < pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) {
-            let snapshot = if pg_sys::ActiveSnapshotSet() { pg_sys::GetActiveSnapshot() } else { pg_sys::GetTransactionSnapshot() };
+            let snapshot = statement_snapshot();
             let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
             tuple.t_self = tid;
             let mut buffer: pg_sys::Buffer = pg_sys::InvalidBuffer as pg_sys::Buffer;

@@ -10,14 +10,13 @@
 //! pending. Going to the index leaves the planner no choice.
 
 use pgrx::prelude::*;
-use pgrx::{FromDatum, IntoDatum};
+use pgrx::IntoDatum;
 
 /// `outbox.queue` and `queue_fresh_key`, open for lookups.
 pub struct FreshKey {
     heap: pg_sys::Relation,
     index: pg_sys::Relation,
     slot: *mut pg_sys::TupleTableSlot,
-    job_id: pg_sys::AttrNumber,
 }
 
 /// Runs `f` with the index open. None if the extension's relations are
@@ -34,7 +33,6 @@ pub fn with_fresh_key<R>(f: impl FnOnce(&mut FreshKey) -> R) -> Option<R> {
             heap,
             index,
             slot: pg_sys::table_slot_create(heap, std::ptr::null_mut()),
-            job_id: pg_sys::get_attnum(queue, c"job_id".as_ptr()),
         }
     };
     let r = f(&mut k);
@@ -50,9 +48,7 @@ pub fn with_fresh_key<R>(f: impl FnOnce(&mut FreshKey) -> R) -> Option<R> {
 
 impl FreshKey {
     /// Goes through the jobs filed under (kind, id) that `snapshot` sees,
-    /// until `stop` returns true for one; says whether it did. `stop` is
-    /// handed this prober with the job in its slot ([`FreshKey::job_id`]
-    /// reads it).
+    /// until `stop` returns true for one; says whether it did.
     ///
     /// # Safety
     /// `snapshot` must stay valid until this returns. A dirty snapshot is
@@ -99,20 +95,4 @@ impl FreshKey {
         }
     }
 
-    /// Where the job `find` has just handed to `stop` is.
-    pub fn tid(&self) -> pg_sys::ItemPointerData {
-        // SAFETY: the slot is ours, and holds the tuple `find` fetched.
-        unsafe { (*self.slot).tts_tid }
-    }
-
-    /// The job id of the job `find` has just handed to `stop`.
-    pub fn job_id(&self) -> Option<i64> {
-        let mut isnull = false;
-        // SAFETY: the slot holds a tuple of outbox.queue (`find` only calls
-        // `stop` with one), and job_id is one of its columns.
-        unsafe {
-            let datum = pg_sys::slot_getattr(self.slot, self.job_id.into(), &mut isnull);
-            i64::from_datum(datum, isnull)
-        }
-    }
 }

@@ -129,9 +129,10 @@ unsafe extern "C-unwind" fn process_utility(
 }
 
 /// `COMMIT PREPARED` runs none of the prepared transaction's callbacks: the
-/// transaction that wrote the changes said nothing at PREPARE, so the worker
-/// is woken here, once the commit is done, as if it had appended to the inbox
-/// and changed the kinds (a spare look costs one turn).
+/// transaction that wrote the changes said nothing at PREPARE, so the
+/// command's own transaction asks for the wake-up, as if it had appended to
+/// the inbox and changed the kinds (a spare look costs one turn); `wake`
+/// sets the latch when it commits.
 ///
 /// # Safety
 /// `stmt` is the TransactionStmt that just ran.
@@ -139,9 +140,8 @@ unsafe extern "C-unwind" fn process_utility(
 unsafe fn after_transaction_statement(stmt: *mut pg_sys::TransactionStmt) {
     // SAFETY: the caller's contract.
     if unsafe { (*stmt).kind } == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED {
-        crate::shmem::mark_inbox_dirty();
-        crate::shmem::bump_kinds_generation();
-        crate::shmem::wake_worker();
+        crate::wake::for_inbox();
+        crate::wake::kinds_changed();
     }
 }
 
