@@ -10,23 +10,15 @@
 use crate::errors::{raise, require, require_kind};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
-use pgrx::IntoDatum;
+use pgrx::{AnyElement, IntoDatum};
 
 /// Validates the arguments, checks that the caller may enqueue the kind,
 /// and appends the change to this transaction's inbox buffer; shared by
-/// every `enqueue` overload.
-pub fn enqueue_one(kind: Option<&str>, id: Option<&str>, delay: Option<Interval>) {
+/// both `enqueue` functions.
+fn enqueue_one(kind: Option<&str>, id: Option<AnyElement>, delay: Option<Interval>) {
     let kind = require_kind(kind);
-    let id = require(id, "id");
-    crate::ids::check_id(id);
-    let delay = require(delay, "delay");
-    if delay.as_micros() < 0 {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            "delay must not be negative",
-            Some("A delay means \"not before now + delay\"; use '0 s' (the default) for now."),
-        );
-    }
+    let id = crate::ids::text_of(require(id, "id"));
+    crate::ids::check_id(&id);
     // The inbox is written with direct heap inserts, which check none of
     // this themselves; the executor would have refused an INSERT here.
     // SAFETY: each raises an ERROR (25006, or 0A000 in parallel mode) if the
@@ -37,8 +29,8 @@ pub fn enqueue_one(kind: Option<&str>, id: Option<&str>, delay: Option<Interval>
         pg_sys::PreventCommandDuringRecovery(c"outbox.enqueue()".as_ptr());
     }
     crate::enqueue_grants::require_access(kind);
-    let delayed = delay.months() != 0 || delay.days() != 0 || delay.micros() != 0;
-    crate::inbox::append(kind, id.to_string(), delayed.then(|| not_before(delay)));
+    let run_at = delay.and_then(|d| (d.months() != 0 || d.days() != 0 || d.micros() != 0).then(|| not_before(d)));
+    crate::inbox::append(kind, id, run_at);
 }
 
 /// The transaction's start plus `delay`, as `now() + delay` would compute it
@@ -53,29 +45,40 @@ fn not_before(delay: Interval) -> pg_sys::TimestampTz {
     at.expect("timestamptz + interval is never NULL").into_inner()
 }
 
+/// Enqueues a delivery of record `id` of `kind`. The id may be of any type
+/// whose text is the same in every session (`ids::text_of`): 7, '7' and
+/// 7::bigint are one record. Declared `anycompatible`, not `anyelement`
+/// (which pgrx names), so that a quoted literal resolves to text.
+///
+/// Two functions, not one with a default delay: resolving a call among
+/// overloads, and reading a default's expression, cost a call a seventh of
+/// a one-row UPDATE (`docs/benchmarks.md`). Runs as the caller:
+/// `enqueue_grants::require_access` reads the grants below privileges, and
+/// the inbox row is written by the extension itself. No `SET search_path`:
+/// it runs no SQL and resolves no name through the path (the clause cost a
+/// tenth of the call), so the caller's path can change nothing it does
+/// (`schema::tests::every_function_pins_its_search_path`).
+#[pg_extern(sql = r#"
+CREATE FUNCTION outbox.enqueue(kind text, id anycompatible) RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_now_wrapper';"#)]
+fn enqueue_now(kind: Option<&str>, id: Option<AnyElement>) {
+    enqueue_one(kind, id, None)
+}
+
 /// Enqueues a delivery of record `id` of `kind`, not before `delay` from now.
-/// Runs as the caller: `enqueue_grants::require_access` reads the grants
-/// below privileges,
-/// and the inbox row is written by the extension itself. No `SET
-/// search_path`: it runs no SQL and resolves no name through the path (the
-/// clause cost a tenth of the call), so the caller's path can change
-/// nothing it does (`schema::tests::every_function_pins_its_search_path`).
-#[pg_extern(schema = "outbox", name = "enqueue")]
-fn enqueue_text(kind: Option<&str>, id: Option<&str>, delay: default!(Option<Interval>, "'0 s'")) {
-    enqueue_one(kind, id, delay)
-}
-
-#[pg_extern(schema = "outbox", name = "enqueue")]
-fn enqueue_bigint(kind: Option<&str>, id: Option<i64>, delay: default!(Option<Interval>, "'0 s'")) {
-    let id = id.map(|i| i.to_string());
-    enqueue_one(kind, id.as_deref(), delay)
-}
-
-#[pg_extern(schema = "outbox", name = "enqueue")]
-fn enqueue_uuid(kind: Option<&str>, id: Option<pgrx::Uuid>, delay: default!(Option<Interval>, "'0 s'")) {
-    // pgrx formats a uuid exactly as uuid_out does: lower-case, hyphenated.
-    let id = id.map(|u| u.to_string());
-    enqueue_one(kind, id.as_deref(), delay)
+#[pg_extern(sql = r#"
+CREATE FUNCTION outbox.enqueue(kind text, id anycompatible, delay interval) RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_later_wrapper';"#)]
+fn enqueue_later(kind: Option<&str>, id: Option<AnyElement>, delay: Option<Interval>) {
+    let delay = require(delay, "delay");
+    if delay.as_micros() < 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "delay must not be negative",
+            Some("A delay means \"not before now + delay\"; use '0 s', or no delay, for now."),
+        );
+    }
+    enqueue_one(kind, id, Some(delay))
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -102,8 +105,8 @@ mod tests {
         assert_eq!(ids, ["42", "a", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]);
         assert_eq!(count("SELECT count(*) FROM outbox.jobs WHERE state = 'pending' AND attempts = 0"), 3);
         // It returns nothing: no job id of a record the caller can't see.
-        let returns = Spi::get_one::<String>("SELECT prorettype::regtype::text FROM pg_proc WHERE oid = 'outbox.enqueue(text, text, interval)'::regprocedure").unwrap();
-        assert_eq!(returns.as_deref(), Some("void"));
+        let returns = crate::testing::texts("SELECT DISTINCT prorettype::regtype::text FROM pg_proc WHERE proname = 'enqueue' AND pronamespace = 'outbox'::regnamespace", &[]);
+        assert_eq!(returns, ["void"]);
     }
 
     /// One capture path: an enqueue writes an inbox row, as a tracked change
@@ -199,6 +202,10 @@ mod tests {
             ("SELECT outbox.enqueue('user', 'x', NULL)", "22004"),
             ("SELECT outbox.enqueue('user', 1, interval '-1 s')", "22023"),
             ("SELECT outbox.enqueue('user', 'x', interval '-1 month')", "22023"),
+            ("SELECT outbox.enqueue('user', NULL)", "22004"),
+            ("SELECT outbox.enqueue('user', now())", "0A000"),
+            ("SELECT outbox.enqueue('user', 1.5::float8)", "0A000"),
+            ("SELECT outbox.enqueue('user', ROW(1, 2))", "0A000"),
         ];
         crate::testing::assert_sqlstates(&cases);
         let msg = error_of("SELECT outbox.enqueue('nope', 'x')").unwrap();

@@ -202,14 +202,17 @@ fn kind_exists(kind: &str) -> bool {
 /// Whether the tuple at `tid` of `outbox.kinds` is visible to the
 /// statement's snapshot and holds `kind`.
 fn still_there(kind: &str, tid: pg_sys::ItemPointerData) -> bool {
-    let Some(relid) = crate::schema::relid(c"kinds") else { return false };
-    // SAFETY: the table is opened with a lock and closed below. heap_fetch
+    thread_local! {
+        static KINDS: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
+    }
+    let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+    // SAFETY: in a transaction; closed below.
+    let Some(rel) = (unsafe { crate::schema::open(c"kinds", &KINDS, lock) }) else { return false };
+    // SAFETY: the table is open with a lock and closed below. heap_fetch
     // checks the block and offset against the relation and the page, and
     // returns with the buffer pinned only when the tuple is visible; the
     // column is read while it is pinned.
     unsafe {
-        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let rel = pg_sys::table_open(relid, lock);
         let (block, _) = pgrx::itemptr::item_pointer_get_both(tid);
         let mut found = false;
         if block < pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) {

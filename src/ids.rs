@@ -12,6 +12,7 @@
 use crate::errors::raise;
 use pgrx::pg_sys::{self, BuiltinOid as T};
 use pgrx::prelude::*;
+use pgrx::FromDatum;
 
 /// Longest id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 1024;
@@ -55,9 +56,49 @@ const CANONICAL: &[T] = &[
 /// Whether every session prints values of type `typid` alike (a domain as
 /// its base type; an enum by its labels).
 pub fn is_canonical(typid: pg_sys::Oid) -> bool {
+    let listed = |typid: pg_sys::Oid| CANONICAL.iter().any(|t| pg_sys::Oid::from(*t) == typid);
+    if listed(typid) {
+        return true;
+    }
     // SAFETY: syscache lookups of a type; both take any oid.
     let base = unsafe { pg_sys::getBaseType(typid) };
-    CANONICAL.iter().any(|t| pg_sys::Oid::from(*t) == base) || unsafe { pg_sys::type_is_enum(base) }
+    listed(base) || unsafe { pg_sys::type_is_enum(base) }
+}
+
+/// The id an `enqueue` argument names: its type's text output, as a
+/// tracked key column of that type gives it. Raises 0A000 for a type whose
+/// text depends on session settings.
+pub fn text_of(value: pgrx::AnyElement) -> String {
+    let typid = value.oid();
+    if typid == pg_sys::TEXTOID {
+        // SAFETY: a non-null datum of type text.
+        return unsafe { String::from_polymorphic_datum(value.datum(), false, typid) }.expect("a non-null text");
+    }
+    if !is_canonical(typid) {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("an id of type {} has a text that depends on session settings", type_name(typid)),
+            Some(
+                "Dates, times, intervals, floats, bytea and money print differently under another DateStyle, TimeZone, \
+                 IntervalStyle, extra_float_digits, bytea_output or lc_monetary, so one record would get two ids. \
+                 Pass the record's key as an integer, numeric, text or uuid.",
+            ),
+        );
+    }
+    // SAFETY: the type's output function takes a non-null datum of the type
+    // and returns a palloc'd C string.
+    unsafe {
+        let mut output = pg_sys::InvalidOid;
+        let mut varlena = false;
+        pg_sys::getTypeOutputInfo(typid, &mut output, &mut varlena);
+        let cstr = pg_sys::OidOutputFunctionCall(output, value.datum());
+        std::ffi::CStr::from_ptr(cstr).to_string_lossy().into_owned()
+    }
+}
+
+fn type_name(typid: pg_sys::Oid) -> String {
+    // SAFETY: format_type_be names any type oid (or says it is unknown).
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(typid)) }.to_string_lossy().into_owned()
 }
 
 /// Raises 0A000 unless a key column `column` of type `typid` names each
@@ -66,8 +107,7 @@ pub fn require_canonical(column: &str, typid: pg_sys::Oid) {
     if is_canonical(typid) {
         return;
     }
-    // SAFETY: format_type_be names any type oid (or says it is unknown).
-    let name = unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(typid)) }.to_string_lossy().into_owned();
+    let name = type_name(typid);
     raise(
         PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
         format!("the id column \"{column}\" is of type {name}, whose text depends on session settings"),
@@ -127,7 +167,7 @@ mod tests {
         Spi::run("CREATE TABLE public.ku (id uuid PRIMARY KEY); SELECT outbox.track('public.ku', 'keyed')").unwrap();
         Spi::run("SET LOCAL extra_float_digits = 3; SET LOCAL DateStyle = 'German'").unwrap();
         Spi::run("INSERT INTO public.kb VALUES (7)").unwrap();
-        Spi::run("SELECT outbox.enqueue('keyed', 7), outbox.enqueue('keyed', '7'), outbox.enqueue('keyed', 7::bigint)").unwrap();
+        Spi::run("SELECT outbox.enqueue('keyed', 7), outbox.enqueue('keyed', '7'), outbox.enqueue('keyed', 7::bigint), outbox.enqueue('keyed', 7::smallint, '0 s'), outbox.enqueue('keyed', 7::numeric), outbox.enqueue('keyed', '7'::varchar)").unwrap();
         let u = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
         Spi::run(&format!("INSERT INTO public.ku VALUES ('{}')", u.to_uppercase())).unwrap();
         Spi::run(&format!("SELECT outbox.enqueue('keyed', '{u}'::uuid), outbox.enqueue('keyed', '{u}')")).unwrap();

@@ -28,7 +28,6 @@ use crate::errors::raise;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
 use std::cell::{Cell, RefCell};
-use std::ffi::CStr;
 
 /// Bytes of ids per inbox row. The row stays under the TOAST threshold
 /// (about 2 kB), so it is never compressed or moved out of line.
@@ -198,44 +197,22 @@ pub(crate) fn forget_subxact(subxact: pg_sys::SubTransactionId) {
 }
 
 thread_local! {
-    /// outbox.inbox's oid and its schema's, looked up once per backend:
-    /// [`open`] checks them on every use.
+    /// Where outbox.inbox was found ([`crate::schema::open`]).
     static INBOX: Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { Cell::new(None) };
     /// Where an inbox row is built; reset before each row.
     static ROWS: Cell<pg_sys::MemoryContext> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-/// Opens outbox.inbox with `lock`. The oid is remembered from one transaction
-/// to the next instead of looked up by name each time; a relation of that oid
-/// that is no longer `outbox.inbox` (the extension was dropped and created
-/// again) sends it back to the lookup. Taking the lock has processed the
-/// invalidations of anything committed before: a dropped table is then gone.
+/// Opens outbox.inbox with `lock`, or raises 42P01.
 ///
 /// # Safety
 /// In a transaction; the caller closes the relation.
 unsafe fn open(lock: pg_sys::LOCKMODE) -> pg_sys::Relation {
-    if let Some((oid, ns)) = INBOX.get() {
-        // SAFETY: try_relation_open returns NULL for a relation that is gone;
-        // rd_rel is valid for an open relation.
-        unsafe {
-            let rel = pg_sys::try_relation_open(oid, lock);
-            if !rel.is_null() {
-                let form = &*(*rel).rd_rel;
-                if form.relnamespace == ns && CStr::from_ptr(form.relname.data.as_ptr()) == c"inbox" {
-                    return rel;
-                }
-                pg_sys::relation_close(rel, lock);
-            }
-        }
-        INBOX.set(None);
+    // SAFETY: the caller's contract.
+    match unsafe { crate::schema::open(c"inbox", &INBOX, lock) } {
+        Some(rel) => rel,
+        None => raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "outbox.inbox does not exist", Some("Is the outbox extension installed?")),
     }
-    let Some((oid, ns)) = crate::schema::relation(c"inbox") else {
-        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "outbox.inbox does not exist", Some("Is the outbox extension installed?"));
-    };
-    // SAFETY: the oid was just looked up; table_open raises if it went since.
-    let rel = unsafe { pg_sys::table_open(oid, lock) };
-    INBOX.set(Some((oid, ns)));
-    rel
 }
 
 /// The memory context inbox rows are built in: made once per backend.

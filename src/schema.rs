@@ -39,6 +39,42 @@ pub fn relation(name: &std::ffi::CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     (oid != pg_sys::InvalidOid).then_some((oid, ns))
 }
 
+/// Where a backend last found one of the tables: (its oid, the schema's).
+pub type Found = std::thread::LocalKey<std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>>>;
+
+/// Opens table `outbox.<name>` with `lock`, None if there is none. The oid
+/// is remembered in `found` from one transaction to the next instead of
+/// looked up by name on every call of the write path; a relation of that
+/// oid that is no longer `outbox.<name>` (the extension was dropped and
+/// created again) sends it back to the lookup. Taking the lock has processed
+/// the invalidations of anything committed before: a dropped table is then
+/// gone.
+///
+/// # Safety
+/// In a transaction; the caller closes the relation.
+pub unsafe fn open(name: &std::ffi::CStr, found: &'static Found, lock: pg_sys::LOCKMODE) -> Option<pg_sys::Relation> {
+    if let Some((oid, ns)) = found.get() {
+        // SAFETY: try_relation_open returns NULL for a relation that is gone;
+        // rd_rel is valid for an open relation.
+        unsafe {
+            let rel = pg_sys::try_relation_open(oid, lock);
+            if !rel.is_null() {
+                let form = &*(*rel).rd_rel;
+                if form.relnamespace == ns && std::ffi::CStr::from_ptr(form.relname.data.as_ptr()) == name {
+                    return Some(rel);
+                }
+                pg_sys::relation_close(rel, lock);
+            }
+        }
+        found.set(None);
+    }
+    let (oid, ns) = relation(name)?;
+    // SAFETY: the oid was just looked up; table_open raises if it went since.
+    let rel = unsafe { pg_sys::table_open(oid, lock) };
+    found.set(Some((oid, ns)));
+    Some(rel)
+}
+
 /// Lets `#[pg_extern(schema = "outbox")]` name the schema. The bootstrap SQL
 /// below creates it first, so pgrx's `CREATE SCHEMA IF NOT EXISTS` is a no-op.
 #[pg_schema]
@@ -213,9 +249,8 @@ REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
 GRANT USAGE ON SCHEMA outbox TO PUBLIC;
-GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, interval) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION outbox.enqueue(text, bigint, interval) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION outbox.enqueue(text, uuid, interval) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.enqueue(text, anycompatible) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.enqueue(text, anycompatible, interval) TO PUBLIC;
 "#,
     name = "privileges",
     finalize
@@ -262,9 +297,8 @@ mod tests {
             &[],
         );
         let hot_path = [
-            "outbox.enqueue(text,bigint,interval)",
-            "outbox.enqueue(text,text,interval)",
-            "outbox.enqueue(text,uuid,interval)",
+            "outbox.enqueue(text,anycompatible)",
+            "outbox.enqueue(text,anycompatible,interval)",
             "outbox.enqueue_trigger()",
         ];
         assert_eq!(loose, hot_path, "functions without a pinned search_path");
