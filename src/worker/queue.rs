@@ -64,9 +64,14 @@ WITH picked AS (
              WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format('(%s,0)', $2)::tid
              LIMIT $1) r
 ), moved AS (
-    DELETE FROM outbox.inbox
-     WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM picked WHERE before OPERATOR(pg_catalog.<) $1))
-    RETURNING kind, id, ids, enqueued_at, run_at, ctid
+    -- A join, not `ctid = ANY (ARRAY(...))`: the generic plan read the
+    -- inbox whole and compared each row with every picked ctid, half an
+    -- absorb's time (5 of 10 ms for 300 changes in a 2,000-row inbox).
+    DELETE FROM outbox.inbox i
+     USING picked p
+     WHERE i.ctid OPERATOR(pg_catalog.=) p.ctid AND p.before OPERATOR(pg_catalog.<) $1
+       AND i.ctid OPERATOR(pg_catalog.>=) pg_catalog.format('(%s,0)', $2)::tid
+    RETURNING i.kind, i.id, i.ids, i.enqueued_at, i.run_at, i.ctid
 ), later AS (
     -- ROWS FROM, which unnest(a, b) stands for: pg_catalog.unnest(a, b)
     -- is not that syntax.
