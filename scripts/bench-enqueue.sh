@@ -8,7 +8,9 @@
 # the UPDATE alone: what the function costs. (Until #22 the call sat in
 # `WITH u AS (UPDATE ... RETURNING id) SELECT outbox.enqueue(...) FROM u`;
 # that wrapper alone, with no call in it, measured 0.88 of the UPDATE: a
-# cost of the CTE, not of the function.)
+# cost of the CTE, not of the function.) A third side, the UPDATE returning
+# the id it would enqueue, shows what the statement's shape costs: the
+# figure's ceiling for any function called there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -47,7 +49,8 @@ done
 if [ -n "${CALL:-}" ]; then
     printf '\\set id random(1, %d)\nUPDATE plain SET v = v + 1 WHERE id = :id RETURNING outbox.enqueue(%s, id);\n' \
         "$ROWS" "'row'" >"$DIR/tracked.sql"
-    FIGURE="enqueue() call overhead" KEY=enqueue_call_overhead SIDES="UPDATE alone|with outbox.enqueue()" TARGET=""
+    printf '\\set id random(1, %d)\nUPDATE plain SET v = v + 1 WHERE id = :id RETURNING id;\n' "$ROWS" >"$DIR/ref.sql"
+    FIGURE="enqueue() call overhead" KEY=enqueue_call_overhead SIDES="UPDATE alone|with outbox.enqueue()" TARGET=" (target >= 0.90)"
 else
     FIGURE="enqueue overhead" KEY=enqueue_overhead SIDES="untracked|tracked" TARGET=" (target >= 0.90)"
 fi
@@ -101,18 +104,23 @@ for r in $(seq "$ROUNDS"); do
     # includes the worker's move of the inbox into the queue.
     tw=$(wal_since "$at")
     wus=$((($(worker_ticks) - ticks) * TICK_US))
-    printf '  round %d: %s %8.1f tps   %s %8.1f tps   WAL per transaction %4d B / %4d B   WAL sync %3d us / %3d us   worker CPU per change %3d us\n' \
-        "$r" "$PLAIN" "$p" "$TRACKED" "$t" $((pw / pn)) $((tw / tn)) "$ps" "$ts" $((wus / tn))
-    results+=("$p $t $pn $pw $tn $tw $wus $ps $ts")
+    ref=0
+    [ -n "${CALL:-}" ] && read -r ref _ < <(tps ref)
+    printf '  round %d: %s %8.1f tps   %s %8.1f tps   WAL per transaction %4d B / %4d B   WAL sync %3d us / %3d us   worker CPU per change %3d us%s\n' \
+        "$r" "$PLAIN" "$p" "$TRACKED" "$t" $((pw / pn)) $((tw / tn)) "$ps" "$ts" $((wus / tn)) \
+        "$([ -n "${CALL:-}" ] && printf '   RETURNING id %8.1f tps' "$ref")"
+    results+=("$p $t $pn $pw $tn $tw $wus $ps $ts $ref")
 done
 jobs=$(psql -tAc "SELECT count(*) FROM outbox.queue")
 mkdir -p target/bench
 printf '%s\n' "${results[@]}" | awk -v jobs="$jobs" -v at="$(date -u +%FT%TZ)" -v figure="$FIGURE" -v key="$KEY" \
     -v plain="$PLAIN" -v tracked="$TRACKED" -v target="$TARGET" '
-    { p += $1; t += $2; pn += $3; pw += $4; tn += $5; tw += $6; wus += $7; ps += $8; ts += $9; n++ }
+    { p += $1; t += $2; pn += $3; pw += $4; tn += $5; tw += $6; wus += $7; ps += $8; ts += $9; ref += $10; n++ }
     END {
-        printf "%s: %s %.1f tps, %s %.1f tps, ratio %.3f%s; WAL per transaction %d B / %d B; WAL sync %d us / %d us; worker CPU %.1f us per change; %d jobs queued\n", figure, plain, p/n, tracked, t/n, t/p, target, pw/pn, tw/tn, ps/n, ts/n, wus/tn, jobs > "/dev/stderr"
-        printf "{\"figure\":\"%s\",\"untracked_tps\":%.1f,\"tracked_tps\":%.1f,\"ratio\":%.4f,\"untracked_wal_bytes_per_xact\":%d,\"tracked_wal_bytes_per_xact\":%d,\"untracked_wal_sync_us\":%d,\"tracked_wal_sync_us\":%d,\"worker_cpu_us_per_change\":%.1f,\"at\":\"%s\"}\n", key, p/n, t/n, t/p, pw/pn, tw/tn, ps/n, ts/n, wus/tn, at
+        shape = ref > 0 ? sprintf("; the UPDATE returning the id: %.1f tps, ratio %.3f (the statement'"'"'s shape), enqueue() against it %.3f", ref/n, ref/p, t/ref) : ""
+        printf "%s: %s %.1f tps, %s %.1f tps, ratio %.3f%s%s; WAL per transaction %d B / %d B; WAL sync %d us / %d us; worker CPU %.1f us per change; %d jobs queued\n", figure, plain, p/n, tracked, t/n, t/p, target, shape, pw/pn, tw/tn, ps/n, ts/n, wus/tn, jobs > "/dev/stderr"
+        refjson = ref > 0 ? sprintf(",\"returning_id_tps\":%.1f", ref/n) : ""
+        printf "{\"figure\":\"%s\",\"untracked_tps\":%.1f,\"tracked_tps\":%.1f,\"ratio\":%.4f%s,\"untracked_wal_bytes_per_xact\":%d,\"tracked_wal_bytes_per_xact\":%d,\"untracked_wal_sync_us\":%d,\"tracked_wal_sync_us\":%d,\"worker_cpu_us_per_change\":%.1f,\"at\":\"%s\"}\n", key, p/n, t/n, t/p, refjson, pw/pn, tw/tn, ps/n, ts/n, wus/tn, at
     }' >>target/bench/results.json
 if [[ "${BENCH_CONF_LINES:-}" == *pg_stat_statements* ]]; then
     psql -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
