@@ -20,8 +20,8 @@
 //! delivery in the loops; four did no better.
 
 use super::connect::{forward_auth, Connector};
-use crate::policy::{parse_retry_after, Response};
-use crate::signing;
+use crate::rules::policy::{parse_retry_after, Response};
+use crate::rules::signing;
 use bytes::Bytes;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use http_body_util::{BodyExt, Full};
@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
 /// Characters of a response or error kept for `last_error`.
-pub const EXCERPT_CHARS: usize = 500;
+const EXCERPT_CHARS: usize = 500;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {

@@ -17,7 +17,7 @@ use pgrx::prelude::*;
 /// or is being removed, by a transaction still in progress. Empty if the
 /// extension's relations can't be found.
 pub fn in_flux(pairs: &[(String, String)]) -> Vec<(String, String)> {
-    crate::fresh_key::with_fresh_key(|k| {
+    crate::schema::fresh_key::with_fresh_key(|k| {
         // SAFETY: InitDirtySnapshot: plain data that each visibility check
         // fills in. It sees in-progress inserts, and says whose in xmin
         // (xmax for an in-progress delete or update).

@@ -4,7 +4,7 @@
 //! read only shared catalogs, which is all it needs.
 
 use super::signals::{handle_interrupts, install_handlers, wait};
-use crate::{gucs, shmem};
+use crate::pg::{gucs, shmem};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker,
 };
@@ -127,7 +127,7 @@ fn may_connect(role: pg_sys::Oid, db: pg_sys::Oid) -> bool {
     })
 }
 
-pub(crate) fn start_worker(database: &str) -> Option<DynamicBackgroundWorker> {
+fn start_worker(database: &str) -> Option<DynamicBackgroundWorker> {
     BackgroundWorkerBuilder::new(&format!("outbox worker {database}"))
         .set_type("outbox worker")
         .set_library("outbox")
@@ -210,7 +210,7 @@ mod tests {
     }
 
     fn serving() -> Option<i32> {
-        crate::shmem::serving_worker()
+        crate::pg::shmem::serving_worker()
     }
 
     fn until(what: &str, mut f: impl FnMut() -> bool) {

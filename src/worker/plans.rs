@@ -17,8 +17,8 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
 use pgrx::PgOid;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use crate::pg::settings::with_settings;
 use std::ffi::CStr;
-use pgrx::pg_sys;
 
 pub(crate) const OWN_SETTINGS: [(&CStr, &CStr); 4] = [
     (c"plan_cache_mode", c"force_generic_plan"),
@@ -40,32 +40,6 @@ pub fn execute<'c>(
     args: &[DatumWithOid<'_>],
 ) -> SpiResult<SpiTupleTable<'c>> {
     with_settings(&OWN_SETTINGS, || execute_plain(c, sql, types, args))
-}
-
-/// Runs `f` with these (user-settable) settings, then puts back what was
-/// there before.
-pub fn with_settings<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R {
-    // SAFETY: what a function's SET clause does: a GUC nest level, values
-    // saved in it, and popped afterwards (or by the abort of the (sub)
-    // transaction, should `f` raise). Main thread, in a transaction.
-    unsafe {
-        let level = pg_sys::NewGUCNestLevel();
-        for (name, value) in settings {
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-        }
-        let result = f();
-        pg_sys::AtEOXact_GUC(true, level);
-        result
-    }
 }
 
 /// Like [`execute`], with the session's settings: for statements that run

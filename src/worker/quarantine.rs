@@ -6,8 +6,9 @@
 //! over the btree limit, say) failed every turn and restarted the worker
 //! every second, delivering nothing.
 
-use super::plans::{execute, with_settings};
-use crate::subxact::{try_subtransaction, Caught};
+use super::plans::execute;
+use crate::pg::settings::with_settings;
+use crate::pg::subxact::{try_subtransaction, Caught};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use super::plans::types::{INT8, TEXT};
@@ -137,6 +138,6 @@ mod unit {
 mod qualified {
     #[test]
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        crate::sql_check::assert_qualified(super::STATEMENTS);
+        crate::testing::sql_check::assert_qualified(super::STATEMENTS);
     }
 }

@@ -57,7 +57,7 @@ UPDATE outbox.queue q
 /// Returns how many changes moved into the queue (repeats of a record
 /// included), the last block they came from, and how many went back to the
 /// inbox.
-pub const ABSORB_INBOX: &str = "
+const ABSORB_INBOX: &str = "
 WITH picked AS (
     SELECT ctid, pg_catalog.sum(n) OVER (ROWS UNBOUNDED PRECEDING) OPERATOR(pg_catalog.-) n AS before
       FROM (SELECT ctid, coalesce(pg_catalog.cardinality(ids), 1) AS n FROM outbox.inbox
@@ -165,7 +165,7 @@ SELECT (m.changes OPERATOR(pg_catalog.-) l.n)::bigint, m.last_block, l.n
 
 /// The changes in the inbox from heap block $2 on, about $1 of them (the
 /// rows [`ABSORB_INBOX`] would take next), as distinct (kind, id) pairs.
-pub const INBOX_CHANGES: &str = "
+const INBOX_CHANGES: &str = "
 SELECT DISTINCT r.kind, u.id
   FROM (SELECT kind, id, ids FROM outbox.inbox
          WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format('(%s,0)', $2)::tid
@@ -191,7 +191,7 @@ SELECT DISTINCT r.kind, u.id
 /// scan comes up short and every second, so nothing behind one waits long.
 /// The claiming transaction's id is the claim's token: stored in `claim`, it
 /// is what an outcome must name to change the job.
-pub const CLAIM: &str = "
+const CLAIM: &str = "
 WITH due AS (
     SELECT d.ctid, d.job_id, d.kind, d.id, d.run_at
       FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($3::bigint[]), pg_catalog.unnest($4::bigint[]))
@@ -231,7 +231,7 @@ RETURNING q.job_id, q.kind, q.id, q.attempts, q.claim,
 
 /// How long until the next job of the kinds in $1 falls due (among those the
 /// claim could take: not for a record in flight, $2 as for [`CLAIM`]).
-pub const NEXT_DUE: &str = "
+const NEXT_DUE: &str = "
 SELECT pg_catalog.min(d.run_at) OPERATOR(pg_catalog.-) pg_catalog.now()
   FROM pg_catalog.unnest($1::text[]) AS k(kind)
  CROSS JOIN LATERAL (
@@ -254,7 +254,7 @@ SELECT pg_catalog.min(d.run_at) OPERATOR(pg_catalog.-) pg_catalog.now()
 /// reading every pair for every job, a tenth of the worker's time under a
 /// backlog. The state guard is spelled so that the planner can't use a
 /// partial index for it. Returns the jobs removed.
-pub const COMPLETE: &str = "
+const COMPLETE: &str = "
 DELETE FROM outbox.queue q
  USING ROWS FROM (pg_catalog.unnest($1::text[]::tid[]), pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::bigint[]))
        AS u(ctid, job_id, claim)
@@ -268,7 +268,7 @@ RETURNING q.job_id";
 /// them (an admin's UPDATE, `VACUUM FULL` or `CLUSTER` moved the tuple), by
 /// (job_id, claim) on the primary key: left `running`, they would be sent
 /// again after the next worker start.
-pub const COMPLETE_MOVED: &str = "
+const COMPLETE_MOVED: &str = "
 DELETE FROM outbox.queue q
  USING ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::bigint[])) AS u(job_id, claim)
  WHERE q.job_id OPERATOR(pg_catalog.=) u.job_id
@@ -277,7 +277,7 @@ DELETE FROM outbox.queue q
 
 /// Failed attempts: back to `pending` after a delay, or `dead`; only the
 /// claim each outcome answers ($6).
-pub const FAIL: &str = "
+const FAIL: &str = "
 UPDATE outbox.queue q
    SET state = u.state,
        run_at = pg_catalog.now() OPERATOR(pg_catalog.+) (u.delay_ms OPERATOR(pg_catalog.*) interval '1 millisecond'),
@@ -290,7 +290,7 @@ UPDATE outbox.queue q
    AND q.claim OPERATOR(pg_catalog.=) u.claim
    AND (q.state OPERATOR(pg_catalog.||) '') OPERATOR(pg_catalog.=) 'running'";
 
-pub const BUMP_STATS: &str = "
+const BUMP_STATS: &str = "
 UPDATE outbox.kind_stats s
    SET delivered = s.delivered OPERATOR(pg_catalog.+) u.delivered,
        failed_attempts = s.failed_attempts OPERATOR(pg_catalog.+) u.failed,
@@ -371,8 +371,8 @@ pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, cursor: &mut InboxCursor)
 fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool) -> Absorbed {
     let attempt = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| {
         let (kinds, ids): (Vec<String>, Vec<String>) = later.into_iter().unzip();
-        crate::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
-            super::plans::with_settings(&[(c"lock_timeout", ABSORB_LOCK_TIMEOUT)], || {
+        crate::pg::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
+            crate::pg::settings::with_settings(&[(c"lock_timeout", ABSORB_LOCK_TIMEOUT)], || {
                 let args: [DatumWithOid; 4] = [limit.into(), start.into(), kinds.into(), ids.into()];
                 let t = execute(c, ABSORB_INBOX, &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args)
                     .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
@@ -406,7 +406,7 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
 }
 
 /// One bad row must not stop the worker: see `quarantine`.
-fn one_by_one(c: &mut SpiClient<'_>, limit: i64, start: i64, cause: &crate::subxact::Caught) -> Absorbed {
+fn one_by_one(c: &mut SpiClient<'_>, limit: i64, start: i64, cause: &crate::pg::subxact::Caught) -> Absorbed {
     let (moved, last_block) = super::quarantine::absorb_one_by_one(c, limit, start, cause);
     Absorbed { moved, last_block, left: 0 }
 }
@@ -555,7 +555,7 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
 mod qualified {
     #[test]
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        crate::sql_check::assert_qualified(super::STATEMENTS);
+        crate::testing::sql_check::assert_qualified(super::STATEMENTS);
     }
 }
 
@@ -755,7 +755,7 @@ mod tests {
         // the running one may have read the old state), and so is c. (This
         // test is one transaction, which would take a's repeat for one it
         // has buffered already: the worker never claims in its transaction.)
-        crate::inbox::forget();
+        crate::capture::inbox::forget();
         Spi::run("SELECT outbox.enqueue('k', 'a'), outbox.enqueue('k', 'c')").unwrap();
         crate::worker::queue::absorb_all();
         let in_flight = vec![a.key_hash];
@@ -774,7 +774,7 @@ mod tests {
     /// The plan of one of the worker's statements, made as the worker makes
     /// it: generic, with its own settings.
     fn worker_plan(sql: &str, types: &str, args: &str) -> String {
-        super::super::plans::with_settings(&super::super::plans::OWN_SETTINGS, || {
+        crate::pg::settings::with_settings(&super::super::plans::OWN_SETTINGS, || {
             Spi::run(&format!("PREPARE worker_statement({types}) AS {sql}")).unwrap();
             let plan = crate::testing::texts(&format!("EXPLAIN EXECUTE worker_statement({args})"), &[]).join("\n");
             Spi::run("DEALLOCATE worker_statement").unwrap();

@@ -4,9 +4,9 @@
 
 use super::http::{Method, Request};
 use super::queue::Claimed;
-use super::plans::with_settings;
-use crate::subxact::try_subtransaction;
-use crate::{signing, template};
+use crate::pg::settings::with_settings;
+use crate::pg::subxact::try_subtransaction;
+use crate::rules::{signing, template};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::collections::HashMap;
@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 /// Header that grows with every delivery of a record, so a receiver can drop
 /// a stale PUT that arrives late.
-pub const SEQUENCE_HEADER: &str = "outbox-sequence";
+const SEQUENCE_HEADER: &str = "outbox-sequence";
 
 /// Everything the worker needs to know about each kind. The body function's
 /// name is regproc output under the worker's pinned search_path, so it is
 /// schema-qualified unless it lives in pg_catalog.
-pub(crate) const LOAD_KINDS: &str = "
+const LOAD_KINDS: &str = "
 SELECT kind, url, body::pg_catalog.regproc::pg_catalog.text, headers::pg_catalog.text, secret,
        (extract(epoch FROM timeout) OPERATOR(pg_catalog.*) 1000)::bigint, max_attempts, on_missing, paused,
        run_as::pg_catalog.oid, allow_superuser,
@@ -120,19 +120,19 @@ fn refusal(kind: &Kind) -> Option<String> {
     let Some(role) = kind.run_as else {
         return Some("the kind has no run_as role: register it again".into());
     };
-    if !crate::roles::role_exists(role) {
+    if !crate::pg::roles::role_exists(role) {
         return Some(format!("run_as role {} does not exist", role.to_u32()));
     }
-    if let Some(definer) = kind.definer.filter(|&d| crate::roles::is_superuser(d) && !kind.allow_superuser) {
+    if let Some(definer) = kind.definer.filter(|&d| crate::pg::roles::is_superuser(d) && !kind.allow_superuser) {
         return Some(format!(
             "the body function is SECURITY DEFINER and owned by superuser \"{}\": bodies do not run as one unless the kind was registered with allow_superuser",
-            crate::roles::role_name(definer)
+            crate::pg::roles::role_name(definer)
         ));
     }
-    if crate::roles::is_superuser(role) && !kind.allow_superuser {
+    if crate::pg::roles::is_superuser(role) && !kind.allow_superuser {
         return Some(format!(
             "run_as role \"{}\" is a superuser: bodies do not run as one unless the kind was registered with allow_superuser",
-            crate::roles::role_name(role)
+            crate::pg::roles::role_name(role)
         ));
     }
     None
@@ -187,14 +187,14 @@ impl Drop for TimeLimit {
 
 /// Runs one body statement as the kind's role, restricted, within the
 /// kind's deadline, in a subtransaction of its own.
-fn run_body<R>(role: pg_sys::Oid, deadline: Instant, f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, crate::subxact::Caught> {
+fn run_body<R>(role: pg_sys::Oid, deadline: Instant, f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, crate::pg::subxact::Caught> {
     try_subtransaction(move || {
         let Some(_limit) = TimeLimit::until(deadline) else {
-            crate::errors::raise(PgSqlErrorCode::ERRCODE_QUERY_CANCELED, "no render time left this turn", None)
+            crate::pg::errors::raise(PgSqlErrorCode::ERRCODE_QUERY_CANCELED, "no render time left this turn", None)
         };
         let lock_timeout = std::ffi::CString::new(format!("{}ms", deadline.saturating_duration_since(Instant::now()).as_millis().max(1)))
             .expect("no NUL in a number");
-        crate::roles::as_restricted(role, || with_settings(&[(c"lock_timeout", lock_timeout.as_c_str())], f))
+        crate::pg::roles::as_restricted(role, || with_settings(&[(c"lock_timeout", lock_timeout.as_c_str())], f))
     })
 }
 
@@ -218,7 +218,7 @@ fn bodies(kind: &Kind, function: &str, ids: &[String], limit: i64, timed_out: &m
     }
     let role = kind.run_as.expect("refusal checks run_as");
     let deadline = Instant::now() + kind.render_timeout;
-    let too_slow = |e: &crate::subxact::Caught| {
+    let too_slow = |e: &crate::pg::subxact::Caught| {
         format!(
             "body function {function} took longer than the kind's render_timeout ({} ms): {} (SQLSTATE {})",
             kind.render_timeout.as_millis(),
@@ -316,11 +316,11 @@ pub fn render(
         let Some(function) = kind.body_fn.as_deref() else { continue };
         let ids: Vec<String> = idx.iter().map(|&i| jobs[i].id.clone()).collect();
         let mut timed_out = false;
-        crate::shmem::set_rendering(super::watchdog::kind_hash(name));
+        crate::pg::shmem::set_rendering(super::watchdog::kind_hash(name));
         super::watchdog::arm(Instant::now() + kind.render_timeout);
         let rendered = bodies(kind, function, &ids, max_body_bytes, &mut timed_out);
         super::watchdog::disarm();
-        crate::shmem::set_rendering(0);
+        crate::pg::shmem::set_rendering(0);
         clear_session_leftovers();
         for (&i, b) in idx.iter().zip(rendered) {
             body_of[i] = Some(b);
@@ -382,6 +382,6 @@ mod unit {
 mod qualified {
     #[test]
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        crate::sql_check::assert_qualified(&[("LOAD_KINDS", super::LOAD_KINDS)]);
+        crate::testing::sql_check::assert_qualified(&[("LOAD_KINDS", super::LOAD_KINDS)]);
     }
 }

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// How long past its deadline a render may take to unwind its cancel.
-pub const GRACE: Duration = Duration::from_secs(1);
+const GRACE: Duration = Duration::from_secs(1);
 
 static ARM: OnceLock<Sender<Option<Instant>>> = OnceLock::new();
 static FIRED: AtomicBool = AtomicBool::new(false);

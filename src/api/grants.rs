@@ -3,7 +3,7 @@
 //! GRANT; superusers may always. Tracked tables need no grant: their
 //! triggers were made by an admin.
 
-use crate::errors::{raise, require, require_kind, unknown_kind};
+use crate::pg::errors::{raise, require, require_kind, unknown_kind};
 use pgrx::prelude::*;
 use pgrx::FromDatum;
 use std::cell::RefCell;
@@ -57,8 +57,8 @@ pub fn forget() {
 }
 
 /// The cache goes with the transaction and with an aborted subtransaction.
-pub const XACT: crate::xact::Handlers =
-    crate::xact::Handlers { before_commit: || {}, ended: |_| forget(), subtransaction_aborted: |_| forget() };
+pub const XACT: crate::pg::xact::Handlers =
+    crate::pg::xact::Handlers { before_commit: || {}, ended: |_| forget(), subtransaction_aborted: |_| forget() };
 
 /// Raises 42501 unless the current user may enqueue `kind`, and 42704 if
 /// the kind is not registered (checked once per user and kind in a
@@ -272,7 +272,7 @@ fn check_kind(c: &pgrx::spi::SpiClient<'_>, kind: Option<&str>) {
 
 fn require_role(role: Option<pg_sys::Oid>) -> pg_sys::Oid {
     let role = require(role, "role");
-    if !crate::roles::role_exists(role) {
+    if !crate::pg::roles::role_exists(role) {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role with oid {} does not exist", role.to_u32()), None);
     }
     role
@@ -337,7 +337,7 @@ mod tests {
         assert_eq!(as_role("outbox_test_app", "SELECT outbox.enqueue('nope', 1)"), "42704", "granted every kind: told it is unknown");
         Spi::run("SELECT outbox.revoke_enqueue('outbox_test_app')").unwrap();
         // A grant rolled back with its subtransaction allows nothing after.
-        let r = crate::subxact::try_subtransaction(|| {
+        let r = crate::pg::subxact::try_subtransaction(|| {
             Spi::run("SELECT outbox.grant_enqueue('outbox_test_app', 'order')").unwrap();
             Spi::run("SET ROLE outbox_test_app").unwrap();
             Spi::run("SELECT outbox.enqueue('order', 2)").unwrap();
@@ -367,6 +367,6 @@ mod tests {
 mod qualified {
     #[test]
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        crate::sql_check::assert_qualified(super::STATEMENTS);
+        crate::testing::sql_check::assert_qualified(super::STATEMENTS);
     }
 }

@@ -544,7 +544,7 @@ fn context(sql: &str, at: usize) -> String {
 
 /// What in `sql` is not immune to search_path shadowing, one line each;
 /// empty if nothing. Dollar-quoted bodies are checked as SQL too.
-pub fn unqualified(sql: &str) -> Vec<String> {
+fn unqualified(sql: &str) -> Vec<String> {
     let toks = match lex(sql) {
         Ok(t) => t,
         Err(e) => return vec![format!("cannot lex: {e}")],

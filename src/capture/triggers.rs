@@ -2,7 +2,7 @@
 //!
 //! `track` creates one `AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW`
 //! trigger. The trigger function is plain C-level code: it compares the old
-//! and new row itself and hands the changed id to [`crate::inbox`], which
+//! and new row itself and hands the changed id to [`crate::capture::inbox`], which
 //! writes `outbox.inbox` with direct heap inserts, many ids a row: no SPI, no
 //! planner, no index to maintain. That keeps a tracked single-row UPDATE
 //! nearly as cheap as an untracked one, and a bulk UPDATE free of per-row
@@ -15,7 +15,7 @@
 //! fires once the TRUNCATE holds its locks, and hands over the id of every
 //! row about to go, as a DELETE of each would.
 
-use crate::errors::{raise, require, require_kind, unknown_kind};
+use crate::pg::errors::{raise, require, require_kind, unknown_kind};
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, quote_literal};
 use pgrx::{Array, PgList};
@@ -140,7 +140,7 @@ impl Column {
     unsafe fn find_id(tupdesc: pg_sys::TupleDesc, name: &CStr) -> Column {
         // SAFETY: the caller's contract.
         let column = unsafe { Column::find(tupdesc, name) };
-        crate::ids::require_canonical(&name.to_string_lossy(), column.typid);
+        crate::capture::ids::require_canonical(&name.to_string_lossy(), column.typid);
         column
     }
 
@@ -253,7 +253,7 @@ fn enqueue_trigger<'a>(
                 _ => id_text(old, tupdesc, &info.id).into_iter().collect(),
             };
             for id in ids {
-                crate::inbox::append(&info.kind, id, None);
+                crate::capture::inbox::append(&info.kind, id, None);
             }
         })
     }
@@ -281,10 +281,10 @@ unsafe fn trigger_args(trigger: &pg_sys::Trigger) -> Vec<&CStr> {
     }
     // A kind no `register` could accept would only fail the worker's absorb.
     let kind = args[0].to_bytes();
-    if kind.is_empty() || kind.len() > crate::errors::MAX_KIND_LEN {
+    if kind.is_empty() || kind.len() > crate::pg::errors::MAX_KIND_LEN {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("outbox.enqueue_trigger: a kind is 1 to {} bytes long, not {}", crate::errors::MAX_KIND_LEN, kind.len()),
+            format!("outbox.enqueue_trigger: a kind is 1 to {} bytes long, not {}", crate::pg::errors::MAX_KIND_LEN, kind.len()),
             Some("Create tracking triggers with outbox.track(table, kind)."),
         );
     }
@@ -332,7 +332,7 @@ unsafe fn truncated(trigger: &pg_sys::Trigger, relid: pg_sys::Oid) {
     });
     for table in tables {
         // SAFETY: the TRUNCATE holds an AccessExclusiveLock on each table.
-        unsafe { each_id(table, id_column, |id| crate::inbox::append(&kind, id, None)) };
+        unsafe { each_id(table, id_column, |id| crate::capture::inbox::append(&kind, id, None)) };
     }
 }
 
@@ -432,7 +432,7 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
 /// pg_catalog, pg_temp`: the trigger and the DDL hook run in the user's
 /// session, under the user's search_path.
 fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
-    crate::worker::plans::with_settings(&[(c"search_path", c"pg_catalog, pg_temp")], f)
+    crate::pg::settings::with_settings(&[(c"search_path", c"pg_catalog, pg_temp")], f)
 }
 
 /// `track`'s row trigger `name` (quoted) on `table` (as regclass prints
@@ -544,7 +544,7 @@ pub unsafe fn cover_new_partition(stmt: *mut pg_sys::Node) {
         }
     };
     // SAFETY: the statement just created or attached it, and holds its lock.
-    let Some(relid) = (unsafe { crate::syscache::relid_named(partition) }) else { return };
+    let Some(relid) = (unsafe { crate::pg::syscache::relid_named(partition) }) else { return };
     with_pinned_search_path(|| {
         Spi::connect_mut(|c| {
             let triggers: Vec<(Vec<u8>, String)> = c
@@ -554,7 +554,7 @@ pub unsafe fn cover_new_partition(stmt: *mut pg_sys::Node) {
                 .collect();
             // As the extension's owner: attaching enqueue_trigger() is for
             // admins, but the table's owner may add partitions to it.
-            crate::roles::as_queue_owner(|| {
+            crate::pg::roles::as_queue_owner(|| {
                 for (args, firing) in triggers {
                     let mut args = args.split(|&b| b == 0).map(String::from_utf8_lossy);
                     if let (Some(kind), Some(id_column)) = (args.next(), args.next()) {
@@ -689,7 +689,7 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
         let id_name = CString::new(id_column.as_str()).expect("a column name has no NUL");
         // SAFETY: syscache lookups of a column of a table that exists.
         let id_type = unsafe { pg_sys::get_atttype(tbl, pg_sys::get_attnum(tbl, id_name.as_ptr())) };
-        crate::ids::require_canonical(&id_column, id_type);
+        crate::capture::ids::require_canonical(&id_column, id_type);
         let mut watched: Vec<String> = Vec::new();
         if let Some(cols) = &columns {
             if cols.is_empty() {
@@ -757,10 +757,10 @@ mod unit {
 
     #[test]
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        crate::sql_check::assert_qualified(super::STATEMENTS);
+        crate::testing::sql_check::assert_qualified(super::STATEMENTS);
         // The DDL, rendered as track() renders it.
         let (name, table, args) = ("\"outbox_user\"", "public.users", "'user', 'id', 'name'");
-        crate::sql_check::assert_qualified(&[
+        crate::testing::sql_check::assert_qualified(&[
             ("create_row_trigger", &super::create_row_trigger(name, table, args)),
             ("create_truncate_trigger", &super::create_truncate_trigger(name, table, args)),
             ("drop_trigger", &super::drop_trigger(name, table)),
@@ -795,7 +795,7 @@ mod tests {
 
     fn reset() {
         Spi::run("DELETE FROM outbox.inbox").unwrap();
-        crate::inbox::forget();
+        crate::capture::inbox::forget();
     }
 
     #[pg_test]
@@ -984,7 +984,7 @@ mod tests {
         Spi::run("INSERT INTO public.b VALUES (100, 0)").unwrap();
         Spi::run("SELECT outbox.track('public.a', 'user')").unwrap();
         Spi::run("SELECT outbox.track('public.b', 'other')").unwrap();
-        let r = crate::subxact::try_subtransaction(|| {
+        let r = crate::pg::subxact::try_subtransaction(|| {
             Spi::run("UPDATE public.a SET v = 1 WHERE id = 1").unwrap();
             panic!("roll the subtransaction back");
         });
@@ -1064,7 +1064,7 @@ mod tests {
         // A TRUNCATE rolled back to a savepoint hands over nothing.
         Spi::run("INSERT INTO public.users VALUES (7, NULL)").unwrap();
         reset();
-        let r = crate::subxact::try_subtransaction(|| {
+        let r = crate::pg::subxact::try_subtransaction(|| {
             Spi::run("TRUNCATE public.users").unwrap();
             panic!("roll the subtransaction back");
         });

@@ -1,7 +1,7 @@
 //! Inspecting and operating the queue: `stats`, `worker_status`, `retry`,
 //! `retry_dead`, `discard`, `purge_dead`. Admin only (see `schema`).
 
-use crate::shmem;
+use crate::pg::shmem;
 use pgrx::prelude::*;
 
 extension_sql!(
@@ -113,7 +113,7 @@ $$;
 #[pg_extern(schema = "outbox")]
 #[search_path(pg_catalog, pg_temp)]
 fn wake() {
-    crate::wake::on_commit();
+    crate::capture::wake::on_commit();
 }
 
 /// One row per worker: the database it serves, its pid, what it is doing.
@@ -131,20 +131,20 @@ fn worker_status() -> TableIterator<
 > {
     let rows = shmem::snapshot().map(|s| {
         let last = s.last_batch_at.and_then(|t| TimestampWithTimeZone::try_from(t).ok());
-        (crate::gucs::database(), s.pid, s.state.name().to_string(), s.in_flight, last)
+        (crate::pg::gucs::database(), s.pid, s.state.name().to_string(), s.in_flight, last)
     });
     TableIterator::new(rows)
 }
 
 #[cfg(test)]
 mod qualified {
-    /// The functions' bodies included: [`crate::sql_check::unqualified`]
+    /// The functions' bodies included: [`crate::testing::sql_check::unqualified`]
     /// reads dollar-quoted bodies as SQL.
     #[test]
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        let blocks = crate::sql_check::extension_sql_blocks(include_str!("inspection.rs"));
+        let blocks = crate::testing::sql_check::extension_sql_blocks(include_str!("admin.rs"));
         assert_eq!(blocks.len(), 1);
-        crate::sql_check::assert_qualified(&[("extension_sql inspection", blocks[0])]);
+        crate::testing::sql_check::assert_qualified(&[("extension_sql inspection", blocks[0])]);
     }
 }
 

@@ -4,12 +4,16 @@
 //! A *fresh* job (pending and never attempted) is what enqueues coalesce
 //! into, hence the unique partial index `queue_fresh_key`.
 
+pub mod fresh_key;
+
 use pgrx::prelude::*;
 
 /// A job's state. Mirrors the domain `outbox.job_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
     Pending,
+    // Only the claim's SQL makes a job running; Rust never writes it.
+    #[allow(dead_code)]
     Running,
     Dead,
 }
@@ -40,7 +44,7 @@ pub fn relation(name: &std::ffi::CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
 }
 
 /// Where a backend last found one of the tables: (its oid, the schema's).
-pub type Found = std::thread::LocalKey<std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>>>;
+type Found = std::thread::LocalKey<std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>>>;
 
 /// Opens table `outbox.<name>` with `lock`, None if there is none. The oid
 /// is remembered in `found` from one transaction to the next instead of
@@ -386,8 +390,8 @@ mod tests {
 mod qualified {
     #[test]
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        for block in crate::sql_check::extension_sql_blocks(include_str!("schema.rs")) {
-            crate::sql_check::assert_qualified(&[("schema.rs extension_sql", block)]);
+        for block in crate::testing::sql_check::extension_sql_blocks(include_str!("mod.rs")) {
+            crate::testing::sql_check::assert_qualified(&[("schema.rs extension_sql", block)]);
         }
     }
 }

@@ -11,7 +11,7 @@
 //! waits for it, as at startup). If the statement fails, nothing is lost:
 //! the next worker sends the deliveries that were in flight again.
 
-use crate::{gucs, shmem, syscache};
+use crate::pg::{gucs, shmem, syscache};
 use pgrx::prelude::*;
 use pgrx::PgList;
 use std::ffi::{c_char, CStr};

@@ -8,7 +8,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// Longest URL template accepted by `register`.
-pub const MAX_TEMPLATE_LEN: usize = 2048;
+const MAX_TEMPLATE_LEN: usize = 2048;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum TemplateError {

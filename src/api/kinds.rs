@@ -1,13 +1,10 @@
 //! Kinds: which URL a kind of record goes to, and how. Admin only.
 
-use crate::errors::{raise, require, require_kind, unknown_kind};
-use crate::{signing, template};
+use crate::pg::errors::{raise, require, require_kind, unknown_kind};
+use crate::rules::{signing, template};
 use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::prelude::*;
 use pgrx::JsonB;
-
-/// Longest kind name, in bytes (also a CHECK on `outbox.kinds`).
-pub use crate::errors::MAX_KIND_LEN;
 
 const UPSERT_KIND: &str = "
 INSERT INTO outbox.kinds AS k (kind, url, body, headers, secret, timeout, max_attempts, on_missing,
@@ -100,7 +97,7 @@ fn register(
     let run_as = run_as.or(owner);
     // Before any table access, for a clear error; the trigger on the table
     // checks every other write the same way.
-    crate::roles::check_kind(kind, body, run_as, allow_superuser);
+    crate::pg::roles::check_kind(kind, body, run_as, allow_superuser);
     let render_timeout = require(render_timeout, "render_timeout");
     if !(10_000..=300_000_000).contains(&render_timeout.as_micros()) {
         raise(
@@ -158,8 +155,8 @@ fn register(
         c.update(UPSERT_KIND, None, &args).unwrap_or_else(|e| panic!("upserting kind: {e}"));
         c.update(INSERT_STATS, None, &[kind.into()]).unwrap_or_else(|e| panic!("creating kind stats: {e}"));
     });
-    crate::wake::kinds_changed();
-    crate::enqueue_grants::forget();
+    crate::capture::wake::kinds_changed();
+    crate::api::grants::forget();
 }
 
 /// Checks that `f` is a body function; returns its owner.
@@ -200,7 +197,7 @@ fn kinds_checked<'a>(
         let (body, run_as, allow_superuser) = decides(new);
         if old.is_none_or(|old| decides(old) != (body, run_as, allow_superuser)) {
             let kind = get(new, c"kind").and_then(|d| String::from_datum(d, false)).unwrap_or_default();
-            crate::roles::check_kind(&kind, body, run_as, allow_superuser);
+            crate::pg::roles::check_kind(&kind, body, run_as, allow_superuser);
         }
     }
     Ok(trigger.new())
@@ -269,7 +266,7 @@ fn unregister(kind: Option<&str>, cascade: Option<bool>) {
         if locked.is_empty() {
             unknown_kind(kind);
         }
-        let triggers = crate::triggers::kind_triggers(c, kind, None);
+        let triggers = crate::capture::triggers::kind_triggers(c, kind, None);
         let jobs = c
             .select(COUNT_JOBS, None, &[kind.into()])
             .ok()
@@ -291,12 +288,12 @@ fn unregister(kind: Option<&str>, cascade: Option<bool>) {
                 Some("Untrack the tables first, or call outbox.unregister(kind, cascade => true) to drop the triggers and jobs too."),
             );
         }
-        crate::triggers::drop_triggers(c, &triggers);
+        crate::capture::triggers::drop_triggers(c, &triggers);
         c.update(DELETE_JOBS, None, &[kind.into()]).unwrap_or_else(|e| panic!("deleting jobs: {e}"));
         c.update(DELETE_KIND, None, &[kind.into()]).unwrap_or_else(|e| panic!("deleting kind: {e}"));
     });
-    crate::wake::kinds_changed();
-    crate::enqueue_grants::forget();
+    crate::capture::wake::kinds_changed();
+    crate::api::grants::forget();
 }
 
 fn set_paused(kind: Option<&str>, paused: bool) {
@@ -308,8 +305,8 @@ fn set_paused(kind: Option<&str>, paused: bool) {
         unknown_kind(kind);
     }
     // Also wakes the worker: a resumed kind's jobs go out at once.
-    crate::wake::kinds_changed();
-    crate::enqueue_grants::forget();
+    crate::capture::wake::kinds_changed();
+    crate::api::grants::forget();
 }
 
 /// Stops deliveries of a kind; jobs keep queueing.
@@ -474,6 +471,6 @@ mod tests {
 mod qualified {
     #[test]
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        crate::sql_check::assert_qualified(super::STATEMENTS);
+        crate::testing::sql_check::assert_qualified(super::STATEMENTS);
     }
 }

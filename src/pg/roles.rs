@@ -7,7 +7,7 @@
 //! temporary objects, and every setting they change is put back. So a body
 //! can do no more than its role could, whoever owns it and whatever it reads.
 
-use crate::errors::raise;
+use crate::pg::errors::raise;
 use pgrx::prelude::*;
 
 /// Whether `role` exists and is a superuser now.
@@ -45,7 +45,7 @@ fn may_act_as(role: pg_sys::Oid) -> bool {
 /// What `register` refuses for `run_as`: a role the registrar may not act
 /// as, and a superuser without the explicit opt-in, which only a superuser
 /// may give.
-pub fn check_run_as(kind: &str, role: pg_sys::Oid, allow_superuser: bool) {
+fn check_run_as(kind: &str, role: pg_sys::Oid, allow_superuser: bool) {
     if !role_exists(role) {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("run_as role of kind \"{kind}\" does not exist"), None);
     }
@@ -76,8 +76,8 @@ pub fn check_run_as(kind: &str, role: pg_sys::Oid, allow_superuser: bool) {
 
 /// The role a body function really runs as, if it is not its caller: the
 /// owner of a SECURITY DEFINER function.
-pub fn definer_of(function: pg_sys::Oid) -> Option<pg_sys::Oid> {
-    crate::syscache::row(pg_sys::SysCacheIdentifier::PROCOID, function, |p: &pg_sys::FormData_pg_proc| {
+fn definer_of(function: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    crate::pg::syscache::row(pg_sys::SysCacheIdentifier::PROCOID, function, |p: &pg_sys::FormData_pg_proc| {
         p.prosecdef.then_some(p.proowner)
     })
     .flatten()

@@ -10,7 +10,7 @@ use pgrx::prelude::*;
 const MAX_MESSAGE: usize = 1024;
 
 /// `message`, cut to [`MAX_MESSAGE`] bytes at a character boundary.
-pub fn bounded(message: &str) -> String {
+fn bounded(message: &str) -> String {
     if message.len() <= MAX_MESSAGE {
         return message.to_string();
     }

@@ -10,12 +10,12 @@ pub static ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::ne
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(32);
 pub static HTTP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
-pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
-pub static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
-pub static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
+static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
-pub static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init(preloading: bool) {
     if preloading {

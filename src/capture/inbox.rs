@@ -24,14 +24,14 @@
 //! subtransaction, or a child that commits into it, is current: written in a
 //! child that later rolls back, an enclosing transaction's change would be lost.
 
-use crate::errors::raise;
+use crate::pg::errors::raise;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
 use std::cell::{Cell, RefCell};
 
 /// Bytes of ids per inbox row. The row stays under the TOAST threshold
 /// (about 2 kB), so it is never compressed or moved out of line.
-pub const ROW_BYTES: usize = 1800;
+const ROW_BYTES: usize = 1800;
 
 /// What an id takes in a text[]: a 4-byte header, padded to 4 bytes.
 fn stored_bytes(id: &str) -> usize {
@@ -70,7 +70,7 @@ thread_local! {
 /// Buffers a change of `(kind, id)` made by the current (sub)transaction,
 /// to be delivered not before `run_at` (None: at once).
 pub fn append(kind: &str, id: String, run_at: Option<pg_sys::TimestampTz>) {
-    crate::ids::check_id(&id);
+    crate::capture::ids::check_id(&id);
     // SAFETY: a plain read of the transaction state; we are in a transaction.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let full = BUFFER.with(|b| {
@@ -92,7 +92,7 @@ pub fn append(kind: &str, id: String, run_at: Option<pg_sys::TimestampTz>) {
                 // transaction: so the transaction's callbacks, which write
                 // what is left before commit, forget it all at the end and
                 // wake the worker, are in place before the first id is kept.
-                crate::wake::for_inbox();
+                crate::capture::wake::for_inbox();
                 b.runs.push(Run { subxact, kind: kind.to_string(), run_at, ids: Vec::new(), bytes: 0 });
                 b.runs.len() - 1
             }
@@ -150,8 +150,8 @@ pub fn pending() -> bool {
 /// Before commit or prepare, whatever is still buffered goes to the inbox
 /// while the transaction can still fail; at its end, or a subtransaction's
 /// abort, the buffer forgets.
-pub const XACT: crate::xact::Handlers =
-    crate::xact::Handlers { before_commit: flush, ended: transaction_ended, subtransaction_aborted: forget_subxact };
+pub const XACT: crate::pg::xact::Handlers =
+    crate::pg::xact::Handlers { before_commit: flush, ended: transaction_ended, subtransaction_aborted: forget_subxact };
 
 fn transaction_ended(committed: bool) {
     if committed && pending() {
@@ -186,7 +186,7 @@ pub(crate) fn forget() {
 
 /// Subtransaction `subxact` aborted: its runs, and those of children that
 /// committed into it, are void. Must not raise.
-pub(crate) fn forget_subxact(subxact: pg_sys::SubTransactionId) {
+fn forget_subxact(subxact: pg_sys::SubTransactionId) {
     BUFFER.with(|b| {
         if let Ok(mut b) = b.try_borrow_mut() {
             b.runs.retain(|r| r.subxact < subxact);

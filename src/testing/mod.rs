@@ -1,6 +1,14 @@
-//! Helpers for `#[pg_test]` tests.
+//! Helpers for `#[pg_test]` tests, and checks over the source itself.
+//!
+//! - [`sql_check`]: every statement names the schema of its functions and operators.
+//! - [`layout_check`]: no module imports one that imports it back.
 
-use crate::subxact::try_subtransaction;
+#[cfg(test)]
+mod layout_check;
+#[cfg(test)]
+pub mod sql_check;
+
+use crate::pg::subxact::try_subtransaction;
 use pgrx::prelude::*;
 
 /// Runs `sql` in a subtransaction and returns its SQLSTATE ("00000" on success).
@@ -28,11 +36,4 @@ pub fn assert_sqlstates(cases: &[(&str, &str)]) {
 /// The first column of every row `sql` returns, as text (none may be NULL).
 pub fn texts(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> Vec<String> {
     Spi::connect(|c| c.select(sql, None, args).unwrap().map(|r| r.get::<String>(1).unwrap().unwrap()).collect())
-}
-
-/// Tests run side by side: other tests' writes to the queue would draw job
-/// ids under the caller. They wait until its transaction ends (the mode
-/// conflicts with itself and with writes).
-pub fn hold_the_queue() {
-    Spi::run("LOCK TABLE outbox.queue IN SHARE ROW EXCLUSIVE MODE").unwrap();
 }

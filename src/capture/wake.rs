@@ -2,7 +2,7 @@
 //! before and not after a rollback: a mark per transaction, acted on at its
 //! end ([`XACT`]).
 
-use crate::xact::Handlers;
+use crate::pg::xact::Handlers;
 use std::cell::Cell;
 
 /// What the current transaction asks of the worker once it commits.
@@ -47,13 +47,13 @@ fn ended(committed: bool) {
         return;
     }
     if m.inbox {
-        crate::shmem::mark_inbox_dirty();
+        crate::pg::shmem::mark_inbox_dirty();
     }
     if m.kinds {
-        crate::shmem::bump_kinds_generation();
+        crate::pg::shmem::bump_kinds_generation();
     }
     if m.wake {
-        crate::shmem::wake_worker();
+        crate::pg::shmem::wake_worker();
     }
 }
 

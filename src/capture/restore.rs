@@ -25,7 +25,7 @@ pub unsafe fn after_copy(stmt: *mut pg_sys::CopyStmt) {
         if !(*stmt).is_from || (*stmt).relation.is_null() {
             return;
         }
-        crate::syscache::relid_named((*stmt).relation)
+        crate::pg::syscache::relid_named((*stmt).relation)
     };
     if table.is_none() {
         return;
@@ -35,16 +35,16 @@ pub unsafe fn after_copy(stmt: *mut pg_sys::CopyStmt) {
         let xid = unsafe { pg_sys::GetCurrentTransactionIdIfAny() };
         if xid != pg_sys::InvalidTransactionId {
             // In the restoring session, under its search_path: pinned here.
-            crate::worker::plans::with_settings(&[(c"search_path", c"pg_catalog, pg_temp")], || {
+            crate::pg::settings::with_settings(&[(c"search_path", c"pg_catalog, pg_temp")], || {
                 Spi::connect_mut(|c| c.update(RUNNING_COPIED, None, &[xid.into_inner().to_string().into()]).map(|_| ()))
             })
             .unwrap_or_else(|e| panic!("resetting restored running jobs: {e}"));
         }
-        crate::wake::on_commit();
+        crate::capture::wake::on_commit();
     } else if table == relid(c"kinds") {
-        crate::wake::kinds_changed();
+        crate::capture::wake::kinds_changed();
     } else if table == relid(c"inbox") {
-        crate::wake::for_inbox();
+        crate::capture::wake::for_inbox();
     }
 }
 
@@ -56,6 +56,6 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[("RUNNING_COPIED", RUNNING_COPI
 mod tests {
     #[test]
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        crate::sql_check::assert_qualified(super::STATEMENTS);
+        crate::testing::sql_check::assert_qualified(super::STATEMENTS);
     }
 }

@@ -9,13 +9,13 @@
 //! setting. `enqueue(kind, 7)` and `enqueue(kind, '7')` are one record
 //! because both give the text `7`, as a tracked integer key does.
 
-use crate::errors::raise;
+use crate::pg::errors::raise;
 use pgrx::pg_sys::{self, BuiltinOid as T};
 use pgrx::prelude::*;
 use pgrx::FromDatum;
 
 /// Longest id accepted, in bytes.
-pub const MAX_ID_LEN: usize = 1024;
+const MAX_ID_LEN: usize = 1024;
 
 /// Raises unless `id` names a record: not empty, at most [`MAX_ID_LEN`]
 /// bytes (an id is a key, not data).
@@ -55,7 +55,7 @@ const CANONICAL: &[T] = &[
 
 /// Whether every session prints values of type `typid` alike (a domain as
 /// its base type; an enum by its labels).
-pub fn is_canonical(typid: pg_sys::Oid) -> bool {
+fn is_canonical(typid: pg_sys::Oid) -> bool {
     let listed = |typid: pg_sys::Oid| CANONICAL.iter().any(|t| pg_sys::Oid::from(*t) == typid);
     if listed(typid) {
         return true;

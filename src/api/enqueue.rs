@@ -3,11 +3,11 @@
 //!
 //! One capture path: an enqueue is a change like a tracked table's, and goes
 //! through the same per-transaction buffer into `outbox.inbox`
-//! ([`crate::inbox`]). Nothing here reads, locks or writes a queue job, so
+//! ([`crate::capture::inbox`]). Nothing here reads, locks or writes a queue job, so
 //! nothing the caller sees depends on other jobs: the worker coalesces when
 //! it moves the inbox into the queue, after the changes have committed.
 
-use crate::errors::{raise, require, require_kind};
+use crate::pg::errors::{raise, require, require_kind};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{AnyElement, IntoDatum};
@@ -17,8 +17,8 @@ use pgrx::{AnyElement, IntoDatum};
 /// both `enqueue` functions.
 fn enqueue_one(kind: Option<&str>, id: Option<AnyElement>, delay: Option<Interval>) {
     let kind = require_kind(kind);
-    let id = crate::ids::text_of(require(id, "id"));
-    crate::ids::check_id(&id);
+    let id = crate::capture::ids::text_of(require(id, "id"));
+    crate::capture::ids::check_id(&id);
     // The inbox is written with direct heap inserts, which check none of
     // this themselves; the executor would have refused an INSERT here.
     // SAFETY: each raises an ERROR (25006, or 0A000 in parallel mode) if the
@@ -28,9 +28,9 @@ fn enqueue_one(kind: Option<&str>, id: Option<AnyElement>, delay: Option<Interva
         pg_sys::PreventCommandIfParallelMode(c"outbox.enqueue()".as_ptr());
         pg_sys::PreventCommandDuringRecovery(c"outbox.enqueue()".as_ptr());
     }
-    crate::enqueue_grants::require_access(kind);
+    crate::api::grants::require_access(kind);
     let run_at = delay.and_then(|d| (d.months() != 0 || d.days() != 0 || d.micros() != 0).then(|| not_before(d)));
-    crate::inbox::append(kind, id, run_at);
+    crate::capture::inbox::append(kind, id, run_at);
 }
 
 /// The transaction's start plus `delay`, as `now() + delay` would compute it
@@ -139,7 +139,7 @@ mod tests {
     #[pg_test]
     fn a_rolled_back_subtransaction_forgets_its_enqueues() {
         setup();
-        let r = crate::subxact::try_subtransaction(|| {
+        let r = crate::pg::subxact::try_subtransaction(|| {
             Spi::run("SELECT outbox.enqueue('user', 8)").unwrap();
             panic!("roll the subtransaction back");
         });
@@ -174,7 +174,7 @@ mod tests {
         assert_eq!(sqlstate_of("SELECT outbox.enqueue('user', 3)"), "00000");
         // A direct delete, which tells the enqueue cache nothing.
         Spi::run("DELETE FROM outbox.kinds WHERE kind = 'user'").unwrap();
-        crate::enqueue_grants::forget();
+        crate::api::grants::forget();
         assert_eq!(sqlstate_of("SELECT outbox.enqueue('user', 4)"), "42704");
     }
 

@@ -47,7 +47,7 @@ impl WorkerState {
 }
 
 #[derive(Default)]
-pub struct WorkerSlot {
+struct WorkerSlot {
     /// The worker's PGPROC number plus one; 0 means no worker to wake.
     procno_plus_one: AtomicI32,
     /// The pid of the worker that serves, 0 if none: claimed by one worker
@@ -244,11 +244,6 @@ pub fn bump_kinds_generation() {
 /// can't tell, and reloads every turn).
 pub fn kinds_generation() -> Option<u64> {
     slot().map(|slot| slot.kinds_generation.load(Ordering::Acquire))
-}
-
-/// Whether this process is the delivery worker.
-pub fn is_worker() -> bool {
-    IS_WORKER.load(Ordering::Relaxed)
 }
 
 pub fn mark_batch() {

@@ -1,13 +1,13 @@
 //! The executor and utility hooks, chained to any installed before ours:
 //! - after each statement's executor finishes (its AFTER triggers have run)
 //!   and after a COPY or TRUNCATE, what tracked tables buffered goes to the
-//!   inbox ([`crate::inbox::flush`]), so that the next statement sees it;
+//!   inbox ([`crate::capture::inbox::flush`]), so that the next statement sees it;
 //! - before DDL that needs the served database to itself, the worker steps
-//!   aside ([`crate::database_ddl`]);
+//!   aside ([`crate::capture::database_ddl`]);
 //! - after a partition is created or attached, it gets the TRUNCATE triggers
-//!   of its tracked ancestors ([`crate::triggers::cover_new_partition`]);
+//!   of its tracked ancestors ([`crate::capture::triggers::cover_new_partition`]);
 //! - after a COPY into the extension's own tables (a restore), jobs restored
-//!   `running` are made `pending` and the worker is told ([`crate::restore`]);
+//!   `running` are made `pending` and the worker is told ([`crate::capture::restore`]);
 //! - after `COMMIT PREPARED`, the worker is woken (no callback of the
 //!   prepared transaction runs at its commit).
 
@@ -76,7 +76,7 @@ unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
 /// The part of the hooks that runs our code: a panic becomes an ERROR.
 #[pg_guard]
 extern "C-unwind" fn flush_after_statement() {
-    crate::inbox::flush();
+    crate::capture::inbox::flush();
 }
 
 /// As [`flush_after_statement`].
@@ -84,7 +84,7 @@ extern "C-unwind" fn flush_after_statement() {
 #[pg_guard]
 unsafe extern "C-unwind" fn before_utility(stmt: *mut pg_sys::Node, toplevel: bool) {
     // SAFETY: called with the statement the utility hook runs.
-    unsafe { crate::database_ddl::step_aside_for(stmt, toplevel) };
+    unsafe { crate::capture::database_ddl::step_aside_for(stmt, toplevel) };
 }
 
 /// Not `#[pg_guard]`, as for [`executor_finish`].
@@ -140,8 +140,8 @@ unsafe extern "C-unwind" fn process_utility(
 unsafe fn after_transaction_statement(stmt: *mut pg_sys::TransactionStmt) {
     // SAFETY: the caller's contract.
     if unsafe { (*stmt).kind } == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED {
-        crate::wake::for_inbox();
-        crate::wake::kinds_changed();
+        crate::capture::wake::for_inbox();
+        crate::capture::wake::kinds_changed();
     }
 }
 
@@ -150,7 +150,7 @@ unsafe fn after_transaction_statement(stmt: *mut pg_sys::TransactionStmt) {
 #[pg_guard]
 unsafe extern "C-unwind" fn after_table_ddl(stmt: *mut pg_sys::Node) {
     // SAFETY: called with the statement that just ran.
-    unsafe { crate::triggers::cover_new_partition(stmt) };
+    unsafe { crate::capture::triggers::cover_new_partition(stmt) };
 }
 
 /// As [`flush_after_statement`].
@@ -158,5 +158,5 @@ unsafe extern "C-unwind" fn after_table_ddl(stmt: *mut pg_sys::Node) {
 #[pg_guard]
 unsafe extern "C-unwind" fn after_copy(stmt: *mut pg_sys::CopyStmt) {
     // SAFETY: called with the COPY statement that just ran.
-    unsafe { crate::restore::after_copy(stmt) };
+    unsafe { crate::capture::restore::after_copy(stmt) };
 }

@@ -37,7 +37,7 @@ pub fn classify(is_delete: bool, response: Response) -> Verdict {
 
 /// The jitter-free curve: `base * 2^(attempt-1)`, capped at `max` before it
 /// can overflow. `attempt` counts from 1 (the attempt that just failed).
-pub fn base_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
+fn base_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
     let exp = attempt.saturating_sub(1).min(62);
     let factor = 1u64 << exp;
     let millis = (base.as_millis() as u64).saturating_mul(factor);
@@ -46,7 +46,7 @@ pub fn base_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
 
 /// Spreads a delay over `[delay/2, delay]` so that jobs failing together do
 /// not come back together. `unit` is a uniform sample from `[0, 1)`.
-pub fn jitter(delay: Duration, unit: f64) -> Duration {
+fn jitter(delay: Duration, unit: f64) -> Duration {
     let unit = unit.clamp(0.0, 1.0);
     delay.mul_f64(0.5 + unit / 2.0)
 }
