@@ -15,6 +15,9 @@ exec > >(tee "$log") 2>&1
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 
+echo "== lints: every unsafe block says why it is sound"
+cargo clippy --lib --tests --features "pg15 pg_test" -q -- -A clippy::all -D clippy::undocumented_unsafe_blocks
+
 echo "== unit and #[pg_test] tests"
 if [ "$(id -u)" = 0 ]; then
     # Postgres refuses to run as root: cargo-pgrx runs it as postgres, in a

@@ -1,7 +1,12 @@
 //! Inspecting and operating the queue: `stats`, `worker_status`, `retry`,
-//! `retry_dead`, `discard`, `purge_dead`. Admin only (see `schema`).
+//! `retry_dead`, `discard`, `purge_dead`. Admin only (see `schema`). The
+//! jobs' transitions themselves are statements of `worker::queue`.
 
+use crate::capture::wake;
+use crate::pg::errors::{raise, require};
 use crate::pg::shmem;
+use crate::worker::queue;
+use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::prelude::*;
 
 extension_sql!(
@@ -28,86 +33,98 @@ SELECT k.kind,
  GROUP BY k.kind, k.paused, s.delivered, s.failed_attempts, s.last_success_at, s.last_failure_at
  ORDER BY k.kind
 $$;
-
-CREATE FUNCTION outbox.retry(job_id bigint) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF retry.job_id IS NULL THEN
-        RAISE EXCEPTION 'job_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    UPDATE outbox.queue q
-       SET state = 'pending', run_at = pg_catalog.now(), attempts = 0
-     WHERE q.job_id OPERATOR(pg_catalog.=) retry.job_id AND q.state OPERATOR(pg_catalog.=) 'dead';
-    IF NOT FOUND THEN
-        IF EXISTS (SELECT 1 FROM outbox.queue q WHERE q.job_id OPERATOR(pg_catalog.=) retry.job_id) THEN
-            RAISE EXCEPTION 'job % is not dead', retry.job_id
-                USING ERRCODE = 'object_not_in_prerequisite_state',
-                      HINT = 'Only dead jobs can be retried; pending jobs run by themselves.';
-        END IF;
-        RAISE EXCEPTION 'job % does not exist', retry.job_id USING ERRCODE = 'undefined_object';
-    END IF;
-    PERFORM outbox.wake();
-END
-$$;
-
-CREATE FUNCTION outbox.retry_dead(kind text DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n bigint;
-BEGIN
-    IF retry_dead.kind IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM outbox.kinds k WHERE k.kind OPERATOR(pg_catalog.=) retry_dead.kind) THEN
-        RAISE EXCEPTION 'outbox kind "%" is not registered', retry_dead.kind
-            USING ERRCODE = 'undefined_object', HINT = 'Pass NULL to retry the dead jobs of every kind.';
-    END IF;
-    UPDATE outbox.queue q
-       SET state = 'pending', run_at = pg_catalog.now(), attempts = 0
-     WHERE q.state OPERATOR(pg_catalog.=) 'dead'
-       AND (retry_dead.kind IS NULL OR q.kind OPERATOR(pg_catalog.=) retry_dead.kind);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    IF n OPERATOR(pg_catalog.>) 0 THEN
-        PERFORM outbox.wake();
-    END IF;
-    RETURN n;
-END
-$$;
-
-CREATE FUNCTION outbox.discard(job_id bigint) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF discard.job_id IS NULL THEN
-        RAISE EXCEPTION 'job_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    DELETE FROM outbox.queue q WHERE q.job_id OPERATOR(pg_catalog.=) discard.job_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'job % does not exist', discard.job_id USING ERRCODE = 'undefined_object';
-    END IF;
-END
-$$;
-
-CREATE FUNCTION outbox.purge_dead(older_than interval) RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n bigint;
-BEGIN
-    IF older_than IS NULL THEN
-        RAISE EXCEPTION 'older_than must not be NULL' USING ERRCODE = 'null_value_not_allowed',
-            HINT = 'Use interval ''0'' to purge every dead job.';
-    END IF;
-    IF older_than OPERATOR(pg_catalog.<) interval '0' THEN
-        RAISE EXCEPTION 'older_than must not be negative' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    DELETE FROM outbox.queue q
-     WHERE q.state OPERATOR(pg_catalog.=) 'dead'
-       AND coalesce(q.last_attempt_at, q.enqueued_at) OPERATOR(pg_catalog.<=) (pg_catalog.now() OPERATOR(pg_catalog.-) older_than);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
-$$;
 "#,
     name = "inspection",
-    requires = ["schema", wake]
+    requires = ["schema"]
 );
+
+/// Whether job `$1` exists, in whatever state.
+const JOB_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM outbox.queue WHERE job_id OPERATOR(pg_catalog.=) $1)";
+/// Whether kind `$1` is registered.
+const KIND_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM outbox.kinds WHERE kind OPERATOR(pg_catalog.=) $1)";
+
+/// Runs one of the job transitions of `worker::queue` and returns how many
+/// jobs it moved.
+fn transition(sql: &str, args: &[DatumWithOid<'_>]) -> i64 {
+    Spi::connect_mut(|c| c.update(sql, None, args).map(|t| t.len() as i64)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn exists(sql: &str, args: &[DatumWithOid<'_>]) -> bool {
+    Spi::get_one_with_args::<bool>(sql, args).unwrap_or_else(|e| panic!("{e}")) == Some(true)
+}
+
+/// A dead job runs again, due now, with its attempts counted from zero.
+#[pg_extern(schema = "outbox")]
+#[search_path(pg_catalog, pg_temp)]
+fn retry(job_id: Option<i64>) {
+    let job_id = require(job_id, "job_id");
+    if transition(queue::RETRY, &[job_id.into()]) == 0 {
+        if exists(JOB_EXISTS, &[job_id.into()]) {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("job {job_id} is not dead"),
+                Some("Only dead jobs can be retried; pending jobs run by themselves."),
+            );
+        }
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("job {job_id} does not exist"), None);
+    }
+    wake::on_commit();
+}
+
+/// Every dead job of `kind` (NULL: of every kind) runs again; returns how many.
+#[pg_extern(schema = "outbox")]
+#[search_path(pg_catalog, pg_temp)]
+fn retry_dead(kind: default!(Option<&str>, "NULL")) -> i64 {
+    if let Some(k) = kind {
+        if !exists(KIND_EXISTS, &[k.into()]) {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("outbox kind \"{k}\" is not registered"),
+                Some("Pass NULL to retry the dead jobs of every kind."),
+            );
+        }
+    }
+    let n = transition(queue::RETRY_DEAD, &[kind.into()]);
+    if n > 0 {
+        wake::on_commit();
+    }
+    n
+}
+
+/// A job is dropped, in whatever state: a request in flight for it then
+/// completes nothing.
+#[pg_extern(schema = "outbox")]
+#[search_path(pg_catalog, pg_temp)]
+fn discard(job_id: Option<i64>) {
+    let job_id = require(job_id, "job_id");
+    if transition(queue::DISCARD, &[job_id.into()]) == 0 {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("job {job_id} does not exist"), None);
+    }
+}
+
+/// Dead jobs whose last attempt is at least `older_than` ago are dropped;
+/// returns how many.
+#[pg_extern(schema = "outbox")]
+#[search_path(pg_catalog, pg_temp)]
+fn purge_dead(older_than: Option<Interval>) -> i64 {
+    let Some(older_than) = older_than else {
+        raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "older_than must not be NULL",
+            Some("Use interval '0' to purge every dead job."),
+        )
+    };
+    if negative(&older_than) {
+        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "older_than must not be negative", None);
+    }
+    transition(queue::PURGE_DEAD, &[older_than.into()])
+}
+
+/// As Postgres compares intervals: a month is 30 days, a day 24 hours.
+fn negative(i: &Interval) -> bool {
+    let days = i128::from(i.months()) * 30 + i128::from(i.days());
+    days * 86_400_000_000 + i128::from(i.micros()) < 0
+}
 
 /// Wakes the worker when the current transaction commits.
 #[pg_extern(schema = "outbox")]
@@ -144,7 +161,11 @@ mod qualified {
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
         let blocks = crate::testing::sql_check::extension_sql_blocks(include_str!("admin.rs"));
         assert_eq!(blocks.len(), 1);
-        crate::testing::sql_check::assert_qualified(&[("extension_sql inspection", blocks[0])]);
+        crate::testing::sql_check::assert_qualified(&[
+            ("extension_sql inspection", blocks[0]),
+            ("JOB_EXISTS", super::JOB_EXISTS),
+            ("KIND_EXISTS", super::KIND_EXISTS),
+        ]);
     }
 }
 
@@ -210,6 +231,16 @@ mod tests {
         let any = count("SELECT min(job_id) FROM outbox.jobs");
         Spi::run(&format!("SELECT outbox.discard({any})")).unwrap();
         assert_eq!(sqlstate_of(&format!("SELECT outbox.discard({any})")), "42704");
+
+        // Each transition leaves one state: running jobs are neither retried
+        // nor purged.
+        Spi::run("UPDATE outbox.queue SET state = 'running', last_attempt_at = now() - interval '9 days'").unwrap();
+        let running = count("SELECT count(*) FROM outbox.queue");
+        let first = count("SELECT min(job_id) FROM outbox.queue");
+        assert_eq!(sqlstate_of(&format!("SELECT outbox.retry({first})")), "55000");
+        assert_eq!(Spi::get_one::<i64>("SELECT outbox.retry_dead()").unwrap(), Some(0));
+        assert_eq!(Spi::get_one::<i64>("SELECT outbox.purge_dead('0')").unwrap(), Some(0));
+        assert_eq!(count("SELECT count(*) FROM outbox.queue WHERE state = 'running'"), running);
     }
 
     #[pg_test]

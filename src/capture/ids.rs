@@ -61,8 +61,11 @@ fn is_canonical(typid: pg_sys::Oid) -> bool {
         return true;
     }
     // SAFETY: syscache lookups of a type; both take any oid.
-    let base = unsafe { pg_sys::getBaseType(typid) };
-    listed(base) || unsafe { pg_sys::type_is_enum(base) }
+    let (base, is_enum) = unsafe {
+        let base = pg_sys::getBaseType(typid);
+        (base, pg_sys::type_is_enum(base))
+    };
+    listed(base) || is_enum
 }
 
 /// The id an `enqueue` argument names: its type's text output, as a

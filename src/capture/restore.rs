@@ -7,12 +7,8 @@
 //! worker hears of the COPY at commit: jobs may be due, or kinds changed.
 
 use crate::schema::relid;
+use crate::worker::queue;
 use pgrx::prelude::*;
-
-/// `running` rows added by the current (sub)transaction ($1, its xid).
-const RUNNING_COPIED: &str = "
-UPDATE outbox.queue SET state = 'pending', run_at = pg_catalog.now()
- WHERE state OPERATOR(pg_catalog.=) 'running' AND xmin OPERATOR(pg_catalog.=) $1::text::xid";
 
 /// Called after every COPY.
 ///
@@ -36,7 +32,7 @@ pub unsafe fn after_copy(stmt: *mut pg_sys::CopyStmt) {
         if xid != pg_sys::InvalidTransactionId {
             // In the restoring session, under its search_path: pinned here.
             crate::pg::settings::with_settings(&[(c"search_path", c"pg_catalog, pg_temp")], || {
-                Spi::connect_mut(|c| c.update(RUNNING_COPIED, None, &[xid.into_inner().to_string().into()]).map(|_| ()))
+                Spi::connect_mut(|c| c.update(queue::RUNNING_COPIED, None, &[xid.into_inner().to_string().into()]).map(|_| ()))
             })
             .unwrap_or_else(|e| panic!("resetting restored running jobs: {e}"));
         }
@@ -45,17 +41,5 @@ pub unsafe fn after_copy(stmt: *mut pg_sys::CopyStmt) {
         crate::capture::wake::kinds_changed();
     } else if table == relid(c"inbox") {
         crate::capture::wake::for_inbox();
-    }
-}
-
-/// The SQL statements of this module, for the qualification sweep.
-#[cfg(test)]
-pub(crate) const STATEMENTS: &[(&str, &str)] = &[("RUNNING_COPIED", RUNNING_COPIED)];
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        crate::testing::sql_check::assert_qualified(super::STATEMENTS);
     }
 }

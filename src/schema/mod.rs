@@ -6,6 +6,20 @@
 
 pub mod fresh_key;
 
+/// The fresh predicate: a pending job never attempted, which later changes
+/// of its record coalesce into (the index `queue_fresh_key` is partial on
+/// it). `fresh!()` over the queue's own columns, `fresh!("f")` over an
+/// alias; a macro, so that statements take it in with `concat!`.
+macro_rules! fresh {
+    () => {
+        "state OPERATOR(pg_catalog.=) 'pending' AND last_attempt_at IS NULL"
+    };
+    ($alias:literal) => {
+        concat!($alias, ".state OPERATOR(pg_catalog.=) 'pending' AND ", $alias, ".last_attempt_at IS NULL")
+    };
+}
+pub(crate) use fresh;
+
 use pgrx::prelude::*;
 
 /// A job's state. Mirrors the domain `outbox.job_state`.
@@ -266,6 +280,21 @@ mod tests {
     use crate::testing::sqlstate_of;
     use pgrx::prelude::*;
 
+
+    /// The index coalescing relies on is partial on the same predicate the
+    /// statements name with `fresh!`.
+    #[pg_test]
+    fn the_fresh_key_index_is_the_fresh_predicate() {
+        Spi::run(concat!("CREATE INDEX fresh_probe ON outbox.queue (kind, id) WHERE ", fresh!())).unwrap();
+        let predicates = crate::testing::texts(
+            "SELECT pg_catalog.pg_get_expr(indpred, indrelid) FROM pg_catalog.pg_index
+              WHERE indexrelid IN ('outbox.queue_fresh_key'::regclass, 'outbox.fresh_probe'::regclass)",
+            &[],
+        );
+        assert_eq!(predicates.len(), 2);
+        assert_eq!(predicates[0], predicates[1]);
+        assert_eq!(fresh!("f"), "f.state OPERATOR(pg_catalog.=) 'pending' AND f.last_attempt_at IS NULL");
+    }
     #[pg_test]
     fn kinds_and_ids_compare_byte_by_byte() {
         let not_c = crate::testing::texts(

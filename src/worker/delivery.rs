@@ -1,7 +1,11 @@
-//! The delivery worker's loop. Each turn, in order: interrupts and config
-//! reload; standby check; one short transaction that records finished
-//! deliveries, claims due jobs and renders them; hand-off to the HTTP threads;
-//! wait (latch, outcome pipe, or the next due job, whichever comes first).
+//! The delivery worker's loop: `loop { let rest = w.step(); w.rest(rest); }`.
+//!
+//! A step handles interrupts and reloads, then runs one turn: a short
+//! transaction of named steps ([`Worker::turn`]: follow the extension, check
+//! privileges, recover, record, absorb, read kinds, claim, render), and after
+//! its commit, [`Worker::dispatch`] to the HTTP threads. [`Worker::rest`] is
+//! the loop's one wait: for a commit, an outcome, or the next due job,
+//! whichever comes first, and it ends the process if the postmaster dies.
 //! No HTTP call ever runs inside a transaction.
 
 use super::http::{self, Method, Outcome, Pool, Request};
@@ -14,6 +18,7 @@ use crate::pg::shmem::{self, WorkerState};
 use crate::pg::gucs;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -26,34 +31,23 @@ const EXTENSION_RECHECK: Duration = Duration::from_secs(1);
 /// woken at once, so light-load latency is not affected.
 const MIN_TURN_GAP: Duration = Duration::from_millis(2);
 
-/// The gap once turns find work in numbers (at least [`BUSY_WORK`] rows
-/// absorbed or claimed): a turn's fixed cost (about 0.6 ms of CPU on the
-/// 2-core test machine, most of it starting the executor for the inbox
-/// statement) is then shared by more rows. The gap is [`BUSY_GAP_PER_TURN`]
-/// times the last turn's own length, between [`BUSY_TURN_GAP`] and
-/// [`MAX_BUSY_TURN_GAP`]: a stream of commits keeps the worker to about a
-/// tenth of its time, and when the machine is busy and turns run slower the
-/// worker backs off instead of competing with the workload that feeds it.
-/// Under pgbench on a tracked table (about 4,000 commits/s, kind paused),
-/// the worker's CPU per change was about 44 µs with 10 ms gaps and 30 µs
-/// with 50 ms gaps. A lone commit is never delayed; a backlog (a full batch)
-/// is worked without gaps.
+/// The gap once turns find work in numbers (at least [`BUSY_WORK`] rows):
+/// [`BUSY_GAP_PER_TURN`] times the last turn's own length, within bounds, so
+/// a turn's fixed cost is shared by more rows and a slow, busy machine makes
+/// the worker back off rather than compete with the workload that feeds it.
+/// Measurements behind these numbers: docs/benchmarks.md, "Pacing".
 const BUSY_TURN_GAP: Duration = Duration::from_millis(10);
 const MAX_BUSY_TURN_GAP: Duration = Duration::from_millis(50);
 const BUSY_GAP_PER_TURN: u32 = 10;
-/// At 3,000 commits/s 2 ms turns move 6 to 8 rows: a threshold of 8 often
-/// never started the gap.
+/// Low enough that 2 ms turns under a few thousand commits/s reach it.
 const BUSY_WORK: usize = 4;
 
 /// The pause before the next turn, given how much the last one found, how
-/// long it took, and whether anything is being delivered.
-///
-/// A busy stream that leaves nothing to deliver (its kinds paused, or every
-/// change coalesced into a job not due yet) waits the longest gap: no
-/// delivery is held back by it, and each absorb then moves more changes for
-/// its fixed cost. Under pgbench on a tracked table with the kind paused
-/// (about 10,000 commits/s), that cut the worker's CPU per change from 10.4
-/// to 8.6 µs.
+/// long it took, and whether anything is being delivered. A lone commit is
+/// never delayed, and a backlog (a full batch) is worked without gaps. A busy
+/// stream that leaves nothing to deliver (its kinds paused, or every change
+/// coalesced into a job not due yet) waits the longest gap: no delivery is
+/// held back by it.
 fn turn_gap(last_work: usize, more_due: bool, last_turn: Duration, delivering: bool) -> Duration {
     if last_work < BUSY_WORK || more_due {
         return MIN_TURN_GAP;
@@ -161,6 +155,24 @@ enum Turn {
     Worked { requests: Vec<(Request, InFlight)>, next_due: Option<Duration> },
 }
 
+/// How the worker rests between two steps: it shows `state` and `activity`,
+/// starts no turn sooner than `pace` after the last one started, and waits
+/// for its latch (a commit), an outcome (if `outcomes`), or `timeout`.
+struct Rest {
+    state: WorkerState,
+    activity: &'static std::ffi::CStr,
+    pace: Duration,
+    timeout: Duration,
+    outcomes: bool,
+}
+
+impl Rest {
+    /// Waiting for something other than work: a commit or the timeout.
+    fn idle(state: WorkerState, activity: &'static std::ffi::CStr, timeout: Duration) -> Self {
+        Rest { state, activity, pace: Duration::ZERO, timeout, outcomes: false }
+    }
+}
+
 /// Where the worker stands with the database it serves, from one turn to
 /// the next. Each turn starts by moving it on, and only [`Phase::Serving`]
 /// records, absorbs and claims.
@@ -200,7 +212,8 @@ struct Worker {
     /// The last absorb put changes back into the inbox (their job was held
     /// by another transaction): look again within a cursor reset.
     inbox_left: bool,
-    /// How long the last turn's transaction took.
+    /// When the last turn started, and how long its transaction took.
+    turn_started: Instant,
     last_turn_time: Duration,
     /// The extension and its schema, as the last turn found them.
     extension: Option<(pg_sys::Oid, pg_sys::Oid)>,
@@ -274,7 +287,6 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         "outbox worker started for database \"{database}\" with up to {concurrency} requests in flight from {} HTTP thread(s)",
         pool.threads()
     );
-    let mut last_turn = Instant::now() - MIN_TURN_GAP;
     let mut w = Worker {
         pool,
         in_flight: HashMap::new(),
@@ -288,6 +300,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         inbox_backlog: true,
         inbox_left: false,
         last_sequence: 0,
+        turn_started: Instant::now(),
         last_turn_time: Duration::ZERO,
         extension: None,
         kinds: HashMap::new(),
@@ -298,63 +311,8 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         stuck: shmem::take_stuck_kind(),
     };
     loop {
-        handle_interrupts();
-        if reloads() != w.reloads_seen {
-            w.reloads_seen = reloads();
-            w.reload_trust();
-        }
-        // SAFETY: a plain query of shared recovery state.
-        if unsafe { pg_sys::RecoveryInProgress() } {
-            shmem::set_state(WorkerState::Standby);
-            report_activity(false, c"standby: not delivering");
-            wait(None, gucs::poll_interval().min(Duration::from_secs(1)));
-            continue;
-        }
-        // Jobs the last turn claimed, or earlier ones whose outcomes are
-        // not collected yet, are in flight until `collect_outcomes` below.
-        let gap = turn_gap(w.last_work, w.more_due, w.last_turn_time, !w.in_flight.is_empty());
-        if let Some(rest) = gap.checked_sub(last_turn.elapsed()) {
-            pause(rest);
-        }
-        last_turn = Instant::now();
-        w.collect_outcomes();
-        report_activity(true, c"claiming");
-        // Read before the turn's snapshot: a change that bumped it after
-        // that snapshot is then seen by the next turn.
-        let kinds_generation = shmem::kinds_generation();
-        let turn = in_transaction(|| w.turn(kinds_generation));
-        w.last_turn_time = last_turn.elapsed();
-        report_stats();
-        match turn {
-            Turn::NoPrivileges => {
-                shmem::set_state(WorkerState::WaitingForPrivileges);
-                report_activity(false, c"waiting for privileges on the outbox tables");
-                wait(None, EXTENSION_RECHECK);
-            }
-            Turn::NoExtension => {
-                shmem::set_state(WorkerState::WaitingForExtension);
-                report_activity(false, c"waiting for CREATE EXTENSION outbox");
-                wait(None, EXTENSION_RECHECK);
-            }
-            Turn::Worked { requests, next_due } => {
-                w.more_due = next_due == Some(Duration::ZERO);
-                let claimed_any = !requests.is_empty();
-                for (request, job) in requests {
-                    w.in_flight.insert((request.job_id, request.claim), job);
-                    w.pool.submit(request);
-                }
-                if claimed_any {
-                    shmem::mark_batch();
-                }
-                shmem::set_in_flight(w.in_flight.len());
-                shmem::set_state(if w.in_flight.is_empty() { WorkerState::Idle } else { WorkerState::Delivering });
-                report_activity(false, c"waiting");
-                let timeout = w.sleep_limit(next_due);
-                if !timeout.is_zero() && w.pool.arm() {
-                    wait(Some(w.pool.wake_fd()), timeout);
-                }
-            }
-        }
+        let rest = w.step();
+        w.rest(rest);
     }
 }
 
@@ -398,6 +356,88 @@ impl Worker {
         }
     }
 
+    /// One step of the loop: interrupts and reloads, then a turn and the
+    /// dispatch of what it rendered, unless the server is a standby.
+    fn step(&mut self) -> Rest {
+        handle_interrupts();
+        if reloads() != self.reloads_seen {
+            self.reloads_seen = reloads();
+            self.reload_trust();
+        }
+        // SAFETY: a plain query of shared recovery state.
+        if unsafe { pg_sys::RecoveryInProgress() } {
+            let timeout = gucs::poll_interval().min(Duration::from_secs(1));
+            return Rest::idle(WorkerState::Standby, c"standby: not delivering", timeout);
+        }
+        self.turn_started = Instant::now();
+        self.collect_outcomes();
+        report_activity(true, c"claiming");
+        // Read before the turn's snapshot: a change that bumped it after
+        // that snapshot is then seen by the next turn.
+        let kinds_generation = shmem::kinds_generation();
+        let turn = in_transaction(|| self.turn(kinds_generation));
+        self.last_turn_time = self.turn_started.elapsed();
+        report_stats();
+        match turn {
+            Turn::NoPrivileges => Rest::idle(
+                WorkerState::WaitingForPrivileges,
+                c"waiting for privileges on the outbox tables",
+                EXTENSION_RECHECK,
+            ),
+            Turn::NoExtension => {
+                Rest::idle(WorkerState::WaitingForExtension, c"waiting for CREATE EXTENSION outbox", EXTENSION_RECHECK)
+            }
+            Turn::Worked { requests, next_due } => {
+                self.more_due = next_due == Some(Duration::ZERO);
+                self.dispatch(requests);
+                // Jobs just dispatched, or earlier ones whose outcomes are
+                // not collected yet, are in flight.
+                let delivering = !self.in_flight.is_empty();
+                Rest {
+                    state: if delivering { WorkerState::Delivering } else { WorkerState::Idle },
+                    activity: c"waiting",
+                    pace: turn_gap(self.last_work, self.more_due, self.last_turn_time, delivering),
+                    timeout: self.sleep_limit(next_due),
+                    outcomes: true,
+                }
+            }
+        }
+    }
+
+    /// The loop's one wait. The pace is kept first, with the latch left set,
+    /// so a commit during it still ends the wait that follows; both end the
+    /// process if the postmaster dies.
+    fn rest(&mut self, rest: Rest) {
+        shmem::set_state(rest.state);
+        report_activity(false, rest.activity);
+        let rested = self.turn_started.elapsed();
+        if let Some(left) = rest.pace.checked_sub(rested).filter(|d| !d.is_zero()) {
+            pause(left);
+        }
+        let timeout = rest.timeout.saturating_sub(self.turn_started.elapsed().saturating_sub(rested));
+        if rest.outcomes {
+            if !timeout.is_zero() && self.pool.arm() {
+                wait(Some(self.pool.wake_fd()), timeout);
+            }
+        } else {
+            wait(None, timeout);
+        }
+    }
+
+    /// Hands the rendered requests to the HTTP threads, after the turn that
+    /// claimed them committed.
+    fn dispatch(&mut self, requests: Vec<(Request, InFlight)>) {
+        let claimed_any = !requests.is_empty();
+        for (request, job) in requests {
+            self.in_flight.insert((request.job_id, request.claim), job);
+            self.pool.submit(request);
+        }
+        if claimed_any {
+            shmem::mark_batch();
+        }
+        shmem::set_in_flight(self.in_flight.len());
+    }
+
     fn sleep_limit(&self, next_due: Option<Duration>) -> Duration {
         let behind = self.inbox.block > 0 || self.inbox_left;
         sleep_limit(next_due, gucs::poll_interval(), behind, self.cursors_reset_at.elapsed())
@@ -412,110 +452,23 @@ impl Worker {
         }
     }
 
-    /// One transaction: record, claim, render.
+    /// One transaction of named steps: follow the extension, check
+    /// privileges, recover, record, absorb, read kinds, claim, render.
     fn turn(&mut self, kinds_generation: Option<u64>) -> Turn {
-        let extension = lock_extension(self.extension);
-        if extension != self.extension {
-            // Gone, or created anew: nothing cached belongs to it, and the
-            // outcomes not yet recorded belonged to the one before. Requests
-            // still in flight stay counted, so that their records are not
-            // sent again alongside them; their outcomes name claims no job
-            // of the new tables has, and change nothing.
-            self.extension = extension;
-            self.kinds_generation = None;
-            self.finished.clear();
-            super::plans::forget();
-            if extension.is_some() {
-                if self.phase == Phase::NoExtension {
-                    log!("outbox worker: extension \"outbox\" found; delivering");
-                }
-                self.phase = Phase::Unchecked(None);
-            }
-        }
-        if extension.is_none() {
-            if self.phase != Phase::NoExtension {
-                log!("outbox worker: extension \"outbox\" is not installed in this database; waiting for CREATE EXTENSION outbox");
-                self.phase = Phase::NoExtension;
-            }
+        if !self.follow_extension() {
             return Turn::NoExtension;
         }
         Spi::connect_mut(|c| {
-            // A role without them would fail every turn, one restart after
-            // another: say once what to grant, and wait for it. Checked when
-            // the extension is found; a REVOKE after that fails a turn, and
-            // the next worker waits here.
-            if let Phase::Unchecked(said) = &self.phase {
-                let lacking = c
-                    .select(queue::MISSING_PRIVILEGES, None, &[])
-                    .and_then(|t| t.first().get_one::<String>())
-                    .unwrap_or_else(|e| panic!("checking privileges: {e}"));
-                match lacking {
-                    Some(what) => {
-                        if said.as_ref() != Some(&what) {
-                            log!("outbox worker: its role may not {what}; waiting until that is granted (see the README's Security section)");
-                            self.phase = Phase::Unchecked(Some(what));
-                        }
-                        return Turn::NoPrivileges;
-                    }
-                    None => {
-                        if said.is_some() {
-                            log!("outbox worker: its role has the privileges it needs; delivering");
-                        }
-                        self.phase = Phase::Recovering;
-                    }
-                }
+            if !self.check_privileges(c) {
+                return Turn::NoPrivileges;
             }
-            if self.phase == Phase::Recovering {
-                let n = c.update(queue::RECOVER_RUNNING, None, &[]).map(|t| t.len()).unwrap_or_else(|e| panic!("recover: {e}"));
-                if n > 0 {
-                    log!("outbox worker: {n} job(s) left running by a previous worker are pending again");
-                }
-                c.update(queue::DEAD_LETTER_ORPHANS, None, &[]).unwrap_or_else(|e| panic!("orphans: {e}"));
-                self.phase = Phase::Serving;
-            }
-            let finished = std::mem::take(&mut self.finished);
-            record(c, finished);
-
+            self.recover(c);
+            record(c, std::mem::take(&mut self.finished));
             let batch = gucs::BATCH_SIZE.get().max(1) as usize;
-            // Absorb more than a batch: the inbox holds raw changes, many of
-            // which coalesce, and an empty inbox keeps the jobs view exact.
-            let absorb_limit = (batch * 16) as i64;
-            // The inbox is read when a commit said it appended, while a
-            // backlog is left, and every CURSOR_RESET in case a mark was
-            // missed (a prepared transaction, a worker restart).
-            let mut absorb = shmem::take_inbox_dirty() || self.inbox_backlog;
-            if self.cursors_reset_at.elapsed() >= CURSOR_RESET {
-                self.cursors.clear();
-                self.inbox.block = 0;
-                self.cursors_reset_at = Instant::now();
-                self.kinds_generation = None;
-                absorb = true;
-            }
-            let absorbed = if absorb { queue::absorb_inbox(c, absorb_limit, &mut self.inbox) } else { queue::Absorbed::default() };
-            let inbox_full = absorbed.moved >= absorb_limit;
-            self.inbox_backlog = inbox_full;
-            if absorb {
-                self.inbox_left = absorbed.left > 0;
-            }
-            self.last_work = absorbed.moved as usize;
-            if kinds_generation.is_none() || self.kinds_generation != kinds_generation {
-                self.kinds = render::load_kinds(c);
-                self.kinds_generation = kinds_generation;
-            }
-            if let Some((hash, times)) = self.stuck.take() {
-                let stuck: Vec<String> = self.kinds.keys().filter(|k| super::watchdog::kind_hash(k) == hash).cloned().collect();
-                for kind in stuck {
-                    warning!("outbox worker: the last worker was stopped while rendering kind \"{kind}\", whose bodies ignored their cancel");
-                    // Each time costs a worker: bench it longer than a slow kind.
-                    bench_kind(&mut self.benched, &kind, times + STUCK_EXTRA_STRIKES);
-                }
-            }
-            let kinds = &self.kinds;
+            let inbox_full = self.absorb(c, batch);
+            self.read_kinds(c, kinds_generation);
             let now = Instant::now();
-            self.benched.retain(|name, _| kinds.contains_key(name));
-            let benched_until = |name: &str| self.benched.get(name).map(|b| b.0).filter(|&until| until > now);
-            let active: Vec<String> =
-                kinds.iter().filter(|(n, k)| !k.paused && benched_until(n).is_none()).map(|(n, _)| n.clone()).collect();
+            let active = self.active_kinds(now);
             // A benched kind is looked at again when its time is up.
             let bench_ends = self.benched.values().map(|b| b.0).filter(|&until| until > now).min().map(|until| until - now);
             let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
@@ -527,53 +480,8 @@ impl Worker {
             }
             // Every job in flight is `running`: none was recorded yet.
             let busy: queue::InFlightKeys = self.in_flight.values().map(|j| j.key_hash).collect();
-            let claimed = queue::claim(c, &active, &mut self.cursors, room as i64, &busy);
-            self.last_work += claimed.len();
-            if claimed.len() < room {
-                // Short: the scans reached the end; start the next ones over.
-                self.cursors.clear();
-            }
-            let max_response = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
-            let max_body = i64::from(gucs::MAX_BODY_BYTES.get().max(0));
-            let sequence = next_sequence(&mut self.last_sequence);
-            let (rendered, slow_kinds) = render::render(kinds, &claimed, sequence, max_body, max_response);
-            bench(&mut self.benched, &claimed, &slow_kinds);
-            let mut requests = Vec::new();
-            let mut done_now = Vec::new();
-            for (job, r) in claimed.iter().zip(rendered) {
-                let kind = kinds.get(&job.kind);
-                let max_attempts = kind.map_or(1, |k| k.max_attempts);
-                let info = |is_delete| InFlight {
-                    kind: job.kind.clone(),
-                    ctid: job.ctid.clone(),
-                    key_hash: job.key_hash,
-                    attempts: job.attempts,
-                    max_attempts,
-                    is_delete,
-                };
-                match r {
-                    Rendered::Send(req) => {
-                        let is_delete = req.method == Method::Delete;
-                        requests.push((req, info(is_delete)));
-                    }
-                    Rendered::Skip => done_now.push(Finished {
-                        job: info(false),
-                        job_id: job.job_id,
-                        claim: job.claim,
-                        response: Response::Status(204),
-                        retry_after: None,
-                        detail: None,
-                    }),
-                    Rendered::Broken(e) => done_now.push(Finished {
-                        job: InFlight { max_attempts: if kind.is_none() { 1 } else { max_attempts }, ..info(false) },
-                        job_id: job.job_id,
-                        claim: job.claim,
-                        response: Response::BuildError,
-                        retry_after: None,
-                        detail: Some(e),
-                    }),
-                }
-            }
+            let claimed = self.claim(c, &active, room, &busy);
+            let (requests, done_now) = self.render(&claimed);
             record(c, done_now);
             // A full batch means more is probably due: come straight back.
             let next_due = if claimed.len() >= room || inbox_full {
@@ -596,6 +504,184 @@ impl Worker {
             };
             Turn::Worked { requests, next_due }
         })
+    }
+
+    /// Step: whether the extension is installed (held until the turn ends).
+    fn follow_extension(&mut self) -> bool {
+        let extension = lock_extension(self.extension);
+        if extension != self.extension {
+            // Gone, or created anew: nothing cached belongs to it, and the
+            // outcomes not yet recorded belonged to the one before. Requests
+            // still in flight stay counted, so that their records are not
+            // sent again alongside them; their outcomes name claims no job
+            // of the new tables has, and change nothing.
+            self.extension = extension;
+            self.kinds_generation = None;
+            self.finished.clear();
+            super::plans::forget();
+            if extension.is_some() {
+                if self.phase == Phase::NoExtension {
+                    log!("outbox worker: extension \"outbox\" found; delivering");
+                }
+                self.phase = Phase::Unchecked(None);
+            }
+        }
+        if extension.is_none() && self.phase != Phase::NoExtension {
+            log!("outbox worker: extension \"outbox\" is not installed in this database; waiting for CREATE EXTENSION outbox");
+            self.phase = Phase::NoExtension;
+        }
+        extension.is_some()
+    }
+
+    /// Step: whether the worker's role has what it needs on the tables. A
+    /// role without it would fail every turn, one restart after another: say
+    /// once what to grant, and wait for it. Checked when the extension is
+    /// found; a REVOKE after that fails a turn, and the next worker waits here.
+    fn check_privileges(&mut self, c: &mut SpiClient<'_>) -> bool {
+        let Phase::Unchecked(said) = &self.phase else { return true };
+        let lacking = c
+            .select(queue::MISSING_PRIVILEGES, None, &[])
+            .and_then(|t| t.first().get_one::<String>())
+            .unwrap_or_else(|e| panic!("checking privileges: {e}"));
+        match lacking {
+            Some(what) => {
+                if said.as_ref() != Some(&what) {
+                    log!("outbox worker: its role may not {what}; waiting until that is granted (see the README's Security section)");
+                    self.phase = Phase::Unchecked(Some(what));
+                }
+                false
+            }
+            None => {
+                if said.is_some() {
+                    log!("outbox worker: its role has the privileges it needs; delivering");
+                }
+                self.phase = Phase::Recovering;
+                true
+            }
+        }
+    }
+
+    /// Step: jobs a previous worker left running are pending again, once.
+    fn recover(&mut self, c: &mut SpiClient<'_>) {
+        if self.phase != Phase::Recovering {
+            return;
+        }
+        let n = c.update(queue::RECOVER_RUNNING, None, &[]).map(|t| t.len()).unwrap_or_else(|e| panic!("recover: {e}"));
+        if n > 0 {
+            log!("outbox worker: {n} job(s) left running by a previous worker are pending again");
+        }
+        c.update(queue::DEAD_LETTER_ORPHANS, None, &[]).unwrap_or_else(|e| panic!("orphans: {e}"));
+        self.phase = Phase::Serving;
+    }
+
+    /// Step: moves inbox rows into the queue, coalescing them. The inbox is
+    /// read when a commit said it appended, while a backlog is left, and
+    /// every CURSOR_RESET in case a mark was missed (a prepared transaction,
+    /// a worker restart). Returns whether the absorb stopped at its limit.
+    fn absorb(&mut self, c: &mut SpiClient<'_>, batch: usize) -> bool {
+        // More than a batch: the inbox holds raw changes, many of which
+        // coalesce, and an empty inbox keeps the jobs view exact.
+        let absorb_limit = (batch * 16) as i64;
+        let mut absorb = shmem::take_inbox_dirty() || self.inbox_backlog;
+        if self.cursors_reset_at.elapsed() >= CURSOR_RESET {
+            self.cursors.clear();
+            self.inbox.block = 0;
+            self.cursors_reset_at = Instant::now();
+            self.kinds_generation = None;
+            absorb = true;
+        }
+        let absorbed = if absorb { queue::absorb_inbox(c, absorb_limit, &mut self.inbox) } else { queue::Absorbed::default() };
+        let inbox_full = absorbed.moved >= absorb_limit;
+        self.inbox_backlog = inbox_full;
+        if absorb {
+            self.inbox_left = absorbed.left > 0;
+        }
+        self.last_work = absorbed.moved as usize;
+        inbox_full
+    }
+
+    /// Step: the kinds, read again when a change to them was announced (or
+    /// can't be told), and the kind a previous worker got stuck on benched.
+    fn read_kinds(&mut self, c: &mut SpiClient<'_>, kinds_generation: Option<u64>) {
+        if kinds_generation.is_none() || self.kinds_generation != kinds_generation {
+            self.kinds = render::load_kinds(c);
+            self.kinds_generation = kinds_generation;
+        }
+        if let Some((hash, times)) = self.stuck.take() {
+            let stuck: Vec<String> = self.kinds.keys().filter(|k| super::watchdog::kind_hash(k) == hash).cloned().collect();
+            for kind in stuck {
+                warning!("outbox worker: the last worker was stopped while rendering kind \"{kind}\", whose bodies ignored their cancel");
+                // Each time costs a worker: bench it longer than a slow kind.
+                bench_kind(&mut self.benched, &kind, times + STUCK_EXTRA_STRIKES);
+            }
+        }
+    }
+
+    /// The kinds to claim for: neither paused nor benched.
+    fn active_kinds(&mut self, now: Instant) -> Vec<String> {
+        let kinds = &self.kinds;
+        self.benched.retain(|name, _| kinds.contains_key(name));
+        let benched = |name: &str| self.benched.get(name).is_some_and(|b| b.0 > now);
+        kinds.iter().filter(|(n, k)| !k.paused && !benched(n)).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Step: claims up to `room` due jobs, none of a record in flight.
+    fn claim(&mut self, c: &mut SpiClient<'_>, active: &[String], room: usize, busy: &queue::InFlightKeys) -> Vec<queue::Claimed> {
+        let claimed = queue::claim(c, active, &mut self.cursors, room as i64, busy);
+        self.last_work += claimed.len();
+        if claimed.len() < room {
+            // Short: the scans reached the end; start the next ones over.
+            self.cursors.clear();
+        }
+        claimed
+    }
+
+    /// Step: renders the claimed jobs into requests, and what needs no
+    /// request (a skip, a body that failed) into finished attempts.
+    fn render(&mut self, claimed: &[queue::Claimed]) -> (Vec<(Request, InFlight)>, Vec<Finished>) {
+        let max_response = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
+        let max_body = i64::from(gucs::MAX_BODY_BYTES.get().max(0));
+        let sequence = next_sequence(&mut self.last_sequence);
+        let kinds = &self.kinds;
+        let (rendered, slow_kinds) = render::render(kinds, claimed, sequence, max_body, max_response);
+        bench(&mut self.benched, claimed, &slow_kinds);
+        let mut requests = Vec::new();
+        let mut done_now = Vec::new();
+        for (job, r) in claimed.iter().zip(rendered) {
+            let kind = kinds.get(&job.kind);
+            let max_attempts = kind.map_or(1, |k| k.max_attempts);
+            let info = |is_delete| InFlight {
+                kind: job.kind.clone(),
+                ctid: job.ctid.clone(),
+                key_hash: job.key_hash,
+                attempts: job.attempts,
+                max_attempts,
+                is_delete,
+            };
+            match r {
+                Rendered::Send(req) => {
+                    let is_delete = req.method == Method::Delete;
+                    requests.push((req, info(is_delete)));
+                }
+                Rendered::Skip => done_now.push(Finished {
+                    job: info(false),
+                    job_id: job.job_id,
+                    claim: job.claim,
+                    response: Response::Status(204),
+                    retry_after: None,
+                    detail: None,
+                }),
+                Rendered::Broken(e) => done_now.push(Finished {
+                    job: InFlight { max_attempts: if kind.is_none() { 1 } else { max_attempts }, ..info(false) },
+                    job_id: job.job_id,
+                    claim: job.claim,
+                    response: Response::BuildError,
+                    retry_after: None,
+                    detail: Some(e),
+                }),
+            }
+        }
+        (requests, done_now)
     }
 }
 
@@ -653,7 +739,7 @@ fn lock_extension(known: Option<(pg_sys::Oid, pg_sys::Oid)>) -> Option<(pg_sys::
 
 /// Writes finished attempts down: deletes the delivered, reschedules or
 /// buries the failed, and bumps the per-kind counters. Batched.
-fn record(c: &mut pgrx::spi::SpiClient<'_>, finished: Vec<Finished>) {
+fn record(c: &mut SpiClient<'_>, finished: Vec<Finished>) {
     if finished.is_empty() {
         return;
     }

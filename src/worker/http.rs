@@ -8,16 +8,10 @@
 //! that writes a byte to a pipe that it waits on together with its latch;
 //! while it is busy, outcomes just queue up.
 //!
-//! Event loops instead of a blocking thread per request: on the 2-core test
-//! machine, 32 blocking `ureq` threads spent about 90 µs of CPU per
-//! delivery, most of it in context switches, and could not pass about 22,000
-//! requests/s against nginx; a loop spends about 30 µs.
-//!
-//! Two loops by default: with one, it was the bottleneck whenever the main
-//! thread was between turns, and the cores sat idle 15-16% of the time
-//! during figure 1 of `make bench`. Two took that to 9-10% and the rate up
-//! by 6-10% (two sets of 6 interleaved runs), for about 5 µs more CPU per
-//! delivery in the loops; four did no better.
+//! Event loops rather than a blocking thread per request, which spent
+//! most of its CPU in context switches; two loops by default, since one was
+//! the bottleneck whenever the main thread was between turns. The
+//! measurements: docs/benchmarks.md, "HTTP threads".
 
 use super::connect::{forward_auth, Connector};
 use crate::rules::policy::{parse_retry_after, Response};

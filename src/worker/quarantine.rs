@@ -9,6 +9,7 @@
 use super::plans::execute;
 use crate::pg::settings::with_settings;
 use crate::pg::subxact::{try_subtransaction, Caught};
+use crate::schema::fresh;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use super::plans::types::{INT8, TEXT};
@@ -23,7 +24,8 @@ SELECT ctid::pg_catalog.text FROM outbox.inbox
 /// Inbox row $1 into the queue, as the absorb would move it: coalescing
 /// into fresh jobs (moving a later one to the row's time), dead at once for
 /// a kind nobody registered. Returns how many changes it held.
-const ABSORB_ROW: &str = "
+const ABSORB_ROW: &str = concat!(
+    "
 WITH moved AS (
     DELETE FROM outbox.inbox WHERE ctid OPERATOR(pg_catalog.=) $1::pg_catalog.tid
     RETURNING kind, id, ids, enqueued_at, run_at
@@ -39,15 +41,20 @@ WITH moved AS (
            CASE WHEN NOT c.registered THEN pg_catalog.now() END,
            CASE WHEN NOT c.registered THEN 'kind is not registered' END
       FROM changed c
-    ON CONFLICT (kind, id) WHERE state OPERATOR(pg_catalog.=) 'pending' AND last_attempt_at IS NULL DO NOTHING
+    ON CONFLICT (kind, id) WHERE ",
+    fresh!(),
+    " DO NOTHING
 ), sooner AS (
     UPDATE outbox.queue q SET run_at = c.run_at
       FROM changed c
      WHERE q.kind OPERATOR(pg_catalog.=) c.kind AND q.id OPERATOR(pg_catalog.=) c.id
-       AND q.state OPERATOR(pg_catalog.=) 'pending' AND q.last_attempt_at IS NULL
+       AND ",
+    fresh!("q"),
+    "
        AND q.run_at OPERATOR(pg_catalog.>) c.run_at
 )
-SELECT pg_catalog.count(*) FROM changed";
+SELECT pg_catalog.count(*) FROM changed"
+);
 
 /// Inbox row $1 set aside, with reason $2. Returns the start of its kind
 /// (for the log) and how many changes it held.

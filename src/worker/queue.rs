@@ -1,9 +1,26 @@
-//! The worker's SQL, one named statement per transition of a job. Every
-//! transition is guarded by the state it leaves (`... AND state = 'running'`),
-//! and batches go through arrays.
+//! Every transition of a job, one named statement each, guarded by the
+//! state it leaves (`... AND state = 'running'`); the worker's batches go
+//! through arrays. Admins' and restores' transitions are here too, run from
+//! `api::admin` and `capture::restore`.
+//!
+//! ```text
+//! from       statement               to
+//! (inbox)    ABSORB_INBOX            pending, coalesced into a fresh job
+//! pending    CLAIM                   running
+//! pending    DEAD_LETTER_ORPHANS     dead (its kind was unregistered)
+//! running    COMPLETE, COMPLETE_MOVED  (gone)
+//! running    FAIL                    pending after a delay, or dead
+//! running    RECOVER_RUNNING         pending (a worker starts)
+//! running    RUNNING_COPIED          pending (rows a restore's COPY added)
+//! dead       RETRY, RETRY_DEAD       pending, attempts from zero
+//! dead       PURGE_DEAD              (gone)
+//! any        DISCARD                 (gone)
+//! ```
+//! A *fresh* job (pending, never attempted) is what later changes of its
+//! record coalesce into: `schema::fresh!`.
 
 use super::plans::{execute, types::*};
-use crate::schema::JobState;
+use crate::schema::{fresh, JobState};
 use pgrx::datum::DatumWithOid;
 use pgrx::spi::SpiClient;
 
@@ -33,6 +50,33 @@ UPDATE outbox.queue q
  WHERE q.state OPERATOR(pg_catalog.=) 'pending'
    AND NOT EXISTS (SELECT 1 FROM outbox.kinds k WHERE k.kind OPERATOR(pg_catalog.=) q.kind)";
 
+/// A restore's COPY brings back, `running`, jobs that were being delivered
+/// when the dump was taken: the rows the current (sub)transaction ($1, its
+/// xid) added go back to `pending`, as a worker's restart does with its own.
+pub const RUNNING_COPIED: &str = "
+UPDATE outbox.queue SET state = 'pending', run_at = pg_catalog.now()
+ WHERE state OPERATOR(pg_catalog.=) 'running' AND xmin OPERATOR(pg_catalog.=) $1::text::xid";
+
+/// `outbox.retry($1)`: a dead job runs again, due now, attempts from zero.
+pub const RETRY: &str = "
+UPDATE outbox.queue SET state = 'pending', run_at = pg_catalog.now(), attempts = 0
+ WHERE job_id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) 'dead'";
+
+/// `outbox.retry_dead($1)`: every dead job of kind $1 (NULL: of every kind).
+pub const RETRY_DEAD: &str = "
+UPDATE outbox.queue SET state = 'pending', run_at = pg_catalog.now(), attempts = 0
+ WHERE state OPERATOR(pg_catalog.=) 'dead'
+   AND ($1::text IS NULL OR kind OPERATOR(pg_catalog.=) $1::text)";
+
+/// `outbox.discard($1)`: a job goes, whatever its state.
+pub const DISCARD: &str = "DELETE FROM outbox.queue WHERE job_id OPERATOR(pg_catalog.=) $1";
+
+/// `outbox.purge_dead($1)`: dead jobs last tried at least $1 ago go.
+pub const PURGE_DEAD: &str = "
+DELETE FROM outbox.queue
+ WHERE state OPERATOR(pg_catalog.=) 'dead'
+   AND coalesce(last_attempt_at, enqueued_at) OPERATOR(pg_catalog.<=) (pg_catalog.now() OPERATOR(pg_catalog.-) $1::interval)";
+
 /// Moves the inbox (every change, tracked or enqueued) into the queue, about
 /// $1 changes per call: whole inbox rows (each holds many ids) while the
 /// count stays under $1. This is where changes coalesce, and the only
@@ -57,7 +101,8 @@ UPDATE outbox.queue q
 /// Returns how many changes moved into the queue (repeats of a record
 /// included), the last block they came from, and how many went back to the
 /// inbox.
-const ABSORB_INBOX: &str = "
+const ABSORB_INBOX: &str = concat!(
+    "
 WITH picked AS (
     SELECT ctid, pg_catalog.sum(n) OVER (ROWS UNBOUNDED PRECEDING) OPERATOR(pg_catalog.-) n AS before
       FROM (SELECT ctid, coalesce(pg_catalog.cardinality(ids), 1) AS n FROM outbox.inbox
@@ -102,7 +147,9 @@ WITH picked AS (
            CASE WHEN NOT c.registered THEN pg_catalog.now() END,
            CASE WHEN NOT c.registered THEN 'kind is not registered' END
       FROM changed c
-    ON CONFLICT (kind, id) WHERE state OPERATOR(pg_catalog.=) 'pending' AND last_attempt_at IS NULL DO NOTHING
+    ON CONFLICT (kind, id) WHERE ",
+    fresh!(),
+    " DO NOTHING
 ), waiting_kinds AS (
     -- One probe of queue_due per kind: a LATERAL subquery with a LIMIT is
     -- planned as it reads. (An EXISTS became a merge join reading every
@@ -125,7 +172,9 @@ WITH picked AS (
      CROSS JOIN LATERAL (
         SELECT f.ctid FROM outbox.queue f
          WHERE f.kind OPERATOR(pg_catalog.=) c.kind AND f.id OPERATOR(pg_catalog.=) c.id
-           AND f.state OPERATOR(pg_catalog.=) 'pending' AND f.last_attempt_at IS NULL
+           AND ",
+    fresh!("f"),
+    "
            AND f.run_at OPERATOR(pg_catalog.>) c.run_at
         OFFSET 0
      ) q
@@ -161,7 +210,8 @@ SELECT (m.changes OPERATOR(pg_catalog.-) l.n)::bigint, m.last_block, l.n
                -- The block of the largest tid: the text round trip once,
                -- not per row.
                coalesce((pg_catalog.max(ctid)::text::point)[0], 0)::bigint AS last_block
-          FROM moved) m";
+          FROM moved) m"
+);
 
 /// The changes in the inbox from heap block $2 on, about $1 of them (the
 /// rows [`ABSORB_INBOX`] would take next), as distinct (kind, id) pairs.
@@ -541,6 +591,11 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("MISSING_PRIVILEGES", MISSING_PRIVILEGES),
     ("RECOVER_RUNNING", RECOVER_RUNNING),
     ("DEAD_LETTER_ORPHANS", DEAD_LETTER_ORPHANS),
+    ("RUNNING_COPIED", RUNNING_COPIED),
+    ("RETRY", RETRY),
+    ("RETRY_DEAD", RETRY_DEAD),
+    ("DISCARD", DISCARD),
+    ("PURGE_DEAD", PURGE_DEAD),
     ("ABSORB_INBOX", ABSORB_INBOX),
     ("INBOX_CHANGES", INBOX_CHANGES),
     ("CLAIM", CLAIM),

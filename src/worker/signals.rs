@@ -76,10 +76,8 @@ thread_local! {
 }
 
 /// A wait set for `fd`, made once. `WaitLatchOrSocket` makes and frees one
-/// per call (an epoll instance, three `epoll_ctl`s and a `close`); keeping
-/// one halved the worker's CPU per commit (20 to 9.5 µs) under pgbench
-/// calling `outbox.enqueue()` for a paused kind, each commit waking it with
-/// nothing to claim.
+/// per call (an epoll instance, three `epoll_ctl`s and a `close`), which
+/// was half the worker's CPU when every commit woke it with nothing to do.
 ///
 /// # Safety
 /// Main thread only; `fd` must stay open while the set is in use.
