@@ -26,12 +26,12 @@ install-release: setup
 
 ## soak: the randomized convergence test, for SOAK_SECS (default 600)
 soak: install
-	OUTBOX_SOAK_SECS=$(or $(SOAK_SECS),600) cargo test --manifest-path pg_test/Cargo.toml --test convergence -- --nocapture
+	OUTBOX_SOAK_SECS=$(or $(SOAK_SECS),600) cargo test --manifest-path e2e/Cargo.toml --test convergence -- --nocapture
 
 ## bench: every benchmark figure side by side in one run (QUICK=1: smaller)
 bench: install-release
 	@scripts/setup.sh bench
-	cargo build --release -q --manifest-path pg_test/Cargo.toml --bins
+	cargo build --release -q --manifest-path bench/Cargo.toml --bins
 	QUICK=$(QUICK) scripts/bench.sh
 
 ## bench-enqueue: figure 3 alone (CALL=1: outbox.enqueue() called directly)

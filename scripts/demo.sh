@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 make -s install >/dev/null
-cargo build -q --manifest-path pg_test/Cargo.toml --bin demo-receiver
+cargo build -q --manifest-path e2e/Cargo.toml --bin demo-receiver
 
 DIR=$(mktemp -d /tmp/outbox-demo-XXXX)
 PORT=$(free_port)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: pure unit tests and #[pg_test]s (cargo pgrx test),
-# then the end-to-end suite in pg_test/ against real clusters and a real
+# then the end-to-end suite in e2e/ against real clusters and a real
 # HTTP receiver. Every cluster is started by the tooling and stopped after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,10 @@ if [ "$(id -u)" = 0 ]; then
 else
     cargo pgrx install --sudo --pg-config "$PG_CONFIG"
 fi
-cargo test --manifest-path pg_test/Cargo.toml --tests
+cargo test --manifest-path e2e/Cargo.toml --tests
+
+echo "== the benchmarks' own tooling"
+cargo test --manifest-path bench/Cargo.toml --lib
 
 # One closing line over every runner above.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

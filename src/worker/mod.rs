@@ -3,13 +3,16 @@
 //! - [`launcher`]: one per cluster, connected to no database. It waits until
 //!   the database named by `outbox.database` exists, then starts the delivery
 //!   worker there, and starts it again if it exits.
-//! - [`delivery`]: the delivery worker's main loop: claim, render, hand off to
-//!   the [`http`] threads, record outcomes, wait.
+//! - [`delivery`]: the delivery worker's loop: a turn of named steps
+//!   (record, absorb, claim, render), dispatch to the [`http`] threads, and
+//!   one rest.
 //! - [`connect`]: how the HTTP threads reach receivers, directly or through a
 //!   proxy.
-//! - [`queue`]: the worker's SQL. [`render`]: jobs into requests, bodies run
-//!   as the kind's role within its time limit. [`quarantine`]: inbox rows
-//!   that can't be absorbed are set aside, not retried forever.
+//! - [`queue`]: every transition of a job, one named statement each.
+//! - [`render`]: jobs into requests, bodies run as the kind's role within
+//!   its time limit. [`quarantine`]: inbox rows that can't be absorbed are
+//!   set aside, not retried forever.
+//! - [`plans`]: the worker's prepared statements, kept for its life.
 //! - [`in_flux`]: which records' fresh jobs an open transaction is
 //!   changing (the absorb leaves their changes for later rather than wait).
 //! - [`signals`]: signal handlers, waiting, transactions. [`watchdog`]: ends

@@ -6,15 +6,15 @@
 //! and both tables are vacuumed, so every round starts alike.
 //! Usage: bench-bulk [ROWS] [ROUNDS]
 
-use outbox_e2e::bench::{self, Figure};
+use outbox_bench::figure::{self, Figure};
 use outbox_e2e::cluster::{Cluster, Options};
 use outbox_e2e::wait_until;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let rows: i64 = bench::arg(1, 1_000_000);
-    let rounds: usize = bench::arg(2, 3);
-    let conf = bench::conf_from_env();
+    let rows: i64 = figure::arg(1, 1_000_000);
+    let rounds: usize = figure::arg(2, 3);
+    let conf = figure::conf_from_env();
     let db = Cluster::start_with(Options { conf: conf.clone(), create_extension: true, env: Vec::new() });
     let mut c = db.client();
     c.batch_execute("SELECT outbox.register('item', 'http://127.0.0.1:9/items/{id}'); SELECT outbox.pause('item')").unwrap();
@@ -55,8 +55,8 @@ fn main() {
     };
     let (plain, tracked) = (median(&mut times[0]), median(&mut times[1]));
     let absorb = median(&mut absorbs);
-    bench::print_settings(&conf, "none (kind paused)");
-    bench::report(Figure {
+    figure::print_settings(&conf, "none (kind paused)");
+    figure::report(Figure {
         name: "bulk",
         summary: format!(
             "UPDATE of {rows} rows: tracked {tracked:.2}s, untracked {plain:.2}s (medians of {rounds}): x{:.2} (target <= 1.5); the worker then moved the changes into the queue in {absorb:.1}s",

@@ -11,8 +11,8 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use outbox_e2e::bench::{self, Figure};
-use outbox_e2e::nginx::Nginx;
+use outbox_bench::figure::{self, Figure};
+use outbox_bench::nginx::Nginx;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 const BODY: &[u8] = br#"{"id":"12345","kind":"k"}"#;
 
 fn main() {
-    let secs: u64 = bench::arg(1, 5);
-    let concurrency: usize = bench::arg(2, 32);
+    let secs: u64 = figure::arg(1, 5);
+    let concurrency: usize = figure::arg(2, 32);
     let r = Nginx::start();
     let threads = ureq_threads(&r, secs, concurrency);
     let event_loop = hyper_loop(&r, secs, concurrency);
     println!("settings: {concurrency} requests in flight, keep-alive, no database; receiver: nginx, one worker process, `return 201`");
-    bench::report(Figure {
+    figure::report(Figure {
         name: "http ceiling",
         summary: format!(
             "{threads:.0} requests/s ({concurrency} ureq threads); {event_loop:.0} requests/s (one hyper event loop, as the worker sends); {secs}s each"

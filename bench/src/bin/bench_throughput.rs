@@ -10,21 +10,21 @@
 //! delivery (worker threads, nginx, the rest of Postgres): what bounds the
 //! rate on this machine.
 
-use outbox_e2e::bench::{self, Figure};
-use outbox_e2e::cpu;
+use outbox_bench::figure::{self, Figure};
+use outbox_bench::cpu;
 use outbox_e2e::wait_until;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let n: i64 = bench::arg(1, 100_000);
-    let rounds: usize = bench::arg(2, 3);
-    let (db, r, mut c, conf) = bench::start_delivery();
+    let n: i64 = figure::arg(1, 100_000);
+    let rounds: usize = figure::arg(2, 3);
+    let (db, r, mut c, conf) = figure::start_delivery();
     let parties = cpu::Parties {
         worker: db.worker_pid().expect("the worker's pid"),
         postmaster: db.postmaster_pid().expect("the postmaster's pid"),
         receiver: r.pid(),
     };
-    let before = bench::queue_bytes(&mut c);
+    let before = figure::queue_bytes(&mut c);
     let mut cpu_rounds = Vec::new();
     let mut sizes = Vec::new();
     let mut rates = Vec::new();
@@ -44,7 +44,7 @@ fn main() {
         let spent = cpu_before.until(&parties.sample());
         let requests = r.count() - counted;
         c.batch_execute("VACUUM outbox.queue, outbox.inbox").unwrap();
-        let size = bench::queue_bytes(&mut c);
+        let size = figure::queue_bytes(&mut c);
         let rate = n as f64 / delivery.as_secs_f64();
         let overall = n as f64 / whole.as_secs_f64();
         println!(
@@ -54,15 +54,15 @@ fn main() {
             requests as i64 - n,
             size / 1024
         );
-        println!("  {}", bench::relation_sizes(&mut c));
+        println!("  {}", figure::relation_sizes(&mut c));
         println!("  {}", cpu::per_unit(&spent, n as u64, "delivery"));
         cpu_rounds.push(spent);
         rates.push(rate);
         end_to_end.push(overall);
         sizes.push(size);
     }
-    bench::print_settings(&conf, "nginx, one worker process, `return 201`");
-    bench::report(Figure {
+    figure::print_settings(&conf, "nginx, one worker process, `return 201`");
+    figure::report(Figure {
         name: "throughput",
         summary: format!(
             "{:.0} deliveries/s (round 1 of {rounds}; target >= 30000), {:.0}/s from the enqueue's start; {}",
@@ -81,7 +81,7 @@ fn main() {
     // VACUUM, so round 2 may add to round 1; compounding would show after.
     // It takes three rounds to tell; with fewer, there is no figure (JSON null).
     let growth = (sizes.len() >= 3).then(|| sizes[sizes.len() - 1] as f64 / sizes[sizes.len() - 2] as f64);
-    bench::report(Figure {
+    figure::report(Figure {
         name: "table health",
         summary: format!(
             "queue {} kB before, {} kB after each round and a VACUUM; last round against the one before {} (target: no growth that compounds)",
@@ -94,5 +94,5 @@ fn main() {
             growth.map_or("null".to_string(), |g| format!("{g:.3}"))
         ),
     });
-    bench::pg_stat_statements(&mut c, &conf);
+    figure::pg_stat_statements(&mut c, &conf);
 }

@@ -3,11 +3,8 @@
 //! ([`receiver`]) and a forward proxy ([`proxy`]). Everything started here is
 //! stopped on drop.
 
-pub mod bench;
 pub mod cluster;
-pub mod cpu;
 pub mod listener;
-pub mod nginx;
 pub mod proxy;
 pub mod receiver;
 pub mod webhooks;

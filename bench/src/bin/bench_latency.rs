@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let count: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2000);
-    let conf = outbox_e2e::bench::conf_from_env();
+    let conf = outbox_bench::figure::conf_from_env();
     let db = Cluster::start_with(outbox_e2e::cluster::Options { conf: conf.clone(), create_extension: true, env: Vec::new() });
     let r = Receiver::start();
     let mut c = db.client();
@@ -62,7 +62,7 @@ fn main() {
     let rate = count as f64 / start.elapsed().as_secs_f64();
     commits.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let commit_p50 = commits[commits.len() / 2];
-    outbox_e2e::bench::print_settings(&conf, "the test suite's Rust receiver, 201 at once; timed from COMMIT sent to request received");
+    outbox_bench::figure::print_settings(&conf, "the test suite's Rust receiver, 201 at once; timed from COMMIT sent to request received");
     println!("slowest: {} after {:.2} ms, of which its COMMIT took {:.2} ms", slowest.1, slowest.0, slowest.2);
     println!(
         "latency: commit->request over {} jobs at {:.0}/s: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms (targets: p50 <= 1 ms, p99 <= 10 ms); COMMIT alone took p50 {commit_p50:.2} ms; from COMMIT acknowledged: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms",

@@ -8,8 +8,8 @@
 //! counted.
 //! Usage: bench-backlog [DEEP] [SHALLOW]   (defaults 1000000 and 10000)
 
-use outbox_e2e::bench::{self, Figure};
-use outbox_e2e::nginx::Nginx;
+use outbox_bench::figure::{self, Figure};
+use outbox_bench::nginx::Nginx;
 use outbox_e2e::wait_until_every;
 use postgres::Client;
 use std::time::{Duration, Instant};
@@ -40,17 +40,17 @@ fn drain(c: &mut Client, r: &Nginx, n: i64) -> f64 {
 }
 
 fn main() {
-    let deep: i64 = bench::arg(1, 1_000_000);
-    let shallow: i64 = bench::arg(2, 10_000);
-    let (_db, r, mut c, conf) = bench::start_delivery();
+    let deep: i64 = figure::arg(1, 1_000_000);
+    let shallow: i64 = figure::arg(2, 10_000);
+    let (_db, r, mut c, conf) = figure::start_delivery();
     drain(&mut c, &r, shallow);
     let before = drain(&mut c, &r, shallow);
     let deep_rate = drain(&mut c, &r, deep);
     let after = drain(&mut c, &r, shallow);
     let shallow_rate = (before + after) / 2.0;
-    bench::print_settings(&conf, "nginx, one worker process, `return 201`");
+    figure::print_settings(&conf, "nginx, one worker process, `return 201`");
     let ratio = deep_rate / shallow_rate;
-    bench::report(Figure {
+    figure::report(Figure {
         name: "backlog scaling",
         summary: format!("{deep} pending drain at {deep_rate:.0}/s, {shallow} pending at {shallow_rate:.0}/s (mean of {before:.0} before and {after:.0} after): ratio {ratio:.2} (target >= 0.8)"),
         json: format!("\"deep\":{deep},\"shallow\":{shallow},\"deep_per_s\":{deep_rate:.0},\"shallow_per_s\":{shallow_rate:.0},\"shallow_before_per_s\":{before:.0},\"shallow_after_per_s\":{after:.0},\"ratio\":{ratio:.3}"),

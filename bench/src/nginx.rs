@@ -21,7 +21,7 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start() -> Nginx {
-        let port = crate::cluster::free_port();
+        let port = outbox_e2e::cluster::free_port();
         let dir = std::env::temp_dir().join(format!("outbox-bench-nginx-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let conf = format!(
@@ -50,7 +50,7 @@ http {{
             .spawn()
             .unwrap_or_else(|e| panic!("starting nginx (scripts/setup.sh bench installs it): {e}"));
         let n = Nginx { port, dir, child, polls: 0.into() };
-        assert!(crate::wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok()), "nginx did not start");
+        assert!(outbox_e2e::wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok()), "nginx did not start");
         n
     }
 
@@ -86,7 +86,7 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        if !crate::wait_until(Duration::from_secs(5), || matches!(self.child.try_wait(), Ok(Some(_)))) {
+        if !outbox_e2e::wait_until(Duration::from_secs(5), || matches!(self.child.try_wait(), Ok(Some(_)))) {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();

@@ -66,9 +66,9 @@ pub fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
 
 /// A cluster (with BENCH_CONF), an nginx receiver, a client, and kind `k`
 /// registered to deliver to `/k/{id}` with the worker running.
-pub fn start_delivery() -> (crate::cluster::Cluster, crate::nginx::Nginx, Client, Vec<String>) {
+pub fn start_delivery() -> (outbox_e2e::cluster::Cluster, crate::nginx::Nginx, Client, Vec<String>) {
     let conf = conf_from_env();
-    let db = crate::cluster::Cluster::start_with(crate::cluster::Options { conf: conf.clone(), create_extension: true, env: Vec::new() });
+    let db = outbox_e2e::cluster::Cluster::start_with(outbox_e2e::cluster::Options { conf: conf.clone(), create_extension: true, env: Vec::new() });
     let r = crate::nginx::Nginx::start();
     let mut c = db.client();
     c.batch_execute(&format!("SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
