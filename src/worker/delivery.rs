@@ -590,7 +590,7 @@ impl Worker {
             self.kinds_generation = None;
             absorb = true;
         }
-        let absorbed = if absorb { queue::absorb_inbox(c, absorb_limit, &mut self.inbox) } else { queue::Absorbed::default() };
+        let absorbed = if absorb { queue::absorb_inbox(c, absorb_limit, &mut self.inbox, super::quarantine::absorb_one_by_one) } else { queue::Absorbed::default() };
         let inbox_full = absorbed.moved >= absorb_limit;
         self.inbox_backlog = inbox_full;
         if absorb {

@@ -16,6 +16,9 @@
 //! dead       PURGE_DEAD              (gone)
 //! any        DISCARD                 (gone)
 //! ```
+//! When ABSORB_INBOX fails on a bad row, `quarantine` moves the rows one at
+//! a time with ABSORB_ROW, and sets a row that still fails aside with
+//! REJECT_ROW (into `outbox.rejected`, shown as dead in `outbox.jobs`).
 //! A *fresh* job (pending, never attempted) is what later changes of its
 //! record coalesce into: `schema::fresh!`.
 
@@ -403,11 +406,15 @@ pub struct Absorbed {
 /// at once: once a vacuum has freed (or truncated) the blocks before the
 /// cursor, new rows go there, and the commit that said so has been consumed;
 /// left to the next reset, they could wait for the poll interval.
-pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, cursor: &mut InboxCursor) -> Absorbed {
-    let mut absorbed = absorb_from(c, limit, cursor.block, &mut cursor.careful);
+///
+/// If the statement fails for a reason other than a lock wait, `one_by_one`
+/// moves the rows instead (`quarantine`): one bad row must not stop the
+/// worker. It returns (changes moved, last block read).
+pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, cursor: &mut InboxCursor, one_by_one: OneByOne) -> Absorbed {
+    let mut absorbed = absorb_from(c, limit, cursor.block, &mut cursor.careful, one_by_one);
     if absorbed.moved == 0 && cursor.block > 0 {
         let left = absorbed.left;
-        absorbed = absorb_from(c, limit, 0, &mut cursor.careful);
+        absorbed = absorb_from(c, limit, 0, &mut cursor.careful, one_by_one);
         absorbed.left += left;
     }
     cursor.block = if absorbed.moved > 0 { absorbed.last_block } else { 0 };
@@ -418,7 +425,7 @@ pub fn absorb_inbox(c: &mut SpiClient<'_>, limit: i64, cursor: &mut InboxCursor)
 /// It runs in a subtransaction with a lock timeout; if that runs out, the
 /// changes of records whose fresh job an open transaction holds are found
 /// and left in the inbox, and the rest moves.
-fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool) -> Absorbed {
+fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool, one_by_one: OneByOne) -> Absorbed {
     let attempt = |c: &mut SpiClient<'_>, later: Vec<(String, String)>| {
         let (kinds, ids): (Vec<String>, Vec<String>) = later.into_iter().unzip();
         crate::pg::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
@@ -436,8 +443,7 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
         match attempt(c, Vec::new()) {
             Ok(r) => return r,
             Err(e) if e.is_lock_timeout() => *careful = true,
-            // One bad row must not stop the worker: see `quarantine`.
-            Err(e) => return one_by_one(c, limit, start, &e),
+            Err(e) => return fallback(c, limit, start, &e, one_by_one),
         }
     }
     let changes: Vec<(String, String)> = execute(c, INBOX_CHANGES, &[INT8, INT8], &[limit.into(), start.into()])
@@ -451,15 +457,73 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
         // A transaction took a fresh job between the look and the absorb:
         // the next turn looks again.
         Err(e) if e.is_lock_timeout() => Absorbed { last_block: start, ..Absorbed::default() },
-        Err(e) => one_by_one(c, limit, start, &e),
+        Err(e) => fallback(c, limit, start, &e, one_by_one),
     }
 }
 
-/// One bad row must not stop the worker: see `quarantine`.
-fn one_by_one(c: &mut SpiClient<'_>, limit: i64, start: i64, cause: &crate::pg::subxact::Caught) -> Absorbed {
-    let (moved, last_block) = super::quarantine::absorb_one_by_one(c, limit, start, cause);
+/// Moves inbox rows one at a time after the absorb statement failed:
+/// (client, limit, start block, the failure) to (changes moved, last block).
+pub type OneByOne = fn(&mut SpiClient<'_>, i64, i64, &crate::pg::subxact::Caught) -> (i64, i64);
+
+fn fallback(c: &mut SpiClient<'_>, limit: i64, start: i64, cause: &crate::pg::subxact::Caught, one_by_one: OneByOne) -> Absorbed {
+    let (moved, last_block) = one_by_one(c, limit, start, cause);
     Absorbed { moved, last_block, left: 0 }
 }
+
+// The one-row-at-a-time fallback (`quarantine`) moves inbox rows with these.
+
+/// The inbox rows from heap block $2 on, at most $1: those the failed
+/// absorb would have taken.
+pub const ROWS_FROM: &str = "
+SELECT ctid::pg_catalog.text FROM outbox.inbox
+ WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format('(%s,0)', $2)::pg_catalog.tid
+ LIMIT $1";
+
+/// Inbox row $1 into the queue, as the absorb would move it: coalescing
+/// into fresh jobs (moving a later one to the row's time), dead at once for
+/// a kind nobody registered. Returns how many changes it held.
+pub const ABSORB_ROW: &str = concat!(
+    "
+WITH moved AS (
+    DELETE FROM outbox.inbox WHERE ctid OPERATOR(pg_catalog.=) $1::pg_catalog.tid
+    RETURNING kind, id, ids, enqueued_at, run_at
+), changed AS (
+    SELECT m.kind, u.id, m.enqueued_at, greatest(coalesce(m.run_at, pg_catalog.now()), pg_catalog.now()) AS run_at,
+           EXISTS (SELECT FROM outbox.kinds k WHERE k.kind OPERATOR(pg_catalog.=) m.kind) AS registered
+      FROM moved m
+     CROSS JOIN LATERAL pg_catalog.unnest(coalesce(m.ids, ARRAY[m.id])) AS u(id)
+), absorbed AS (
+    INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
+    SELECT c.kind, c.id, c.enqueued_at, c.run_at,
+           CASE WHEN c.registered THEN 'pending' ELSE 'dead' END,
+           CASE WHEN NOT c.registered THEN pg_catalog.now() END,
+           CASE WHEN NOT c.registered THEN 'kind is not registered' END
+      FROM changed c
+    ON CONFLICT (kind, id) WHERE ",
+    fresh!(),
+    " DO NOTHING
+), sooner AS (
+    UPDATE outbox.queue q SET run_at = c.run_at
+      FROM changed c
+     WHERE q.kind OPERATOR(pg_catalog.=) c.kind AND q.id OPERATOR(pg_catalog.=) c.id
+       AND ",
+    fresh!("q"),
+    "
+       AND q.run_at OPERATOR(pg_catalog.>) c.run_at
+)
+SELECT pg_catalog.count(*) FROM changed"
+);
+
+/// Inbox row $1 set aside, with reason $2. Returns the start of its kind
+/// (for the log) and how many changes it held.
+pub const REJECT_ROW: &str = "
+WITH moved AS (
+    DELETE FROM outbox.inbox WHERE ctid OPERATOR(pg_catalog.=) $1::pg_catalog.tid
+    RETURNING kind, id, ids, enqueued_at, run_at
+)
+INSERT INTO outbox.rejected (kind, id, ids, enqueued_at, run_at, reason)
+SELECT kind, id, ids, enqueued_at, run_at, $2 FROM moved
+RETURNING pg_catalog.left(kind, 64), coalesce(pg_catalog.cardinality(ids), 1)::pg_catalog.int8";
 
 /// The key hashes of every delivery in flight (see [`CLAIM`]).
 pub type InFlightKeys = Vec<i64>;
@@ -582,7 +646,13 @@ pub fn bump_stats(c: &mut SpiClient<'_>, kinds: Vec<String>, delivered: Vec<i64>
 /// tests; returns how many changes moved.
 #[cfg(any(test, feature = "pg_test"))]
 pub fn absorb_all() -> i64 {
-    pgrx::Spi::connect_mut(|c| absorb_inbox(c, 100_000, &mut InboxCursor::default())).moved
+    pgrx::Spi::connect_mut(|c| absorb_inbox(c, 100_000, &mut InboxCursor::default(), not_in_tests)).moved
+}
+
+/// The fallback for tests, where every inbox row is good.
+#[cfg(any(test, feature = "pg_test"))]
+pub fn not_in_tests(_: &mut SpiClient<'_>, _: i64, _: i64, cause: &crate::pg::subxact::Caught) -> (i64, i64) {
+    panic!("absorb failed: {} (SQLSTATE {})", cause.message, cause.sqlstate)
 }
 
 /// The SQL statements of this module, for the qualification sweep.
@@ -598,6 +668,9 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("PURGE_DEAD", PURGE_DEAD),
     ("ABSORB_INBOX", ABSORB_INBOX),
     ("INBOX_CHANGES", INBOX_CHANGES),
+    ("ROWS_FROM", ROWS_FROM),
+    ("ABSORB_ROW", ABSORB_ROW),
+    ("REJECT_ROW", REJECT_ROW),
     ("CLAIM", CLAIM),
     ("NEXT_DUE", NEXT_DUE),
     ("COMPLETE", COMPLETE),
@@ -621,7 +694,7 @@ mod tests {
     use pgrx::prelude::*;
 
     fn absorb(cursor: &mut super::InboxCursor) -> i64 {
-        Spi::connect_mut(|c| super::absorb_inbox(c, 1000, cursor)).moved
+        Spi::connect_mut(|c| super::absorb_inbox(c, 1000, cursor, super::not_in_tests)).moved
     }
 
     #[pg_test]

@@ -21,11 +21,12 @@ const SEQUENCE_HEADER: &str = "outbox-sequence";
 /// name is regproc output under the worker's pinned search_path, so it is
 /// schema-qualified unless it lives in pg_catalog.
 const LOAD_KINDS: &str = "
-SELECT kind, url, body::pg_catalog.regproc::pg_catalog.text, headers::pg_catalog.text, secret,
-       (extract(epoch FROM timeout) OPERATOR(pg_catalog.*) 1000)::bigint, max_attempts, on_missing, paused,
-       run_as::pg_catalog.oid, allow_superuser,
-       (extract(epoch FROM render_timeout) OPERATOR(pg_catalog.*) 1000)::bigint,
-       (SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid OPERATOR(pg_catalog.=) body AND p.prosecdef)
+SELECT kind, url, body::pg_catalog.regproc::pg_catalog.text AS body, headers::pg_catalog.text AS headers, secret,
+       (extract(epoch FROM timeout) OPERATOR(pg_catalog.*) 1000)::bigint AS timeout_ms,
+       max_attempts, on_missing, paused, run_as::pg_catalog.oid AS run_as, allow_superuser,
+       (extract(epoch FROM render_timeout) OPERATOR(pg_catalog.*) 1000)::bigint AS render_timeout_ms,
+       (SELECT p.proowner FROM pg_catalog.pg_proc p
+         WHERE p.oid OPERATOR(pg_catalog.=) body AND p.prosecdef) AS definer
   FROM outbox.kinds";
 
 pub struct Kind {
@@ -50,41 +51,44 @@ pub struct Kind {
     pub host_per_record: bool,
 }
 
+/// Every kind, its columns read by name. The table's CHECKs and NOT NULLs
+/// hold the rules (and its defaults the defaults): a NULL where the table
+/// forbids one is a broken catalog, and fails the turn.
 pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
     let rows = super::plans::execute(c, LOAD_KINDS, &[], &[]).unwrap_or_else(|e| panic!("loading kinds: {e}"));
     let mut kinds = HashMap::new();
     for r in rows {
-        let Ok(Some(name)) = r.get::<String>(1) else { continue };
-        let headers: Vec<(String, String)> = r
-            .get::<String>(4)
-            .ok()
-            .flatten()
-            .and_then(|h| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok())
-            .map(|m| m.into_iter().filter_map(|(k, v)| Some((k, v.as_str()?.to_string()))).collect())
-            .unwrap_or_default();
-        let key = r
-            .get::<String>(5)
-            .ok()
-            .flatten()
-            .and_then(|s| signing::decode_secret(&s).ok())
-            .map(Arc::new);
-        let url = r.get::<String>(2).ok().flatten().unwrap_or_default();
+        let optional = |name: &str| -> Option<String> { r.get_by_name::<String, _>(name).unwrap_or_else(|e| panic!("outbox.kinds.{name}: {e}")) };
+        fn required<T: pgrx::FromDatum + pgrx::IntoDatum>(r: &pgrx::spi::SpiHeapTupleData<'_>, name: &str) -> T {
+            match r.get_by_name::<T, _>(name) {
+                Ok(Some(v)) => v,
+                Ok(None) => panic!("outbox.kinds.{name} is NULL"),
+                Err(e) => panic!("outbox.kinds.{name}: {e}"),
+            }
+        }
+        let headers: Vec<(String, String)> =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&required::<String>(&r, "headers"))
+                .map(|m| m.into_iter().filter_map(|(k, v)| Some((k, v.as_str()?.to_string()))).collect())
+                .unwrap_or_default();
+        let key = optional("secret").and_then(|s| signing::decode_secret(&s).ok()).map(Arc::new);
+        let url: String = required(&r, "url");
+        let ms = |name: &str| Duration::from_millis(required::<i64>(&r, name).max(1) as u64);
         kinds.insert(
-            name,
+            required(&r, "kind"),
             Kind {
                 host_per_record: template::id_in_authority(&url),
                 url,
-                body_fn: r.get::<String>(3).ok().flatten(),
-                run_as: r.get::<pg_sys::Oid>(10).ok().flatten(),
-                allow_superuser: r.get::<bool>(11).ok().flatten().unwrap_or(false),
-                definer: r.get::<pg_sys::Oid>(13).ok().flatten(),
-                render_timeout: Duration::from_millis(r.get::<i64>(12).ok().flatten().unwrap_or(1_000).max(10) as u64),
+                body_fn: optional("body"),
+                run_as: r.get_by_name::<pg_sys::Oid, _>("run_as").unwrap_or_else(|e| panic!("outbox.kinds.run_as: {e}")),
+                allow_superuser: required(&r, "allow_superuser"),
+                definer: r.get_by_name::<pg_sys::Oid, _>("definer").unwrap_or_else(|e| panic!("outbox.kinds.definer: {e}")),
+                render_timeout: ms("render_timeout_ms"),
                 headers,
                 key,
-                timeout: Duration::from_millis(r.get::<i64>(6).ok().flatten().unwrap_or(10_000).max(1) as u64),
-                max_attempts: r.get::<i32>(7).ok().flatten().unwrap_or(25),
-                delete_when_missing: r.get::<String>(8).ok().flatten().as_deref() != Some("skip"),
-                paused: r.get::<bool>(9).ok().flatten().unwrap_or(false),
+                timeout: ms("timeout_ms"),
+                max_attempts: required(&r, "max_attempts"),
+                delete_when_missing: required::<String>(&r, "on_missing") != "skip",
+                paused: required(&r, "paused"),
             },
         );
     }
