@@ -2,7 +2,9 @@
 # `make test`. Each installs what it needs first (scripts/setup.sh).
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
-PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
+# PG=18: install into PostgreSQL 18 (scripts/versions.sh) instead of 15.
+PG ?= 15
+PG_CONFIG := $(shell . scripts/versions.sh && pg_config_of $(PG))
 SUDO := $(if $(filter 0,$(shell id -u)),,--sudo)
 
 .PHONY: soak setup test demo install install-release bench bench-enqueue bench-bulk-enqueue clean

@@ -19,6 +19,9 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 # Five rounds: on this noisy 2-core machine, 3-round ratios of one build
 # ranged 0.82-0.99.
 ROUNDS=${ROUNDS:-5}
+# PROTOCOL=prepared: statements parsed and planned once per connection, as
+# most drivers do; simple (the default) parses and plans every statement.
+PROTOCOL=${PROTOCOL:-simple}
 ROWS=100000
 BENCH_CONF=(${BENCH_CONF_LINES:-})
 DIR=$(mktemp -d /tmp/outbox-bench-XXXX)
@@ -57,7 +60,7 @@ fi
 PLAIN=${SIDES%|*} TRACKED=${SIDES#*|}
 # Prints "tps transactions".
 tps() {
-    $PGBIN/pgbench -n -M simple -c 4 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$PORT" -U postgres -f "$DIR/$1.sql" bench 2>/dev/null |
+    $PGBIN/pgbench -n -M "$PROTOCOL" -c 4 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$PORT" -U postgres -f "$DIR/$1.sql" bench 2>/dev/null |
         awk '/^number of transactions actually processed: / { n = $NF } /^tps = / { t = $3 } END { print t, n }'
 }
 lsn() { psql -tAc "SELECT pg_current_wal_lsn()"; }
@@ -81,7 +84,7 @@ wal_since() { psql -tAc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$1')::big
 syncs() { psql -tAc "SELECT wal_sync || ' ' || round(wal_sync_time * 1000)::bigint FROM pg_stat_wal"; }
 # µs per sync between two `syncs` readings.
 per_sync() { echo "$1 $2" | awk '{ print ($3 > $1) ? int(($4 - $2) / ($3 - $1)) : 0 }'; }
-echo "pgbench ($PLAIN against $TRACKED): simple protocol, 4 clients, 2 threads, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds alternated; settings: track_wal_io_timing = on${BENCH_CONF_LINES:+, $BENCH_CONF_LINES}"
+echo "pgbench ($PLAIN against $TRACKED): $PROTOCOL protocol, 4 clients, 2 threads, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds alternated; settings: track_wal_io_timing = on${BENCH_CONF_LINES:+, $BENCH_CONF_LINES}"
 results=()
 for r in $(seq "$ROUNDS"); do
     at=$(lsn)

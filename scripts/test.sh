@@ -13,29 +13,36 @@ trap 'rm -rf "$log" ${base:+"$base"}' EXIT
 exec > >(tee "$log") 2>&1
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+. scripts/versions.sh
 
 echo "== lints: every unsafe block says why it is sound"
 cargo clippy --lib --tests --features "pg15 pg_test" -q -- -A clippy::all -D clippy::undocumented_unsafe_blocks
 
-echo "== unit and #[pg_test] tests"
-if [ "$(id -u)" = 0 ]; then
-    # Postgres refuses to run as root: cargo-pgrx runs it as postgres, in a
-    # data directory postgres owns (its parent holds the socket).
-    base=$(mktemp -d /var/tmp/outbox-pgrx.XXXXXX)
-    chown postgres:postgres "$base"
-    cargo pgrx test pg15 --runas postgres --pgdata "$base/pgdata"
-else
-    cargo pgrx test pg15
-fi
+# The whole suite on each supported version: unit and #[pg_test] tests
+# (cargo pgrx test), then the end-to-end suite against that version's server.
+for major in "${PG_VERSIONS[@]}"; do
+    pg_config=$(pg_config_of "$major")
+    echo "== PostgreSQL $major: unit and #[pg_test] tests"
+    if [ "$(id -u)" = 0 ]; then
+        # Postgres refuses to run as root: cargo-pgrx runs it as postgres, in
+        # a data directory postgres owns (its parent holds the socket).
+        base=$(mktemp -d /var/tmp/outbox-pgrx.XXXXXX)
+        chown postgres:postgres "$base"
+        cargo pgrx test "pg$major" --runas postgres --pgdata "$base/pgdata"
+        rm -rf "$base"
+        base=""
+    else
+        cargo pgrx test "pg$major"
+    fi
 
-echo "== end-to-end tests"
-if [ "$(id -u)" = 0 ]; then
-    cargo pgrx install --pg-config "$PG_CONFIG"
-else
-    cargo pgrx install --sudo --pg-config "$PG_CONFIG"
-fi
-cargo test --manifest-path e2e/Cargo.toml --tests
+    echo "== PostgreSQL $major: end-to-end tests"
+    if [ "$(id -u)" = 0 ]; then
+        cargo pgrx install --pg-config "$pg_config"
+    else
+        cargo pgrx install --sudo --pg-config "$pg_config"
+    fi
+    OUTBOX_PG_BIN=$("$pg_config" --bindir) cargo test --manifest-path e2e/Cargo.toml --tests
+done
 
 echo "== the benchmarks' own tooling"
 cargo test --manifest-path bench/Cargo.toml --lib

@@ -1,6 +1,8 @@
-//! A throwaway PostgreSQL 15 cluster with outbox preloaded, on a free
+//! A throwaway PostgreSQL cluster with outbox preloaded, on a free
 //! loopback port, run as `postgres` when the tests run as root. Stopped and
-//! removed on drop.
+//! removed on drop. `OUTBOX_PG_BIN` names the server's `bin` directory
+//! (`make test` runs the suite on PostgreSQL 15 and 18); PostgreSQL 15 from
+//! Debian's packages by default.
 
 use postgres::{Client, NoTls};
 use std::path::{Path, PathBuf};
@@ -8,7 +10,13 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-pub const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The server's binaries, unless `OUTBOX_PG_BIN` says otherwise.
+const DEFAULT_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// The directory of the server's binaries (`postgres`, `pg_ctl`, `psql`).
+pub fn bin_dir() -> String {
+    std::env::var("OUTBOX_PG_BIN").unwrap_or_else(|_| DEFAULT_BIN.to_string())
+}
 pub const DATABASE: &str = "outbox_e2e";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -29,7 +37,7 @@ pub fn is_root() -> bool {
 
 /// Runs a Postgres binary, as `postgres` when we are root.
 pub fn pg_command(bin: &str) -> Command {
-    let path = format!("{BIN}/{bin}");
+    let path = format!("{}/{bin}", bin_dir());
     if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", &path]);

