@@ -7,7 +7,7 @@ PG ?= 15
 PG_CONFIG := $(shell . scripts/versions.sh && pg_config_of $(PG))
 SUDO := $(if $(filter 0,$(shell id -u)),,--sudo)
 
-.PHONY: soak setup test demo install install-release bench bench-enqueue bench-bulk-enqueue clean
+.PHONY: soak setup test demo install install-release package bench bench-enqueue bench-bulk-enqueue clean
 
 setup:
 	@scripts/setup.sh
@@ -25,6 +25,10 @@ install: setup
 
 install-release: setup
 	cargo pgrx install --release $(SUDO) --pg-config $(PG_CONFIG)
+
+## package: an installable archive per PostgreSQL version, in target/package/
+package:
+	scripts/package.sh
 
 ## soak: the randomized convergence test, for SOAK_SECS (default 600)
 soak: install

@@ -15,7 +15,9 @@ mkdir -p "$out"
 stage=$(mktemp -d /tmp/outbox-package.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
 
-for major in "${PG_VERSIONS[@]}"; do
+# `package.sh 18`: only those versions.
+versions=("${@:-${PG_VERSIONS[@]}}")
+for major in "${versions[@]}"; do
     pg_config=$(pg_config_of "$major")
     cargo pgrx package --pg-config "$pg_config" --out-dir "$stage/tree-$major"
     name=outbox-$version-pg$major-linux-$(uname -m)

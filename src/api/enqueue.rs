@@ -18,6 +18,12 @@ use pgrx::{AnyElement, IntoDatum};
 fn enqueue_one(kind: Option<&str>, id: Option<AnyElement>, delay: Option<Interval>) {
     let kind = require_kind(kind);
     let id = crate::capture::ids::text_of(require(id, "id"));
+    enqueue_id(kind, id, delay)
+}
+
+/// [`enqueue_one`] once the id is text; also what version 0.1.0's entry
+/// points (`api::legacy`) call.
+pub fn enqueue_id(kind: &str, id: String, delay: Option<Interval>) {
     crate::capture::ids::check_id(&id);
     // The inbox is written with direct heap inserts, which check none of
     // this themselves; the executor would have refused an INSERT here.
@@ -31,6 +37,19 @@ fn enqueue_one(kind: Option<&str>, id: Option<AnyElement>, delay: Option<Interva
     crate::api::grants::require_access(kind);
     let run_at = delay.and_then(|d| (d.months() != 0 || d.days() != 0 || d.micros() != 0).then(|| not_before(d)));
     crate::capture::inbox::append(kind, id, run_at);
+}
+
+/// A delay given: not NULL, not negative.
+pub fn require_delay(delay: Option<Interval>) -> Interval {
+    let delay = require(delay, "delay");
+    if delay.as_micros() < 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "delay must not be negative",
+            Some("A delay means \"not before now + delay\"; use '0 s', or no delay, for now."),
+        );
+    }
+    delay
 }
 
 /// The transaction's start plus `delay`, as `now() + delay` would compute it
@@ -70,14 +89,7 @@ fn enqueue_now(kind: Option<&str>, id: Option<AnyElement>) {
 CREATE FUNCTION outbox.enqueue(kind text, id anycompatible, delay interval) RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_later_wrapper';"#)]
 fn enqueue_later(kind: Option<&str>, id: Option<AnyElement>, delay: Option<Interval>) {
-    let delay = require(delay, "delay");
-    if delay.as_micros() < 0 {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            "delay must not be negative",
-            Some("A delay means \"not before now + delay\"; use '0 s', or no delay, for now."),
-        );
-    }
+    let delay = require_delay(delay);
     enqueue_one(kind, id, Some(delay))
 }
 

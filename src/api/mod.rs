@@ -5,6 +5,7 @@
 //! - [`kinds`]: `register`, `unregister`, `pause`, `resume`.
 //! - [`enqueue`]: `enqueue(kind, id [, delay])`.
 //! - [`grants`]: `grant_enqueue`, `revoke_enqueue`: who may call `enqueue`.
+//! - [`legacy`]: earlier versions' entry points, until `ALTER EXTENSION UPDATE`.
 //! - [`admin`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`,
 //!   `purge_dead`.
 //!
@@ -15,3 +16,4 @@ pub mod admin;
 pub mod enqueue;
 pub mod grants;
 pub mod kinds;
+mod legacy;
