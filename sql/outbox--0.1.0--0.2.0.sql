@@ -2,18 +2,38 @@
 
 -- enqueue: one anycompatible id (7, '7' and 7::bigint are one record), and
 -- the delay an overload of its own instead of a default.
-DROP FUNCTION outbox.enqueue(text, text, interval);
-DROP FUNCTION outbox.enqueue(text, bigint, interval);
-DROP FUNCTION outbox.enqueue(text, uuid, interval);
 CREATE FUNCTION outbox.enqueue(kind text, id anycompatible) RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_now_wrapper';
 CREATE FUNCTION outbox.enqueue(kind text, id anycompatible, delay interval) RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_later_wrapper';
--- As a fresh install grants them: explicitly, after revoking the default.
-REVOKE ALL ON FUNCTION outbox.enqueue(text, anycompatible) FROM PUBLIC;
-REVOKE ALL ON FUNCTION outbox.enqueue(text, anycompatible, interval) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION outbox.enqueue(text, anycompatible) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION outbox.enqueue(text, anycompatible, interval) TO PUBLIC;
+-- Who may call them is who could call 0.1.0's (text) enqueue: PUBLIC, as a
+-- fresh install grants, unless an admin narrowed it.
+DO $$
+DECLARE
+    fn text;
+    g record;
+BEGIN
+    FOREACH fn IN ARRAY ARRAY['outbox.enqueue(text, anycompatible)', 'outbox.enqueue(text, anycompatible, interval)'] LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+        FOR g IN
+            SELECT a.grantee, a.is_grantable
+              FROM pg_catalog.pg_proc p,
+                   LATERAL pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
+             WHERE p.oid OPERATOR(pg_catalog.=) 'outbox.enqueue(text, text, interval)'::pg_catalog.regprocedure
+               AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
+               AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+             ORDER BY a.grantee
+        LOOP
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn,
+                CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::text END,
+                CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+    END LOOP;
+END
+$$;
+DROP FUNCTION outbox.enqueue(text, text, interval);
+DROP FUNCTION outbox.enqueue(text, bigint, interval);
+DROP FUNCTION outbox.enqueue(text, uuid, interval);
 
 -- The admin transitions run statements of the worker's queue module now,
 -- not PL/pgSQL. Same signatures; CREATE OR REPLACE keeps their privileges.

@@ -98,6 +98,7 @@ fn version_0_1_0_updated_in_place_delivers_everything_and_equals_a_fresh_install
          INSERT INTO users VALUES (1, 'ann'), (2, 'bob');
          SELECT outbox.enqueue('user', 7);
          SELECT outbox.enqueue('user', '8'::text);
+         SELECT outbox.enqueue('user', 'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11'::uuid);
          -- Jobs as a worker of 0.1.0 would have left them.
          INSERT INTO outbox.queue (kind, id, state) VALUES ('user', '100', 'pending');
          INSERT INTO outbox.queue (kind, id, state, claim, attempts, last_attempt_at)
@@ -138,7 +139,7 @@ fn version_0_1_0_updated_in_place_delivers_everything_and_equals_a_fresh_install
     drop(c);
     db.restart("fast");
     let mut c = db.client();
-    for id in ["1", "2", "7", "8", "100", "101"] {
+    for id in ["1", "2", "7", "8", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "100", "101"] {
         let path = format!("/u/{id}");
         assert!(wait_until(LONG, || !r.requests_for(&path).is_empty()), "{path} delivered");
     }
@@ -154,3 +155,32 @@ fn version_0_1_0_updated_in_place_delivers_everything_and_equals_a_fresh_install
     assert!(first.header("webhook-signature").is_some(), "signed with the kept secret");
     assert!(wait_until(LONG, || jobs_left(&mut c) == 0), "nothing left");
 }
+
+/// An admin who narrowed who may call 0.1.0's enqueue keeps it so: the
+/// update gives 0.2.0's functions the old ones' privileges.
+#[test]
+fn an_enqueue_revoked_from_public_stays_revoked_after_the_update() {
+    let mut opts = Options::default();
+    opts.create_extension = false;
+    let db = Cluster::start_with(opts);
+    db.admin("postgres").batch_execute(&format!("CREATE DATABASE {DATABASE}")).unwrap();
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE EXTENSION outbox VERSION '0.1.0';
+         CREATE ROLE app; CREATE ROLE other;
+         REVOKE EXECUTE ON FUNCTION outbox.enqueue(text, text, interval) FROM PUBLIC;
+         REVOKE EXECUTE ON FUNCTION outbox.enqueue(text, bigint, interval) FROM PUBLIC;
+         REVOKE EXECUTE ON FUNCTION outbox.enqueue(text, uuid, interval) FROM PUBLIC;
+         GRANT EXECUTE ON FUNCTION outbox.enqueue(text, text, interval) TO app;
+         ALTER EXTENSION outbox UPDATE;",
+    )
+    .unwrap();
+    let may = |c: &mut Client, role: &str, f: &str| -> bool {
+        c.query_one("SELECT has_function_privilege($1, $2::text, 'EXECUTE')", &[&role, &f]).unwrap().get(0)
+    };
+    for f in ["outbox.enqueue(text, anycompatible)", "outbox.enqueue(text, anycompatible, interval)"] {
+        assert!(may(&mut c, "app", f), "app keeps {f}");
+        assert!(!may(&mut c, "other", f), "PUBLIC stays revoked from {f}");
+    }
+}
+

@@ -114,16 +114,11 @@ fn purge_dead(older_than: Option<Interval>) -> i64 {
             Some("Use interval '0' to purge every dead job."),
         )
     };
-    if negative(&older_than) {
+    // As Postgres compares intervals: a month is 30 days, a day 24 hours.
+    if older_than.as_micros() < 0 {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "older_than must not be negative", None);
     }
     transition(queue::PURGE_DEAD, &[older_than.into()])
-}
-
-/// As Postgres compares intervals: a month is 30 days, a day 24 hours.
-fn negative(i: &Interval) -> bool {
-    let days = i128::from(i.months()) * 30 + i128::from(i.days());
-    days * 86_400_000_000 + i128::from(i.micros()) < 0
 }
 
 /// Wakes the worker when the current transaction commits.

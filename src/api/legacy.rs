@@ -14,19 +14,19 @@ use pgrx::prelude::*;
 
 #[pg_extern(sql = false)]
 fn enqueue_text(kind: Option<&str>, id: Option<&str>, delay: Option<Interval>) {
-    let delay = require_delay(delay);
-    enqueue_id(require_kind(kind), require(id, "id").to_string(), Some(delay))
+    let (kind, id) = (require_kind(kind), require(id, "id").to_string());
+    enqueue_id(kind, id, Some(require_delay(delay)))
 }
 
 #[pg_extern(sql = false)]
 fn enqueue_bigint(kind: Option<&str>, id: Option<i64>, delay: Option<Interval>) {
-    let delay = require_delay(delay);
-    enqueue_id(require_kind(kind), require(id, "id").to_string(), Some(delay))
+    let (kind, id) = (require_kind(kind), require(id, "id").to_string());
+    enqueue_id(kind, id, Some(require_delay(delay)))
 }
 
 #[pg_extern(sql = false)]
 fn enqueue_uuid(kind: Option<&str>, id: Option<Uuid>, delay: Option<Interval>) {
-    let delay = require_delay(delay);
     // As uuid_out spells it: lower case, hyphenated.
-    enqueue_id(require_kind(kind), require(id, "id").to_string(), Some(delay))
+    let (kind, id) = (require_kind(kind), require(id, "id").to_string());
+    enqueue_id(kind, id, Some(require_delay(delay)))
 }
