@@ -1,6 +1,11 @@
-# Shared shell helpers for demo and benchmarks: a throwaway cluster with
-# outbox preloaded, run as `postgres` when we are root.
+# Shared shell helpers for setup, tests, demo and benchmarks: running as
+# root or `postgres`, and a throwaway cluster with outbox preloaded, run as
+# `postgres` when we are root.
 PGBIN=/usr/lib/postgresql/15/bin
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
 
 as_pg() {
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi

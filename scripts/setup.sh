@@ -5,6 +5,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/versions.sh"
+. "$here/lib.sh"
 PG_MAJOR=15
 PG_CONFIG=$(pg_config_of 15)
 PG18_CONFIG=$(pg_config_of 18)
@@ -12,10 +13,6 @@ PGRX_VERSION=0.18.0
 APT_PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo openssl)
 # `setup.sh bench`: also the benchmarks' receiver.
 if [ "${1:-}" = bench ]; then APT_PACKAGES+=(nginx-light); fi
-
-as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
-}
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -14,9 +14,7 @@ exec > >(tee "$log") 2>&1
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 . scripts/versions.sh
-sudo_if_needed() {
-    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
-}
+. scripts/lib.sh
 
 echo "== lints: every unsafe block says why it is sound"
 cargo clippy --lib --tests --features "pg15 pg_test" -q -- -A clippy::all -D clippy::undocumented_unsafe_blocks
@@ -45,7 +43,7 @@ for major in "${PG_VERSIONS[@]}"; do
         cargo pgrx install --sudo --pg-config "$pg_config"
     fi
     # The upgrade test installs version 0.1.0 from its script, then updates it.
-    sudo_if_needed install -m 644 sql/outbox--0.1.0.sql "$("$pg_config" --sharedir)/extension/"
+    as_root install -m 644 sql/outbox--0.1.0.sql "$("$pg_config" --sharedir)/extension/"
     OUTBOX_PG_BIN=$("$pg_config" --bindir) cargo test --manifest-path e2e/Cargo.toml --tests
 done
 

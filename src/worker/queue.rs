@@ -80,6 +80,27 @@ DELETE FROM outbox.queue
  WHERE state OPERATOR(pg_catalog.=) 'dead'
    AND coalesce(last_attempt_at, enqueued_at) OPERATOR(pg_catalog.<=) (pg_catalog.now() OPERATOR(pg_catalog.-) $1::interval)";
 
+/// How changes become jobs, in [`ABSORB_INBOX`] and [`ABSORB_ROW`]: the
+/// rows of `changed c` (kind, id, enqueued_at, run_at, registered) coalesce
+/// into their record's fresh job, or make one; a kind nobody registered
+/// makes a dead job. A macro, so that both statements take it in with
+/// `concat!`.
+macro_rules! insert_changes {
+    () => {
+        concat!(
+            "INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
+    SELECT c.kind, c.id, c.enqueued_at, c.run_at,
+           CASE WHEN c.registered THEN 'pending' ELSE 'dead' END,
+           CASE WHEN NOT c.registered THEN pg_catalog.now() END,
+           CASE WHEN NOT c.registered THEN 'kind is not registered' END
+      FROM changed c
+    ON CONFLICT (kind, id) WHERE ",
+            fresh!(),
+            " DO NOTHING"
+        )
+    };
+}
+
 /// Moves the inbox (every change, tracked or enqueued) into the queue, about
 /// $1 changes per call: whole inbox rows (each holds many ids) while the
 /// count stays under $1. This is where changes coalesce, and the only
@@ -144,15 +165,9 @@ WITH picked AS (
 ), absorbed AS (
     -- A change of a kind nobody registered can never be delivered: it goes
     -- straight to dead, where an admin sees it (a dead job never coalesces).
-    INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
-    SELECT c.kind, c.id, c.enqueued_at, c.run_at,
-           CASE WHEN c.registered THEN 'pending' ELSE 'dead' END,
-           CASE WHEN NOT c.registered THEN pg_catalog.now() END,
-           CASE WHEN NOT c.registered THEN 'kind is not registered' END
-      FROM changed c
-    ON CONFLICT (kind, id) WHERE ",
-    fresh!(),
-    " DO NOTHING
+    ",
+    insert_changes!(),
+    "
 ), waiting_kinds AS (
     -- One probe of queue_due per kind: a LATERAL subquery with a LIMIT is
     -- planned as it reads. (An EXISTS became a merge join reading every
@@ -493,15 +508,9 @@ WITH moved AS (
       FROM moved m
      CROSS JOIN LATERAL pg_catalog.unnest(coalesce(m.ids, ARRAY[m.id])) AS u(id)
 ), absorbed AS (
-    INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
-    SELECT c.kind, c.id, c.enqueued_at, c.run_at,
-           CASE WHEN c.registered THEN 'pending' ELSE 'dead' END,
-           CASE WHEN NOT c.registered THEN pg_catalog.now() END,
-           CASE WHEN NOT c.registered THEN 'kind is not registered' END
-      FROM changed c
-    ON CONFLICT (kind, id) WHERE ",
-    fresh!(),
-    " DO NOTHING
+    ",
+    insert_changes!(),
+    "
 ), sooner AS (
     UPDATE outbox.queue q SET run_at = c.run_at
       FROM changed c

@@ -58,19 +58,11 @@ pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
     let rows = super::plans::execute(c, LOAD_KINDS, &[], &[]).unwrap_or_else(|e| panic!("loading kinds: {e}"));
     let mut kinds = HashMap::new();
     for r in rows {
-        let optional = |name: &str| -> Option<String> { r.get_by_name::<String, _>(name).unwrap_or_else(|e| panic!("outbox.kinds.{name}: {e}")) };
-        fn required<T: pgrx::FromDatum + pgrx::IntoDatum>(r: &pgrx::spi::SpiHeapTupleData<'_>, name: &str) -> T {
-            match r.get_by_name::<T, _>(name) {
-                Ok(Some(v)) => v,
-                Ok(None) => panic!("outbox.kinds.{name} is NULL"),
-                Err(e) => panic!("outbox.kinds.{name}: {e}"),
-            }
-        }
         let headers: Vec<(String, String)> =
             serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&required::<String>(&r, "headers"))
                 .map(|m| m.into_iter().filter_map(|(k, v)| Some((k, v.as_str()?.to_string()))).collect())
                 .unwrap_or_default();
-        let key = optional("secret").and_then(|s| signing::decode_secret(&s).ok()).map(Arc::new);
+        let key = optional::<String>(&r, "secret").and_then(|s| signing::decode_secret(&s).ok()).map(Arc::new);
         let url: String = required(&r, "url");
         let ms = |name: &str| Duration::from_millis(required::<i64>(&r, name).max(1) as u64);
         kinds.insert(
@@ -78,10 +70,10 @@ pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
             Kind {
                 host_per_record: template::id_in_authority(&url),
                 url,
-                body_fn: optional("body"),
-                run_as: r.get_by_name::<pg_sys::Oid, _>("run_as").unwrap_or_else(|e| panic!("outbox.kinds.run_as: {e}")),
+                body_fn: optional(&r, "body"),
+                run_as: optional(&r, "run_as"),
                 allow_superuser: required(&r, "allow_superuser"),
-                definer: r.get_by_name::<pg_sys::Oid, _>("definer").unwrap_or_else(|e| panic!("outbox.kinds.definer: {e}")),
+                definer: optional(&r, "definer"),
                 render_timeout: ms("render_timeout_ms"),
                 headers,
                 key,
@@ -93,6 +85,16 @@ pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
         );
     }
     kinds
+}
+
+/// Column `name` of a [`LOAD_KINDS`] row, which may be NULL.
+fn optional<T: pgrx::FromDatum + pgrx::IntoDatum>(r: &pgrx::spi::SpiHeapTupleData<'_>, name: &str) -> Option<T> {
+    r.get_by_name::<T, _>(name).unwrap_or_else(|e| panic!("outbox.kinds.{name}: {e}"))
+}
+
+/// Column `name` of a [`LOAD_KINDS`] row, which the table makes NOT NULL.
+fn required<T: pgrx::FromDatum + pgrx::IntoDatum>(r: &pgrx::spi::SpiHeapTupleData<'_>, name: &str) -> T {
+    optional(r, name).unwrap_or_else(|| panic!("outbox.kinds.{name} is NULL"))
 }
 
 /// What a claimed job turned into.
