@@ -59,6 +59,6 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'outbox'", "outbox.database = 'pgrx_tests'"]
+        vec!["shared_preload_libraries = 'outbox'"]
     }
 }

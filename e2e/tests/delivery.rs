@@ -356,6 +356,9 @@ fn restarts_with_a_backlog_lose_nothing_and_leave_nothing_running() {
     assert!(db.log().contains("pending again"), "recovery of running jobs is logged");
 }
 
+/// With `outbox.database` set: the launcher waits for the database, a
+/// worker that finds no extension says so once and exits, `CREATE
+/// EXTENSION` starts one, and `DROP EXTENSION` stops it until the next.
 #[test]
 fn the_worker_waits_for_the_database_and_the_extension() {
     let opts = Options { create_extension: false, ..Default::default() };
@@ -365,20 +368,27 @@ fn the_worker_waits_for_the_database_and_the_extension() {
     let log = db.log();
     assert_eq!(log.matches("does not exist yet").count(), 1, "said once:\n{log}");
     db.admin("postgres").batch_execute("CREATE DATABASE outbox_e2e").unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(db.log().matches("is not installed in this database").count(), 1);
+    let not_installed = || db.log().matches("is not installed in database \"outbox_e2e\"").count();
+    assert!(wait_until(LONG, || not_installed() == 1));
+    // Three launcher rounds: no worker is started there again.
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(not_installed(), 1);
+    assert_eq!(db.worker_pid(), None);
     let mut c = db.client();
     c.batch_execute(&format!("CREATE EXTENSION outbox; SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
     c.batch_execute("SELECT outbox.enqueue('k', 'a')").unwrap();
     assert!(wait_until(LONG, || r.count() == 1));
-    // DROP EXTENSION puts it back to waiting, without a crash.
-    let pid = db.worker_pid().unwrap();
+    // DROP EXTENSION stops the worker, without a crash, and none starts.
+    assert!(db.worker_pid().is_some());
     c.batch_execute("DROP EXTENSION outbox").unwrap();
+    assert!(wait_until(LONG, || db.worker_pid().is_none()));
+    assert_eq!(not_installed(), 2, "said when the worker found it gone");
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(db.worker_pid(), Some(pid));
+    assert_eq!(db.worker_pid(), None);
     c.batch_execute(&format!("CREATE EXTENSION outbox; SELECT outbox.register('k', '{}')", r.url("/k/{id}"))).unwrap();
     c.batch_execute("SELECT outbox.enqueue('k', 'b')").unwrap();
     assert!(wait_until(LONG, || r.count() == 2));
+    assert!(!db.log().contains("terminated by signal"), "no crash");
 }
 
 /// A session remembers where the inbox is from one transaction to the next:

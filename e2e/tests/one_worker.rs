@@ -224,7 +224,7 @@ fn restarted_launchers_and_killed_workers_never_make_two_workers() {
         let old = launcher(&mut c).expect("a launcher");
         terminate(&mut c, &[old]);
         assert!(wait_until(LONG, || launcher(&mut c).is_some_and(|p| p != old)), "round {round}: the launcher is back");
-        let saw = wait_until(LONG, || db.log().matches("a worker started before this launcher still serves").count() >= round);
+        let saw = wait_until(LONG, || db.log().matches("a worker this launcher did not start").count() >= round);
         assert!(saw, "round {round}: the new launcher found the worker serving");
         let n = r.count();
         assert!(wait_until(LONG, || r.count() > n + 10), "round {round}: deliveries go on");

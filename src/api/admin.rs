@@ -128,7 +128,20 @@ fn wake() {
     crate::capture::wake::on_commit();
 }
 
-/// One row per worker: the database it serves, its pid, what it is doing.
+/// A database's name; None if it is gone.
+fn database_name(db: pg_sys::Oid) -> Option<String> {
+    // SAFETY: a syscache lookup; NULL for a database that does not exist.
+    let name = unsafe { pg_sys::get_database_name(db) };
+    // SAFETY: a palloc'd NUL-terminated string.
+    (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned())
+}
+
+/// What `worker_status()` says of a database waiting for a worker slot.
+const WAITING_FOR_SLOT: &str = "waiting for a worker slot";
+
+/// One row per database with a worker, in every database, and one per
+/// database waiting for a slot (`outbox.max_workers`); and this database,
+/// `stopped`, if it is neither.
 #[pg_extern(schema = "outbox")]
 #[search_path(pg_catalog, pg_temp)]
 fn worker_status() -> TableIterator<
@@ -141,11 +154,22 @@ fn worker_status() -> TableIterator<
         name!(last_batch_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let rows = shmem::snapshot().map(|s| {
-        let last = s.last_batch_at.and_then(|t| TimestampWithTimeZone::try_from(t).ok());
-        (crate::pg::gucs::database(), s.pid, s.state.name().to_string(), s.in_flight, last)
-    });
-    TableIterator::new(rows)
+    let mut rows: Vec<_> = shmem::snapshot()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| {
+            let last = s.last_batch_at.and_then(|t| TimestampWithTimeZone::try_from(t).ok());
+            (s.database, database_name(s.database), s.pid, s.state.name().to_string(), s.in_flight, last)
+        })
+        .chain(shmem::waiting().into_iter().map(|db| (db, database_name(db), None, WAITING_FOR_SLOT.to_string(), 0, None)))
+        .collect();
+    // SAFETY: a plain read of this backend's database.
+    let here = unsafe { pg_sys::MyDatabaseId };
+    if !rows.iter().any(|r| r.0 == here) {
+        rows.push((here, database_name(here), None, shmem::WorkerState::Stopped.name().to_string(), 0, None));
+    }
+    rows.sort_by(|a, b| a.1.cmp(&b.1));
+    TableIterator::new(rows.into_iter().map(|(_, name, pid, state, in_flight, last)| (name, pid, state, in_flight, last)))
 }
 
 #[cfg(test)]

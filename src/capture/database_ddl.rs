@@ -1,8 +1,9 @@
-//! DDL that needs the served database to itself: `DROP DATABASE`,
+//! DDL that needs a served database to itself: `DROP DATABASE`,
 //! `ALTER DATABASE ... RENAME TO` and `... SET TABLESPACE`, and `CREATE
-//! DATABASE ... TEMPLATE` it. Postgres waits five seconds for every other
-//! session in the database to leave, then fails; the worker never would. So
-//! when such a statement names the served database and Postgres will run it
+//! DATABASE` from it (`TEMPLATE`, template1 by default). Postgres waits
+//! five seconds for every other session in the database to leave, then
+//! fails; the worker never would. So when such a statement names a database
+//! a worker serves and Postgres will run it
 //! (its permission checks pass: the owner, CREATEDB, the tablespace's
 //! CREATE, a free new name), the worker is asked to stop first; a statement
 //! Postgres refuses leaves the worker alone. The lock the statement takes on the database is taken before
@@ -11,7 +12,7 @@
 //! waits for it, as at startup). If the statement fails, nothing is lost:
 //! the next worker sends the deliveries that were in flight again.
 
-use crate::pg::{gucs, shmem, syscache};
+use crate::pg::{shmem, syscache};
 use pgrx::prelude::*;
 use pgrx::PgList;
 use std::ffi::{c_char, CStr};
@@ -25,8 +26,8 @@ enum Needs {
     Rename { new_name: *const c_char },
     /// SET TABLESPACE: the owner, with CREATE on a tablespace that exists.
     Tablespace { tablespace: *const c_char },
-    /// CREATE DATABASE ... TEMPLATE: CREATEDB, a template or the owner, and
-    /// a new name not taken.
+    /// CREATE DATABASE (from template1 unless TEMPLATE says otherwise):
+    /// CREATEDB, a template or the owner, and a new name not taken.
     Copy { new_name: *const c_char },
 }
 
@@ -81,7 +82,7 @@ unsafe fn needs_database_alone(stmt: *mut pg_sys::Node) -> Option<Ddl> {
             }
             T_CreatedbStmt => {
                 let s = stmt.cast::<pg_sys::CreatedbStmt>();
-                let name = option(PgList::from_pg((*s).options), "template")?;
+                let name = option(PgList::from_pg((*s).options), "template").unwrap_or(c"template1".as_ptr());
                 Some(Ddl {
                     name,
                     needs: Needs::Copy { new_name: (*s).dbname.cast_const() },
@@ -200,12 +201,9 @@ pub unsafe fn step_aside_for(stmt: *mut pg_sys::Node, toplevel: bool) {
     }
     // SAFETY: statement names are NUL-terminated strings.
     let name = unsafe { CStr::from_ptr(name) };
-    if gucs::database().is_none_or(|served| served.as_bytes() != name.to_bytes()) {
-        return;
-    }
-    let Some(pid) = shmem::snapshot().and_then(|s| s.pid) else { return };
     // SAFETY: a catalog lookup; missing_ok, so an unknown name is InvalidOid.
     let db = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
+    let Some(pid) = shmem::worker_of(db) else { return };
     // From inside the database itself the statement fails anyway.
     // SAFETY: a plain read of this backend's database.
     if db == pg_sys::InvalidOid || db == unsafe { pg_sys::MyDatabaseId } {

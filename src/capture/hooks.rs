@@ -8,8 +8,11 @@
 //!   of its tracked ancestors ([`crate::capture::triggers::cover_new_partition`]);
 //! - after a COPY into the extension's own tables (a restore), jobs restored
 //!   `running` are made `pending` and the worker is told ([`crate::capture::restore`]);
-//! - after `COMMIT PREPARED`, the worker is woken (no callback of the
-//!   prepared transaction runs at its commit).
+//! - after `COMMIT PREPARED`, the worker is woken and the launcher told
+//!   (no callback of the prepared transaction runs at its commit);
+//! - after `CREATE EXTENSION outbox`, the launcher is told when it commits,
+//!   and after a `DROP EXTENSION` or `DROP SCHEMA`, the worker is woken to
+//!   see whether the extension is gone (it then exits).
 
 use pgrx::prelude::*;
 
@@ -124,6 +127,10 @@ unsafe extern "C-unwind" fn process_utility(
         pg_sys::NodeTag::T_CreateStmt | pg_sys::NodeTag::T_AlterTableStmt => unsafe { after_table_ddl((*pstmt).utilityStmt) },
         // SAFETY: the node is a TransactionStmt, by its tag.
         pg_sys::NodeTag::T_TransactionStmt => unsafe { after_transaction_statement((*pstmt).utilityStmt.cast()) },
+        // SAFETY: the node is a CreateExtensionStmt, by its tag.
+        pg_sys::NodeTag::T_CreateExtensionStmt => unsafe { after_create_extension((*pstmt).utilityStmt.cast()) },
+        // SAFETY: the node is a DropStmt, by its tag.
+        pg_sys::NodeTag::T_DropStmt => unsafe { after_drop((*pstmt).utilityStmt.cast()) },
         _ => {}
     }
 }
@@ -142,6 +149,38 @@ unsafe fn after_transaction_statement(stmt: *mut pg_sys::TransactionStmt) {
     if unsafe { (*stmt).kind } == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED {
         crate::capture::wake::for_inbox();
         crate::capture::wake::kinds_changed();
+        // It may have created the extension (a prepared transaction must
+        // be committed from its own database).
+        crate::capture::wake::extension_created();
+    }
+}
+
+/// `CREATE EXTENSION outbox` (also run from a function or a restore):
+/// the launcher is told when it commits, and starts a worker here.
+///
+/// # Safety
+/// `stmt` is the CreateExtensionStmt that just ran.
+#[cfg(not(feature = "pg13"))]
+unsafe fn after_create_extension(stmt: *mut pg_sys::CreateExtensionStmt) {
+    // SAFETY: the caller's contract; the name is a NUL-terminated string.
+    let name = unsafe { std::ffi::CStr::from_ptr((*stmt).extname) };
+    if name.to_bytes() == b"outbox" {
+        crate::capture::wake::extension_created();
+    }
+}
+
+/// A `DROP EXTENSION` or `DROP SCHEMA` (with CASCADE, it drops the
+/// extension too) wakes the worker when it commits, to look: a worker that
+/// finds its extension gone exits. Any other drop can't remove it.
+///
+/// # Safety
+/// `stmt` is the DropStmt that just ran.
+#[cfg(not(feature = "pg13"))]
+unsafe fn after_drop(stmt: *mut pg_sys::DropStmt) {
+    // SAFETY: the caller's contract.
+    let kind = unsafe { (*stmt).removeType };
+    if matches!(kind, pg_sys::ObjectType::OBJECT_EXTENSION | pg_sys::ObjectType::OBJECT_SCHEMA) {
+        crate::capture::wake::on_commit();
     }
 }
 

@@ -1,6 +1,7 @@
 //! Waking the worker when a transaction that gave it work commits, not
-//! before and not after a rollback: a mark per transaction, acted on at its
-//! end ([`XACT`]).
+//! before and not after a rollback, and telling the launcher when one
+//! created the extension: a mark per transaction, acted on at its end
+//! ([`XACT`]).
 
 use crate::pg::xact::Handlers;
 use std::cell::Cell;
@@ -13,6 +14,8 @@ struct Marks {
     inbox: bool,
     /// It changed `outbox.kinds`.
     kinds: bool,
+    /// It created the extension: the database needs a worker.
+    created: bool,
 }
 
 thread_local! {
@@ -41,6 +44,14 @@ pub fn kinds_changed() {
     mark(|m| m.kinds = true);
 }
 
+/// Tells the launcher, once the current transaction commits, that this
+/// database may have the extension now.
+pub fn extension_created() {
+    let mut m = MARKS.get();
+    m.created = true;
+    MARKS.set(m);
+}
+
 fn ended(committed: bool) {
     let m = MARKS.take();
     if !committed {
@@ -54,6 +65,9 @@ fn ended(committed: bool) {
     }
     if m.wake {
         crate::pg::shmem::wake_worker();
+    }
+    if m.created {
+        crate::pg::shmem::announce_extension();
     }
 }
 

@@ -5,7 +5,8 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 use std::time::Duration;
 
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
 pub static ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(32);
@@ -21,9 +22,19 @@ pub fn init(preloading: bool) {
     if preloading {
         GucRegistry::define_string_guc(
             c"outbox.database",
-            c"Database the outbox worker serves.",
-            c"The worker waits, logging once, until this database exists and has the extension.",
+            c"Serve only this database (default: every database that has the extension).",
+            c"The launcher waits, logging once, until this database exists and allows connections.",
             &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"outbox.max_workers",
+            c"Most delivery workers running at once, one per database.",
+            c"Each is a background worker: max_worker_processes must leave room for them, the launcher and parallel queries.",
+            &MAX_WORKERS,
+            1,
+            crate::pg::shmem::MAX_WORKERS as i32,
             GucContext::Postmaster,
             GucFlags::default(),
         );
@@ -146,6 +157,9 @@ fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
 
 pub fn database() -> Option<String> {
     text(&DATABASE)
+}
+pub fn max_workers() -> usize {
+    MAX_WORKERS.get().max(1) as usize
 }
 pub fn role() -> Option<String> {
     text(&ROLE)

@@ -3,7 +3,9 @@
 //! - [`template`]: URL templates, validated at `register` and rendered per job.
 //! - [`policy`]: how a response is classified, and when a failed job runs again.
 //! - [`signing`]: Standard Webhooks HMAC signatures.
+//! - [`placement`]: which databases the launcher starts a worker in.
 
+pub mod placement;
 pub mod policy;
 pub mod signing;
 pub mod template;

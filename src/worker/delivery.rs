@@ -22,8 +22,8 @@ use pgrx::spi::SpiClient;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// How often a worker without its extension looks again.
-const EXTENSION_RECHECK: Duration = Duration::from_secs(1);
+/// How often a worker whose role lacks privileges looks again.
+const PRIVILEGES_RECHECK: Duration = Duration::from_secs(1);
 
 /// Least time between the starts of two turns. Under a stream of commits
 /// every commit sets the latch; pacing turns lets each one absorb and claim
@@ -149,6 +149,7 @@ struct Finished {
 }
 
 enum Turn {
+    /// The database has no extension (any more): the worker exits.
     NoExtension,
     /// The worker's role lacks privileges on the extension's tables.
     NoPrivileges,
@@ -178,8 +179,6 @@ impl Rest {
 /// records, absorbs and claims.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
-    /// The extension is not installed (said once, in the log).
-    NoExtension,
     /// Installed, and the worker's role not yet found to have what it needs
     /// on the extension's tables: never checked (None), or lacking this
     /// (said once).
@@ -192,6 +191,10 @@ enum Phase {
 
 struct Worker {
     pool: Pool,
+    /// The name of the database, for the log.
+    database: String,
+    /// The extension was found here: if it goes, the log says so.
+    found_extension: bool,
     phase: Phase,
     /// By (job_id, claim): a job id may come again (`TRUNCATE ... RESTART
     /// IDENTITY`) while an older claim of it is still out.
@@ -247,26 +250,37 @@ fn trusted_roots(ca_file: Option<&str>) -> Result<rustls::RootCertStore, String>
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     install_handlers();
-    let database = BackgroundWorker::get_extra().to_string();
-    let role = gucs::role();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), role.as_deref());
+    let (db, role) = super::launcher::worker_connection(arg);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), (role != pg_sys::InvalidOid).then_some(role));
     // SAFETY: registering a plain function for process exit. On shared
     // memory exit, not before it: the slot is freed for a waiting worker only
     // after this one's transaction was aborted and its locks released.
     unsafe { pg_sys::on_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
-    // One worker at a time, before any statement: two would both claim jobs,
-    // send a record twice at once, and answer each other's claims.
-    if !shmem::claim_worker() {
-        report_activity(false, WAITING_FOR_OTHER);
-        log!("outbox worker: another worker still serves; waiting for it to exit");
-        while !shmem::claim_worker() {
-            handle_interrupts();
-            wait(None, OTHER_WORKER_RECHECK);
+    let database = in_transaction(database_name);
+    let mut said_waiting = false;
+    // One worker per database at a time, before any statement: two would
+    // both claim jobs, send a record twice at once, and answer each other's
+    // claims.
+    loop {
+        match shmem::claim_worker() {
+            shmem::Claim::Serving => break,
+            shmem::Claim::Held(pid) => {
+                report_activity(false, WAITING_FOR_OTHER);
+                if !said_waiting {
+                    log!("outbox worker: another worker (pid {pid}) still serves database \"{database}\"; waiting for it to exit");
+                }
+                said_waiting = true;
+                handle_interrupts();
+                wait(None, OTHER_WORKER_RECHECK);
+            }
+            shmem::Claim::NoSlot => {
+                log!("outbox worker: the launcher has no slot for database \"{database}\" any more; exiting");
+                return;
+            }
         }
     }
-    shmem::set_state(WorkerState::Starting);
     // SAFETY: setting GUCs on the main thread, outside a transaction, over
     // what the database's and role's settings said.
     unsafe {
@@ -283,12 +297,10 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     let threads = gucs::HTTP_THREADS.get().max(1) as usize;
     let pool = with_signals_blocked(|| Pool::start(concurrency, threads, roots)).unwrap_or_else(|e| panic!("starting the HTTP threads: {e}"));
     with_signals_blocked(super::watchdog::start).unwrap_or_else(|e| panic!("starting the watchdog: {e}"));
-    log!(
-        "outbox worker started for database \"{database}\" with up to {concurrency} requests in flight from {} HTTP thread(s)",
-        pool.threads()
-    );
     let mut w = Worker {
         pool,
+        database,
+        found_extension: false,
         in_flight: HashMap::new(),
         finished: Vec::new(),
         phase: Phase::Unchecked(None),
@@ -314,6 +326,18 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         let rest = w.step();
         w.rest(rest);
     }
+}
+
+/// The name of the database this worker is connected to.
+fn database_name() -> String {
+    // SAFETY: a syscache lookup of the database we are connected to, which
+    // can't be dropped while we are (DROP DATABASE waits for us).
+    let name = unsafe { pg_sys::get_database_name(pg_sys::MyDatabaseId) };
+    if name.is_null() {
+        return String::new();
+    }
+    // SAFETY: a palloc'd NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned()
 }
 
 unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
@@ -382,10 +406,15 @@ impl Worker {
             Turn::NoPrivileges => Rest::idle(
                 WorkerState::WaitingForPrivileges,
                 c"waiting for privileges on the outbox tables",
-                EXTENSION_RECHECK,
+                PRIVILEGES_RECHECK,
             ),
             Turn::NoExtension => {
-                Rest::idle(WorkerState::WaitingForExtension, c"waiting for CREATE EXTENSION outbox", EXTENSION_RECHECK)
+                // The launcher reads the state once the process is gone,
+                // and starts no worker here until the extension is created.
+                shmem::set_state(WorkerState::NotInstalled);
+                // SAFETY: ends this process through Postgres' exit callbacks,
+                // outside any transaction; nothing else runs on this thread.
+                unsafe { pg_sys::proc_exit(0) }
             }
             Turn::Worked { requests, next_due } => {
                 self.more_due = next_due == Some(Duration::ZERO);
@@ -507,6 +536,9 @@ impl Worker {
     }
 
     /// Step: whether the extension is installed (held until the turn ends).
+    /// Without it, the worker exits: said at LOG level when the database was
+    /// named by `outbox.database` or the extension was there before, and
+    /// quietly when the worker was only looking.
     fn follow_extension(&mut self) -> bool {
         let extension = lock_extension(self.extension);
         if extension != self.extension {
@@ -520,16 +552,26 @@ impl Worker {
             self.finished.clear();
             super::plans::forget();
             if extension.is_some() {
-                if self.phase == Phase::NoExtension {
-                    log!("outbox worker: extension \"outbox\" found; delivering");
-                }
                 self.phase = Phase::Unchecked(None);
+                if !self.found_extension {
+                    log!(
+                        "outbox worker started for database \"{}\" with up to {} requests in flight from {} HTTP thread(s)",
+                        self.database,
+                        gucs::CONCURRENCY.get().max(1),
+                        self.pool.threads()
+                    );
+                }
             }
         }
-        if extension.is_none() && self.phase != Phase::NoExtension {
-            log!("outbox worker: extension \"outbox\" is not installed in this database; waiting for CREATE EXTENSION outbox");
-            self.phase = Phase::NoExtension;
+        if extension.is_none() {
+            let what = format!("outbox worker: extension \"outbox\" is not installed in database \"{}\"; the worker exits until CREATE EXTENSION outbox", self.database);
+            if self.found_extension || gucs::database().is_some() {
+                log!("{what}");
+            } else {
+                debug1!("{what}");
+            }
         }
+        self.found_extension |= extension.is_some();
         extension.is_some()
     }
 

@@ -1,58 +1,66 @@
-//! The launcher: waits for the database to exist and allow connections, and
-//! for `outbox.role` to be able to log in and connect to it, then keeps one
-//! delivery worker running in the database. Connected to no database, it can
-//! read only shared catalogs, which is all it needs.
+//! The launcher: one per cluster, connected to no database (it reads only
+//! shared catalogs, which is all it needs). It keeps one delivery worker
+//! running in every database that has the extension, and only there, within
+//! `outbox.max_workers`; with `outbox.database` set, in that database only.
+//!
+//! It can't see another database's extensions, so a worker it starts looks:
+//! without the extension, it says so in its slot and exits, and the launcher
+//! starts none there again until told otherwise. It is told by the commit
+//! of `CREATE EXTENSION outbox` (or `COMMIT PREPARED`) in that database,
+//! and it forgets what it found at a reload, at a promotion (a standby's
+//! replay runs no hook) and when it starts. A database created since the
+//! last round is new to it, so a copy of one with the extension is looked
+//! at too. Each round follows TimescaleDB's launcher: reap the workers that
+//! exited, read `pg_database`, start what [`placement::plan`] says, wait.
 
-use super::signals::{handle_interrupts, install_handlers, wait};
-use crate::pg::{gucs, shmem};
+use super::signals::{handle_interrupts, install_handlers, reloads, wait};
+use crate::pg::shmem::{self, WorkerState};
+use crate::pg::gucs;
+use crate::rules::placement::{self, Database, Known};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker,
 };
 use pgrx::prelude::*;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::time::{Duration, Instant};
 
-/// How often the launcher looks for the database while it is missing, and
-/// the least time between two starts of a worker that keeps exiting.
+/// How often the launcher reads `pg_database` when nothing wakes it, and
+/// the least time between two starts of a worker in one database.
 const RECHECK: Duration = Duration::from_secs(1);
 
-/// Why no worker can run now. Each is logged once, and waited out: a worker
-/// started anyway would fail to connect, again and again.
+/// Why no worker can run, in any database or in the one named. Each is
+/// logged once, and waited out: a worker started anyway would fail to
+/// connect, again and again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Blocker {
-    NoDatabaseSet,
+    /// `outbox.database` names no database.
     DatabaseMissing,
-    /// `ALLOW_CONNECTIONS false`.
+    /// `outbox.database` names one with `ALLOW_CONNECTIONS false`.
     DatabaseClosed,
     RoleMissing,
     RoleCannotLogin,
-    /// No CONNECT privilege on the database.
-    RoleCannotConnect,
 }
 
 impl Blocker {
     fn describe(self, database: &str, role: &str) -> String {
         match self {
-            Self::NoDatabaseSet => "outbox.database is empty; no worker will run".into(),
             Self::DatabaseMissing => format!("database \"{database}\" does not exist yet; the worker will start once it does"),
             Self::DatabaseClosed => format!("database \"{database}\" does not allow connections; the worker will start once it does"),
             Self::RoleMissing => format!("role \"{role}\" (outbox.role) does not exist; the worker will start once it does"),
             Self::RoleCannotLogin => format!("role \"{role}\" (outbox.role) cannot log in; the worker will start once it can"),
-            Self::RoleCannotConnect => {
-                format!("role \"{role}\" (outbox.role) may not connect to database \"{database}\"; the worker will start once it may")
-            }
         }
     }
 }
 
-/// The first row of shared catalog `catalog` that `pick` makes something of.
+/// Every row of shared catalog `catalog` that `pick` makes something of.
 /// With no database selected, only shared catalogs can be read, and only by
 /// scan (as the autovacuum launcher does).
 ///
 /// # Safety
 /// `pick` is given a pointer to the row's fixed-size fields, laid out as
 /// the catalog's `FormData` struct; it reads only those.
-unsafe fn scan_shared<R>(catalog: pg_sys::Oid, mut pick: impl FnMut(*const u8) -> Option<R>) -> Option<R> {
+unsafe fn scan_shared<R>(catalog: pg_sys::Oid, mut pick: impl FnMut(*const u8) -> Option<R>) -> Vec<R> {
     super::signals::in_transaction(|| {
         // SAFETY: a read-only catalog scan inside a transaction; every tuple
         // returned is a valid row of `catalog`.
@@ -60,14 +68,14 @@ unsafe fn scan_shared<R>(catalog: pg_sys::Oid, mut pick: impl FnMut(*const u8) -
             let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
             let rel = pg_sys::table_open(catalog, lock);
             let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-            let mut found = None;
-            while found.is_none() {
+            let mut found = Vec::new();
+            loop {
                 let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
                 if tuple.is_null() {
                     break;
                 }
                 let header = (*tuple).t_data;
-                found = pick(header.cast::<u8>().add((*header).t_hoff as usize));
+                found.extend(pick(header.cast::<u8>().add((*header).t_hoff as usize)));
             }
             pg_sys::table_endscan(scan);
             pg_sys::table_close(rel, lock);
@@ -76,26 +84,27 @@ unsafe fn scan_shared<R>(catalog: pg_sys::Oid, mut pick: impl FnMut(*const u8) -
     })
 }
 
-/// What keeps a worker for `database`, connecting as `role` (None: the
-/// bootstrap superuser), from running; None if nothing does.
-fn blocker(database: Option<&str>, role: Option<&str>) -> Option<Blocker> {
-    let Some(database) = database else { return Some(Blocker::NoDatabaseSet) };
-    let Ok(database) = CString::new(database) else { return Some(Blocker::DatabaseMissing) };
+/// The databases of the cluster.
+fn databases() -> Vec<Database> {
     // SAFETY: pg_database rows, read through their FormData layout.
-    let found = unsafe {
+    unsafe {
         scan_shared(pg_sys::DatabaseRelationId, |row| {
             let form = row.cast::<pg_sys::FormData_pg_database>();
-            (CStr::from_ptr((*form).datname.data.as_ptr()) == database.as_c_str()).then(|| ((*form).oid, (*form).datallowconn))
+            Some(Database {
+                id: (*form).oid.to_u32(),
+                name: CStr::from_ptr((*form).datname.data.as_ptr()).to_string_lossy().into_owned(),
+                allows_connections: (*form).datallowconn,
+                is_template: (*form).datistemplate,
+            })
         })
-    };
-    let db = match found {
-        None => return Some(Blocker::DatabaseMissing),
-        Some((_, false)) => return Some(Blocker::DatabaseClosed),
-        Some((db, true)) => db,
-    };
-    // No role set: the bootstrap superuser, who can always log in.
-    let role = role?;
-    let Ok(role) = CString::new(role) else { return Some(Blocker::RoleMissing) };
+    }
+}
+
+/// The role workers connect as: None for the bootstrap superuser (no
+/// `outbox.role`), who can always log in.
+fn worker_role(role: Option<&str>) -> Result<Option<pg_sys::Oid>, Blocker> {
+    let Some(role) = role else { return Ok(None) };
+    let Ok(role) = CString::new(role) else { return Err(Blocker::RoleMissing) };
     // SAFETY: pg_authid rows, read through their FormData layout.
     let found = unsafe {
         scan_shared(pg_sys::AuthIdRelationId, |row| {
@@ -103,10 +112,10 @@ fn blocker(database: Option<&str>, role: Option<&str>) -> Option<Blocker> {
             (CStr::from_ptr((*form).rolname.data.as_ptr()) == role.as_c_str()).then(|| ((*form).oid, (*form).rolcanlogin))
         })
     };
-    match found {
-        None => Some(Blocker::RoleMissing),
-        Some((_, false)) => Some(Blocker::RoleCannotLogin),
-        Some((role, true)) => (!may_connect(role, db)).then_some(Blocker::RoleCannotConnect),
+    match found.first() {
+        None => Err(Blocker::RoleMissing),
+        Some((_, false)) => Err(Blocker::RoleCannotLogin),
+        Some((oid, true)) => Ok(Some(*oid)),
     }
 }
 
@@ -127,12 +136,26 @@ fn may_connect(role: pg_sys::Oid, db: pg_sys::Oid) -> bool {
     })
 }
 
-fn start_worker(database: &str) -> Option<DynamicBackgroundWorker> {
-    BackgroundWorkerBuilder::new(&format!("outbox worker {database}"))
+/// What a worker is started with: its database and role, by oid (a rename
+/// of either changes nothing), in the one argument a worker gets.
+pub(super) fn worker_argument(db: pg_sys::Oid, role: Option<pg_sys::Oid>) -> pg_sys::Datum {
+    let role = role.map_or(0, |r| r.to_u32());
+    pg_sys::Datum::from((u64::from(role) << 32) | u64::from(db.to_u32()))
+}
+
+/// The database and role (InvalidOid: the bootstrap superuser) a worker was
+/// started with.
+pub(super) fn worker_connection(arg: pg_sys::Datum) -> (pg_sys::Oid, pg_sys::Oid) {
+    let v = arg.value() as u64;
+    (pg_sys::Oid::from(v as u32), pg_sys::Oid::from((v >> 32) as u32))
+}
+
+fn start_worker(db: pg_sys::Oid, name: &str, role: Option<pg_sys::Oid>) -> Option<DynamicBackgroundWorker> {
+    BackgroundWorkerBuilder::new(&format!("outbox worker {name}"))
         .set_type("outbox worker")
         .set_library("outbox")
         .set_function("outbox_worker_main")
-        .set_extra(database)
+        .set_argument(Some(worker_argument(db, role)))
         .enable_shmem_access(None)
         .enable_spi_access()
         .set_start_time(BgWorkerStartTime::ConsistentState)
@@ -143,56 +166,221 @@ fn start_worker(database: &str) -> Option<DynamicBackgroundWorker> {
         .ok()
 }
 
+/// What the launcher knows from one round to the next.
+#[derive(Default)]
+struct Launcher {
+    /// The workers this launcher started, by database. A slot held by a
+    /// worker it has no handle on (started by a launcher before it) counts
+    /// as served all the same.
+    started: HashMap<u32, DynamicBackgroundWorker>,
+    /// Databases a worker found without the extension.
+    absent: HashSet<u32>,
+    /// Databases announced since their last worker started: a worker
+    /// there that found no extension looked too early.
+    recheck: HashSet<u32>,
+    last_start: HashMap<u32, Instant>,
+    /// What was last said, so that each thing is said once.
+    said: Option<Blocker>,
+    said_no_connect: HashSet<u32>,
+    said_waiting: Vec<u32>,
+    said_no_process: bool,
+    said_not_mine: HashSet<i32>,
+    standby: bool,
+    reloads_seen: u64,
+}
+
+impl Launcher {
+    /// One round: what changed, the workers that exited, then starts:
+    /// again in the slots whose worker exited, then in new databases.
+    fn round(&mut self) {
+        self.take_news();
+        let databases = databases();
+        let exists: HashSet<u32> = databases.iter().map(|d| d.id).collect();
+        self.absent.retain(|db| exists.contains(db));
+        self.recheck.retain(|db| exists.contains(db));
+        self.last_start.retain(|db, _| exists.contains(db));
+        let only = gucs::database();
+        let wanted: HashSet<u32> = databases.iter().filter(|d| placement::wanted(d, only.as_deref())).map(|d| d.id).collect();
+        let vacant = self.reap(&databases, &wanted);
+        let role_name = gucs::role();
+        let blocker = only.as_deref().and_then(|name| match databases.iter().find(|d| d.name == name) {
+            None => Some(Blocker::DatabaseMissing),
+            Some(d) if !d.allows_connections => Some(Blocker::DatabaseClosed),
+            Some(_) => None,
+        });
+        let role = match blocker.map_or_else(|| worker_role(role_name.as_deref()), Err) {
+            Ok(role) => role,
+            Err(b) => {
+                if self.said != Some(b) {
+                    log!("outbox: {}", b.describe(only.as_deref().unwrap_or(""), role_name.as_deref().unwrap_or("")));
+                    self.said = Some(b);
+                }
+                self.publish_waiting(&databases, Vec::new());
+                return;
+            }
+        };
+        self.said = None;
+        let name_of = |db: u32| databases.iter().find(|d| d.id == db).map_or("", |d| d.name.as_str());
+        for (index, db) in vacant {
+            if self.ready(db, name_of(db), role, role_name.as_deref()) {
+                self.start(pg_sys::Oid::from(db), name_of(db), role, Some(index));
+            }
+        }
+        let given = shmem::given();
+        let served: HashSet<u32> = given.iter().map(|g| g.database.to_u32()).collect();
+        let free_slots = gucs::max_workers().saturating_sub(given.len());
+        let absent = std::mem::take(&mut self.absent);
+        let known = Known { only: only.as_deref(), served: &served, absent: &absent, free_slots };
+        let placement::Plan { start, mut waiting } =
+            placement::plan(&databases, known, |db| self.ready(db.id, &db.name, role, role_name.as_deref()));
+        self.absent = absent;
+        for db in start {
+            if !self.start(pg_sys::Oid::from(db), name_of(db), role, None) {
+                waiting.push(db);
+            }
+        }
+        self.publish_waiting(&databases, waiting);
+    }
+
+    /// Whether a worker may start in database `db` now: not started there a
+    /// moment ago, and `role` (None: the bootstrap superuser) may connect.
+    fn ready(&mut self, db: u32, name: &str, role: Option<pg_sys::Oid>, role_name: Option<&str>) -> bool {
+        if self.last_start.get(&db).is_some_and(|t| t.elapsed() < RECHECK) {
+            return false;
+        }
+        if role.is_some_and(|r| !may_connect(r, pg_sys::Oid::from(db))) {
+            if self.said_no_connect.insert(db) {
+                let role = role_name.unwrap_or("");
+                log!("outbox: role \"{role}\" (outbox.role) may not connect to database \"{name}\"; the worker will start once it may");
+            }
+            return false;
+        }
+        self.said_no_connect.remove(&db);
+        true
+    }
+
+    /// Forgets what it found of databases that may have changed since: all
+    /// of them after a reload or a promotion, the ones announced.
+    fn take_news(&mut self) {
+        if reloads() != self.reloads_seen {
+            self.reloads_seen = reloads();
+            self.absent.clear();
+        }
+        // SAFETY: a plain query of shared recovery state.
+        let standby = unsafe { pg_sys::RecoveryInProgress() };
+        if self.standby && !standby {
+            self.absent.clear();
+        }
+        self.standby = standby;
+        let (announced, overflow) = shmem::take_announced();
+        if overflow {
+            self.absent.clear();
+            self.recheck.extend(shmem::given().iter().map(|g| g.database.to_u32()));
+        }
+        for db in announced {
+            self.absent.remove(&db.to_u32());
+            self.recheck.insert(db.to_u32());
+        }
+    }
+
+    /// Looks at the slots whose worker exited: one that found no
+    /// extension, or whose database is gone or no longer `wanted`, gives
+    /// its slot back; the others keep theirs (and what it says of the kind
+    /// a stuck worker was rendering), and are returned, to start again.
+    fn reap(&mut self, databases: &[Database], wanted: &HashSet<u32>) -> Vec<(usize, u32)> {
+        let mut vacant = Vec::new();
+        for g in shmem::given() {
+            let db = g.database.to_u32();
+            // Not yet started counts as running: starting another would make two.
+            let handle_runs = self.started.get(&db).is_some_and(|w| {
+                !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied))
+            });
+            if handle_runs || g.pid.is_some() {
+                if let Some(pid) = g.pid.filter(|_| !handle_runs) {
+                    // Another worker holds the slot (one that waited for
+                    // ours, or one a launcher before this one started).
+                    self.started.remove(&db);
+                    if self.said_not_mine.insert(pid) {
+                        let name = databases.iter().find(|d| d.id == db).map_or("", |d| d.name.as_str());
+                        log!("outbox: a worker this launcher did not start (pid {pid}) serves database \"{name}\"; it starts none beside it");
+                    }
+                }
+                continue;
+            }
+            self.started.remove(&db);
+            let not_installed = g.state == WorkerState::NotInstalled && !self.recheck.contains(&db);
+            if not_installed {
+                self.absent.insert(db);
+            }
+            if not_installed || !wanted.contains(&db) {
+                shmem::take_back(g.index);
+            } else {
+                vacant.push((g.index, db));
+            }
+        }
+        vacant
+    }
+
+    /// Starts a worker in database `db`, in its slot `index` or a new one;
+    /// false if no background worker process was free (the slot is then
+    /// given back, and the database waits with the others).
+    fn start(&mut self, db: pg_sys::Oid, name: &str, role: Option<pg_sys::Oid>, index: Option<usize>) -> bool {
+        let Some(index) = index.or_else(|| shmem::give(db, gucs::max_workers())) else { return false };
+        self.last_start.insert(db.to_u32(), Instant::now());
+        self.recheck.remove(&db.to_u32());
+        match start_worker(db, name, role) {
+            Some(worker) => {
+                self.started.insert(db.to_u32(), worker);
+                self.said_no_process = false;
+                true
+            }
+            None => {
+                shmem::take_back(index);
+                if !self.said_no_process {
+                    warning!("outbox: could not start the worker for database \"{name}\": no background worker process is free (max_worker_processes)");
+                    self.said_no_process = true;
+                }
+                false
+            }
+        }
+    }
+
+    /// Tells `worker_status()`, and the log once, which databases wait.
+    fn publish_waiting(&mut self, databases: &[Database], waiting: Vec<u32>) {
+        let oids: Vec<pg_sys::Oid> = waiting.iter().map(|&db| pg_sys::Oid::from(db)).collect();
+        shmem::set_waiting(&oids);
+        if !waiting.is_empty() && waiting != self.said_waiting {
+            let names: Vec<String> = databases.iter().filter(|d| waiting.contains(&d.id)).map(|d| format!("\"{}\"", d.name)).collect();
+            log!(
+                "outbox: {} database(s) wait for a worker, all {} allowed (outbox.max_workers) being busy: {}",
+                names.len(),
+                gucs::max_workers(),
+                names.join(", ")
+            );
+        }
+        self.said_waiting = waiting;
+    }
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
     install_handlers();
     BackgroundWorker::connect_worker_to_spi(None, None);
-    let mut worker: Option<DynamicBackgroundWorker> = None;
-    // What was last said of why no worker can run, so it is said once.
-    let mut said: Option<Blocker> = None;
-    let mut last_start: Option<Instant> = None;
-    let mut said_inherited: Option<i32> = None;
+    shmem::publish_launcher();
+    // SAFETY: a plain read of a postmaster setting.
+    let processes = unsafe { pg_sys::max_worker_processes } as usize;
+    if gucs::max_workers() + 1 > processes {
+        warning!(
+            "outbox: outbox.max_workers is {} but max_worker_processes is {processes}, which must also hold the launcher: at most {} database(s) will be served",
+            gucs::max_workers(),
+            processes.saturating_sub(1)
+        );
+    }
+    let mut launcher = Launcher { reloads_seen: reloads(), ..Launcher::default() };
     loop {
         handle_interrupts();
-        // Not yet started counts as running: starting another would make two.
-        let running = worker
-            .as_ref()
-            .is_some_and(|w| !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)));
-        if !running {
-            worker = None;
-        }
-        // A worker this launcher did not start serves (the launcher was
-        // restarted, and has no handle on it): wait for it to exit. A worker
-        // started anyway would only wait for it too (`shmem::claim_worker`).
-        let inherited = if running { None } else { shmem::serving_worker() };
-        if let Some(pid) = inherited.filter(|_| said_inherited != inherited) {
-            log!("outbox: a worker started before this launcher still serves (pid {pid}); waiting for it to exit");
-        }
-        said_inherited = inherited;
-        if !running && inherited.is_none() {
-            let (database, role) = (gucs::database(), gucs::role());
-            match blocker(database.as_deref(), role.as_deref()) {
-                Some(b) => {
-                    if said != Some(b) {
-                        log!("outbox: {}", b.describe(database.as_deref().unwrap_or(""), role.as_deref().unwrap_or("")));
-                        said = Some(b);
-                    }
-                }
-                None => {
-                    let too_soon = last_start.is_some_and(|t| t.elapsed() < RECHECK);
-                    if !too_soon {
-                        said = None;
-                        last_start = Some(Instant::now());
-                        let db = database.unwrap_or_default();
-                        worker = start_worker(&db);
-                        if worker.is_none() {
-                            warning!("outbox: could not start the worker for database \"{db}\" (max_worker_processes?)");
-                        }
-                    }
-                }
-            }
-        }
+        launcher.round();
         wait(None, RECHECK);
     }
 }
@@ -210,7 +398,8 @@ mod tests {
     }
 
     fn serving() -> Option<i32> {
-        crate::pg::shmem::serving_worker()
+        // SAFETY: a plain read of this backend's database.
+        crate::pg::shmem::worker_of(unsafe { pg_sys::MyDatabaseId })
     }
 
     fn until(what: &str, mut f: impl FnMut() -> bool) {
@@ -222,31 +411,38 @@ mod tests {
     }
 
     /// Two workers started for one database: the second waits, saying so,
-    /// while the first serves, and takes over when the first exits. The
-    /// launcher starts no third beside a worker it did not start.
+    /// while the first serves. When the first exits, the database keeps its
+    /// slot, and one worker serves in it: the second, or one the launcher
+    /// started; any other waits.
     #[pg_test]
     fn a_second_worker_waits_until_the_first_exits() {
         until("a worker serves", || serving().is_some());
         let first = serving().unwrap();
-        let second = super::start_worker("pgrx_tests").expect("a worker slot").wait_for_startup().expect("started");
+        // SAFETY: a plain read of this backend's database.
+        let db = unsafe { pg_sys::MyDatabaseId };
+        let second = super::start_worker(db, "pgrx_tests", None).expect("a worker slot").wait_for_startup().expect("started");
         let second = second as i32;
         until("the second worker waits", || activity(second).as_deref() == Some("waiting for the other outbox worker to exit"));
         assert_eq!(serving(), Some(first), "the first serves on");
         Spi::run(&format!("SELECT pg_terminate_backend({first})")).unwrap();
-        until("the second takes over", || serving() == Some(second));
-        until("the second says it serves", || activity(second).is_some_and(|a| a != "waiting for the other outbox worker to exit"));
+        // The second, or one the launcher started in the slot the database
+        // kept, serves; never both.
+        until("another serves", || serving().is_some_and(|p| p != first));
+        let now = serving().unwrap();
+        until("it says it serves", || activity(now).is_some_and(|a| a != "waiting for the other outbox worker to exit"));
+        assert!(activity(second).is_some(), "the second lives on, serving or waiting");
         let workers = || {
             Spi::run("SELECT pg_stat_clear_snapshot()").unwrap();
             Spi::get_one::<i64>("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox worker'").unwrap().unwrap()
         };
-        // The launcher saw its worker exit and another serve: it starts
-        // none, or one that waits.
+        // Any other worker of this database waits.
         std::thread::sleep(Duration::from_millis(1500));
         Spi::run("SELECT pg_stat_clear_snapshot()").unwrap();
         let others = Spi::get_one_with_args::<i64>(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox worker' AND pid <> $1
+                AND datname = current_database()
                 AND query IS DISTINCT FROM 'waiting for the other outbox worker to exit'",
-            &[second.into()],
+            &[now.into()],
         )
         .unwrap()
         .unwrap();

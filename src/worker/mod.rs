@@ -1,8 +1,9 @@
 //! The background workers.
 //!
-//! - [`launcher`]: one per cluster, connected to no database. It waits until
-//!   the database named by `outbox.database` exists, then starts the delivery
-//!   worker there, and starts it again if it exits.
+//! - [`launcher`]: one per cluster, connected to no database. It keeps a
+//!   delivery worker in every database that has the extension (or only in
+//!   `outbox.database`), within `outbox.max_workers`, and starts it again if
+//!   it exits.
 //! - [`delivery`]: the delivery worker's loop: a turn of named steps
 //!   (record, absorb, claim, render), dispatch to the [`http`] threads, and
 //!   one rest.
