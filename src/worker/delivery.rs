@@ -347,6 +347,15 @@ unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
     shmem::release_worker();
 }
 
+/// Ends the process through Postgres' exit callbacks, with code 0: not
+/// restarted. (`proc_exit` is declared diverging on some versions only.)
+#[allow(unreachable_code)]
+fn exit_now() -> ! {
+    // SAFETY: called outside any transaction, on the main thread.
+    unsafe { pg_sys::proc_exit(0) };
+    unreachable!("proc_exit returned")
+}
+
 /// Runs `f` with every signal blocked, so threads it spawns inherit the mask
 /// and Postgres' handlers only ever run on the main thread.
 fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
@@ -412,9 +421,7 @@ impl Worker {
                 // The launcher reads the state once the process is gone,
                 // and starts no worker here until the extension is created.
                 shmem::set_state(WorkerState::NotInstalled);
-                // SAFETY: ends this process through Postgres' exit callbacks,
-                // outside any transaction; nothing else runs on this thread.
-                unsafe { pg_sys::proc_exit(0) }
+                exit_now()
             }
             Turn::Worked { requests, next_due } => {
                 self.more_due = next_due == Some(Duration::ZERO);
