@@ -194,3 +194,27 @@ fn one_database_in_trouble_does_not_hold_up_another() {
     locker.batch_execute("COMMIT").unwrap();
     assert!(wait_until(LONG, || r.requests_for("/a/2").len() == 1 && jobs_left(&mut a) == 0));
 }
+
+/// A worker that can't connect (its database locked by a rename left open)
+/// is stopped once it has waited its time, and gives its slot up, so that
+/// the other databases are served meanwhile.
+#[test]
+fn a_database_locked_by_an_open_rename_does_not_hold_the_only_slot() {
+    let db = cluster(&["outbox.max_workers = 1"]);
+    let r = Receiver::start();
+    let mut x = with_extension(&db, &r, "x");
+    assert!(wait_until(LONG, || serving(&mut x) == ["x"]), "{:?}", status(&mut x));
+    drop(x);
+    let mut b = with_extension(&db, &r, "b");
+    assert!(wait_until(LONG, || status(&mut b).get("b").map(String::as_str) == Some("waiting for a worker slot")));
+    // The rename stops x's worker; the next one waits for the lock.
+    let mut renaming = db.admin("postgres");
+    renaming.batch_execute("BEGIN; ALTER DATABASE x RENAME TO y").unwrap();
+    assert!(wait_until(LONG, || db.log().contains("did not begin within 10 s")), "{}", db.log());
+    assert!(wait_until(LONG, || serving(&mut b) == ["b"]), "{:?}", status(&mut b));
+    delivers(&mut b, &r, "1", "/b/1");
+    // Its back-off over, x waits for the slot b holds.
+    renaming.batch_execute("ROLLBACK").unwrap();
+    let x_waits = |b: &mut Client| status(b).get("x").map(String::as_str) == Some("waiting for a worker slot");
+    assert!(wait_until(LONG, || x_waits(&mut b)), "{:?}", status(&mut b));
+}

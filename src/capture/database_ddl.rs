@@ -203,7 +203,9 @@ pub unsafe fn step_aside_for(stmt: *mut pg_sys::Node, toplevel: bool) {
     let name = unsafe { CStr::from_ptr(name) };
     // SAFETY: a catalog lookup; missing_ok, so an unknown name is InvalidOid.
     let db = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
-    let Some(pid) = shmem::worker_of(db) else { return };
+    if !shmem::has_slot(db) {
+        return;
+    }
     // From inside the database itself the statement fails anyway.
     // SAFETY: a plain read of this backend's database.
     if db == pg_sys::InvalidOid || db == unsafe { pg_sys::MyDatabaseId } {
@@ -214,29 +216,33 @@ pub unsafe fn step_aside_for(stmt: *mut pg_sys::Node, toplevel: bool) {
         return;
     }
     // SAFETY: the lock the statement itself takes next, in this transaction;
-    // taken again by the statement, it is simply counted twice. Then a check
-    // that `pid` is still a session in this database, and a signal, as
-    // pg_terminate_backend does.
+    // taken again by the statement, it is simply counted twice. Then counts
+    // of the sessions in the database, and a signal, as pg_terminate_backend
+    // sends, to a worker found there.
     unsafe {
         pg_sys::LockSharedObject(pg_sys::DatabaseRelationId, db, 0, lock);
         // Sessions still in the database fail the statement whatever the
         // worker does (none can connect while we hold the lock). Postgres
         // waits five seconds for them to leave; so do we, for one that is
-        // closing.
-        let mut waited = 0;
-        while pg_sys::CountDBConnections(db) > 0 {
-            if waited == 50 {
-                return;
+        // closing, and for a worker that connected before the lock and has
+        // yet to claim its slot.
+        for _ in 0..50 {
+            if pg_sys::CountDBConnections(db) == 0 {
+                if let Some(pid) = shmem::worker_of(db) {
+                    let proc_ = pg_sys::BackendPidGetProc(pid);
+                    if !proc_.is_null() && (*proc_).databaseId == db {
+                        log!("outbox: stopping the worker of database \"{}\" for {what}", name.to_string_lossy());
+                        libc::kill(pid, libc::SIGTERM);
+                    }
+                    return;
+                }
+                // Nobody else in the database: nothing to stop.
+                if pg_sys::CountDBBackends(db) == 0 {
+                    return;
+                }
             }
             pg_sys::pg_usleep(100_000);
             pg_sys::check_for_interrupts!();
-            waited += 1;
         }
-        let proc_ = pg_sys::BackendPidGetProc(pid);
-        if proc_.is_null() || (*proc_).databaseId != db {
-            return;
-        }
-        log!("outbox: stopping the worker of database \"{}\" for {what}", name.to_string_lossy());
-        libc::kill(pid, libc::SIGTERM);
     }
 }

@@ -127,8 +127,7 @@ unsafe extern "C-unwind" fn process_utility(
         pg_sys::NodeTag::T_CreateStmt | pg_sys::NodeTag::T_AlterTableStmt => unsafe { after_table_ddl((*pstmt).utilityStmt) },
         // SAFETY: the node is a TransactionStmt, by its tag.
         pg_sys::NodeTag::T_TransactionStmt => unsafe { after_transaction_statement((*pstmt).utilityStmt.cast()) },
-        // SAFETY: the node is a CreateExtensionStmt, by its tag.
-        pg_sys::NodeTag::T_CreateExtensionStmt => unsafe { after_create_extension((*pstmt).utilityStmt.cast()) },
+        pg_sys::NodeTag::T_CreateExtensionStmt => tell_launcher_if_installed(),
         // SAFETY: the node is a DropStmt, by its tag.
         pg_sys::NodeTag::T_DropStmt => unsafe { after_drop((*pstmt).utilityStmt.cast()) },
         _ => {}
@@ -151,20 +150,29 @@ unsafe fn after_transaction_statement(stmt: *mut pg_sys::TransactionStmt) {
         crate::capture::wake::kinds_changed();
         // It may have created the extension (a prepared transaction must
         // be committed from its own database).
-        crate::capture::wake::extension_created();
+        tell_launcher_if_installed();
     }
 }
 
-/// `CREATE EXTENSION outbox` (also run from a function or a restore):
-/// the launcher is told when it commits, and starts a worker here.
-///
-/// # Safety
-/// `stmt` is the CreateExtensionStmt that just ran.
+/// After a `CREATE EXTENSION` (of outbox, or of another with CASCADE; run
+/// from a function or a restore too) or a `COMMIT PREPARED`: if `outbox` is
+/// installed here now, the launcher is told when the transaction commits,
+/// and starts a worker if none runs. (Even with one running: it may be
+/// about to exit for a `DROP EXTENSION` just before.) A database without
+/// the extension tells it nothing, so that ordinary two-phase commits don't
+/// bring workers to look there.
 #[cfg(not(feature = "pg13"))]
-unsafe fn after_create_extension(stmt: *mut pg_sys::CreateExtensionStmt) {
-    // SAFETY: the caller's contract; the name is a NUL-terminated string.
-    let name = unsafe { std::ffi::CStr::from_ptr((*stmt).extname) };
-    if name.to_bytes() == b"outbox" {
+#[pg_guard]
+extern "C-unwind" fn tell_launcher_if_installed() {
+    // SAFETY: catalog lookups in the statement's transaction. The
+    // invalidations and a new catalog snapshot make a prepared transaction
+    // committed just now visible; missing_ok.
+    let installed = unsafe {
+        pg_sys::AcceptInvalidationMessages();
+        pg_sys::InvalidateCatalogSnapshot();
+        pg_sys::get_extension_oid(c"outbox".as_ptr(), true) != pg_sys::InvalidOid
+    };
+    if installed {
         crate::capture::wake::extension_created();
     }
 }

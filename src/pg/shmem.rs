@@ -6,7 +6,10 @@
 //!
 //! The launcher alone gives a slot to a database and takes it back; a
 //! worker claims the slot of its database; a backend finds the slot of the
-//! database it is connected to.
+//! database it is connected to. A slot's database and its worker's pid are
+//! one word ([`Owner`]), changed by compare-and-swap only: the launcher
+//! can't take back a slot a worker just claimed, nor a worker claim one the
+//! launcher just took back, and so two workers never serve one database.
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
@@ -63,16 +66,31 @@ impl WorkerState {
     }
 }
 
+/// Whose a slot is: its database's oid (0: free) and the pid of the worker
+/// that holds it (0: none), packed in one `AtomicU64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Owner {
+    database: u32,
+    pid: i32,
+}
+
+impl Owner {
+    const FREE: Owner = Owner { database: 0, pid: 0 };
+    fn pack(self) -> u64 {
+        (u64::from(self.database) << 32) | u64::from(self.pid as u32)
+    }
+    fn unpack(v: u64) -> Owner {
+        Owner { database: (v >> 32) as u32, pid: v as u32 as i32 }
+    }
+}
+
 #[derive(Default)]
 struct WorkerSlot {
-    /// The database this slot is for (its oid), 0 if free. Written by the
-    /// launcher only, while no worker holds the slot.
-    database: AtomicU32,
+    /// An [`Owner`]: the database is set and cleared by the launcher while
+    /// no live worker holds the slot; the pid by the worker that claims it.
+    owner: AtomicU64,
     /// The worker's PGPROC number plus one; 0 means no worker to wake.
     procno_plus_one: AtomicI32,
-    /// The pid of the worker that serves, 0 if none: claimed by one worker
-    /// at a time (`claim_worker`).
-    pid: AtomicI32,
     state: AtomicU32,
     in_flight: AtomicU32,
     /// TimestampTz (µs since 2000-01-01) of the last claimed batch; 0 = never.
@@ -102,6 +120,16 @@ struct Shared {
     /// Databases waiting for a worker slot, as the launcher last found
     /// them; 0 ends the list.
     waiting: [AtomicU32; MAX_WORKERS],
+}
+
+impl WorkerSlot {
+    fn owner(&self) -> Owner {
+        Owner::unpack(self.owner.load(Ordering::Acquire))
+    }
+    /// Moves the owner from `from` to `to`; false if it was not `from`.
+    fn swap_owner(&self, from: Owner, to: Owner) -> bool {
+        self.owner.compare_exchange(from.pack(), to.pack(), Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
 }
 
 impl Default for Shared {
@@ -185,7 +213,7 @@ fn slot_of(shared: &'static Shared, db: pg_sys::Oid) -> Option<(usize, &'static 
     if db == 0 {
         return None;
     }
-    shared.slots.iter().enumerate().find(|(_, s)| s.database.load(Ordering::Acquire) == db)
+    shared.slots.iter().enumerate().find(|(_, s)| s.owner().database == db)
 }
 
 /// The slot of the database this backend is connected to, found once and
@@ -198,7 +226,7 @@ fn my_database_slot() -> Option<&'static WorkerSlot> {
         return None;
     }
     let cached = &shared.slots[FOUND.get() % MAX_WORKERS];
-    if cached.database.load(Ordering::Acquire) == db {
+    if cached.owner().database == db {
         return Some(cached);
     }
     let (i, slot) = slot_of(shared, pg_sys::Oid::from(db))?;
@@ -258,8 +286,14 @@ pub fn announce_extension() {
 /// DDL that needs the database to itself asks to step aside.
 pub fn worker_of(db: pg_sys::Oid) -> Option<i32> {
     let (_, slot) = slot_of(shared()?, db)?;
-    let pid = slot.pid.load(Ordering::Acquire);
+    let pid = slot.owner().pid;
     alive(pid).then_some(pid)
+}
+
+/// Whether the launcher gave database `db` a slot: a worker runs there, is
+/// starting, or is about to be started again.
+pub fn has_slot(db: pg_sys::Oid) -> bool {
+    shared().is_some_and(|shared| slot_of(shared, db).is_some())
 }
 
 // --- What a worker does, in the slot it holds. ---
@@ -284,26 +318,24 @@ pub enum Claim {
 pub fn claim_worker() -> Claim {
     let Some(shared) = shared() else { return Claim::NoSlot };
     // SAFETY: a plain read of this worker's database.
-    let db = unsafe { pg_sys::MyDatabaseId };
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let me = std::process::id() as i32;
-    let Some((index, slot)) = slot_of(shared, db) else { return Claim::NoSlot };
-    let mut holder = 0;
+    let Some((index, slot)) = slot_of(shared, pg_sys::Oid::from(db)) else { return Claim::NoSlot };
     loop {
-        match slot.pid.compare_exchange(holder, me, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => break,
-            Err(other) if other == me => break,
-            // Another pid holds it: ours only if that process is gone
-            // without releasing it, which exit (`release_worker`) always
-            // does short of a crash, and a crash resets shared memory.
-            Err(other) if alive(other) => return Claim::Held(other),
-            Err(other) => holder = other,
+        let owner = slot.owner();
+        // Taken back, and maybe given to another database, since the lookup.
+        if owner.database != db {
+            return claim_worker();
         }
-    }
-    // The launcher may have taken the slot back, and given it to another
-    // database, between the lookup and the claim.
-    if slot.database.load(Ordering::Acquire) != db.to_u32() {
-        let _ = slot.pid.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire);
-        return claim_worker();
+        // Another pid holds it: ours only if that process is gone without
+        // releasing it, which exit (`release_worker`) always does short of
+        // a crash, and a crash resets shared memory.
+        if owner.pid != 0 && owner.pid != me && alive(owner.pid) {
+            return Claim::Held(owner.pid);
+        }
+        if owner.pid == me || slot.swap_owner(owner, Owner { database: db, pid: me }) {
+            break;
+        }
     }
     MINE.store(index, Ordering::Relaxed);
     slot.state.store(WorkerState::Starting as u32, Ordering::Relaxed);
@@ -317,13 +349,17 @@ pub fn claim_worker() -> Claim {
 /// slot leaves the serving one's latch published.
 pub fn release_worker() {
     let Some(slot) = my_slot() else { return };
+    let owner = slot.owner();
+    // Held by this process until the swap below: nobody else writes these.
+    if owner.pid != std::process::id() as i32 {
+        return;
+    }
     slot.procno_plus_one.store(0, Ordering::Release);
     if WorkerState::from_u32(slot.state.load(Ordering::Relaxed)) != WorkerState::NotInstalled {
         slot.state.store(WorkerState::Stopped as u32, Ordering::Relaxed);
     }
     slot.in_flight.store(0, Ordering::Relaxed);
-    let me = std::process::id() as i32;
-    let _ = slot.pid.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire);
+    slot.swap_owner(owner, Owner { pid: 0, ..owner });
 }
 
 /// Sets what `worker_status()` shows; only a worker holding a slot does.
@@ -394,6 +430,8 @@ pub struct Given {
     /// The worker holding it, if that process is alive.
     pub pid: Option<i32>,
     pub state: WorkerState,
+    /// The owner as read: [`take_back`] only if it is still this.
+    owner: Owner,
 }
 
 /// Publishes the launcher's latch, so that announcements wake it.
@@ -420,13 +458,13 @@ pub fn given() -> Vec<Given> {
         .iter()
         .enumerate()
         .filter_map(|(index, s)| {
-            let db = s.database.load(Ordering::Acquire);
-            let pid = s.pid.load(Ordering::Acquire);
-            (db != 0).then(|| Given {
+            let owner = s.owner();
+            (owner.database != 0).then(|| Given {
                 index,
-                database: pg_sys::Oid::from(db),
-                pid: alive(pid).then_some(pid),
+                database: pg_sys::Oid::from(owner.database),
+                pid: alive(owner.pid).then_some(owner.pid),
                 state: WorkerState::from_u32(s.state.load(Ordering::Relaxed)),
+                owner,
             })
         })
         .collect()
@@ -436,9 +474,10 @@ pub fn given() -> Vec<Given> {
 /// of the database that had it before; None if all are taken.
 pub fn give(db: pg_sys::Oid, limit: usize) -> Option<usize> {
     let shared = shared()?;
-    let (index, slot) = shared.slots.iter().take(limit).enumerate().find(|(_, s)| s.database.load(Ordering::Acquire) == 0)?;
+    let (index, slot) = shared.slots.iter().take(limit).enumerate().find(|(_, s)| s.owner() == Owner::FREE)?;
+    // Free, so no worker reads or writes the rest, and none can claim it
+    // before the owner names the database.
     slot.procno_plus_one.store(0, Ordering::Relaxed);
-    slot.pid.store(0, Ordering::Relaxed);
     slot.state.store(WorkerState::Starting as u32, Ordering::Relaxed);
     slot.in_flight.store(0, Ordering::Relaxed);
     slot.last_batch_at.store(0, Ordering::Relaxed);
@@ -447,14 +486,30 @@ pub fn give(db: pg_sys::Oid, limit: usize) -> Option<usize> {
     slot.rendering.store(0, Ordering::Relaxed);
     slot.stuck.store(0, Ordering::Relaxed);
     slot.stuck_times.store(0, Ordering::Relaxed);
-    slot.database.store(db.to_u32(), Ordering::Release);
-    Some(index)
+    slot.swap_owner(Owner::FREE, Owner { database: db.to_u32(), pid: 0 }).then_some(index)
 }
 
-/// Takes slot `index` back, once no live worker holds it.
-pub fn take_back(index: usize) {
+/// Takes a slot back, unless its owner changed since it was read (a worker
+/// claimed it): then the next round looks again.
+pub fn take_back(given: &Given) {
     if let Some(shared) = shared() {
-        shared.slots[index].database.store(0, Ordering::Release);
+        shared.slots[given.index].swap_owner(given.owner, Owner::FREE);
+    }
+}
+
+/// Gives back slot `index`, just given to database `db`, when its worker
+/// could not be started.
+pub fn give_back(index: usize, db: pg_sys::Oid) {
+    if let Some(shared) = shared() {
+        shared.slots[index].swap_owner(Owner { database: db.to_u32(), pid: 0 }, Owner::FREE);
+    }
+}
+
+/// Before a worker is started again in slot `index`, which no worker
+/// holds: it shows `starting` until the new one is past its first look.
+pub fn restarting(index: usize) {
+    if let Some(shared) = shared() {
+        shared.slots[index].state.store(WorkerState::Starting as u32, Ordering::Relaxed);
     }
 }
 
@@ -481,12 +536,11 @@ pub struct Snapshot {
 pub fn snapshot() -> Option<Vec<Snapshot>> {
     let shared = shared()?;
     let rows = shared.slots.iter().filter_map(|s| {
-        let db = s.database.load(Ordering::Acquire);
+        let Owner { database, pid } = s.owner();
         let state = WorkerState::from_u32(s.state.load(Ordering::Relaxed));
-        let pid = s.pid.load(Ordering::Relaxed);
         let last = s.last_batch_at.load(Ordering::Relaxed);
-        (db != 0).then(|| Snapshot {
-            database: pg_sys::Oid::from(db),
+        (database != 0).then(|| Snapshot {
+            database: pg_sys::Oid::from(database),
             pid: (state != WorkerState::Stopped && pid > 0).then_some(pid),
             state,
             in_flight: s.in_flight.load(Ordering::Relaxed) as i32,

@@ -3,13 +3,15 @@
 //! what it knows of each database. Pure: databases are plain ids and names.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 /// A row of `pg_database`, as the launcher reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Database {
     pub id: u32,
     pub name: String,
-    /// `datallowconn`: a worker could not connect without it.
+    /// `datallowconn`, and not left invalid by an interrupted `DROP
+    /// DATABASE`: a worker could not connect otherwise.
     pub allows_connections: bool,
     /// `datistemplate`: copied by CREATE DATABASE, which fails while anyone
     /// is connected to the template.
@@ -72,6 +74,13 @@ pub fn plan(databases: &[Database], known: Known<'_>, mut ready: impl FnMut(&Dat
     plan
 }
 
+/// The pause before another start in a database whose last `strikes`
+/// workers failed to get past their start (to connect, or to claim their
+/// slot in time): `base`, doubling with each strike, at most `max`.
+pub fn backoff(strikes: u32, base: Duration, max: Duration) -> Duration {
+    base.saturating_mul(1 << strikes.min(16)).min(max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +124,14 @@ mod tests {
         let none = HashSet::new();
         let p = plan(&dbs, known(&none, &none, 1), |d| d.id != 10);
         assert_eq!(p, Plan { start: vec![20], waiting: vec![30] });
+    }
+
+    #[test]
+    fn failed_starts_back_off_doubling_up_to_a_cap() {
+        let s = Duration::from_secs;
+        let pauses: Vec<Duration> = (0..8).map(|n| backoff(n, s(1), s(60))).collect();
+        assert_eq!(pauses, [s(1), s(2), s(4), s(8), s(16), s(32), s(60), s(60)]);
+        assert_eq!(backoff(u32::MAX, s(1), s(60)), s(60));
     }
 
     #[test]

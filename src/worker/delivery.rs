@@ -288,6 +288,11 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
             pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
         }
     }
+    // Most databases a worker looks at have no extension: it leaves before
+    // starting any thread.
+    if in_transaction(|| lock_extension(None)).is_none() {
+        not_installed(&database, false);
+    }
     let concurrency = gucs::CONCURRENCY.get().max(1) as usize;
     let ca_file = gucs::ca_file();
     let roots = trusted_roots(ca_file.as_deref()).unwrap_or_else(|e| {
@@ -345,6 +350,21 @@ unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
         shmem::mark_stuck();
     }
     shmem::release_worker();
+}
+
+/// Without the extension, the worker exits, and marks its slot so that
+/// the launcher starts none here until the extension is created. Said at
+/// LOG level when the database was named by `outbox.database` or the
+/// extension was there before, and quietly when the worker was only looking.
+fn not_installed(database: &str, found_before: bool) -> ! {
+    let what = format!("outbox worker: extension \"outbox\" is not installed in database \"{database}\"; the worker exits until CREATE EXTENSION outbox");
+    if found_before || gucs::database().is_some() {
+        log!("{what}");
+    } else {
+        debug1!("{what}");
+    }
+    shmem::set_state(WorkerState::NotInstalled);
+    exit_now()
 }
 
 /// Ends the process through Postgres' exit callbacks, with code 0: not
@@ -417,12 +437,7 @@ impl Worker {
                 c"waiting for privileges on the outbox tables",
                 PRIVILEGES_RECHECK,
             ),
-            Turn::NoExtension => {
-                // The launcher reads the state once the process is gone,
-                // and starts no worker here until the extension is created.
-                shmem::set_state(WorkerState::NotInstalled);
-                exit_now()
-            }
+            Turn::NoExtension => not_installed(&self.database, self.found_extension),
             Turn::Worked { requests, next_due } => {
                 self.more_due = next_due == Some(Duration::ZERO);
                 self.dispatch(requests);
@@ -543,9 +558,7 @@ impl Worker {
     }
 
     /// Step: whether the extension is installed (held until the turn ends).
-    /// Without it, the worker exits: said at LOG level when the database was
-    /// named by `outbox.database` or the extension was there before, and
-    /// quietly when the worker was only looking.
+    /// Without it, the worker exits ([`not_installed`]).
     fn follow_extension(&mut self) -> bool {
         let extension = lock_extension(self.extension);
         if extension != self.extension {
@@ -568,14 +581,6 @@ impl Worker {
                         self.pool.threads()
                     );
                 }
-            }
-        }
-        if extension.is_none() {
-            let what = format!("outbox worker: extension \"outbox\" is not installed in database \"{}\"; the worker exits until CREATE EXTENSION outbox", self.database);
-            if self.found_extension || gucs::database().is_some() {
-                log!("{what}");
-            } else {
-                debug1!("{what}");
             }
         }
         self.found_extension |= extension.is_some();

@@ -29,6 +29,16 @@ use std::time::{Duration, Instant};
 /// the least time between two starts of a worker in one database.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// How long a worker may take to claim its slot. One that takes longer
+/// waits for a lock on its database (a `DROP DATABASE`, a rename in an open
+/// transaction, a long copy): it is stopped, so that it doesn't hold the
+/// slot from other databases, and tried again later.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest pause before a database whose workers keep failing to get
+/// past their start gets another.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
 /// Why no worker can run, in any database or in the one named. Each is
 /// logged once, and waited out: a worker started anyway would fail to
 /// connect, again and again.
@@ -93,7 +103,7 @@ fn databases() -> Vec<Database> {
             Some(Database {
                 id: (*form).oid.to_u32(),
                 name: CStr::from_ptr((*form).datname.data.as_ptr()).to_string_lossy().into_owned(),
-                allows_connections: (*form).datallowconn,
+                allows_connections: (*form).datallowconn && (*form).datconnlimit != pg_sys::DATCONNLIMIT_INVALID_DB,
                 is_template: (*form).datistemplate,
             })
         })
@@ -169,10 +179,13 @@ fn start_worker(db: pg_sys::Oid, name: &str, role: Option<pg_sys::Oid>) -> Optio
 /// What the launcher knows from one round to the next.
 #[derive(Default)]
 struct Launcher {
-    /// The workers this launcher started, by database. A slot held by a
-    /// worker it has no handle on (started by a launcher before it) counts
-    /// as served all the same.
-    started: HashMap<u32, DynamicBackgroundWorker>,
+    /// The workers this launcher started, by database, and when. A slot
+    /// held by a worker it has no handle on (started by a launcher before
+    /// it) counts as served all the same.
+    started: HashMap<u32, (DynamicBackgroundWorker, Instant)>,
+    /// How many workers in a row failed to get past their start, by
+    /// database: the next waits [`backoff`].
+    strikes: HashMap<u32, u32>,
     /// Databases a worker found without the extension.
     absent: HashSet<u32>,
     /// Databases announced since their last worker started: a worker
@@ -199,6 +212,7 @@ impl Launcher {
         self.absent.retain(|db| exists.contains(db));
         self.recheck.retain(|db| exists.contains(db));
         self.last_start.retain(|db, _| exists.contains(db));
+        self.strikes.retain(|db, _| exists.contains(db));
         let only = gucs::database();
         let wanted: HashSet<u32> = databases.iter().filter(|d| placement::wanted(d, only.as_deref())).map(|d| d.id).collect();
         let vacant = self.reap(&databases, &wanted);
@@ -245,7 +259,8 @@ impl Launcher {
     /// Whether a worker may start in database `db` now: not started there a
     /// moment ago, and `role` (None: the bootstrap superuser) may connect.
     fn ready(&mut self, db: u32, name: &str, role: Option<pg_sys::Oid>, role_name: Option<&str>) -> bool {
-        if self.last_start.get(&db).is_some_and(|t| t.elapsed() < RECHECK) {
+        let pause = placement::backoff(self.strikes.get(&db).copied().unwrap_or(0), RECHECK, MAX_BACKOFF);
+        if self.last_start.get(&db).is_some_and(|t| t.elapsed() < pause) {
             return false;
         }
         if role.is_some_and(|r| !may_connect(r, pg_sys::Oid::from(db))) {
@@ -283,37 +298,64 @@ impl Launcher {
         }
     }
 
-    /// Looks at the slots whose worker exited: one that found no
-    /// extension, or whose database is gone or no longer `wanted`, gives
-    /// its slot back; the others keep theirs (and what it says of the kind
-    /// a stuck worker was rendering), and are returned, to start again.
+    /// Looks at the slots whose worker exited: one that never got past its
+    /// start, or found no extension, or whose database is gone or no longer
+    /// `wanted`, gives its slot back; the others keep theirs (and what it
+    /// says of the kind a stuck worker was rendering), and are returned, to
+    /// start again. A worker that has not claimed its slot in time is
+    /// stopped.
     fn reap(&mut self, databases: &[Database], wanted: &HashSet<u32>) -> Vec<(usize, u32)> {
+        let name_of = |db: u32| databases.iter().find(|d| d.id == db).map_or("", |d| d.name.as_str()).to_string();
         let mut vacant = Vec::new();
         for g in shmem::given() {
             let db = g.database.to_u32();
             // Not yet started counts as running: starting another would make two.
-            let handle_runs = self.started.get(&db).is_some_and(|w| {
+            let handle_runs = self.started.get(&db).is_some_and(|(w, _)| {
                 !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied))
             });
-            if handle_runs || g.pid.is_some() {
-                if let Some(pid) = g.pid.filter(|_| !handle_runs) {
+            if let Some(pid) = g.pid {
+                if !handle_runs {
                     // Another worker holds the slot (one that waited for
                     // ours, or one a launcher before this one started).
                     self.started.remove(&db);
                     if self.said_not_mine.insert(pid) {
-                        let name = databases.iter().find(|d| d.id == db).map_or("", |d| d.name.as_str());
-                        log!("outbox: a worker this launcher did not start (pid {pid}) serves database \"{name}\"; it starts none beside it");
+                        log!("outbox: a worker this launcher did not start (pid {pid}) serves database \"{}\"; it starts none beside it", name_of(db));
                     }
+                }
+                if g.state != WorkerState::Starting {
+                    self.strikes.remove(&db);
+                }
+                continue;
+            }
+            if handle_runs {
+                let since = self.started[&db].1;
+                if since.elapsed() > CLAIM_TIMEOUT {
+                    let (worker, _) = self.started.remove(&db).expect("a handle");
+                    // Reaped, with a strike, once it is gone.
+                    worker.terminate();
+                    log!(
+                        "outbox: the worker started in database \"{}\" did not begin within {} s (is the database locked?); stopping it, to try again later",
+                        name_of(db),
+                        CLAIM_TIMEOUT.as_secs()
+                    );
                 }
                 continue;
             }
             self.started.remove(&db);
+            // It never got past its start (it could not connect, or claim
+            // in time): the database waits its back-off, counted from now,
+            // without a slot, so that other databases are not held up.
+            let failed = g.state == WorkerState::Starting;
+            if failed {
+                *self.strikes.entry(db).or_default() += 1;
+                self.last_start.insert(db, Instant::now());
+            }
             let not_installed = g.state == WorkerState::NotInstalled && !self.recheck.contains(&db);
             if not_installed {
                 self.absent.insert(db);
             }
-            if not_installed || !wanted.contains(&db) {
-                shmem::take_back(g.index);
+            if failed || not_installed || !wanted.contains(&db) {
+                shmem::take_back(&g);
             } else {
                 vacant.push((g.index, db));
             }
@@ -325,17 +367,26 @@ impl Launcher {
     /// false if no background worker process was free (the slot is then
     /// given back, and the database waits with the others).
     fn start(&mut self, db: pg_sys::Oid, name: &str, role: Option<pg_sys::Oid>, index: Option<usize>) -> bool {
-        let Some(index) = index.or_else(|| shmem::give(db, gucs::max_workers())) else { return false };
+        let index = match index {
+            Some(index) => {
+                shmem::restarting(index);
+                index
+            }
+            None => match shmem::give(db, gucs::max_workers()) {
+                Some(index) => index,
+                None => return false,
+            },
+        };
         self.last_start.insert(db.to_u32(), Instant::now());
         self.recheck.remove(&db.to_u32());
         match start_worker(db, name, role) {
             Some(worker) => {
-                self.started.insert(db.to_u32(), worker);
+                self.started.insert(db.to_u32(), (worker, Instant::now()));
                 self.said_no_process = false;
                 true
             }
             None => {
-                shmem::take_back(index);
+                shmem::give_back(index, db);
                 if !self.said_no_process {
                     warning!("outbox: could not start the worker for database \"{name}\": no background worker process is free (max_worker_processes)");
                     self.said_no_process = true;
@@ -377,7 +428,10 @@ pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
             processes.saturating_sub(1)
         );
     }
-    let mut launcher = Launcher { reloads_seen: reloads(), ..Launcher::default() };
+    // A worker in a slot given before this launcher started may have been
+    // looking when the last launcher was told of a CREATE EXTENSION.
+    let recheck = shmem::given().iter().map(|g| g.database.to_u32()).collect();
+    let mut launcher = Launcher { reloads_seen: reloads(), recheck, ..Launcher::default() };
     loop {
         handle_interrupts();
         launcher.round();
