@@ -32,7 +32,7 @@ psql() { "$PGBIN/psql" -qXAt -h 127.0.0.1 -p "$port" -U postgres -d app "$@"; }
 psql -c "SELECT outbox.register('k', 'http://127.0.0.1:9/{id}')" >/dev/null
 psql -c "SELECT outbox.enqueue('k', 1)" >/dev/null
 for _ in $(seq 100); do
-    state=$(psql -c "SELECT state FROM outbox.worker_status() WHERE pid IS NOT NULL")
+    state=$(psql -c "SELECT state FROM outbox.worker_status() WHERE database = current_database() AND pid IS NOT NULL")
     [ -n "$state" ] && [ "$state" != starting ] && break
     sleep 0.1
 done

@@ -42,8 +42,9 @@ for major in "${PG_VERSIONS[@]}"; do
     else
         cargo pgrx install --sudo --pg-config "$pg_config"
     fi
-    # The upgrade test installs version 0.1.0 from its script, then updates it.
-    as_root install -m 644 sql/outbox--0.1.0.sql "$("$pg_config" --sharedir)/extension/"
+    # The upgrade tests install versions 0.1.0 and 0.2.0 from their scripts,
+    # then update them.
+    as_root install -m 644 sql/outbox--0.1.0.sql sql/outbox--0.2.0.sql "$("$pg_config" --sharedir)/extension/"
     OUTBOX_PG_BIN=$("$pg_config" --bindir) cargo test --manifest-path e2e/Cargo.toml --tests
 done
 

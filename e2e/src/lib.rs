@@ -11,6 +11,12 @@ pub mod webhooks;
 
 use std::time::{Duration, Instant};
 
+/// The extension's version: the crate's, in the repository's Cargo.toml.
+pub fn extension_version() -> String {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml")).unwrap();
+    manifest.lines().find_map(|l| l.strip_prefix("version = \"")).unwrap().trim_end_matches('"').to_string()
+}
+
 /// Jobs not yet delivered: the queue, dead ones included, and the inbox.
 pub fn jobs_left(c: &mut postgres::Client) -> i64 {
     c.query_one("SELECT count(*) FROM outbox.jobs", &[]).unwrap().get(0)

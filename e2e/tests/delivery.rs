@@ -564,6 +564,8 @@ fn serializable_read_only_defaults_do_not_stop_the_worker() {
     )
     .unwrap();
     c.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    // The old worker shows until it has exited.
+    assert!(wait_until(LONG, || db.worker_pid().is_some_and(|p| p != pid)), "a new worker");
     let worker = db.wait_for_worker();
     assert_ne!(worker, pid);
     // This session connected before the ALTERs: it still writes.

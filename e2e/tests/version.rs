@@ -14,7 +14,5 @@ fn the_cluster_runs_the_version_asked_for() {
     let num: String = c.query_one("SHOW server_version_num", &[]).unwrap().get(0);
     assert_eq!(num[..num.len() - 4], major, "{wanted}");
     let ext: String = c.query_one("SELECT extversion FROM pg_extension WHERE extname = 'outbox'", &[]).unwrap().get(0);
-    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml")).unwrap();
-    let version = manifest.lines().find_map(|l| l.strip_prefix("version = \"")).unwrap().trim_end_matches('"');
-    assert_eq!(ext, version, "the extension's version is the crate's");
+    assert_eq!(ext, outbox_e2e::extension_version(), "the extension's version is the crate's");
 }

@@ -6,17 +6,38 @@ use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-const UPSERT_KIND: &str = "
+/// Creates or updates a kind, with `$rotation` for the columns of a secret
+/// rotation.
+macro_rules! upsert_kind {
+    ($rotation:literal) => {
+        concat!(
+            "
 INSERT INTO outbox.kinds AS k (kind, url, body, headers, secret, timeout, max_attempts, on_missing,
                                run_as, render_timeout, allow_superuser)
 VALUES ($1, $2, $3::pg_catalog.regprocedure, $4, $5, $6, $7, $8, $9::pg_catalog.regrole, $10, $11)
 ON CONFLICT (kind) DO UPDATE
    SET url = excluded.url, body = excluded.body, headers = excluded.headers,
-       secret = excluded.secret, timeout = excluded.timeout,
+       secret = excluded.secret, timeout = excluded.timeout,",
+            $rotation,
+            "
        max_attempts = excluded.max_attempts, on_missing = excluded.on_missing,
        run_as = excluded.run_as, render_timeout = excluded.render_timeout,
        allow_superuser = excluded.allow_superuser,
-       updated_at = pg_catalog.now()";
+       updated_at = pg_catalog.now()"
+        )
+    };
+}
+/// A new secret ends a rotation's overlap; the same one keeps it, and an
+/// overlap that is over is cleared.
+const UPSERT_KIND: &str = upsert_kind!(
+    "
+       previous_secret = CASE WHEN excluded.secret OPERATOR(pg_catalog.=) k.secret
+                                   AND k.previous_secret_until OPERATOR(pg_catalog.>) pg_catalog.now() THEN k.previous_secret END,
+       previous_secret_until = CASE WHEN excluded.secret OPERATOR(pg_catalog.=) k.secret
+                                   AND k.previous_secret_until OPERATOR(pg_catalog.>) pg_catalog.now() THEN k.previous_secret_until END,"
+);
+/// A database still on 0.2.0 (`schema::kinds_rotate_secrets`).
+const UPSERT_KIND_0_2: &str = upsert_kind!("");
 
 const INSERT_STATS: &str = "INSERT INTO outbox.kind_stats (kind) VALUES ($1) ON CONFLICT DO NOTHING";
 
@@ -38,6 +59,25 @@ const DELETE_JOBS: &str = "
 WITH q AS (DELETE FROM outbox.queue WHERE kind OPERATOR(pg_catalog.=) $1)
 DELETE FROM outbox.inbox WHERE kind OPERATOR(pg_catalog.=) $1";
 const DELETE_KIND: &str = "DELETE FROM outbox.kinds WHERE kind OPERATOR(pg_catalog.=) $1";
+/// The secret becomes $2; the one it replaces (if any, and if the overlap
+/// $3 is not zero) is kept as the previous one until now() + $3. Returns
+/// the kind's current secret, before.
+const ROTATE_SECRET: &str = "
+WITH prior AS (SELECT kind, secret FROM outbox.kinds WHERE kind OPERATOR(pg_catalog.=) $1 FOR UPDATE)
+UPDATE outbox.kinds k
+   SET secret = $2,
+       previous_secret = CASE WHEN $3 OPERATOR(pg_catalog.>) '0'::pg_catalog.interval THEN prior.secret END,
+       previous_secret_until = CASE WHEN prior.secret IS NOT NULL AND $3 OPERATOR(pg_catalog.>) '0'::pg_catalog.interval
+                                    THEN pg_catalog.now() OPERATOR(pg_catalog.+) $3 END,
+       updated_at = pg_catalog.now()
+  FROM prior
+ WHERE k.kind OPERATOR(pg_catalog.=) prior.kind
+RETURNING prior.secret";
+
+/// Whether interval $1 is finite (PostgreSQL 17 and later have infinite
+/// intervals).
+const FINITE: &str = "SELECT pg_catalog.isfinite($1::pg_catalog.interval)";
+
 const SET_PAUSED: &str = "
 UPDATE outbox.kinds SET paused = $2, updated_at = pg_catalog.now() WHERE kind OPERATOR(pg_catalog.=) $1";
 
@@ -45,6 +85,7 @@ UPDATE outbox.kinds SET paused = $2, updated_at = pg_catalog.now() WHERE kind OP
 #[cfg(test)]
 pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("UPSERT_KIND", UPSERT_KIND),
+    ("UPSERT_KIND_0_2", UPSERT_KIND_0_2),
     ("INSERT_STATS", INSERT_STATS),
     ("BODY_FUNCTION", BODY_FUNCTION),
     ("LOCK_KIND", LOCK_KIND),
@@ -52,6 +93,8 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("DELETE_JOBS", DELETE_JOBS),
     ("DELETE_KIND", DELETE_KIND),
     ("SET_PAUSED", SET_PAUSED),
+    ("ROTATE_SECRET", ROTATE_SECRET),
+    ("FINITE", FINITE),
 ];
 
 #[allow(clippy::too_many_arguments)]
@@ -152,7 +195,8 @@ fn register(
             render_timeout.into(),
             allow_superuser.into(),
         ];
-        c.update(UPSERT_KIND, None, &args).unwrap_or_else(|e| panic!("upserting kind: {e}"));
+        let upsert = if crate::schema::kinds_rotate_secrets() { UPSERT_KIND } else { UPSERT_KIND_0_2 };
+        c.update(upsert, None, &args).unwrap_or_else(|e| panic!("upserting kind: {e}"));
         c.update(INSERT_STATS, None, &[kind.into()]).unwrap_or_else(|e| panic!("creating kind stats: {e}"));
     });
     crate::capture::wake::kinds_changed();
@@ -309,6 +353,50 @@ fn set_paused(kind: Option<&str>, paused: bool) {
     crate::api::grants::forget();
 }
 
+/// Replaces a kind's secret without a moment when receivers reject its
+/// requests: for `overlap`, each request carries two signatures, with the
+/// new secret and with the old one, so a receiver may switch keys at any
+/// time within it. After it, only the new one.
+#[pg_extern(sql = "
+CREATE FUNCTION outbox.rotate_secret(kind text, new_secret text, overlap interval DEFAULT '24 hours')
+RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+")]
+fn rotate_secret(kind: Option<&str>, new_secret: Option<&str>, overlap: Option<Interval>) {
+    let kind = require_kind(kind);
+    let new_secret = require(new_secret, "new_secret");
+    let overlap = require(overlap, "overlap");
+    if let Err(e) = signing::decode_secret(new_secret) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid secret for kind \"{kind}\": {e}"),
+            Some("Use a Standard Webhooks secret: 'whsec_' followed by base64 of 24 to 64 random bytes."),
+        );
+    }
+    let finite = Spi::get_one_with_args::<bool>(FINITE, &[overlap.into()]).unwrap_or_else(|e| panic!("{e}")) == Some(true);
+    if overlap.as_micros() < 0 || !finite {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "overlap must be a finite duration of zero or more",
+            Some("During the overlap requests carry both signatures, e.g. interval '24 hours'; '0' switches at once."),
+        );
+    }
+    let old = Spi::connect_mut(|c| {
+        let rows = c.update(ROTATE_SECRET, None, &[kind.into(), new_secret.into(), overlap.into()]).unwrap_or_else(|e| panic!("rotating the secret: {e}"));
+        (!rows.is_empty()).then(|| rows.first().get_one::<String>().unwrap_or_else(|e| panic!("rotating the secret: {e}")))
+    });
+    match old {
+        None => unknown_kind(kind),
+        Some(Some(old)) if old == new_secret => raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("kind \"{kind}\" already has this secret"),
+            Some("Generate a new one: 'whsec_' followed by base64 of 24 to 64 random bytes."),
+        ),
+        Some(_) => {}
+    }
+    crate::capture::wake::kinds_changed();
+}
+
 /// Stops deliveries of a kind; jobs keep queueing.
 #[pg_extern(schema = "outbox")]
 #[search_path(pg_catalog, pg_temp)]
@@ -453,6 +541,53 @@ mod tests {
         );
         assert_eq!(err_of("SELECT outbox.unregister('user')"), "42704");
         assert_eq!(err_of("SELECT outbox.unregister(NULL)"), "22004");
+    }
+
+    #[pg_test]
+    fn rotate_secret_keeps_the_replaced_secret_for_the_overlap() {
+        let (a, b, c) = (
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4",
+            "whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldY",
+        );
+        let state = |kind: &str| {
+            Spi::get_three_with_args::<String, String, bool>(
+                "SELECT secret, previous_secret, previous_secret_until = now() + interval '1 hour' FROM outbox.kinds WHERE kind = $1",
+                &[kind.into()],
+            )
+            .unwrap()
+        };
+        Spi::run(&format!("SELECT outbox.register('k', 'http://h/{{id}}', secret => '{a}')")).unwrap();
+        Spi::run(&format!("SELECT outbox.rotate_secret('k', '{b}', '1 hour')")).unwrap();
+        assert_eq!(state("k"), (Some(b.into()), Some(a.into()), Some(true)));
+        // Registered again with the same secret, the overlap goes on; with
+        // another, it ends.
+        Spi::run(&format!("SELECT outbox.register('k', 'http://h/{{id}}', secret => '{b}')")).unwrap();
+        assert_eq!(state("k"), (Some(b.into()), Some(a.into()), Some(true)));
+        Spi::run(&format!("SELECT outbox.register('k', 'http://h/{{id}}', secret => '{c}')")).unwrap();
+        assert_eq!(state("k"), (Some(c.into()), None, None));
+        // A second rotation keeps only the secret it replaces; no overlap
+        // keeps none.
+        Spi::run(&format!("SELECT outbox.rotate_secret('k', '{a}', '1 hour')")).unwrap();
+        Spi::run(&format!("SELECT outbox.rotate_secret('k', '{b}', '1 hour')")).unwrap();
+        assert_eq!(state("k"), (Some(b.into()), Some(a.into()), Some(true)));
+        Spi::run(&format!("SELECT outbox.rotate_secret('k', '{c}', '0')")).unwrap();
+        assert_eq!(state("k"), (Some(c.into()), None, None));
+        // A kind without a secret gets its first one.
+        Spi::run("SELECT outbox.register('plain', 'http://h/{id}')").unwrap();
+        Spi::run(&format!("SELECT outbox.rotate_secret('plain', '{a}')")).unwrap();
+        assert_eq!(state("plain"), (Some(a.into()), None, None));
+        let cases = [
+            (format!("SELECT outbox.rotate_secret('nope', '{a}')"), "42704"),
+            (format!("SELECT outbox.rotate_secret('k', '{c}')"), "22023"),
+            ("SELECT outbox.rotate_secret('k', 'not base64!')".to_string(), "22023"),
+            (format!("SELECT outbox.rotate_secret('k', '{a}', '-1 s')"), "22023"),
+            (format!("SELECT outbox.rotate_secret('k', '{a}', NULL)"), "22004"),
+            ("SELECT outbox.rotate_secret('k', NULL)".to_string(), "22004"),
+        ];
+        for (sql, code) in cases {
+            assert_eq!(err_of(&sql), code, "{sql}");
+        }
     }
 
     #[pg_test]

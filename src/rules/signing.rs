@@ -16,8 +16,16 @@ pub fn decode_secret(secret: &str) -> Result<Vec<u8>, String> {
     Ok(key)
 }
 
-/// The value of the `webhook-signature` header.
-pub fn sign(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
+/// The value of the `webhook-signature` header for every key, newest
+/// first, space-separated (Standard Webhooks: a receiver accepts the
+/// request if any signature matches a key it knows). None without keys.
+pub fn sign_all<'k>(keys: impl IntoIterator<Item = &'k [u8]>, msg_id: &str, timestamp: i64, body: &[u8]) -> Option<String> {
+    let signatures: Vec<String> = keys.into_iter().map(|key| sign(key, msg_id, timestamp, body)).collect();
+    (!signatures.is_empty()).then(|| signatures.join(" "))
+}
+
+/// One `v1,` signature.
+fn sign(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(msg_id.as_bytes());
     mac.update(b".");
@@ -37,6 +45,17 @@ mod tests {
         let key = decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let sig = sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn every_key_signs_newest_first() {
+        let new = decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let old = vec![7u8; 32];
+        let (id, ts, body) = ("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
+        let both = sign_all([new.as_slice(), old.as_slice()], id, ts, body).unwrap();
+        assert_eq!(both, format!("{} {}", sign(&new, id, ts, body), sign(&old, id, ts, body)));
+        assert_eq!(sign_all([new.as_slice()], id, ts, body).unwrap(), "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert_eq!(sign_all([], id, ts, body), None);
     }
 
     #[test]

@@ -57,6 +57,16 @@ pub fn relation(name: &std::ffi::CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     (oid != pg_sys::InvalidOid).then_some((oid, ns))
 }
 
+/// Whether `outbox.kinds` has the columns of version 0.3.0 (secret
+/// rotation). The library runs against a database still on 0.2.0 between a
+/// server restart and `ALTER EXTENSION outbox UPDATE`: there, statements
+/// that name them can't run.
+pub fn kinds_rotate_secrets() -> bool {
+    let Some((kinds, _)) = relation(c"kinds") else { return false };
+    // SAFETY: a syscache lookup; InvalidAttrNumber for a missing column.
+    unsafe { pg_sys::get_attnum(kinds, c"previous_secret".as_ptr()) != pg_sys::InvalidAttrNumber as i16 }
+}
+
 /// Where a backend last found one of the tables: (its oid, the schema's).
 type Found = std::thread::LocalKey<std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>>>;
 
@@ -133,7 +143,13 @@ CREATE TABLE outbox.kinds (
                  CHECK (render_timeout OPERATOR(pg_catalog.>=) '10 ms'
                         AND render_timeout OPERATOR(pg_catalog.<=) '5 min'),
     created_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    updated_at   timestamptz NOT NULL DEFAULT pg_catalog.now()
+    updated_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- The secret outbox.rotate_secret replaced: requests carry its
+    -- signature too until previous_secret_until.
+    previous_secret text,
+    previous_secret_until timestamptz,
+    CONSTRAINT kinds_previous_secret_check
+        CHECK ((previous_secret IS NULL) OPERATOR(pg_catalog.=) (previous_secret_until IS NULL))
 );
 
 -- Who may call outbox.enqueue() for a kind, or (kind NULL) for every kind.
@@ -381,6 +397,8 @@ mod tests {
             "SELECT * FROM outbox.jobs",
             "SELECT * FROM outbox.queue",
             "SELECT secret FROM outbox.kinds",
+            "SELECT previous_secret FROM outbox.kinds",
+            "SELECT outbox.rotate_secret('user', 'whsec_YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4')",
             "SELECT * FROM outbox.kind_stats",
             "INSERT INTO outbox.queue (kind, id) VALUES ('user', '9')",
             "SELECT * FROM outbox.inbox",

@@ -54,8 +54,9 @@ pub struct Request {
     /// JSON; `None` for a DELETE.
     pub body: Option<Vec<u8>>,
     pub headers: Vec<(String, String)>,
-    /// HMAC key when the kind has a secret.
-    pub key: Option<Arc<Vec<u8>>>,
+    /// HMAC keys when the kind has a secret: its secret, then the one it
+    /// replaced while their overlap lasts (`outbox.rotate_secret`).
+    pub keys: Vec<Arc<Vec<u8>>>,
     pub timeout: Duration,
     pub max_response_bytes: usize,
     /// Keep the connection for later requests. False when the host is one
@@ -330,8 +331,8 @@ fn build(r: Request, proxies: &Matcher) -> Result<hyper::Request<Full<Bytes>>, S
         .header(USER_AGENT, concat!("outbox/", env!("CARGO_PKG_VERSION")))
         .header("webhook-id", &msg_id)
         .header("webhook-timestamp", timestamp.to_string());
-    if let Some(key) = &r.key {
-        builder = builder.header("webhook-signature", signing::sign(key, &msg_id, timestamp, &body));
+    if let Some(signatures) = signing::sign_all(r.keys.iter().map(|k| k.as_slice()), &msg_id, timestamp, &body) {
+        builder = builder.header("webhook-signature", signatures);
     }
     for (name, value) in &r.headers {
         let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name:?}: {e}"))?;
@@ -427,7 +428,7 @@ mod tests {
             url,
             body: None,
             headers: vec![("x-extra".into(), "yes".into())],
-            key: None,
+            keys: Vec::new(),
             timeout,
             max_response_bytes: 4,
             keep_alive: true,

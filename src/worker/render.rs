@@ -11,23 +11,42 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Header that grows with every delivery of a record, so a receiver can drop
 /// a stale PUT that arrives late.
 const SEQUENCE_HEADER: &str = "outbox-sequence";
 
-/// Everything the worker needs to know about each kind. The body function's
-/// name is regproc output under the worker's pinned search_path, so it is
-/// schema-qualified unless it lives in pg_catalog.
-const LOAD_KINDS: &str = "
+/// Everything the worker needs to know about each kind, with `$previous`
+/// for the secret a rotation replaced. The body function's name is regproc
+/// output under the worker's pinned search_path, so it is schema-qualified
+/// unless it lives in pg_catalog.
+macro_rules! load_kinds {
+    ($previous:literal) => {
+        concat!(
+            "
 SELECT kind, url, body::pg_catalog.regproc::pg_catalog.text AS body, headers::pg_catalog.text AS headers, secret,
+       ",
+            $previous,
+            "
        (extract(epoch FROM timeout) OPERATOR(pg_catalog.*) 1000)::bigint AS timeout_ms,
        max_attempts, on_missing, paused, run_as::pg_catalog.oid AS run_as, allow_superuser,
        (extract(epoch FROM render_timeout) OPERATOR(pg_catalog.*) 1000)::bigint AS render_timeout_ms,
        (SELECT p.proowner FROM pg_catalog.pg_proc p
          WHERE p.oid OPERATOR(pg_catalog.=) body AND p.prosecdef) AS definer
-  FROM outbox.kinds";
+  FROM outbox.kinds"
+        )
+    };
+}
+const LOAD_KINDS: &str = load_kinds!(
+    "CASE WHEN previous_secret_until OPERATOR(pg_catalog.>) pg_catalog.now() THEN previous_secret END AS previous_secret,
+       (extract(epoch FROM GREATEST(LEAST(previous_secret_until, '9999-12-31'::pg_catalog.timestamptz),
+                                    '1970-01-01'::pg_catalog.timestamptz)) OPERATOR(pg_catalog.*) 1000)::bigint
+           AS previous_until_ms,"
+);
+/// A database still on 0.2.0 (`schema::kinds_rotate_secrets`).
+const LOAD_KINDS_0_2: &str =
+    load_kinds!("NULL::pg_catalog.text AS previous_secret, NULL::pg_catalog.int8 AS previous_until_ms,");
 
 pub struct Kind {
     pub url: String,
@@ -43,6 +62,9 @@ pub struct Kind {
     pub render_timeout: Duration,
     pub headers: Vec<(String, String)>,
     pub key: Option<Arc<Vec<u8>>>,
+    /// The secret `rotate_secret` replaced, signed with too until the
+    /// instant (its overlap).
+    pub previous_key: Option<(Arc<Vec<u8>>, SystemTime)>,
     pub timeout: Duration,
     pub max_attempts: i32,
     pub delete_when_missing: bool,
@@ -51,18 +73,31 @@ pub struct Kind {
     pub host_per_record: bool,
 }
 
+impl Kind {
+    /// The keys a request signed `now` carries: the secret, and the one it
+    /// replaced while their overlap lasts.
+    fn keys(&self, now: SystemTime) -> Vec<Arc<Vec<u8>>> {
+        let previous = self.previous_key.as_ref().filter(|(_, until)| now < *until).map(|(key, _)| Arc::clone(key));
+        self.key.iter().cloned().chain(previous).collect()
+    }
+}
+
 /// Every kind, its columns read by name. The table's CHECKs and NOT NULLs
 /// hold the rules (and its defaults the defaults): a NULL where the table
 /// forbids one is a broken catalog, and fails the turn.
 pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
-    let rows = super::plans::execute(c, LOAD_KINDS, &[], &[]).unwrap_or_else(|e| panic!("loading kinds: {e}"));
+    let sql = if crate::schema::kinds_rotate_secrets() { LOAD_KINDS } else { LOAD_KINDS_0_2 };
+    let rows = super::plans::execute(c, sql, &[], &[]).unwrap_or_else(|e| panic!("loading kinds: {e}"));
     let mut kinds = HashMap::new();
     for r in rows {
         let headers: Vec<(String, String)> =
             serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&required::<String>(&r, "headers"))
                 .map(|m| m.into_iter().filter_map(|(k, v)| Some((k, v.as_str()?.to_string()))).collect())
                 .unwrap_or_default();
-        let key = optional::<String>(&r, "secret").and_then(|s| signing::decode_secret(&s).ok()).map(Arc::new);
+        let decode = |column: &str| optional::<String>(&r, column).and_then(|s| signing::decode_secret(&s).ok()).map(Arc::new);
+        let key = decode("secret");
+        let previous_until = optional::<i64>(&r, "previous_until_ms").map(|ms| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64));
+        let previous_key = decode("previous_secret").zip(previous_until);
         let url: String = required(&r, "url");
         let ms = |name: &str| Duration::from_millis(required::<i64>(&r, name).max(1) as u64);
         kinds.insert(
@@ -77,6 +112,7 @@ pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
                 render_timeout: ms("render_timeout_ms"),
                 headers,
                 key,
+                previous_key,
                 timeout: ms("timeout_ms"),
                 max_attempts: required(&r, "max_attempts"),
                 delete_when_missing: required::<String>(&r, "on_missing") != "skip",
@@ -361,7 +397,7 @@ pub fn render(
                 url,
                 body,
                 headers,
-                key: kind.key.clone(),
+                keys: kind.keys(SystemTime::now()),
                 timeout: kind.timeout,
                 max_response_bytes,
                 keep_alive: !kind.host_per_record,
@@ -388,6 +424,6 @@ mod unit {
 mod qualified {
     #[test]
     fn every_statement_names_the_schema_of_its_functions_and_operators() {
-        crate::testing::sql_check::assert_qualified(&[("LOAD_KINDS", super::LOAD_KINDS)]);
+        crate::testing::sql_check::assert_qualified(&[("LOAD_KINDS", super::LOAD_KINDS), ("LOAD_KINDS_0_2", super::LOAD_KINDS_0_2)]);
     }
 }
