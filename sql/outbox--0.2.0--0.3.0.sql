@@ -1,4 +1,5 @@
--- outbox 0.2.0 to 0.3.0: secret rotation.
+-- outbox 0.2.0 to 0.3.0: secret rotation, and a limit of requests in
+-- flight per kind.
 
 -- The secret outbox.rotate_secret replaced: requests carry its signature
 -- too until previous_secret_until.
@@ -13,3 +14,13 @@ RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'rotate_secret_wrapper';
 -- Admin only, as every function but enqueue.
 REVOKE EXECUTE ON FUNCTION outbox.rotate_secret(text, text, interval) FROM PUBLIC;
+
+-- At most this many of the kind's requests in flight at once (NULL: only
+-- outbox.concurrency bounds them).
+ALTER TABLE outbox.kinds ADD COLUMN max_in_flight int
+    CHECK (max_in_flight OPERATOR(pg_catalog.>=) 1 AND max_in_flight OPERATOR(pg_catalog.<=) 1024);
+
+CREATE FUNCTION outbox.set_max_in_flight(kind text, max_in_flight int)
+RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'set_max_in_flight_wrapper';
+REVOKE EXECUTE ON FUNCTION outbox.set_max_in_flight(text, int) FROM PUBLIC;

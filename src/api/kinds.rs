@@ -36,7 +36,7 @@ const UPSERT_KIND: &str = upsert_kind!(
        previous_secret_until = CASE WHEN excluded.secret OPERATOR(pg_catalog.=) k.secret
                                    AND k.previous_secret_until OPERATOR(pg_catalog.>) pg_catalog.now() THEN k.previous_secret_until END,"
 );
-/// A database still on 0.2.0 (`schema::kinds_rotate_secrets`).
+/// A database still on 0.2.0 (`schema::kinds_at_0_3`).
 const UPSERT_KIND_0_2: &str = upsert_kind!("");
 
 const INSERT_STATS: &str = "INSERT INTO outbox.kind_stats (kind) VALUES ($1) ON CONFLICT DO NOTHING";
@@ -78,6 +78,9 @@ RETURNING prior.secret";
 /// intervals).
 const FINITE: &str = "SELECT pg_catalog.isfinite($1::pg_catalog.interval)";
 
+const SET_MAX_IN_FLIGHT: &str = "
+UPDATE outbox.kinds SET max_in_flight = $2, updated_at = pg_catalog.now() WHERE kind OPERATOR(pg_catalog.=) $1";
+
 const SET_PAUSED: &str = "
 UPDATE outbox.kinds SET paused = $2, updated_at = pg_catalog.now() WHERE kind OPERATOR(pg_catalog.=) $1";
 
@@ -95,6 +98,7 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("SET_PAUSED", SET_PAUSED),
     ("ROTATE_SECRET", ROTATE_SECRET),
     ("FINITE", FINITE),
+    ("SET_MAX_IN_FLIGHT", SET_MAX_IN_FLIGHT),
 ];
 
 #[allow(clippy::too_many_arguments)]
@@ -195,7 +199,7 @@ fn register(
             render_timeout.into(),
             allow_superuser.into(),
         ];
-        let upsert = if crate::schema::kinds_rotate_secrets() { UPSERT_KIND } else { UPSERT_KIND_0_2 };
+        let upsert = if crate::schema::kinds_at_0_3() { UPSERT_KIND } else { UPSERT_KIND_0_2 };
         c.update(upsert, None, &args).unwrap_or_else(|e| panic!("upserting kind: {e}"));
         c.update(INSERT_STATS, None, &[kind.into()]).unwrap_or_else(|e| panic!("creating kind stats: {e}"));
     });
@@ -397,6 +401,32 @@ fn rotate_secret(kind: Option<&str>, new_secret: Option<&str>, overlap: Option<I
     crate::capture::wake::kinds_changed();
 }
 
+/// Bounds how many of a kind's requests are in flight at once (NULL: only
+/// `outbox.concurrency` does), so that one slow receiver can't take every
+/// slot from the others.
+#[pg_extern(sql = "
+CREATE FUNCTION outbox.set_max_in_flight(kind text, max_in_flight int)
+RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+")]
+fn set_max_in_flight(kind: Option<&str>, max_in_flight: Option<i32>) {
+    let kind = require_kind(kind);
+    if max_in_flight.is_some_and(|n| !(1..=1024).contains(&n)) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "max_in_flight must be between 1 and 1024",
+            Some("NULL removes the limit: outbox.concurrency alone bounds the kind."),
+        );
+    }
+    let updated = Spi::connect_mut(|c| {
+        c.update(SET_MAX_IN_FLIGHT, None, &[kind.into(), max_in_flight.into()]).map(|t| t.len()).unwrap_or_else(|e| panic!("{e}"))
+    });
+    if updated == 0 {
+        unknown_kind(kind);
+    }
+    crate::capture::wake::kinds_changed();
+}
+
 /// Stops deliveries of a kind; jobs keep queueing.
 #[pg_extern(schema = "outbox")]
 #[search_path(pg_catalog, pg_temp)]
@@ -587,6 +617,28 @@ mod tests {
         ];
         for (sql, code) in cases {
             assert_eq!(err_of(&sql), code, "{sql}");
+        }
+    }
+
+    #[pg_test]
+    fn set_max_in_flight_bounds_a_kind_or_not() {
+        Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
+        let limit = || Spi::get_one::<i32>("SELECT max_in_flight FROM outbox.kinds WHERE kind = 'k'").unwrap();
+        assert_eq!(limit(), None);
+        Spi::run("SELECT outbox.set_max_in_flight('k', 4)").unwrap();
+        assert_eq!(limit(), Some(4));
+        // register leaves it as it is.
+        Spi::run("SELECT outbox.register('k', 'http://h/{id}', max_attempts => 3)").unwrap();
+        assert_eq!(limit(), Some(4));
+        Spi::run("SELECT outbox.set_max_in_flight('k', NULL)").unwrap();
+        assert_eq!(limit(), None);
+        for (sql, code) in [
+            ("SELECT outbox.set_max_in_flight('k', 0)", "22023"),
+            ("SELECT outbox.set_max_in_flight('k', 1025)", "22023"),
+            ("SELECT outbox.set_max_in_flight('nope', 1)", "42704"),
+            ("SELECT outbox.set_max_in_flight(NULL, 1)", "22004"),
+        ] {
+            assert_eq!(err_of(sql), code, "{sql}");
         }
     }
 

@@ -58,10 +58,10 @@ pub fn relation(name: &std::ffi::CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
 }
 
 /// Whether `outbox.kinds` has the columns of version 0.3.0 (secret
-/// rotation). The library runs against a database still on 0.2.0 between a
+/// rotation, `max_in_flight`). The library runs against a database still on 0.2.0 between a
 /// server restart and `ALTER EXTENSION outbox UPDATE`: there, statements
 /// that name them can't run.
-pub fn kinds_rotate_secrets() -> bool {
+pub fn kinds_at_0_3() -> bool {
     let Some((kinds, _)) = relation(c"kinds") else { return false };
     // SAFETY: a syscache lookup; InvalidAttrNumber for a missing column.
     unsafe { pg_sys::get_attnum(kinds, c"previous_secret".as_ptr()) != pg_sys::InvalidAttrNumber as i16 }
@@ -149,7 +149,11 @@ CREATE TABLE outbox.kinds (
     previous_secret text,
     previous_secret_until timestamptz,
     CONSTRAINT kinds_previous_secret_check
-        CHECK ((previous_secret IS NULL) OPERATOR(pg_catalog.=) (previous_secret_until IS NULL))
+        CHECK ((previous_secret IS NULL) OPERATOR(pg_catalog.=) (previous_secret_until IS NULL)),
+    -- At most this many of the kind's requests in flight at once (NULL:
+    -- only outbox.concurrency bounds them).
+    max_in_flight int
+                 CHECK (max_in_flight OPERATOR(pg_catalog.>=) 1 AND max_in_flight OPERATOR(pg_catalog.<=) 1024)
 );
 
 -- Who may call outbox.enqueue() for a kind, or (kind NULL) for every kind.
@@ -399,6 +403,7 @@ mod tests {
             "SELECT secret FROM outbox.kinds",
             "SELECT previous_secret FROM outbox.kinds",
             "SELECT outbox.rotate_secret('user', 'whsec_YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4')",
+            "SELECT outbox.set_max_in_flight('user', 1)",
             "SELECT * FROM outbox.kind_stats",
             "INSERT INTO outbox.queue (kind, id) VALUES ('user', '9')",
             "SELECT * FROM outbox.inbox",

@@ -519,12 +519,13 @@ impl Worker {
             let inbox_full = self.absorb(c, batch);
             self.read_kinds(c, kinds_generation);
             let now = Instant::now();
-            let active = self.active_kinds(now);
-            // A benched kind is looked at again when its time is up.
-            let bench_ends = self.benched.values().map(|b| b.0).filter(|&until| until > now).min().map(|until| until - now);
             let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
             let room = limit.saturating_sub(self.in_flight.len()).min(batch);
-            // No room in flight, or every kind paused: nothing to claim.
+            let active = self.active_kinds(now, room);
+            // A benched kind is looked at again when its time is up.
+            let bench_ends = self.benched.values().map(|b| b.0).filter(|&until| until > now).min().map(|until| until - now);
+            // No room in flight, or every kind paused or at its limit (the
+            // outcomes wake us): nothing to claim.
             if room == 0 || active.is_empty() {
                 let next_due = if inbox_full { Some(Duration::ZERO) } else { bench_ends };
                 return Turn::Worked { requests: Vec::new(), next_due };
@@ -541,6 +542,7 @@ impl Worker {
                 // Their outcomes wake us, and that turn looks again.
                 None
             } else {
+                let active = active.into_iter().map(|(kind, _)| kind).collect();
                 queue::next_due_ms(c, active, &busy).map(|ms| match ms {
                     // Due, yet nothing could be claimed: the job is locked by
                     // a transaction that enqueued it again. Its commit wakes
@@ -671,19 +673,34 @@ impl Worker {
         }
     }
 
-    /// The kinds to claim for: neither paused nor benched.
-    fn active_kinds(&mut self, now: Instant) -> Vec<String> {
+    /// The kinds to claim for: neither paused nor benched, nor with as many
+    /// requests in flight as their `max_in_flight` allows; with how many
+    /// more each may have (at most `room`).
+    fn active_kinds(&mut self, now: Instant, room: usize) -> Vec<(String, i64)> {
         let kinds = &self.kinds;
         self.benched.retain(|name, _| kinds.contains_key(name));
         let benched = |name: &str| self.benched.get(name).is_some_and(|b| b.0 > now);
-        kinds.iter().filter(|(n, k)| !k.paused && !benched(n)).map(|(n, _)| n.clone()).collect()
+        let mut in_flight: HashMap<&str, usize> = HashMap::new();
+        for job in self.in_flight.values() {
+            *in_flight.entry(job.kind.as_str()).or_default() += 1;
+        }
+        kinds
+            .iter()
+            .filter(|(n, k)| !k.paused && !benched(n))
+            .map(|(n, k)| {
+                let left = k.max_in_flight.map_or(room, |max| max.saturating_sub(in_flight.get(n.as_str()).copied().unwrap_or(0)));
+                (n.clone(), left.min(room) as i64)
+            })
+            .filter(|(_, left)| *left > 0)
+            .collect()
     }
 
     /// Step: claims up to `room` due jobs, none of a record in flight.
-    fn claim(&mut self, c: &mut SpiClient<'_>, active: &[String], room: usize, busy: &queue::InFlightKeys) -> Vec<queue::Claimed> {
+    fn claim(&mut self, c: &mut SpiClient<'_>, active: &[(String, i64)], room: usize, busy: &queue::InFlightKeys) -> Vec<queue::Claimed> {
         let claimed = queue::claim(c, active, &mut self.cursors, room as i64, busy);
         self.last_work += claimed.len();
-        if claimed.len() < room {
+        let wanted = active.iter().map(|(_, left)| *left as usize).sum::<usize>().min(room);
+        if claimed.len() < wanted {
             // Short: the scans reached the end; start the next ones over.
             self.cursors.clear();
         }

@@ -240,8 +240,9 @@ SELECT DISTINCT r.kind, u.id
          LIMIT $1) r
  CROSS JOIN LATERAL pg_catalog.unnest(coalesce(r.ids, ARRAY[r.id])) AS u(id)";
 
-/// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), oldest
-/// first, at most one per record, and none for a record in flight: $5 holds
+/// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), at most
+/// $6 of each (what its `max_in_flight` leaves), oldest first, at most one
+/// per record, and none for a record in flight: $5 holds
 /// the key hashes of the worker's deliveries in flight, as this statement
 /// returns them (`hashtextextended(id, hashtextextended(kind, 0))`). The
 /// worker is the only claimer and knows them all (a restart sends every
@@ -262,8 +263,9 @@ SELECT DISTINCT r.kind, u.id
 const CLAIM: &str = "
 WITH due AS (
     SELECT d.ctid, d.job_id, d.kind, d.id, d.run_at
-      FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($3::bigint[]), pg_catalog.unnest($4::bigint[]))
-           AS k(kind, after_us, after_id)
+      FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($3::bigint[]), pg_catalog.unnest($4::bigint[]),
+                      pg_catalog.unnest($6::bigint[]))
+           AS k(kind, after_us, after_id, room)
      CROSS JOIN LATERAL (
         SELECT q.ctid, q.job_id, q.kind, q.id, q.run_at
           FROM outbox.queue q
@@ -278,7 +280,7 @@ WITH due AS (
            AND NOT (pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))
                     OPERATOR(pg_catalog.=) ANY (SELECT pg_catalog.unnest($5::bigint[])))
          ORDER BY q.run_at, q.job_id
-         LIMIT $2
+         LIMIT k.room
            FOR UPDATE SKIP LOCKED
      ) d
      ORDER BY d.run_at, d.job_id
@@ -540,11 +542,13 @@ pub type InFlightKeys = Vec<i64>;
 /// Claims up to `limit` jobs of `kinds`, each kind scanned from its cursor,
 /// none for a record in `busy`. A kind whose scan claimed nothing has its
 /// cursor reset for the next turn.
-pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, limit: i64, busy: &InFlightKeys) -> Vec<Claimed> {
+pub fn claim(c: &mut SpiClient<'_>, kinds: &[(String, i64)], cursors: &mut Cursors, limit: i64, busy: &InFlightKeys) -> Vec<Claimed> {
     let (after_us, after_id): (Vec<Option<i64>>, Vec<Option<i64>>) =
-        kinds.iter().map(|k| cursors.get(k).map_or((None, None), |&(t, j)| (Some(t), Some(j)))).unzip();
-    let args: [DatumWithOid; 5] = [kinds.to_vec().into(), limit.into(), after_us.into(), after_id.into(), busy.clone().into()];
-    let types = [TEXT_ARRAY, INT8, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY];
+        kinds.iter().map(|(k, _)| cursors.get(k).map_or((None, None), |&(t, j)| (Some(t), Some(j)))).unzip();
+    let (names, rooms): (Vec<String>, Vec<i64>) = kinds.iter().map(|(k, room)| (k.clone(), (*room).min(limit))).unzip();
+    let args: [DatumWithOid; 6] =
+        [names.into(), limit.into(), after_us.into(), after_id.into(), busy.clone().into(), rooms.into()];
+    let types = [TEXT_ARRAY, INT8, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY];
     let rows = execute(c, CLAIM, &types, &args).unwrap_or_else(|e| panic!("claim: {e}"));
     let claimed: Vec<Claimed> = rows
         .filter_map(|r| {
@@ -560,7 +564,7 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[String], cursors: &mut Cursors, lim
             })
         })
         .collect();
-    for kind in kinds {
+    for (kind, _) in kinds {
         let last = claimed.iter().filter(|j| &j.kind == kind).map(|j| (j.run_at_us, j.job_id)).max();
         match last {
             Some(pos) => {
@@ -870,7 +874,26 @@ mod tests {
     }
 
     fn claim_of(kind: &str, busy: &super::InFlightKeys) -> Vec<super::Claimed> {
-        Spi::connect_mut(|c| super::claim(c, &[kind.to_string()], &mut super::Cursors::new(), 10, busy))
+        claim_at_most(kind, 10, busy)
+    }
+
+    fn claim_at_most(kind: &str, room: i64, busy: &super::InFlightKeys) -> Vec<super::Claimed> {
+        Spi::connect_mut(|c| super::claim(c, &[(kind.to_string(), room)], &mut super::Cursors::new(), 10, busy))
+    }
+
+    /// A kind's room (what its `max_in_flight` leaves) bounds its claim;
+    /// another kind's claim in the same statement is not held back by it.
+    #[pg_test]
+    fn a_kinds_room_bounds_its_claim() {
+        Spi::run("SELECT outbox.register('k', 'http://h/{id}'), outbox.register('j', 'http://h/{id}')").unwrap();
+        Spi::run("SELECT count(outbox.enqueue('k', g)) + count(outbox.enqueue('j', g)) FROM generate_series(1, 5) g").unwrap();
+        crate::worker::queue::absorb_all();
+        assert_eq!(claim_at_most("k", 2, &Vec::new()).len(), 2);
+        let both = Spi::connect_mut(|c| {
+            super::claim(c, &[("k".to_string(), 1), ("j".to_string(), 10)], &mut super::Cursors::new(), 10, &Vec::new())
+        });
+        let count = |kind: &str| both.iter().filter(|j| j.kind == kind).count();
+        assert_eq!((count("k"), count("j")), (1, 5));
     }
 
     fn ids(claimed: &[super::Claimed]) -> Vec<&str> {
@@ -942,7 +965,7 @@ mod tests {
                 Spi::run("ANALYZE outbox.queue").unwrap();
             }
             let claim =
-                worker_plan(super::CLAIM, "text[], bigint, bigint[], bigint[], bigint[]", "'{user}', 10, '{NULL}', '{NULL}', '{}'");
+                worker_plan(super::CLAIM, "text[], bigint, bigint[], bigint[], bigint[], bigint[]", "'{user}', 10, '{NULL}', '{NULL}', '{}', '{10}'");
             let next_due = worker_plan(super::NEXT_DUE, "text[], bigint[]", "'{user}', '{}'");
             for plan in [claim, next_due] {
                 assert!(plan.contains("using queue_due") && !plan.contains("queue_fresh_key"), "analyzed: {analyzed}\n{plan}");
