@@ -1,5 +1,5 @@
--- outbox 0.2.0 to 0.3.0: secret rotation, and a limit of requests in
--- flight per kind.
+-- outbox 0.2.0 to 0.3.0: secret rotation, and per-kind limits of requests
+-- in flight and a second.
 
 -- The secret outbox.rotate_secret replaced: requests carry its signature
 -- too until previous_secret_until.
@@ -24,3 +24,13 @@ CREATE FUNCTION outbox.set_max_in_flight(kind text, max_in_flight int)
 RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'set_max_in_flight_wrapper';
 REVOKE EXECUTE ON FUNCTION outbox.set_max_in_flight(text, int) FROM PUBLIC;
+
+-- At most this many of the kind's requests a second, sent evenly (NULL: no
+-- limit).
+ALTER TABLE outbox.kinds ADD COLUMN rate_limit double precision
+    CHECK (rate_limit OPERATOR(pg_catalog.>) 0 AND rate_limit OPERATOR(pg_catalog.<=) 100000);
+
+CREATE FUNCTION outbox.set_rate_limit(kind text, per_second double precision)
+RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'set_rate_limit_wrapper';
+REVOKE EXECUTE ON FUNCTION outbox.set_rate_limit(text, double precision) FROM PUBLIC;

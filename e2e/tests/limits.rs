@@ -54,3 +54,44 @@ fn a_hanging_receiver_holds_only_its_kinds_share_of_the_slots() {
     gate.open();
     assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
 }
+
+/// A kind's `rate_limit` spaces its requests evenly: 40 records at 20 a
+/// second take about two seconds, never a burst; another kind is not slowed.
+#[test]
+fn a_rate_limit_spreads_requests_evenly() {
+    let db = Cluster::start();
+    let r = Receiver::start();
+    let mut c = db.client();
+    c.batch_execute(&format!(
+        "SELECT outbox.register('paced', '{}'); SELECT outbox.register('free', '{}');
+         SELECT outbox.set_rate_limit('paced', 20);",
+        r.url("/paced/{id}"),
+        r.url("/free/{id}")
+    ))
+    .unwrap();
+    db.wait_for_worker();
+    c.batch_execute(
+        "SELECT count(outbox.enqueue('paced', g)) FROM generate_series(1, 40) g;
+         SELECT count(outbox.enqueue('free', g)) FROM generate_series(1, 40) g;",
+    )
+    .unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    let at = |prefix: &str| {
+        let mut at: Vec<_> = r.requests().into_iter().filter(|q| q.path.starts_with(prefix)).map(|q| q.at).collect();
+        at.sort();
+        at
+    };
+    let (paced, free) = (at("/paced/"), at("/free/"));
+    assert_eq!((paced.len(), free.len()), (40, 40));
+    // At 20 a second, from a bucket of two: 38 more after the first two.
+    let span = paced[39] - paced[0];
+    assert!(span >= Duration::from_millis(1800), "40 requests in {span:?}");
+    // No burst: in any quarter of a second, about the bucket and the
+    // quarter's share (2 + 5; 9 allows for the HTTP threads' jitter),
+    // whatever the machine's speed.
+    for (i, start) in paced.iter().enumerate() {
+        let within = paced[i..].iter().take_while(|t| **t - *start < Duration::from_millis(250)).count();
+        assert!(within <= 9, "{within} requests within 250 ms of request {i}");
+    }
+    assert!(free[39] - free[0] < span, "the other kind is not paced");
+}

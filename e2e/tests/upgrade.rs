@@ -112,7 +112,7 @@ fn version_0_1_0_updated_in_place_delivers_everything_and_equals_a_fresh_install
     assert!(inbox >= 3, "changes wait in the inbox: {inbox}");
     // Less the columns later versions add, NULL after the update.
     let kinds_sql =
-        "SELECT (to_jsonb(k) - 'created_at' - 'previous_secret' - 'previous_secret_until' - 'max_in_flight')::text FROM outbox.kinds k ORDER BY kind";
+        "SELECT (to_jsonb(k) - 'created_at' - 'previous_secret' - 'previous_secret_until' - 'max_in_flight' - 'rate_limit')::text FROM outbox.kinds k ORDER BY kind";
     let grants_sql = "SELECT (to_jsonb(e))::text FROM outbox.enqueuers e ORDER BY 1";
     let (kinds, grants) = (texts(&mut c, kinds_sql), texts(&mut c, grants_sql));
 

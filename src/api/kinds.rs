@@ -81,6 +81,9 @@ const FINITE: &str = "SELECT pg_catalog.isfinite($1::pg_catalog.interval)";
 const SET_MAX_IN_FLIGHT: &str = "
 UPDATE outbox.kinds SET max_in_flight = $2, updated_at = pg_catalog.now() WHERE kind OPERATOR(pg_catalog.=) $1";
 
+const SET_RATE_LIMIT: &str = "
+UPDATE outbox.kinds SET rate_limit = $2, updated_at = pg_catalog.now() WHERE kind OPERATOR(pg_catalog.=) $1";
+
 const SET_PAUSED: &str = "
 UPDATE outbox.kinds SET paused = $2, updated_at = pg_catalog.now() WHERE kind OPERATOR(pg_catalog.=) $1";
 
@@ -99,6 +102,7 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("ROTATE_SECRET", ROTATE_SECRET),
     ("FINITE", FINITE),
     ("SET_MAX_IN_FLIGHT", SET_MAX_IN_FLIGHT),
+    ("SET_RATE_LIMIT", SET_RATE_LIMIT),
 ];
 
 #[allow(clippy::too_many_arguments)]
@@ -427,6 +431,31 @@ fn set_max_in_flight(kind: Option<&str>, max_in_flight: Option<i32>) {
     crate::capture::wake::kinds_changed();
 }
 
+/// Bounds how many of a kind's requests go out a second, evenly (NULL: no
+/// limit), for receivers that throttle or bill by the request.
+#[pg_extern(sql = "
+CREATE FUNCTION outbox.set_rate_limit(kind text, per_second double precision)
+RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+")]
+fn set_rate_limit(kind: Option<&str>, per_second: Option<f64>) {
+    let kind = require_kind(kind);
+    if per_second.is_some_and(|r| !(r > 0.0 && r <= 100_000.0)) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "per_second must be more than 0 and at most 100000",
+            Some("Requests a second, e.g. 0.5 for one every two seconds; NULL removes the limit."),
+        );
+    }
+    let updated = Spi::connect_mut(|c| {
+        c.update(SET_RATE_LIMIT, None, &[kind.into(), per_second.into()]).map(|t| t.len()).unwrap_or_else(|e| panic!("{e}"))
+    });
+    if updated == 0 {
+        unknown_kind(kind);
+    }
+    crate::capture::wake::kinds_changed();
+}
+
 /// Stops deliveries of a kind; jobs keep queueing.
 #[pg_extern(schema = "outbox")]
 #[search_path(pg_catalog, pg_temp)]
@@ -637,6 +666,26 @@ mod tests {
             ("SELECT outbox.set_max_in_flight('k', 1025)", "22023"),
             ("SELECT outbox.set_max_in_flight('nope', 1)", "42704"),
             ("SELECT outbox.set_max_in_flight(NULL, 1)", "22004"),
+        ] {
+            assert_eq!(err_of(sql), code, "{sql}");
+        }
+    }
+
+    #[pg_test]
+    fn set_rate_limit_validates_and_stores() {
+        Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
+        let limit = || Spi::get_one::<f64>("SELECT rate_limit FROM outbox.kinds WHERE kind = 'k'").unwrap();
+        Spi::run("SELECT outbox.set_rate_limit('k', 0.5)").unwrap();
+        assert_eq!(limit(), Some(0.5));
+        Spi::run("SELECT outbox.set_rate_limit('k', NULL)").unwrap();
+        assert_eq!(limit(), None);
+        for (sql, code) in [
+            ("SELECT outbox.set_rate_limit('k', 0)", "22023"),
+            ("SELECT outbox.set_rate_limit('k', -1)", "22023"),
+            ("SELECT outbox.set_rate_limit('k', 'NaN')", "22023"),
+            ("SELECT outbox.set_rate_limit('k', 'Infinity')", "22023"),
+            ("SELECT outbox.set_rate_limit('k', 100001)", "22023"),
+            ("SELECT outbox.set_rate_limit('nope', 1)", "42704"),
         ] {
             assert_eq!(err_of(sql), code, "{sql}");
         }

@@ -4,8 +4,10 @@
 //! - [`policy`]: how a response is classified, and when a failed job runs again.
 //! - [`signing`]: Standard Webhooks HMAC signatures.
 //! - [`placement`]: which databases the launcher starts a worker in.
+//! - [`rate`]: a kind's rate limit, a token bucket.
 
 pub mod placement;
 pub mod policy;
+pub mod rate;
 pub mod signing;
 pub mod template;

@@ -58,7 +58,7 @@ pub fn relation(name: &std::ffi::CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
 }
 
 /// Whether `outbox.kinds` has the columns of version 0.3.0 (secret
-/// rotation, `max_in_flight`). The library runs against a database still on 0.2.0 between a
+/// rotation, `max_in_flight`, `rate_limit`). The library runs against a database still on 0.2.0 between a
 /// server restart and `ALTER EXTENSION outbox UPDATE`: there, statements
 /// that name them can't run.
 pub fn kinds_at_0_3() -> bool {
@@ -153,7 +153,11 @@ CREATE TABLE outbox.kinds (
     -- At most this many of the kind's requests in flight at once (NULL:
     -- only outbox.concurrency bounds them).
     max_in_flight int
-                 CHECK (max_in_flight OPERATOR(pg_catalog.>=) 1 AND max_in_flight OPERATOR(pg_catalog.<=) 1024)
+                 CHECK (max_in_flight OPERATOR(pg_catalog.>=) 1 AND max_in_flight OPERATOR(pg_catalog.<=) 1024),
+    -- At most this many of the kind's requests a second, sent evenly (NULL:
+    -- no limit).
+    rate_limit   double precision
+                 CHECK (rate_limit OPERATOR(pg_catalog.>) 0 AND rate_limit OPERATOR(pg_catalog.<=) 100000)
 );
 
 -- Who may call outbox.enqueue() for a kind, or (kind NULL) for every kind.
@@ -404,6 +408,7 @@ mod tests {
             "SELECT previous_secret FROM outbox.kinds",
             "SELECT outbox.rotate_secret('user', 'whsec_YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4')",
             "SELECT outbox.set_max_in_flight('user', 1)",
+            "SELECT outbox.set_rate_limit('user', 1)",
             "SELECT * FROM outbox.kind_stats",
             "INSERT INTO outbox.queue (kind, id) VALUES ('user', '9')",
             "SELECT * FROM outbox.inbox",

@@ -13,6 +13,7 @@ use super::queue::{self, Failure};
 use super::render::{self, Rendered};
 use super::signals::{handle_interrupts, in_transaction, install_handlers, pause, reloads, report_activity, report_stats, wait};
 use crate::rules::policy::{classify, retry_delay, Response, Verdict};
+use crate::rules::rate;
 use crate::schema::JobState;
 use crate::pg::shmem::{self, WorkerState};
 use crate::pg::gucs;
@@ -56,6 +57,14 @@ fn turn_gap(last_work: usize, more_due: bool, last_turn: Duration, delivering: b
         return MAX_BUSY_TURN_GAP;
     }
     last_turn.saturating_mul(BUSY_GAP_PER_TURN).clamp(BUSY_TURN_GAP, MAX_BUSY_TURN_GAP)
+}
+
+/// The sooner of two waits, either of which may be none.
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// How long the worker may sleep when no commit or outcome wakes it: until
@@ -232,6 +241,8 @@ struct Worker {
     /// until the instant, so one blocked kind stalls the others' turns once
     /// per back-off, not every turn. With how often it happened in a row.
     benched: HashMap<String, (Instant, u32)>,
+    /// The token buckets of the kinds with a `rate_limit`.
+    buckets: HashMap<String, rate::Bucket>,
     /// The kind a previous worker got stuck rendering (its hash), and how
     /// many times in a row: benched once the kinds are read.
     stuck: Option<(u64, u32)>,
@@ -325,6 +336,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         ca_file,
         reloads_seen: reloads(),
         benched: HashMap::new(),
+        buckets: HashMap::new(),
         stuck: shmem::take_stuck_kind(),
     };
     loop {
@@ -521,13 +533,15 @@ impl Worker {
             let now = Instant::now();
             let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
             let room = limit.saturating_sub(self.in_flight.len()).min(batch);
-            let active = self.active_kinds(now, room);
-            // A benched kind is looked at again when its time is up.
+            let (active, rate_wait) = self.active_kinds(now, room);
+            // A benched kind is looked at again when its time is up, and one
+            // held back by its rate when it may go on.
             let bench_ends = self.benched.values().map(|b| b.0).filter(|&until| until > now).min().map(|until| until - now);
+            let held_ends = earliest(bench_ends, rate_wait);
             // No room in flight, or every kind paused or at its limit (the
             // outcomes wake us): nothing to claim.
             if room == 0 || active.is_empty() {
-                let next_due = if inbox_full { Some(Duration::ZERO) } else { bench_ends };
+                let next_due = if inbox_full { Some(Duration::ZERO) } else { held_ends };
                 return Turn::Worked { requests: Vec::new(), next_due };
             }
             // Every job in flight is `running`: none was recorded yet.
@@ -551,10 +565,7 @@ impl Worker {
                     ms => Duration::from_millis(ms as u64),
                 })
             };
-            let next_due = match (next_due, bench_ends) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let next_due = earliest(next_due, held_ends);
             Turn::Worked { requests, next_due }
         })
     }
@@ -674,31 +685,46 @@ impl Worker {
     }
 
     /// The kinds to claim for: neither paused nor benched, nor with as many
-    /// requests in flight as their `max_in_flight` allows; with how many
-    /// more each may have (at most `room`).
-    fn active_kinds(&mut self, now: Instant, room: usize) -> Vec<(String, i64)> {
+    /// requests in flight as their `max_in_flight` allows, nor out of their
+    /// `rate_limit`; with how many more each may have (at most `room`). And
+    /// how soon a kind held back by its rate may go on.
+    fn active_kinds(&mut self, now: Instant, room: usize) -> (Vec<(String, i64)>, Option<Duration>) {
         let kinds = &self.kinds;
         self.benched.retain(|name, _| kinds.contains_key(name));
+        self.buckets.retain(|name, _| kinds.get(name).is_some_and(|k| k.rate_limit.is_some()));
         let benched = |name: &str| self.benched.get(name).is_some_and(|b| b.0 > now);
         let mut in_flight: HashMap<&str, usize> = HashMap::new();
         for job in self.in_flight.values() {
             *in_flight.entry(job.kind.as_str()).or_default() += 1;
         }
-        kinds
-            .iter()
-            .filter(|(n, k)| !k.paused && !benched(n))
-            .map(|(n, k)| {
-                let left = k.max_in_flight.map_or(room, |max| max.saturating_sub(in_flight.get(n.as_str()).copied().unwrap_or(0)));
-                (n.clone(), left.min(room) as i64)
-            })
-            .filter(|(_, left)| *left > 0)
-            .collect()
+        let mut rate_wait: Option<Duration> = None;
+        let mut active = Vec::new();
+        for (name, kind) in kinds.iter().filter(|(n, k)| !k.paused && !benched(n)) {
+            let mut left = kind.max_in_flight.map_or(room, |max| max.saturating_sub(in_flight.get(name.as_str()).copied().unwrap_or(0)));
+            if let Some(rate) = kind.rate_limit {
+                let bucket = self.buckets.entry(name.clone()).or_insert_with(|| rate::Bucket::new(rate, now));
+                let tokens = bucket.available(rate, now);
+                if tokens == 0 {
+                    rate_wait = earliest(rate_wait, Some(bucket.wait_for_one(rate)));
+                }
+                left = left.min(tokens);
+            }
+            if left > 0 {
+                active.push((name.clone(), left.min(room) as i64));
+            }
+        }
+        (active, rate_wait)
     }
 
     /// Step: claims up to `room` due jobs, none of a record in flight.
     fn claim(&mut self, c: &mut SpiClient<'_>, active: &[(String, i64)], room: usize, busy: &queue::InFlightKeys) -> Vec<queue::Claimed> {
         let claimed = queue::claim(c, active, &mut self.cursors, room as i64, busy);
         self.last_work += claimed.len();
+        for job in &claimed {
+            if let Some(bucket) = self.buckets.get_mut(&job.kind) {
+                bucket.take(1);
+            }
+        }
         let wanted = active.iter().map(|(_, left)| *left as usize).sum::<usize>().min(room);
         if claimed.len() < wanted {
             // Short: the scans reached the end; start the next ones over.

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const SEQUENCE_HEADER: &str = "outbox-sequence";
 
 /// Everything the worker needs to know about each kind, with `$previous`
-/// for the columns of 0.3.0 (`max_in_flight`, the secret a rotation
-/// replaced). The body function's name is regproc
+/// for the columns of 0.3.0 (`max_in_flight`, `rate_limit`, the secret a
+/// rotation replaced). The body function's name is regproc
 /// output under the worker's pinned search_path, so it is schema-qualified
 /// unless it lives in pg_catalog.
 macro_rules! load_kinds {
@@ -40,7 +40,7 @@ SELECT kind, url, body::pg_catalog.regproc::pg_catalog.text AS body, headers::pg
     };
 }
 const LOAD_KINDS: &str = load_kinds!(
-    "max_in_flight,
+    "max_in_flight, rate_limit,
        CASE WHEN previous_secret_until OPERATOR(pg_catalog.>) pg_catalog.now() THEN previous_secret END AS previous_secret,
        (extract(epoch FROM GREATEST(LEAST(previous_secret_until, '9999-12-31'::pg_catalog.timestamptz),
                                     '1970-01-01'::pg_catalog.timestamptz)) OPERATOR(pg_catalog.*) 1000)::bigint
@@ -48,7 +48,8 @@ const LOAD_KINDS: &str = load_kinds!(
 );
 /// A database still on 0.2.0 (`schema::kinds_at_0_3`).
 const LOAD_KINDS_0_2: &str =
-    load_kinds!("NULL::pg_catalog.int4 AS max_in_flight, NULL::pg_catalog.text AS previous_secret, NULL::pg_catalog.int8 AS previous_until_ms,");
+    load_kinds!("NULL::pg_catalog.int4 AS max_in_flight, NULL::pg_catalog.float8 AS rate_limit,
+       NULL::pg_catalog.text AS previous_secret, NULL::pg_catalog.int8 AS previous_until_ms,");
 
 pub struct Kind {
     pub url: String,
@@ -70,6 +71,8 @@ pub struct Kind {
     pub timeout: Duration,
     /// At most this many requests of the kind in flight at once.
     pub max_in_flight: Option<usize>,
+    /// At most this many requests a second.
+    pub rate_limit: Option<f64>,
     pub max_attempts: i32,
     pub delete_when_missing: bool,
     pub paused: bool,
@@ -119,6 +122,7 @@ pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
                 previous_key,
                 timeout: ms("timeout_ms"),
                 max_in_flight: optional::<i32>(&r, "max_in_flight").map(|n| n.max(1) as usize),
+                rate_limit: optional::<f64>(&r, "rate_limit").filter(|r| *r > 0.0),
                 max_attempts: required(&r, "max_attempts"),
                 delete_when_missing: required::<String>(&r, "on_missing") != "skip",
                 paused: required(&r, "paused"),
