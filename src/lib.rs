@@ -12,7 +12,7 @@
 //!   (record, absorb, claim, render, dispatch), every job transition
 //!   ([`worker::queue`]), HTTP and signals.
 //! - [`rules`]: pure decisions, no Postgres: URL templates, retry policy,
-//!   signing.
+//!   signing, where workers run, rate limits.
 //! - [`pg`]: plumbing: errors, subtransactions, catalog lookups, transaction
 //!   callbacks, settings, GUCs, shared memory, roles.
 //! - `testing` (tests only): helpers, and the checks that every statement is
