@@ -269,6 +269,14 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     // memory exit, not before it: the slot is freed for a waiting worker only
     // after this one's transaction was aborted and its locks released.
     unsafe { pg_sys::on_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
+    // SAFETY: setting GUCs on the main thread, outside a transaction, over
+    // what the database's and role's settings said. Before the first
+    // transaction, which a serializable default would fail on a standby.
+    unsafe {
+        for (name, value) in SESSION_SETTINGS {
+            pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
+        }
+    }
     let database = in_transaction(database_name);
     let mut said_waiting = false;
     // One worker per database at a time, before any statement: two would
@@ -290,13 +298,6 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
                 log!("outbox worker: the launcher has no slot for database \"{database}\" any more; exiting");
                 return;
             }
-        }
-    }
-    // SAFETY: setting GUCs on the main thread, outside a transaction, over
-    // what the database's and role's settings said.
-    unsafe {
-        for (name, value) in SESSION_SETTINGS {
-            pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
         }
     }
     // Most databases a worker looks at have no extension: it leaves before
