@@ -128,13 +128,7 @@ fn wake() {
     crate::capture::wake::on_commit();
 }
 
-/// A database's name; None if it is gone.
-fn database_name(db: pg_sys::Oid) -> Option<String> {
-    // SAFETY: a syscache lookup; NULL for a database that does not exist.
-    let name = unsafe { pg_sys::get_database_name(db) };
-    // SAFETY: a palloc'd NUL-terminated string.
-    (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned())
-}
+use crate::pg::syscache::database_name;
 
 /// What `worker_status()` says of a database waiting for a worker slot.
 const WAITING_FOR_SLOT: &str = "waiting for a worker slot";

@@ -348,16 +348,20 @@ fn unregister(kind: Option<&str>, cascade: Option<bool>) {
     crate::api::grants::forget();
 }
 
-fn set_paused(kind: Option<&str>, paused: bool) {
-    let kind = require_kind(kind);
-    let updated = Spi::connect_mut(|c| {
-        c.update(SET_PAUSED, None, &[kind.into(), paused.into()]).map(|t| t.len()).unwrap_or(0)
-    });
+/// Runs `sql`, which sets one column of kind $1 to $2, raises 42704 if no
+/// such kind, and tells the worker (a resumed kind's jobs go out at once).
+fn set_column(sql: &str, kind: &str, value: DatumWithOid<'_>) {
+    let updated =
+        Spi::connect_mut(|c| c.update(sql, None, &[kind.into(), value]).map(|t| t.len()).unwrap_or_else(|e| panic!("{e}")));
     if updated == 0 {
         unknown_kind(kind);
     }
-    // Also wakes the worker: a resumed kind's jobs go out at once.
     crate::capture::wake::kinds_changed();
+}
+
+fn set_paused(kind: Option<&str>, paused: bool) {
+    let kind = require_kind(kind);
+    set_column(SET_PAUSED, kind, paused.into());
     crate::api::grants::forget();
 }
 
@@ -422,13 +426,7 @@ fn set_max_in_flight(kind: Option<&str>, max_in_flight: Option<i32>) {
             Some("NULL removes the limit: outbox.concurrency alone bounds the kind."),
         );
     }
-    let updated = Spi::connect_mut(|c| {
-        c.update(SET_MAX_IN_FLIGHT, None, &[kind.into(), max_in_flight.into()]).map(|t| t.len()).unwrap_or_else(|e| panic!("{e}"))
-    });
-    if updated == 0 {
-        unknown_kind(kind);
-    }
-    crate::capture::wake::kinds_changed();
+    set_column(SET_MAX_IN_FLIGHT, kind, max_in_flight.into());
 }
 
 /// Bounds how many of a kind's requests go out a second, evenly (NULL: no
@@ -447,13 +445,7 @@ fn set_rate_limit(kind: Option<&str>, per_second: Option<f64>) {
             Some("Requests a second, e.g. 0.5 for one every two seconds; NULL removes the limit."),
         );
     }
-    let updated = Spi::connect_mut(|c| {
-        c.update(SET_RATE_LIMIT, None, &[kind.into(), per_second.into()]).map(|t| t.len()).unwrap_or_else(|e| panic!("{e}"))
-    });
-    if updated == 0 {
-        unknown_kind(kind);
-    }
-    crate::capture::wake::kinds_changed();
+    set_column(SET_RATE_LIMIT, kind, per_second.into());
 }
 
 /// Stops deliveries of a kind; jobs keep queueing.

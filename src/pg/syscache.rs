@@ -19,6 +19,16 @@ pub fn row<T, R>(cache: pg_sys::SysCacheIdentifier::Type, key: pg_sys::Oid, read
     }
 }
 
+/// The name of database `db`; None if there is none.
+pub fn database_name(db: pg_sys::Oid) -> Option<String> {
+    // SAFETY: a syscache lookup in a transaction; NULL for a database that
+    // does not exist, else a palloc'd NUL-terminated string.
+    unsafe {
+        let name = pg_sys::get_database_name(db);
+        (!name.is_null()).then(|| std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned())
+    }
+}
+
 /// The relation a utility statement that just ran named, if it (still)
 /// exists. The statement resolved and locked it, so no lock is taken again.
 ///

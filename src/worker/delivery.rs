@@ -277,7 +277,10 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
             pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
         }
     }
-    let database = in_transaction(database_name);
+    // SAFETY: a plain read of this worker's database, which can't be
+    // dropped while we are connected (DROP DATABASE waits for us).
+    let here = unsafe { pg_sys::MyDatabaseId };
+    let database = in_transaction(|| crate::pg::syscache::database_name(here).unwrap_or_default());
     let mut said_waiting = false;
     // One worker per database at a time, before any statement: two would
     // both claim jobs, send a record twice at once, and answer each other's
@@ -344,18 +347,6 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         let rest = w.step();
         w.rest(rest);
     }
-}
-
-/// The name of the database this worker is connected to.
-fn database_name() -> String {
-    // SAFETY: a syscache lookup of the database we are connected to, which
-    // can't be dropped while we are (DROP DATABASE waits for us).
-    let name = unsafe { pg_sys::get_database_name(pg_sys::MyDatabaseId) };
-    if name.is_null() {
-        return String::new();
-    }
-    // SAFETY: a palloc'd NUL-terminated string.
-    unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned()
 }
 
 unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {

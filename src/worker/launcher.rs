@@ -176,6 +176,11 @@ fn start_worker(db: pg_sys::Oid, name: &str, role: Option<pg_sys::Oid>) -> Optio
         .ok()
 }
 
+/// The name of database `db` as the round read it ("" if gone).
+fn name_of(databases: &[Database], db: u32) -> &str {
+    databases.iter().find(|d| d.id == db).map_or("", |d| d.name.as_str())
+}
+
 /// What the launcher knows from one round to the next.
 #[derive(Default)]
 struct Launcher {
@@ -234,10 +239,9 @@ impl Launcher {
             }
         };
         self.said = None;
-        let name_of = |db: u32| databases.iter().find(|d| d.id == db).map_or("", |d| d.name.as_str());
         for (index, db) in vacant {
-            if self.ready(db, name_of(db), role, role_name.as_deref()) {
-                self.start(pg_sys::Oid::from(db), name_of(db), role, Some(index));
+            if self.ready(db, name_of(&databases, db), role, role_name.as_deref()) {
+                self.start(pg_sys::Oid::from(db), name_of(&databases, db), role, Some(index));
             }
         }
         let given = shmem::given();
@@ -249,7 +253,7 @@ impl Launcher {
             placement::plan(&databases, known, |db| self.ready(db.id, &db.name, role, role_name.as_deref()));
         self.absent = absent;
         for db in start {
-            if !self.start(pg_sys::Oid::from(db), name_of(db), role, None) {
+            if !self.start(pg_sys::Oid::from(db), name_of(&databases, db), role, None) {
                 waiting.push(db);
             }
         }
@@ -305,7 +309,6 @@ impl Launcher {
     /// start again. A worker that has not claimed its slot in time is
     /// stopped.
     fn reap(&mut self, databases: &[Database], wanted: &HashSet<u32>) -> Vec<(usize, u32)> {
-        let name_of = |db: u32| databases.iter().find(|d| d.id == db).map_or("", |d| d.name.as_str()).to_string();
         let mut vacant = Vec::new();
         for g in shmem::given() {
             let db = g.database.to_u32();
@@ -319,7 +322,7 @@ impl Launcher {
                     // ours, or one a launcher before this one started).
                     self.started.remove(&db);
                     if self.said_not_mine.insert(pid) {
-                        log!("outbox: a worker this launcher did not start (pid {pid}) serves database \"{}\"; it starts none beside it", name_of(db));
+                        log!("outbox: a worker this launcher did not start (pid {pid}) serves database \"{}\"; it starts none beside it", name_of(databases, db));
                     }
                 }
                 if g.state != WorkerState::Starting {
@@ -335,7 +338,7 @@ impl Launcher {
                     worker.terminate();
                     log!(
                         "outbox: the worker started in database \"{}\" did not begin within {} s (is the database locked?); stopping it, to try again later",
-                        name_of(db),
+                        name_of(databases, db),
                         CLAIM_TIMEOUT.as_secs()
                     );
                 }
