@@ -1,5 +1,5 @@
--- outbox 0.2.0 to 0.3.0: secret rotation, and per-kind limits of requests
--- in flight and a second.
+-- outbox 0.2.0 to 0.3.0: secret rotation, per-kind limits of requests in
+-- flight and a second, circuit breakers, and metrics.
 
 -- The secret outbox.rotate_secret replaced: requests carry its signature
 -- too until previous_secret_until.
@@ -34,3 +34,78 @@ CREATE FUNCTION outbox.set_rate_limit(kind text, per_second double precision)
 RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'set_rate_limit_wrapper';
 REVOKE EXECUTE ON FUNCTION outbox.set_rate_limit(text, double precision) FROM PUBLIC;
+
+-- Failed attempts by what came of them, the delivery latency histogram,
+-- and each kind's circuit breaker (see the table's definition).
+ALTER TABLE outbox.kind_stats
+    ADD COLUMN rejected bigint NOT NULL DEFAULT 0,
+    ADD COLUMN throttled bigint NOT NULL DEFAULT 0,
+    ADD COLUMN server_errors bigint NOT NULL DEFAULT 0,
+    ADD COLUMN unreachable bigint NOT NULL DEFAULT 0,
+    ADD COLUMN unbuildable bigint NOT NULL DEFAULT 0,
+    ADD COLUMN latency_counts bigint[] NOT NULL DEFAULT '{}',
+    ADD COLUMN latency_sum double precision NOT NULL DEFAULT 0,
+    ADD COLUMN breaker text NOT NULL DEFAULT 'closed'
+        CHECK (breaker OPERATOR(pg_catalog.=) ANY ('{closed,open,half-open}'::text[])),
+    ADD COLUMN breaker_opened_at timestamptz,
+    ADD COLUMN breaker_error text;
+
+-- stats() shows the breakers and the limits: new columns, so a new
+-- function, with the EXECUTE grants an admin gave on the old one.
+ALTER FUNCTION outbox.stats() RENAME TO stats_0_2;
+CREATE FUNCTION outbox.stats()
+RETURNS TABLE (kind text, pending bigint, running bigint, dead bigint,
+               delivered bigint, failed_attempts bigint, oldest_pending_age interval,
+               last_success_at timestamptz, last_failure_at timestamptz, paused boolean,
+               breaker text, breaker_opened_at timestamptz, breaker_error text,
+               max_in_flight int, rate_limit double precision)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+SELECT k.kind,
+       pg_catalog.count(q.id) FILTER (WHERE q.state OPERATOR(pg_catalog.=) 'pending'),
+       pg_catalog.count(q.id) FILTER (WHERE q.state OPERATOR(pg_catalog.=) 'running'),
+       pg_catalog.count(q.id) FILTER (WHERE q.state OPERATOR(pg_catalog.=) 'dead'),
+       coalesce(s.delivered, 0),
+       coalesce(s.failed_attempts, 0),
+       pg_catalog.now() OPERATOR(pg_catalog.-)
+           pg_catalog.min(q.enqueued_at) FILTER (WHERE q.state OPERATOR(pg_catalog.=) 'pending'),
+       s.last_success_at,
+       s.last_failure_at,
+       k.paused,
+       coalesce(s.breaker, 'closed'),
+       s.breaker_opened_at,
+       s.breaker_error,
+       k.max_in_flight,
+       k.rate_limit
+  FROM outbox.kinds k
+  LEFT JOIN outbox.kind_stats s ON s.kind OPERATOR(pg_catalog.=) k.kind
+  LEFT JOIN outbox.jobs q ON q.kind OPERATOR(pg_catalog.=) k.kind
+ GROUP BY k.kind, k.paused, k.max_in_flight, k.rate_limit, s.delivered, s.failed_attempts, s.last_success_at,
+          s.last_failure_at, s.breaker, s.breaker_opened_at, s.breaker_error
+ ORDER BY k.kind
+$$;
+REVOKE EXECUTE ON FUNCTION outbox.stats() FROM PUBLIC;
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT a.grantee, a.is_grantable
+          FROM pg_catalog.pg_proc p,
+               LATERAL pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
+         WHERE p.oid OPERATOR(pg_catalog.=) 'outbox.stats_0_2()'::pg_catalog.regprocedure
+           AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
+           AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+         ORDER BY a.grantee
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION outbox.stats() TO %s%s',
+            CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::text END,
+            CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END
+$$;
+DROP FUNCTION outbox.stats_0_2();
+
+CREATE FUNCTION outbox.metrics() RETURNS text
+STABLE LANGUAGE c SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'metrics_wrapper';
+REVOKE EXECUTE ON FUNCTION outbox.metrics() FROM PUBLIC;

@@ -6,7 +6,7 @@
 //! so that no schema change lands without its upgrade script.
 
 use outbox_e2e::cluster::{Cluster, Options, DATABASE};
-use outbox_e2e::receiver::Receiver;
+use outbox_e2e::receiver::{Action, Receiver};
 use outbox_e2e::{jobs_left, wait_until};
 use postgres::Client;
 use std::collections::BTreeSet;
@@ -190,7 +190,9 @@ fn an_enqueue_revoked_from_public_stays_revoked_after_the_update() {
 /// A database still on 0.2.0 works with this version's library (the server
 /// restarted on the new files before `ALTER EXTENSION outbox UPDATE`):
 /// kinds register, records are delivered and signed. After the update,
-/// `rotate_secret` works there, its requests signed with both secrets.
+/// `rotate_secret` works there, its requests signed with both secrets; the
+/// counters kept on 0.2.0 carry over into 0.3.0's `stats()`, which keeps
+/// the grant an admin gave on 0.2.0's, and `metrics()`.
 #[test]
 fn a_database_on_0_2_0_is_served_before_its_update_and_rotates_after_it() {
     const OLD: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -215,6 +217,13 @@ fn a_database_on_0_2_0_is_served_before_its_update_and_rotates_after_it() {
     verify(&r.requests_for("/u/1")[0], OLD).unwrap();
     let err = c.batch_execute(&format!("SELECT outbox.rotate_secret('user', '{NEW}')")).unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("42883"), "no rotate_secret on 0.2.0: {err}");
+    // A failure, then a delivery: counted in 0.2.0's kind_stats.
+    r.script("/u/3", [Action::status(500), Action::status(204)]);
+    c.batch_execute("SELECT outbox.enqueue('user', 3); CREATE ROLE outbox_monitor;
+         GRANT EXECUTE ON FUNCTION outbox.stats() TO outbox_monitor; GRANT SELECT ON ALL TABLES IN SCHEMA outbox TO outbox_monitor")
+        .unwrap();
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0), "delivered on 0.2.0 after a retry");
+    assert_eq!(texts(&mut c, "SELECT delivered || ' ' || failed_attempts FROM outbox.stats()"), ["2 1"]);
 
     c.batch_execute("ALTER EXTENSION outbox UPDATE").unwrap();
     assert_eq!(texts(&mut c, "SELECT extversion FROM pg_extension WHERE extname = 'outbox'"), [outbox_e2e::extension_version()]);
@@ -225,4 +234,14 @@ fn a_database_on_0_2_0_is_served_before_its_update_and_rotates_after_it() {
     verify(req, NEW).unwrap();
     verify(req, OLD).unwrap();
     assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    c.batch_execute("SET ROLE outbox_monitor").unwrap();
+    let stats = "SELECT delivered || ' ' || failed_attempts || ' ' || breaker FROM outbox.stats()";
+    assert!(wait_until(LONG, || texts(&mut c, stats) == ["3 1 closed"]), "{:?}", texts(&mut c, stats));
+    c.batch_execute("RESET ROLE").unwrap();
+    let metrics = texts(&mut c, "SELECT outbox.metrics()").concat();
+    let line = format!("outbox_deliveries_total{{database=\"{DATABASE}\",kind=\"user\"}} 3");
+    assert!(metrics.lines().any(|l| l == line), "no {line} in\n{metrics}");
+    // Only the delivery made on 0.3.0 is in its latency histogram.
+    let line = format!("outbox_delivery_latency_seconds_count{{database=\"{DATABASE}\",kind=\"user\"}} 1");
+    assert!(metrics.lines().any(|l| l == line), "no {line} in\n{metrics}");
 }

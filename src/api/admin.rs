@@ -14,7 +14,9 @@ extension_sql!(
 CREATE FUNCTION outbox.stats()
 RETURNS TABLE (kind text, pending bigint, running bigint, dead bigint,
                delivered bigint, failed_attempts bigint, oldest_pending_age interval,
-               last_success_at timestamptz, last_failure_at timestamptz, paused boolean)
+               last_success_at timestamptz, last_failure_at timestamptz, paused boolean,
+               breaker text, breaker_opened_at timestamptz, breaker_error text,
+               max_in_flight int, rate_limit double precision)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 SELECT k.kind,
        pg_catalog.count(q.id) FILTER (WHERE q.state OPERATOR(pg_catalog.=) 'pending'),
@@ -26,11 +28,17 @@ SELECT k.kind,
            pg_catalog.min(q.enqueued_at) FILTER (WHERE q.state OPERATOR(pg_catalog.=) 'pending'),
        s.last_success_at,
        s.last_failure_at,
-       k.paused
+       k.paused,
+       coalesce(s.breaker, 'closed'),
+       s.breaker_opened_at,
+       s.breaker_error,
+       k.max_in_flight,
+       k.rate_limit
   FROM outbox.kinds k
   LEFT JOIN outbox.kind_stats s ON s.kind OPERATOR(pg_catalog.=) k.kind
   LEFT JOIN outbox.jobs q ON q.kind OPERATOR(pg_catalog.=) k.kind
- GROUP BY k.kind, k.paused, s.delivered, s.failed_attempts, s.last_success_at, s.last_failure_at
+ GROUP BY k.kind, k.paused, k.max_in_flight, k.rate_limit, s.delivered, s.failed_attempts, s.last_success_at,
+          s.last_failure_at, s.breaker, s.breaker_opened_at, s.breaker_error
  ORDER BY k.kind
 $$;
 "#,

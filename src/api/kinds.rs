@@ -36,7 +36,7 @@ const UPSERT_KIND: &str = upsert_kind!(
        previous_secret_until = CASE WHEN excluded.secret OPERATOR(pg_catalog.=) k.secret
                                    AND k.previous_secret_until OPERATOR(pg_catalog.>) pg_catalog.now() THEN k.previous_secret_until END,"
 );
-/// A database still on 0.2.0 (`schema::kinds_at_0_3`).
+/// A database still on 0.2.0 (`schema::at_0_3`).
 const UPSERT_KIND_0_2: &str = upsert_kind!("");
 
 const INSERT_STATS: &str = "INSERT INTO outbox.kind_stats (kind) VALUES ($1) ON CONFLICT DO NOTHING";
@@ -203,7 +203,7 @@ fn register(
             render_timeout.into(),
             allow_superuser.into(),
         ];
-        let upsert = if crate::schema::kinds_at_0_3() { UPSERT_KIND } else { UPSERT_KIND_0_2 };
+        let upsert = if crate::schema::at_0_3() { UPSERT_KIND } else { UPSERT_KIND_0_2 };
         c.update(upsert, None, &args).unwrap_or_else(|e| panic!("upserting kind: {e}"));
         c.update(INSERT_STATS, None, &[kind.into()]).unwrap_or_else(|e| panic!("creating kind stats: {e}"));
     });

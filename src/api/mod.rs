@@ -8,6 +8,7 @@
 //! - [`legacy`]: earlier versions' entry points, until `ALTER EXTENSION UPDATE`.
 //! - [`admin`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`,
 //!   `purge_dead`.
+//! - [`metrics`]: `metrics()`, the Prometheus exposition.
 //!
 //! `track` and `untrack` live with the triggers they create, in
 //! [`crate::capture::triggers`].
@@ -16,4 +17,5 @@ pub mod admin;
 pub mod enqueue;
 pub mod grants;
 pub mod kinds;
+pub mod metrics;
 mod legacy;

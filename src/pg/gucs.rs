@@ -14,6 +14,8 @@ pub static HTTP_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
+static BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
+static BREAKER_MAX_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -108,6 +110,26 @@ pub fn init(preloading: bool) {
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
+        c"outbox.breaker_threshold",
+        c"Failed requests in a row (no answer, 408, 429, 5xx) after which a kind's receiver is taken for down.",
+        c"Its backlog then waits, and one probe a time goes out until the receiver answers; 0 turns the breaker off.",
+        &BREAKER_THRESHOLD,
+        0,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.breaker_max_interval",
+        c"Longest wait between two probes of a receiver taken for down.",
+        c"The first wait is outbox.retry_base; it doubles with each failed probe.",
+        &BREAKER_MAX_INTERVAL_MS,
+        10,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
         c"outbox.max_response_bytes",
         c"Most bytes of a response body the worker reads.",
         c"",
@@ -146,6 +168,14 @@ pub fn poll_interval() -> Duration {
 }
 pub fn retry_base() -> Duration {
     millis(&RETRY_BASE_MS)
+}
+/// The circuit breakers' settings (`rules::breaker`).
+pub fn breaker() -> crate::rules::breaker::Settings {
+    crate::rules::breaker::Settings {
+        threshold: BREAKER_THRESHOLD.get().max(0) as u32,
+        first: retry_base(),
+        max: millis(&BREAKER_MAX_INTERVAL_MS),
+    }
 }
 pub fn retry_max() -> Duration {
     millis(&RETRY_MAX_MS)

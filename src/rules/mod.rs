@@ -5,7 +5,11 @@
 //! - [`signing`]: Standard Webhooks HMAC signatures.
 //! - [`placement`]: which databases the launcher starts a worker in.
 //! - [`rate`]: a kind's rate limit, a token bucket.
+//! - [`metrics`]: the Prometheus exposition, and the latency histogram.
+//! - [`breaker`]: a kind's circuit breaker, which probes a receiver that is down.
 
+pub mod breaker;
+pub mod metrics;
 pub mod placement;
 pub mod policy;
 pub mod rate;

@@ -35,9 +35,36 @@ pub fn classify(is_delete: bool, response: Response) -> Verdict {
     }
 }
 
+/// What came of an attempt, as the counters and `outbox.metrics()` tell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Delivered,
+    /// Refused for good: a 3xx, or a 4xx but 408 and 429.
+    Rejected,
+    /// 429: the receiver asked us to slow down.
+    Throttled,
+    /// A 5xx, or 408.
+    ServerError,
+    /// No usable answer: connect error, timeout, reset, malformed HTTP.
+    Unreachable,
+    /// No request: the URL or the body could not be made.
+    Unbuildable,
+}
+
+pub fn class(is_delete: bool, response: Response) -> Class {
+    match (classify(is_delete, response), response) {
+        (Verdict::Success, _) => Class::Delivered,
+        (_, Response::Status(429)) => Class::Throttled,
+        (_, Response::Status(s)) if s >= 500 || s == 408 => Class::ServerError,
+        (_, Response::Status(_)) => Class::Rejected,
+        (_, Response::NetworkError) => Class::Unreachable,
+        (_, Response::BuildError) => Class::Unbuildable,
+    }
+}
+
 /// The jitter-free curve: `base * 2^(attempt-1)`, capped at `max` before it
 /// can overflow. `attempt` counts from 1 (the attempt that just failed).
-fn base_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
+pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     let exp = attempt.saturating_sub(1).min(62);
     let factor = 1u64 << exp;
     let millis = (base.as_millis() as u64).saturating_mul(factor);
@@ -56,7 +83,7 @@ fn jitter(delay: Duration, unit: f64) -> Duration {
 pub fn retry_delay(attempt: u32, retry_after: Option<Duration>, base: Duration, max: Duration, unit: f64) -> Duration {
     match retry_after {
         Some(d) => d.min(max),
-        None => jitter(base_delay(attempt, base, max), unit),
+        None => jitter(backoff(attempt, base, max), unit),
     }
 }
 
@@ -111,14 +138,32 @@ mod tests {
     }
 
     #[test]
+    fn classes_of_outcomes() {
+        use Response::*;
+        for (is_delete, response, want) in [
+            (false, Status(204), Class::Delivered),
+            (true, Status(404), Class::Delivered),
+            (false, Status(404), Class::Rejected),
+            (false, Status(301), Class::Rejected),
+            (false, Status(429), Class::Throttled),
+            (false, Status(408), Class::ServerError),
+            (false, Status(502), Class::ServerError),
+            (false, NetworkError, Class::Unreachable),
+            (false, BuildError, Class::Unbuildable),
+        ] {
+            assert_eq!(class(is_delete, response), want, "{is_delete} {response:?}");
+        }
+    }
+
+    #[test]
     fn base_curve_schedule() {
         let base = S(1);
         let max = S(3600);
-        let got: Vec<u64> = (1..=14).map(|a| base_delay(a, base, max).as_secs()).collect();
+        let got: Vec<u64> = (1..=14).map(|a| backoff(a, base, max).as_secs()).collect();
         assert_eq!(got, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3600, 3600]);
-        assert_eq!(base_delay(0, base, max), S(1));
-        assert_eq!(base_delay(u32::MAX, base, max), max);
-        assert_eq!(base_delay(200, Duration::from_millis(u64::MAX / 2), Duration::MAX), Duration::from_millis(u64::MAX));
+        assert_eq!(backoff(0, base, max), S(1));
+        assert_eq!(backoff(u32::MAX, base, max), max);
+        assert_eq!(backoff(200, Duration::from_millis(u64::MAX / 2), Duration::MAX), Duration::from_millis(u64::MAX));
     }
 
     #[test]

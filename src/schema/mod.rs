@@ -57,11 +57,13 @@ pub fn relation(name: &std::ffi::CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     (oid != pg_sys::InvalidOid).then_some((oid, ns))
 }
 
-/// Whether `outbox.kinds` has the columns of version 0.3.0 (secret
-/// rotation, `max_in_flight`, `rate_limit`). The library runs against a database still on 0.2.0 between a
-/// server restart and `ALTER EXTENSION outbox UPDATE`: there, statements
-/// that name them can't run.
-pub fn kinds_at_0_3() -> bool {
+/// Whether the tables have the columns of version 0.3.0 (secret rotation,
+/// `max_in_flight` and `rate_limit` in `outbox.kinds`, the outcome classes,
+/// latency histogram and breaker in `outbox.kind_stats`; one upgrade script
+/// adds them all). The library runs against a database still on 0.2.0
+/// between a server restart and `ALTER EXTENSION outbox UPDATE`: there,
+/// statements that name them can't run.
+pub fn at_0_3() -> bool {
     let Some((kinds, _)) = relation(c"kinds") else { return false };
     // SAFETY: a syscache lookup; InvalidAttrNumber for a missing column.
     unsafe { pg_sys::get_attnum(kinds, c"previous_secret".as_ptr()) != pg_sys::InvalidAttrNumber as i16 }
@@ -171,13 +173,33 @@ CREATE TABLE outbox.enqueuers (
 -- A kind is never '' (a CHECK on kinds), so '' stands for every kind.
 CREATE UNIQUE INDEX enqueuers_key ON outbox.enqueuers (role, (coalesce(kind, '')));
 
--- Counters the worker bumps once per batch and kind.
+-- Counters the worker bumps once per batch and kind, and the state of the
+-- kind's circuit breaker, which it writes when that changes.
 CREATE TABLE outbox.kind_stats (
     kind            text COLLATE "C" PRIMARY KEY REFERENCES outbox.kinds ON DELETE CASCADE,
     delivered       bigint NOT NULL DEFAULT 0,
+    -- The sum of the five classes of failed attempts below.
     failed_attempts bigint NOT NULL DEFAULT 0,
     last_success_at timestamptz,
-    last_failure_at timestamptz
+    last_failure_at timestamptz,
+    -- Failed attempts by what came of them: refused (3xx, 4xx but 408 and
+    -- 429), throttled (429), a server error (5xx, 408), no answer, and no
+    -- request at all (the URL or body could not be made).
+    rejected        bigint NOT NULL DEFAULT 0,
+    throttled       bigint NOT NULL DEFAULT 0,
+    server_errors   bigint NOT NULL DEFAULT 0,
+    unreachable     bigint NOT NULL DEFAULT 0,
+    unbuildable     bigint NOT NULL DEFAULT 0,
+    -- Seconds from a change's transaction to its 2xx: how many deliveries
+    -- fell in each bucket of outbox.metrics()' histogram, and their sum.
+    latency_counts  bigint[] NOT NULL DEFAULT '{}',
+    latency_sum     double precision NOT NULL DEFAULT 0,
+    breaker         text NOT NULL DEFAULT 'closed'
+                    CHECK (breaker OPERATOR(pg_catalog.=) ANY ('{closed,open,half-open}'::text[])),
+    -- When the breaker last opened (NULL while closed), and the failure
+    -- that opened it or kept it open.
+    breaker_opened_at timestamptz,
+    breaker_error   text
 );
 
 -- A domain, not a CHECK on the table: Postgres parses and plans a table's

@@ -12,7 +12,10 @@ use super::http::{self, Method, Outcome, Pool, Request};
 use super::queue::{self, Failure};
 use super::render::{self, Rendered};
 use super::signals::{handle_interrupts, in_transaction, install_handlers, pause, reloads, report_activity, report_stats, wait};
-use crate::rules::policy::{classify, retry_delay, Response, Verdict};
+use super::breakers::Breakers;
+use crate::rules::breaker::Allow;
+use crate::rules::metrics::Tally;
+use crate::rules::policy::{class, classify, retry_delay, Response, Verdict};
 use crate::rules::rate;
 use crate::schema::JobState;
 use crate::pg::shmem::{self, WorkerState};
@@ -21,7 +24,7 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How often a worker whose role lacks privileges looks again.
 const PRIVILEGES_RECHECK: Duration = Duration::from_secs(1);
@@ -145,6 +148,8 @@ struct InFlight {
     attempts: i32,
     max_attempts: i32,
     is_delete: bool,
+    /// When the change was made (µs since the Unix epoch).
+    enqueued_us: i64,
 }
 
 /// A finished attempt waiting to be written down.
@@ -155,6 +160,25 @@ struct Finished {
     response: Response,
     retry_after: Option<Duration>,
     detail: Option<String>,
+    /// Seconds from the change to this outcome; None when no request went
+    /// out (a skip, a body that failed).
+    latency: Option<f64>,
+}
+
+/// Seconds from `enqueued_us` (µs since the Unix epoch) to now.
+fn seconds_since(enqueued_us: i64) -> f64 {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    now.as_secs_f64() - enqueued_us as f64 / 1e6
+}
+
+/// What a failed attempt's job shows as its last_error: the status, and
+/// what the receiver said, if anything.
+fn error_text(response: Response, detail: Option<String>) -> Option<String> {
+    match (response, detail.filter(|d| !d.is_empty())) {
+        (Response::Status(s), Some(d)) => Some(format!("HTTP {s}: {d}")),
+        (Response::Status(s), None) => Some(format!("HTTP {s}")),
+        (_, d) => d,
+    }
 }
 
 enum Turn {
@@ -243,6 +267,8 @@ struct Worker {
     benched: HashMap<String, (Instant, u32)>,
     /// The token buckets of the kinds with a `rate_limit`.
     buckets: HashMap<String, rate::Bucket>,
+    /// The kinds' circuit breakers.
+    breakers: Breakers,
     /// The kind a previous worker got stuck rendering (its hash), and how
     /// many times in a row: benched once the kinds are read.
     stuck: Option<(u64, u32)>,
@@ -341,6 +367,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         reloads_seen: reloads(),
         benched: HashMap::new(),
         buckets: HashMap::new(),
+        breakers: Breakers::default(),
         stuck: shmem::take_stuck_kind(),
     };
     loop {
@@ -498,11 +525,16 @@ impl Worker {
         sleep_limit(next_due, gucs::poll_interval(), behind, self.cursors_reset_at.elapsed())
     }
 
-    /// Moves outcomes reported by the HTTP threads into `finished`.
+    /// Moves outcomes reported by the HTTP threads into `finished`, and
+    /// feeds them to the kinds' breakers.
     fn collect_outcomes(&mut self) {
+        let settings = gucs::breaker();
         for Outcome { job_id, claim, response, retry_after, detail } in self.pool.drain() {
             if let Some(job) = self.in_flight.remove(&(job_id, claim)) {
-                self.finished.push(Finished { job, job_id, claim, response, retry_after, detail });
+                let error = error_text(response, detail.clone());
+                self.breakers.outcome(&job.kind, (job_id, claim), response, error.as_deref(), retry_after, &settings);
+                let latency = Some(seconds_since(job.enqueued_us));
+                self.finished.push(Finished { job, job_id, claim, response, retry_after, detail, latency });
             }
         }
     }
@@ -533,6 +565,7 @@ impl Worker {
             // No room in flight, or every kind paused or at its limit (the
             // outcomes wake us): nothing to claim.
             if room == 0 || active.is_empty() {
+                self.breakers.write(c);
                 let next_due = if inbox_full { Some(Duration::ZERO) } else { held_ends };
                 return Turn::Worked { requests: Vec::new(), next_due };
             }
@@ -540,6 +573,10 @@ impl Worker {
             let busy: queue::InFlightKeys = self.in_flight.values().map(|j| j.key_hash).collect();
             let claimed = self.claim(c, &active, room, &busy);
             let (requests, done_now) = self.render(&claimed);
+            for (request, job) in &requests {
+                self.breakers.sent(&job.kind, (request.job_id, request.claim), now);
+            }
+            self.breakers.write(c);
             record(c, done_now);
             // A full batch means more is probably due: come straight back.
             let next_due = if claimed.len() >= room || inbox_full {
@@ -575,6 +612,7 @@ impl Worker {
             self.extension = extension;
             self.kinds_generation = None;
             self.finished.clear();
+            self.breakers.clear();
             super::plans::forget();
             if extension.is_some() {
                 self.phase = Phase::Unchecked(None);
@@ -630,6 +668,7 @@ impl Worker {
             log!("outbox worker: {n} job(s) left running by a previous worker are pending again");
         }
         c.update(queue::DEAD_LETTER_ORPHANS, None, &[]).unwrap_or_else(|e| panic!("orphans: {e}"));
+        self.breakers.restore(c);
         self.phase = Phase::Serving;
     }
 
@@ -678,12 +717,14 @@ impl Worker {
 
     /// The kinds to claim for: neither paused nor benched, nor with as many
     /// requests in flight as their `max_in_flight` allows, nor out of their
-    /// `rate_limit`; with how many more each may have (at most `room`). And
-    /// how soon a kind held back by its rate may go on.
+    /// `rate_limit`, nor with an open breaker whose probe is not due (one
+    /// job when it is); with how many more each may have (at most `room`).
+    /// And how soon a kind held back by its rate or breaker may go on.
     fn active_kinds(&mut self, now: Instant, room: usize) -> (Vec<(String, i64)>, Option<Duration>) {
         let kinds = &self.kinds;
         self.benched.retain(|name, _| kinds.contains_key(name));
         self.buckets.retain(|name, _| kinds.get(name).is_some_and(|k| k.rate_limit.is_some()));
+        self.breakers.retain(|name| kinds.contains_key(name));
         let benched = |name: &str| self.benched.get(name).is_some_and(|b| b.0 > now);
         let mut in_flight: HashMap<&str, usize> = HashMap::new();
         for job in self.in_flight.values() {
@@ -693,6 +734,15 @@ impl Worker {
         let mut active = Vec::new();
         for (name, kind) in kinds.iter().filter(|(n, k)| !k.paused && !benched(n)) {
             let mut left = kind.max_in_flight.map_or(room, |max| max.saturating_sub(in_flight.get(name.as_str()).copied().unwrap_or(0)));
+            match self.breakers.allows(name, now) {
+                Allow::All => {}
+                Allow::Probe => left = left.min(1),
+                Allow::Until(at) => {
+                    rate_wait = earliest(rate_wait, Some(at - now));
+                    continue;
+                }
+                Allow::None => continue,
+            }
             if let Some(rate) = kind.rate_limit {
                 let bucket = self.buckets.entry(name.clone()).or_insert_with(|| rate::Bucket::new(rate, now));
                 let tokens = bucket.available(rate, now);
@@ -746,6 +796,7 @@ impl Worker {
                 attempts: job.attempts,
                 max_attempts,
                 is_delete,
+                enqueued_us: job.enqueued_us,
             };
             match r {
                 Rendered::Send(req) => {
@@ -759,6 +810,7 @@ impl Worker {
                     response: Response::Status(204),
                     retry_after: None,
                     detail: None,
+                    latency: None,
                 }),
                 Rendered::Broken(e) => done_now.push(Finished {
                     job: InFlight { max_attempts: if kind.is_none() { 1 } else { max_attempts }, ..info(false) },
@@ -767,6 +819,7 @@ impl Worker {
                     response: Response::BuildError,
                     retry_after: None,
                     detail: Some(e),
+                    latency: None,
                 }),
             }
         }
@@ -827,7 +880,7 @@ fn lock_extension(known: Option<(pg_sys::Oid, pg_sys::Oid)>) -> Option<(pg_sys::
 }
 
 /// Writes finished attempts down: deletes the delivered, reschedules or
-/// buries the failed, and bumps the per-kind counters. Batched.
+/// buries the failed, and adds them up in the per-kind counters. Batched.
 fn record(c: &mut SpiClient<'_>, finished: Vec<Finished>) {
     if finished.is_empty() {
         return;
@@ -836,48 +889,31 @@ fn record(c: &mut SpiClient<'_>, finished: Vec<Finished>) {
     let max = gucs::retry_max();
     let mut delivered = Vec::new();
     let mut failures = Vec::new();
-    let mut per_kind: HashMap<String, (i64, i64)> = HashMap::new();
+    let mut tallies: HashMap<String, Tally> = HashMap::new();
     for f in finished {
-        let verdict = classify(f.job.is_delete, f.response);
-        let counts = per_kind.entry(f.job.kind.clone()).or_default();
-        let status = match f.response {
-            Response::Status(s) => Some(s as i32),
-            _ => None,
-        };
-        match verdict {
-            Verdict::Success => {
-                counts.0 += 1;
-                delivered.push(queue::Delivered { job_id: f.job_id, claim: f.claim, ctid: f.job.ctid });
-            }
-            Verdict::Retry | Verdict::Permanent => {
-                counts.1 += 1;
+        tallies.entry(f.job.kind.clone()).or_default().add(class(f.job.is_delete, f.response), f.latency);
+        match classify(f.job.is_delete, f.response) {
+            Verdict::Success => delivered.push(queue::Delivered { job_id: f.job_id, claim: f.claim, ctid: f.job.ctid }),
+            verdict @ (Verdict::Retry | Verdict::Permanent) => {
                 let give_up = verdict == Verdict::Permanent || f.job.attempts >= f.job.max_attempts;
                 let delay = retry_delay(f.job.attempts.max(1) as u32, f.retry_after, base, max, rand::random::<f64>());
-                let error = match (status, f.detail) {
-                    (Some(s), Some(d)) => Some(format!("HTTP {s}: {d}")),
-                    (Some(s), None) => Some(format!("HTTP {s}")),
-                    (None, d) => d,
-                };
                 failures.push(Failure {
                     job_id: f.job_id,
                     claim: f.claim,
                     state: if give_up { JobState::Dead } else { JobState::Pending },
                     delay_ms: if give_up { 0 } else { delay.as_millis() as i64 },
-                    status,
-                    error,
+                    status: match f.response {
+                        Response::Status(s) => Some(s as i32),
+                        _ => None,
+                    },
+                    error: error_text(f.response, f.detail),
                 });
             }
         }
     }
     queue::complete(c, delivered);
     queue::fail(c, failures);
-    let (mut kinds, mut ok, mut bad) = (Vec::new(), Vec::new(), Vec::new());
-    for (k, (d, f)) in per_kind {
-        kinds.push(k);
-        ok.push(d);
-        bad.push(f);
-    }
-    queue::bump_stats(c, kinds, ok, bad);
+    queue::bump_stats(c, tallies.into_iter().collect());
 }
 
 #[cfg(test)]

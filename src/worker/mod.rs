@@ -7,6 +7,8 @@
 //! - [`delivery`]: the delivery worker's loop: a turn of named steps
 //!   (record, absorb, claim, render), dispatch to the [`http`] threads, and
 //!   one rest.
+//! - [`breakers`]: the kinds' circuit breakers, fed every outcome and
+//!   asked before every claim.
 //! - [`connect`]: how the HTTP threads reach receivers, directly or through a
 //!   proxy.
 //! - [`queue`]: every transition of a job, one named statement each.
@@ -19,6 +21,7 @@
 //! - [`signals`]: signal handlers, waiting, transactions. [`watchdog`]: ends
 //!   the worker when a render outlives its cancel.
 
+pub mod breakers;
 pub mod connect;
 pub mod delivery;
 pub mod http;

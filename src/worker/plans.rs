@@ -68,9 +68,11 @@ pub fn forget() {
 pub mod types {
     use pgrx::pg_sys::BuiltinOid;
     use pgrx::PgOid;
+    pub const INT4: PgOid = PgOid::BuiltIn(BuiltinOid::INT4OID);
     pub const INT8: PgOid = PgOid::BuiltIn(BuiltinOid::INT8OID);
     pub const TEXT: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTOID);
     pub const TEXT_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTARRAYOID);
     pub const INT8_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT8ARRAYOID);
     pub const INT4_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT4ARRAYOID);
+    pub const FLOAT8_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::FLOAT8ARRAYOID);
 }

@@ -297,7 +297,8 @@ UPDATE outbox.queue q
  WHERE q.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM one_per_record))
 RETURNING q.job_id, q.kind, q.id, q.attempts, q.claim,
           (extract(epoch FROM q.run_at) OPERATOR(pg_catalog.*) 1000000)::bigint, q.ctid::text,
-          pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))";
+          pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0)),
+          (extract(epoch FROM q.enqueued_at) OPERATOR(pg_catalog.*) 1000000)::bigint";
 
 /// How long until the next job of the kinds in $1 falls due (among those the
 /// claim could take: not for a record in flight, $2 as for [`CLAIM`]).
@@ -360,7 +361,40 @@ UPDATE outbox.queue q
    AND q.claim OPERATOR(pg_catalog.=) u.claim
    AND (q.state OPERATOR(pg_catalog.||) '') OPERATOR(pg_catalog.=) 'running'";
 
+/// The counters of a batch, per kind ($1): deliveries ($2), failed attempts
+/// by class ($3 to $7), and the latency histogram ($8: each kind's bucket
+/// counts one after the other, $9 buckets a kind; $10 the seconds' sums).
 const BUMP_STATS: &str = "
+UPDATE outbox.kind_stats s
+   SET delivered = s.delivered OPERATOR(pg_catalog.+) u.delivered,
+       failed_attempts = s.failed_attempts OPERATOR(pg_catalog.+) u.rejected OPERATOR(pg_catalog.+) u.throttled
+           OPERATOR(pg_catalog.+) u.server_errors OPERATOR(pg_catalog.+) u.unreachable OPERATOR(pg_catalog.+) u.unbuildable,
+       rejected = s.rejected OPERATOR(pg_catalog.+) u.rejected,
+       throttled = s.throttled OPERATOR(pg_catalog.+) u.throttled,
+       server_errors = s.server_errors OPERATOR(pg_catalog.+) u.server_errors,
+       unreachable = s.unreachable OPERATOR(pg_catalog.+) u.unreachable,
+       unbuildable = s.unbuildable OPERATOR(pg_catalog.+) u.unbuildable,
+       latency_counts = ARRAY(
+           SELECT coalesce(h.old, 0) OPERATOR(pg_catalog.+) coalesce(h.new, 0)
+             FROM ROWS FROM (pg_catalog.unnest(s.latency_counts),
+                             pg_catalog.unnest(($8::bigint[])[(u.n OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) $9 OPERATOR(pg_catalog.+) 1
+                                                              : u.n OPERATOR(pg_catalog.*) $9]))
+                  WITH ORDINALITY AS h(old, new, i)
+            ORDER BY h.i),
+       latency_sum = s.latency_sum OPERATOR(pg_catalog.+) u.latency_sum,
+       last_success_at = CASE WHEN u.delivered OPERATOR(pg_catalog.>) 0 THEN pg_catalog.now() ELSE s.last_success_at END,
+       last_failure_at = CASE WHEN u.delivered OPERATOR(pg_catalog.<) u.attempts THEN pg_catalog.now() ELSE s.last_failure_at END
+  FROM (SELECT *, delivered OPERATOR(pg_catalog.+) rejected OPERATOR(pg_catalog.+) throttled OPERATOR(pg_catalog.+) server_errors
+                  OPERATOR(pg_catalog.+) unreachable OPERATOR(pg_catalog.+) unbuildable AS attempts
+          FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::bigint[]),
+                          pg_catalog.unnest($4::bigint[]), pg_catalog.unnest($5::bigint[]), pg_catalog.unnest($6::bigint[]),
+                          pg_catalog.unnest($7::bigint[]), pg_catalog.unnest($10::float8[]))
+               WITH ORDINALITY AS v(kind, delivered, rejected, throttled, server_errors, unreachable, unbuildable, latency_sum, n)) u
+ WHERE s.kind OPERATOR(pg_catalog.=) u.kind";
+
+/// [`BUMP_STATS`] for a database still on 0.2.0 (`schema::at_0_3`), whose
+/// kind_stats has no classes, histogram or breaker.
+const BUMP_STATS_0_2: &str = "
 UPDATE outbox.kind_stats s
    SET delivered = s.delivered OPERATOR(pg_catalog.+) u.delivered,
        failed_attempts = s.failed_attempts OPERATOR(pg_catalog.+) u.failed,
@@ -384,6 +418,9 @@ pub struct Claimed {
     pub ctid: String,
     /// The hash of (kind, id) that holds the record back while in flight.
     pub key_hash: i64,
+    /// When the change was made, in µs since the Unix epoch: where its
+    /// delivery latency starts.
+    pub enqueued_us: i64,
 }
 
 /// Where each kind's next claim scan starts: (run_at µs, job_id).
@@ -561,6 +598,7 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[(String, i64)], cursors: &mut Curso
                 run_at_us: r.get::<i64>(6).ok()??,
                 ctid: r.get::<String>(7).ok()??,
                 key_hash: r.get::<i64>(8).ok()??,
+                enqueued_us: r.get::<i64>(9).ok()??,
             })
         })
         .collect();
@@ -647,12 +685,36 @@ pub fn fail(c: &mut SpiClient<'_>, failures: Vec<Failure>) {
     execute(c, FAIL, &types, &args).unwrap_or_else(|e| panic!("fail: {e}"));
 }
 
-pub fn bump_stats(c: &mut SpiClient<'_>, kinds: Vec<String>, delivered: Vec<i64>, failed: Vec<i64>) {
-    if kinds.is_empty() {
+pub fn bump_stats(c: &mut SpiClient<'_>, tallies: Vec<(String, crate::rules::metrics::Tally)>) {
+    if tallies.is_empty() {
         return;
     }
-    let args: [DatumWithOid; 3] = [kinds.into(), delivered.into(), failed.into()];
-    execute(c, BUMP_STATS, &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("stats: {e}"));
+    let kinds: Vec<String> = tallies.iter().map(|(k, _)| k.clone()).collect();
+    let delivered: Vec<i64> = tallies.iter().map(|(_, t)| t.delivered).collect();
+    if !crate::schema::at_0_3() {
+        let failed: Vec<i64> = tallies.iter().map(|(_, t)| t.failed.iter().sum()).collect();
+        let args: [DatumWithOid; 3] = [kinds.into(), delivered.into(), failed.into()];
+        execute(c, BUMP_STATS_0_2, &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("stats: {e}"));
+        return;
+    }
+    let class = |i: usize| -> Vec<i64> { tallies.iter().map(|(_, t)| t.failed[i]).collect() };
+    let latency: Vec<i64> = tallies.iter().flat_map(|(_, t)| t.latency.iter().copied()).collect();
+    let latency_sum: Vec<f64> = tallies.iter().map(|(_, t)| t.latency_sum).collect();
+    let buckets = crate::rules::metrics::LATENCY_BUCKETS as i32;
+    let args: [DatumWithOid; 10] = [
+        kinds.into(),
+        delivered.into(),
+        class(0).into(),
+        class(1).into(),
+        class(2).into(),
+        class(3).into(),
+        class(4).into(),
+        latency.into(),
+        buckets.into(),
+        latency_sum.into(),
+    ];
+    let types = [TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT4, FLOAT8_ARRAY];
+    execute(c, BUMP_STATS, &types, &args).unwrap_or_else(|e| panic!("stats: {e}"));
 }
 
 /// Moves the whole inbox into the queue as the worker's absorb does, for
@@ -690,6 +752,7 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("COMPLETE_MOVED", COMPLETE_MOVED),
     ("FAIL", FAIL),
     ("BUMP_STATS", BUMP_STATS),
+    ("BUMP_STATS_0_2", BUMP_STATS_0_2),
 ];
 
 #[cfg(test)]
@@ -972,5 +1035,37 @@ mod tests {
                 assert!(!plan.contains("Seq Scan on queue"), "analyzed: {analyzed}\n{plan}");
             }
         }
+    }
+
+    /// Each batch adds its tallies to the kinds' counters: classes, the
+    /// histogram bucket by bucket, and the latency sum.
+    #[pg_test]
+    fn stats_add_up_classes_and_the_latency_histogram() {
+        use crate::rules::metrics::Tally;
+        use crate::rules::policy::Class;
+        Spi::run("SELECT outbox.register('a', 'http://h/{id}'), outbox.register('b', 'http://h/{id}')").unwrap();
+        let batch = |a: &[(Class, Option<f64>)], b: &[(Class, Option<f64>)]| {
+            let mut tallies = Vec::new();
+            for (kind, outcomes) in [("a", a), ("b", b)] {
+                let mut t = Tally::default();
+                for (class, latency) in outcomes {
+                    t.add(*class, *latency);
+                }
+                tallies.push((kind.to_string(), t));
+            }
+            Spi::connect_mut(|c| super::bump_stats(c, tallies));
+        };
+        batch(&[(Class::Delivered, Some(0.001)), (Class::ServerError, None)], &[(Class::Throttled, None)]);
+        batch(&[(Class::Delivered, Some(0.002)), (Class::Delivered, Some(7.0))], &[(Class::Delivered, Some(0.2))]);
+        let row = |kind: &str| {
+            crate::testing::texts(
+                "SELECT concat_ws(' ', delivered, failed_attempts, rejected, throttled, server_errors, unreachable, unbuildable,
+                                  latency_counts::text, latency_sum, last_success_at IS NOT NULL, last_failure_at IS NOT NULL)
+                   FROM outbox.kind_stats WHERE kind = $1",
+                &[kind.into()],
+            )
+        };
+        assert_eq!(row("a"), ["3 1 0 0 1 0 0 {2,0,0,0,0,0,0,0,0,0,1,0,0,0,0,0,0} 7.003 t t"]);
+        assert_eq!(row("b"), ["1 1 0 1 0 0 0 {0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,0} 0.2 t t"]);
     }
 }

@@ -46,7 +46,7 @@ const LOAD_KINDS: &str = load_kinds!(
                                     '1970-01-01'::pg_catalog.timestamptz)) OPERATOR(pg_catalog.*) 1000)::bigint
            AS previous_until_ms,"
 );
-/// A database still on 0.2.0 (`schema::kinds_at_0_3`).
+/// A database still on 0.2.0 (`schema::at_0_3`).
 const LOAD_KINDS_0_2: &str =
     load_kinds!("NULL::pg_catalog.int4 AS max_in_flight, NULL::pg_catalog.float8 AS rate_limit,
        NULL::pg_catalog.text AS previous_secret, NULL::pg_catalog.int8 AS previous_until_ms,");
@@ -93,7 +93,7 @@ impl Kind {
 /// hold the rules (and its defaults the defaults): a NULL where the table
 /// forbids one is a broken catalog, and fails the turn.
 pub fn load_kinds(c: &mut SpiClient<'_>) -> HashMap<String, Kind> {
-    let sql = if crate::schema::kinds_at_0_3() { LOAD_KINDS } else { LOAD_KINDS_0_2 };
+    let sql = if crate::schema::at_0_3() { LOAD_KINDS } else { LOAD_KINDS_0_2 };
     let rows = super::plans::execute(c, sql, &[], &[]).unwrap_or_else(|e| panic!("loading kinds: {e}"));
     let mut kinds = HashMap::new();
     for r in rows {
