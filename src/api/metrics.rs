@@ -103,24 +103,25 @@ mod tests {
         let a = format!("database=\"{db}\",kind=\"a\"");
         let b = format!("database=\"{db}\",kind=\"b\"");
         for line in [
-            format!("outbox_deliveries_total{{{a}}} 5"),
+            format!("outbox_kind_delivered_total{{{a}}} 5"),
             format!("outbox_attempts_total{{{a},outcome=\"server_error\"}} 3"),
             format!("outbox_attempts_total{{{a},outcome=\"rejected\"}} 0"),
-            format!("outbox_jobs{{{a},state=\"pending\"}} 2"),
+            format!("outbox_kind_pending{{{a}}} 2"),
             format!("outbox_delivery_latency_seconds_bucket{{{a},le=\"0.005\"}} 2"),
             format!("outbox_delivery_latency_seconds_bucket{{{a},le=\"0.5\"}} 2"),
             format!("outbox_delivery_latency_seconds_bucket{{{a},le=\"1\"}} 5"),
             format!("outbox_delivery_latency_seconds_count{{{a}}} 5"),
             format!("outbox_delivery_latency_seconds_sum{{{a}}} 2.5"),
-            format!("outbox_breaker_state{{{a},state=\"open\"}} 1"),
-            format!("outbox_max_in_flight{{{a}}} 3"),
-            format!("outbox_deliveries_total{{{b}}} 0"),
-            format!("outbox_breaker_state{{{b},state=\"closed\"}} 1"),
-            format!("outbox_jobs{{{b},state=\"pending\"}} 0"),
+            format!("outbox_kind_breaker_state{{{a}}} 2"),
+            format!("outbox_kind_max_in_flight{{{a}}} 3"),
+            format!("outbox_kind_delivered_total{{{b}}} 0"),
+            format!("outbox_kind_breaker_state{{{b}}} 0"),
+            format!("outbox_kind_max_in_flight{{{b}}} 0"),
+            format!("outbox_kind_pending{{{b}}} 0"),
         ] {
             assert!(has(&text, &line), "no line {line} in\n{text}");
         }
-        let age = text.lines().find(|l| l.starts_with(&format!("outbox_oldest_pending_age_seconds{{{a}}}"))).unwrap();
+        let age = text.lines().find(|l| l.starts_with(&format!("outbox_kind_oldest_pending_age_seconds{{{a}}}"))).unwrap();
         let age: f64 = age.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(age >= 0.0, "{age}");
         let row = Spi::get_three::<String, String, i32>("SELECT breaker, breaker_error, max_in_flight FROM outbox.stats() WHERE kind = 'a'").unwrap();

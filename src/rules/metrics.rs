@@ -84,7 +84,6 @@ pub struct KindRow {
 }
 
 const FAILED_OUTCOMES: [&str; 5] = ["rejected", "throttled", "server_error", "unreachable", "unbuildable"];
-const BREAKER_STATES: [&str; 3] = ["closed", "open", "half-open"];
 
 /// A label value with `\`, `"` and newlines escaped, as the format asks.
 fn escape(value: &str) -> String {
@@ -118,27 +117,42 @@ fn number(v: f64) -> String {
     }
 }
 
-/// The exposition of `database`'s kinds.
+/// The breaker as `outbox_kind_breaker_state` tells it.
+fn breaker_state(breaker: &str) -> u8 {
+    match breaker {
+        "closed" => 0,
+        "half-open" => 1,
+        _ => 2,
+    }
+}
+
+/// The exposition of `database`'s kinds. The names, labels and values are
+/// also what `docs/monitoring/postgres_exporter.yaml` makes of `stats()`
+/// and `kind_stats`, so that one set of dashboards and alerts fits both.
 pub fn exposition(database: &str, rows: &[KindRow]) -> String {
     let mut out = String::new();
     let o = &mut out;
-    family(o, database, rows, "outbox_deliveries_total", "counter", "Records delivered (a 2xx; a 404 or 410 to a DELETE).", |r| {
-        vec![(String::new(), r.delivered.to_string())]
+    let one = |v: String| vec![(String::new(), v)];
+    family(o, database, rows, "outbox_kind_pending", "gauge", "Pending jobs, changes not yet moved into the queue included.", |r| one(r.pending.to_string()));
+    family(o, database, rows, "outbox_kind_running", "gauge", "Running jobs: their requests are out.", |r| one(r.running.to_string()));
+    family(o, database, rows, "outbox_kind_dead", "gauge", "Jobs that gave up, and inbox rows set aside.", |r| one(r.dead.to_string()));
+    family(o, database, rows, "outbox_kind_in_flight", "gauge", "Requests out, waiting for their answer.", |r| one(r.running.to_string()));
+    family(o, database, rows, "outbox_kind_oldest_pending_age_seconds", "gauge", "How long the oldest pending change has waited (0 when none).", |r| {
+        one(number(r.oldest_pending))
+    });
+    family(o, database, rows, "outbox_kind_delivered_total", "counter", "Records delivered (a 2xx; a 404 or 410 to a DELETE).", |r| one(r.delivered.to_string()));
+    family(o, database, rows, "outbox_kind_breaker_state", "gauge", "The circuit breaker: 0 closed, 1 half-open (a probe is out), 2 open.", |r| {
+        one(breaker_state(&r.breaker).to_string())
+    });
+    family(o, database, rows, "outbox_kind_paused", "gauge", "1 while an admin has paused the kind.", |r| one(u8::from(r.paused).to_string()));
+    family(o, database, rows, "outbox_kind_max_in_flight", "gauge", "The kind's max_in_flight (0: none).", |r| one(r.max_in_flight.unwrap_or(0).to_string()));
+    family(o, database, rows, "outbox_kind_rate_limit", "gauge", "The kind's rate_limit in requests a second (0: none).", |r| {
+        one(number(r.rate_limit.unwrap_or(0.0)))
     });
     family(o, database, rows, "outbox_attempts_total", "counter", "Delivery attempts by what came of them.", |r| {
         let mut v = vec![("{outcome=\"delivered\"}".to_string(), r.delivered.to_string())];
         v.extend(FAILED_OUTCOMES.iter().zip(r.failed).map(|(o, n)| (format!("{{outcome=\"{o}\"}}"), n.to_string())));
         v
-    });
-    family(o, database, rows, "outbox_jobs", "gauge", "Jobs by state; pending counts changes not yet moved into the queue.", |r| {
-        [("pending", r.pending), ("running", r.running), ("dead", r.dead)]
-            .iter()
-            .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n.to_string()))
-            .collect()
-    });
-    family(o, database, rows, "outbox_in_flight", "gauge", "Requests out, waiting for their answer.", |r| vec![(String::new(), r.running.to_string())]);
-    family(o, database, rows, "outbox_oldest_pending_age_seconds", "gauge", "How long the oldest pending change has waited (0 when none).", |r| {
-        vec![(String::new(), number(r.oldest_pending))]
     });
     family(o, database, rows, "outbox_delivery_latency_seconds", "histogram", "From a change's transaction to its delivery.", |r| {
         let mut cumulative = 0;
@@ -150,18 +164,6 @@ pub fn exposition(database: &str, rows: &[KindRow]) -> String {
         v.push(("_sum".into(), number(r.latency_sum)));
         v.push(("_count".into(), cumulative.to_string()));
         v
-    });
-    family(o, database, rows, "outbox_breaker_state", "gauge", "The kind's circuit breaker: 1 for the state it is in.", |r| {
-        BREAKER_STATES.iter().map(|s| (format!("{{state=\"{s}\"}}"), u8::from(r.breaker == *s).to_string())).collect()
-    });
-    family(o, database, rows, "outbox_paused", "gauge", "1 while an admin has paused the kind.", |r| vec![(String::new(), u8::from(r.paused).to_string())]);
-    let limited: Vec<KindRow> = rows.iter().filter(|r| r.max_in_flight.is_some()).cloned().collect();
-    family(o, database, &limited, "outbox_max_in_flight", "gauge", "The kind's max_in_flight, where it has one.", |r| {
-        vec![(String::new(), r.max_in_flight.unwrap_or_default().to_string())]
-    });
-    let paced: Vec<KindRow> = rows.iter().filter(|r| r.rate_limit.is_some()).cloned().collect();
-    family(o, database, &paced, "outbox_rate_limit", "gauge", "The kind's rate_limit in requests a second, where it has one.", |r| {
-        vec![(String::new(), number(r.rate_limit.unwrap_or_default()))]
     });
     out
 }
@@ -218,28 +220,28 @@ mod tests {
         let text = exposition("db", &[row, KindRow { kind: "b".into(), breaker: "closed".into(), ..KindRow::default() }]);
         let k = r#"database="db",kind="we\"ird\\kind\n""#;
         for line in [
-            format!("outbox_deliveries_total{{{k}}} 7"),
+            format!("outbox_kind_delivered_total{{{k}}} 7"),
+            format!("outbox_attempts_total{{{k},outcome=\"delivered\"}} 7"),
             format!("outbox_attempts_total{{{k},outcome=\"throttled\"}} 2"),
             format!("outbox_attempts_total{{{k},outcome=\"unbuildable\"}} 5"),
-            format!("outbox_jobs{{{k},state=\"dead\"}} 2"),
-            format!("outbox_in_flight{{{k}}} 1"),
-            format!("outbox_oldest_pending_age_seconds{{{k}}} 1.5"),
+            format!("outbox_kind_dead{{{k}}} 2"),
+            format!("outbox_kind_in_flight{{{k}}} 1"),
+            format!("outbox_kind_oldest_pending_age_seconds{{{k}}} 1.5"),
             format!("outbox_delivery_latency_seconds_bucket{{{k},le=\"0.005\"}} 5"),
             format!("outbox_delivery_latency_seconds_bucket{{{k},le=\"0.025\"}} 7"),
             format!("outbox_delivery_latency_seconds_bucket{{{k},le=\"+Inf\"}} 7"),
             format!("outbox_delivery_latency_seconds_sum{{{k}}} 0.25"),
             format!("outbox_delivery_latency_seconds_count{{{k}}} 7"),
-            format!("outbox_breaker_state{{{k},state=\"open\"}} 1"),
-            format!("outbox_breaker_state{{{k},state=\"closed\"}} 0"),
-            format!("outbox_max_in_flight{{{k}}} 4"),
-            "outbox_breaker_state{database=\"db\",kind=\"b\",state=\"closed\"} 1".to_string(),
+            format!("outbox_kind_breaker_state{{{k}}} 2"),
+            format!("outbox_kind_max_in_flight{{{k}}} 4"),
+            format!("outbox_kind_rate_limit{{{k}}} 0"),
+            "outbox_kind_breaker_state{database=\"db\",kind=\"b\"} 0".to_string(),
             "outbox_delivery_latency_seconds_bucket{database=\"db\",kind=\"b\",le=\"+Inf\"} 0".to_string(),
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
         }
-        // Only kinds with a limit have one; every family is typed once.
-        assert!(!text.contains("outbox_max_in_flight{database=\"db\",kind=\"b\"}"));
-        assert_eq!(text.matches("# TYPE outbox_rate_limit gauge").count(), 1);
-        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 10);
+        // Every family is typed once, before its samples.
+        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 12);
+        assert_eq!(text.matches("# TYPE outbox_kind_rate_limit gauge").count(), 1);
     }
 }
