@@ -1,5 +1,5 @@
 -- outbox 0.2.0 to 0.3.0: secret rotation, per-kind limits of requests in
--- flight and a second, circuit breakers, and metrics.
+-- flight and a second, circuit breakers, metrics, row filters and backfills.
 
 -- The secret outbox.rotate_secret replaced: requests carry its signature
 -- too until previous_secret_until.
@@ -50,8 +50,31 @@ ALTER TABLE outbox.kind_stats
     ADD COLUMN breaker_opened_at timestamptz,
     ADD COLUMN breaker_error text;
 
--- stats() shows the breakers and the limits: new columns, so a new
--- function, with the EXECUTE grants an admin gave on the old one.
+-- Functions whose arguments or columns change are made anew, with the
+-- EXECUTE grants an admin gave on the old ones: this copies them.
+CREATE FUNCTION outbox.copy_execute_grants(old regprocedure, new regprocedure) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    g record;
+BEGIN
+    EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', new);
+    FOR g IN
+        SELECT a.grantee, a.is_grantable
+          FROM pg_catalog.pg_proc p,
+               LATERAL pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
+         WHERE p.oid OPERATOR(pg_catalog.=) old
+           AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
+           AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+         ORDER BY a.grantee
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s%s', new,
+            CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::text END,
+            CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END
+$$;
+
+-- stats() shows the breakers and the limits: new columns.
 ALTER FUNCTION outbox.stats() RENAME TO stats_0_2;
 CREATE FUNCTION outbox.stats()
 RETURNS TABLE (kind text, pending bigint, running bigint, dead bigint,
@@ -83,29 +106,61 @@ SELECT k.kind,
           s.last_failure_at, s.breaker, s.breaker_opened_at, s.breaker_error
  ORDER BY k.kind
 $$;
-REVOKE EXECUTE ON FUNCTION outbox.stats() FROM PUBLIC;
-DO $$
-DECLARE
-    g record;
-BEGIN
-    FOR g IN
-        SELECT a.grantee, a.is_grantable
-          FROM pg_catalog.pg_proc p,
-               LATERAL pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
-         WHERE p.oid OPERATOR(pg_catalog.=) 'outbox.stats_0_2()'::pg_catalog.regprocedure
-           AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
-           AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
-         ORDER BY a.grantee
-    LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION outbox.stats() TO %s%s',
-            CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::text END,
-            CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
-    END LOOP;
-END
-$$;
+SELECT outbox.copy_execute_grants('outbox.stats_0_2()', 'outbox.stats()');
 DROP FUNCTION outbox.stats_0_2();
+
+-- track() takes a filter.
+ALTER FUNCTION outbox.track(regclass, text, name, name[]) RENAME TO track_0_2;
+CREATE FUNCTION outbox.track(tbl regclass, kind text, id_column name DEFAULT NULL, columns name[] DEFAULT NULL,
+                             filter text DEFAULT NULL)
+RETURNS text VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'track_table_wrapper';
+SELECT outbox.copy_execute_grants('outbox.track_0_2(regclass, text, name, name[])', 'outbox.track(regclass, text, name, name[], text)');
+DROP FUNCTION outbox.track_0_2(regclass, text, name, name[]);
+
+DROP FUNCTION outbox.copy_execute_grants(regprocedure, regprocedure);
 
 CREATE FUNCTION outbox.metrics() RETURNS text
 STABLE LANGUAGE c SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'metrics_wrapper';
 REVOKE EXECUTE ON FUNCTION outbox.metrics() FROM PUBLIC;
+
+-- Backfills: see the table's definition.
+CREATE TABLE outbox.backfills (
+    backfill_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tbl         regclass NOT NULL,
+    kind        text COLLATE "C" NOT NULL REFERENCES outbox.kinds ON DELETE CASCADE,
+    id_column   name NOT NULL,
+    filter      text,
+    run_as      regrole NOT NULL,
+    state       text NOT NULL DEFAULT 'running'
+                CHECK (state OPERATOR(pg_catalog.=) ANY ('{running,done,failed,cancelled}'::text[])),
+    last_id     text,
+    enqueued    bigint NOT NULL DEFAULT 0,
+    rows_estimate bigint,
+    started_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    finished_at timestamptz,
+    error       text
+);
+CREATE UNIQUE INDEX backfills_running ON outbox.backfills (tbl, kind)
+    WHERE state OPERATOR(pg_catalog.=) 'running';
+SELECT pg_catalog.pg_extension_config_dump('outbox.backfills', '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('outbox.backfills', 'backfill_id'), '');
+REVOKE ALL ON outbox.backfills FROM PUBLIC;
+REVOKE ALL ON SEQUENCE outbox.backfills_backfill_id_seq FROM PUBLIC;
+
+CREATE FUNCTION outbox.backfill(tbl regclass, kind text, id_column name DEFAULT NULL, filter text DEFAULT NULL)
+RETURNS bigint VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'backfill_wrapper';
+REVOKE EXECUTE ON FUNCTION outbox.backfill(regclass, text, name, text) FROM PUBLIC;
+CREATE FUNCTION outbox.cancel_backfill(backfill_id bigint)
+RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'cancel_backfill_wrapper';
+REVOKE EXECUTE ON FUNCTION outbox.cancel_backfill(bigint) FROM PUBLIC;
+CREATE FUNCTION outbox.resume_backfill(backfill_id bigint)
+RETURNS void VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'resume_backfill_wrapper';
+REVOKE EXECUTE ON FUNCTION outbox.resume_backfill(bigint) FROM PUBLIC;
+CREATE FUNCTION outbox.backfills_checked() RETURNS trigger
+LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'backfills_checked_wrapper';
+REVOKE EXECUTE ON FUNCTION outbox.backfills_checked() FROM PUBLIC;
+CREATE TRIGGER backfills_checked BEFORE INSERT OR UPDATE ON outbox.backfills
+    FOR EACH ROW EXECUTE FUNCTION outbox.backfills_checked();
+ALTER TABLE outbox.backfills ENABLE ALWAYS TRIGGER backfills_checked;

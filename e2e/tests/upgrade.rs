@@ -217,6 +217,8 @@ fn a_database_on_0_2_0_is_served_before_its_update_and_rotates_after_it() {
     verify(&r.requests_for("/u/1")[0], OLD).unwrap();
     let err = c.batch_execute(&format!("SELECT outbox.rotate_secret('user', '{NEW}')")).unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("42883"), "no rotate_secret on 0.2.0: {err}");
+    // 0.2.0's track, without a filter, runs on this library.
+    c.batch_execute("CREATE TABLE public.items (id int PRIMARY KEY, status text); SELECT outbox.track('public.items', 'user')").unwrap();
     // A failure, then a delivery: counted in 0.2.0's kind_stats.
     r.script("/u/3", [Action::status(500), Action::status(204)]);
     c.batch_execute("SELECT outbox.enqueue('user', 3); CREATE ROLE outbox_monitor;
@@ -238,10 +240,19 @@ fn a_database_on_0_2_0_is_served_before_its_update_and_rotates_after_it() {
     let stats = "SELECT delivered || ' ' || failed_attempts || ' ' || breaker FROM outbox.stats()";
     assert!(wait_until(LONG, || texts(&mut c, stats) == ["3 1 closed"]), "{:?}", texts(&mut c, stats));
     c.batch_execute("RESET ROLE").unwrap();
+    // After the update, track takes a filter.
+    c.batch_execute(
+        "SELECT outbox.track('public.items', 'user', filter => 'status = ''live''');
+         INSERT INTO public.items VALUES (40, 'draft'), (41, 'live');",
+    )
+    .unwrap();
+    assert!(wait_until(LONG, || r.requests_for("/u/41").len() == 1), "the live item is delivered");
+    assert!(wait_until(LONG, || jobs_left(&mut c) == 0));
+    assert!(r.requests_for("/u/40").is_empty(), "the draft is not");
     let metrics = texts(&mut c, "SELECT outbox.metrics()").concat();
-    let line = format!("outbox_kind_delivered_total{{database=\"{DATABASE}\",kind=\"user\"}} 3");
+    let line = format!("outbox_kind_delivered_total{{database=\"{DATABASE}\",kind=\"user\"}} 4");
     assert!(metrics.lines().any(|l| l == line), "no {line} in\n{metrics}");
-    // Only the delivery made on 0.3.0 is in its latency histogram.
-    let line = format!("outbox_delivery_latency_seconds_count{{database=\"{DATABASE}\",kind=\"user\"}} 1");
+    // Only the deliveries made on 0.3.0 are in its latency histogram.
+    let line = format!("outbox_delivery_latency_seconds_count{{database=\"{DATABASE}\",kind=\"user\"}} 2");
     assert!(metrics.lines().any(|l| l == line), "no {line} in\n{metrics}");
 }

@@ -9,6 +9,8 @@ use super::enqueue::{enqueue_id, require_delay};
 use crate::pg::errors::{require, require_kind};
 use pgrx::datum::{Interval, Uuid};
 use pgrx::prelude::*;
+use pgrx::Array;
+use std::ffi::CStr;
 
 // 0.1.0: `enqueue(kind text, id text|bigint|uuid, delay interval DEFAULT '0 s')`.
 
@@ -29,4 +31,12 @@ fn enqueue_uuid(kind: Option<&str>, id: Option<Uuid>, delay: Option<Interval>) {
     // As uuid_out spells it: lower case, hyphenated.
     let (kind, id) = (require_kind(kind), require(id, "id").to_string());
     enqueue_id(kind, id, Some(require_delay(delay)))
+}
+
+// 0.2.0: `track(tbl regclass, kind text, id_column name DEFAULT NULL,
+// columns name[] DEFAULT NULL)`, without a filter.
+
+#[pg_extern(sql = false)]
+fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>, columns: Option<Array<&CStr>>) -> String {
+    crate::capture::triggers::track_table(tbl, kind, id_column, columns, None)
 }

@@ -8,12 +8,14 @@
 //! - [`legacy`]: earlier versions' entry points, until `ALTER EXTENSION UPDATE`.
 //! - [`admin`]: `stats`, `worker_status`, `retry`, `retry_dead`, `discard`,
 //!   `purge_dead`.
+//! - [`backfill`]: `backfill`, `cancel_backfill`, `resume_backfill`.
 //! - [`metrics`]: `metrics()`, the Prometheus exposition.
 //!
 //! `track` and `untrack` live with the triggers they create, in
 //! [`crate::capture::triggers`].
 
 pub mod admin;
+pub mod backfill;
 pub mod enqueue;
 pub mod grants;
 pub mod kinds;

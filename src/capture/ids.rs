@@ -17,6 +17,11 @@ use pgrx::FromDatum;
 /// Longest id accepted, in bytes.
 const MAX_ID_LEN: usize = 1024;
 
+/// Whether `id` can name a record: not empty, at most [`MAX_ID_LEN`] bytes.
+pub fn is_valid(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_LEN
+}
+
 /// Raises unless `id` names a record: not empty, at most [`MAX_ID_LEN`]
 /// bytes (an id is a key, not data).
 pub fn check_id(id: &str) {

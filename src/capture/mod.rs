@@ -3,6 +3,7 @@
 //! inbox row in the changing transaction; the worker takes it from there.
 //!
 //! - [`triggers`]: `track`, `untrack` and the row trigger they install.
+//! - [`row_filter`]: `track`'s filter, checked and printed for the triggers' WHEN.
 //! - [`ids`]: which key types name a record alike in every session.
 //! - [`inbox`]: the per-transaction buffer and the inbox writer.
 //! - [`hooks`]: executor and utility hooks (statement-end inbox writes,
@@ -16,5 +17,6 @@ pub mod hooks;
 pub mod ids;
 pub mod inbox;
 pub mod restore;
+pub mod row_filter;
 pub mod triggers;
 pub mod wake;

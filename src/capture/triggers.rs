@@ -102,7 +102,7 @@ unsafe fn id_text(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc,
 ///
 /// # Safety
 /// Both tuples must be rows of `tupdesc`; every attno must be in range.
-unsafe fn changed(old: *mut pg_sys::HeapTupleData, new: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attnos: impl IntoIterator<Item = i32>) -> bool {
+pub(crate) unsafe fn changed(old: *mut pg_sys::HeapTupleData, new: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attnos: impl IntoIterator<Item = i32>) -> bool {
     attnos.into_iter().any(|n| {
         // SAFETY: guaranteed by the caller.
         unsafe {
@@ -444,11 +444,14 @@ fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// `track`'s row trigger `name` (quoted) on `table` (as regclass prints
-/// it), with `args` (quoted literals, comma-separated).
-fn create_row_trigger(name: &str, table: &str, args: &str) -> String {
+/// it), for `events` (e.g. `INSERT OR UPDATE OR DELETE`), with `args`
+/// (quoted literals, comma-separated), firing only for rows `when` (a
+/// condition Postgres printed: [`crate::capture::row_filter`]) holds for.
+fn create_row_trigger(name: &str, events: &str, table: &str, when: Option<&str>, args: &str) -> String {
+    let when = when.map_or(String::new(), |w| format!(" WHEN ({w})"));
     format!(
-        "CREATE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {table}
-         FOR EACH ROW EXECUTE FUNCTION outbox.enqueue_trigger({args})"
+        "CREATE TRIGGER {name} AFTER {events} ON {table}
+         FOR EACH ROW{when} EXECUTE FUNCTION outbox.enqueue_trigger({args})"
     )
 }
 
@@ -615,7 +618,7 @@ fn set_firing(c: &mut pgrx::spi::SpiClient<'_>, table: &str, name: &str, firing:
 
 /// Resolves the table and checks it can be tracked: returns its quoted name
 /// and whether it is temporary.
-fn table_name(c: &pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid) -> (String, bool) {
+pub(crate) fn table_name(c: &pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid) -> (String, bool) {
     let row = c.select(TABLE_INFO, None, &[tbl.into()]).unwrap_or_else(|e| panic!("reading pg_class: {e}"));
     let (relkind, name, temporary) = match row.first().get_three::<String, String, bool>() {
         Ok((Some(k), Some(n), Some(t))) => (k, n, t),
@@ -631,11 +634,75 @@ fn table_name(c: &pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid) -> (String, bool) 
     (name, temporary)
 }
 
+/// [`table_name`], for a table whose records the worker will read: not a
+/// temporary one, which the worker, in a session of its own, would find
+/// empty (every change sent as a deletion).
+pub(crate) fn worker_readable_table(c: &pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid) -> String {
+    let (table, temporary) = table_name(c, tbl);
+    if temporary {
+        raise(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("{table} is a temporary table"),
+            Some("Only tables the worker can read can be tracked or backfilled; temporary tables are private to their session."),
+        );
+    }
+    table
+}
+
+fn column_exists(c: &pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid, col: &str) -> bool {
+    c.select(COLUMN_EXISTS, None, &[tbl.into(), col.into()])
+        .ok()
+        .and_then(|t| t.first().get_one::<bool>().ok().flatten())
+        .unwrap_or(false)
+}
+
+/// The column naming `tbl`'s records (`table` as regclass prints it):
+/// `id_column`, or the single-column primary key. Raises 42703 for a
+/// column that does not exist, 42P16 when there is no such key, and 0A000
+/// for a type whose text depends on session settings.
+pub(crate) fn id_column_of(c: &pgrx::spi::SpiClient<'_>, tbl: pg_sys::Oid, table: &str, id_column: Option<&CStr>) -> String {
+    let id_column = match id_column {
+        Some(col) => {
+            let col = col.to_string_lossy().into_owned();
+            if !column_exists(c, tbl, &col) {
+                raise(PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN, format!("column \"{col}\" of relation {table} does not exist"), None);
+            }
+            col
+        }
+        None => {
+            let pk: Vec<String> = c
+                .select(PRIMARY_KEY_COLUMNS, None, &[tbl.into()])
+                .unwrap_or_else(|e| panic!("reading primary key: {e}"))
+                .filter_map(|r| r.get::<String>(1).ok().flatten())
+                .collect();
+            if pk.len() != 1 {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION,
+                    format!("{table} has no single-column primary key"),
+                    Some("Name the id column: id_column => 'col'."),
+                );
+            }
+            pk.into_iter().next().expect("one column")
+        }
+    };
+    let id_name = CString::new(id_column.as_str()).expect("a column name has no NUL");
+    // SAFETY: syscache lookups of a column of a table that exists.
+    let id_type = unsafe { pg_sys::get_atttype(tbl, pg_sys::get_attnum(tbl, id_name.as_ptr())) };
+    crate::capture::ids::require_canonical(&id_column, id_type);
+    id_column
+}
+
+/// `outbox.track`: creates the triggers that capture `tbl`'s changes as
+/// records of `kind`, or replaces them. Returns the names of its row
+/// triggers: one, or with a filter one per event (INSERT, UPDATE, DELETE),
+/// comma-separated. (Version 0.2.0's `track`, without a filter, is
+/// `api::legacy::track`.)
 #[pg_extern(sql = "
-CREATE FUNCTION outbox.track(tbl regclass, kind text, id_column name DEFAULT NULL, columns name[] DEFAULT NULL)
+CREATE FUNCTION outbox.track(tbl regclass, kind text, id_column name DEFAULT NULL, columns name[] DEFAULT NULL,
+                             filter text DEFAULT NULL)
 RETURNS text VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 ")]
-fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>, columns: Option<Array<&CStr>>) -> String {
+pub fn track_table(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>, columns: Option<Array<&CStr>>, filter: Option<&str>) -> String {
     let tbl = require(tbl, "tbl");
     let kind = require_kind(kind);
     let columns: Option<Vec<String>> = columns.map(|a| {
@@ -650,54 +717,9 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
         if c.update(LOCK_KIND_SHARE, None, &[kind.into()]).map(|t| t.is_empty()).unwrap_or(true) {
             unknown_kind(kind);
         }
-        let (table, temporary) = table_name(c, tbl);
-        // The worker, in a session of its own, would find every row missing
-        // and send each change as a deletion.
-        if temporary {
-            raise(
-                PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
-                format!("{table} is a temporary table"),
-                Some("Only tables the worker can read can be tracked; temporary tables are private to their session."),
-            );
-        }
-        let column_exists = |c: &pgrx::spi::SpiClient<'_>, col: &str| -> bool {
-            c.select(COLUMN_EXISTS, None, &[tbl.into(), col.into()])
-                .ok()
-                .and_then(|t| t.first().get_one::<bool>().ok().flatten())
-                .unwrap_or(false)
-        };
-        let id_column = match id_column {
-            Some(col) => {
-                let col = col.to_string_lossy().into_owned();
-                if !column_exists(c, &col) {
-                    raise(
-                        PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-                        format!("column \"{col}\" of relation {table} does not exist"),
-                        None,
-                    );
-                }
-                col
-            }
-            None => {
-                let pk: Vec<String> = c
-                    .select(PRIMARY_KEY_COLUMNS, None, &[tbl.into()])
-                    .unwrap_or_else(|e| panic!("reading primary key: {e}"))
-                    .filter_map(|r| r.get::<String>(1).ok().flatten())
-                    .collect();
-                if pk.len() != 1 {
-                    raise(
-                        PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION,
-                        format!("{table} has no single-column primary key"),
-                        Some("Name the id column: outbox.track(tbl, kind, id_column => 'col')."),
-                    );
-                }
-                pk.into_iter().next().expect("one column")
-            }
-        };
-        let id_name = CString::new(id_column.as_str()).expect("a column name has no NUL");
-        // SAFETY: syscache lookups of a column of a table that exists.
-        let id_type = unsafe { pg_sys::get_atttype(tbl, pg_sys::get_attnum(tbl, id_name.as_ptr())) };
-        crate::capture::ids::require_canonical(&id_column, id_type);
+        let table = worker_readable_table(c, tbl);
+        let column_exists = |c: &pgrx::spi::SpiClient<'_>, col: &str| column_exists(c, tbl, col);
+        let id_column = id_column_of(c, tbl, &table, id_column);
         let mut watched: Vec<String> = Vec::new();
         if let Some(cols) = &columns {
             if cols.is_empty() {
@@ -720,21 +742,38 @@ fn track(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>,
                 }
             }
         }
+        let filter: Option<crate::capture::row_filter::RowFilter> = filter.map(|f| crate::capture::row_filter::analyze(tbl, &table, f));
         // Tracking again replaces the triggers, e.g. to change the columns,
         // and keeps when each fires (an admin may have made them fire on a
         // logical replication subscriber).
         let previous = kind_triggers(c, kind, Some(tbl));
         drop_triggers(c, &previous);
-        let name = trigger_name(kind, "");
         let mut args = vec![quote_literal(kind), quote_literal(&id_column)];
         args.extend(watched.iter().map(quote_literal));
-        let sql = create_row_trigger(&quote_identifier(&name), &table, &args.join(", "));
-        c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("creating trigger: {e}"));
+        let args = args.join(", ");
+        let row_triggers: Vec<(String, &str, Option<String>)> = match &filter {
+            None => vec![(trigger_name(kind, ""), "INSERT OR UPDATE OR DELETE", None)],
+            Some(f) => vec![
+                (trigger_name(kind, "_insert"), "INSERT", Some(f.new.clone())),
+                (trigger_name(kind, "_update"), "UPDATE", Some(format!("{} OR {}", f.old, f.new))),
+                (trigger_name(kind, "_delete"), "DELETE", Some(f.old.clone())),
+            ],
+        };
+        let truncate = trigger_name(kind, "_truncate");
+        // The row triggers fire as the last ones did, whatever their names.
+        let row_firing = previous.iter().find(|t| t.table == table && t.name != truncate).map(|t| t.firing.clone());
+        for (name, events, when) in &row_triggers {
+            let sql = create_row_trigger(&quote_identifier(name), events, &table, when.as_deref(), &args);
+            c.update(sql.as_str(), None, &[]).unwrap_or_else(|e| panic!("creating trigger: {e}"));
+            if let Some(firing) = &row_firing {
+                set_firing(c, &table, name, firing);
+            }
+        }
         create_truncate_triggers(c, tbl, kind, &id_column, "O");
-        for t in &previous {
+        for t in previous.iter().filter(|t| t.name == truncate) {
             set_firing(c, &t.table, &t.name, &t.firing);
         }
-        name
+        row_triggers.into_iter().map(|(name, _, _)| name).collect::<Vec<_>>().join(", ")
     })
 }
 
@@ -769,7 +808,11 @@ mod unit {
         // The DDL, rendered as track() renders it.
         let (name, table, args) = ("\"outbox_user\"", "public.users", "'user', 'id', 'name'");
         crate::testing::sql_check::assert_qualified(&[
-            ("create_row_trigger", &super::create_row_trigger(name, table, args)),
+            ("create_row_trigger", &super::create_row_trigger(name, "INSERT OR UPDATE OR DELETE", table, None, args)),
+            (
+                "create_row_trigger with a filter",
+                &super::create_row_trigger(name, "UPDATE", table, Some("(old.a OPERATOR(pg_catalog.>) 0) OR (new.a OPERATOR(pg_catalog.>) 0)"), args),
+            ),
             ("create_truncate_trigger", &super::create_truncate_trigger(name, table, args)),
             ("drop_trigger", &super::drop_trigger(name, table)),
             ("alter_trigger_firing", &super::alter_trigger_firing(table, "ENABLE ALWAYS", name)),
@@ -887,6 +930,75 @@ mod tests {
         let n = Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.users'::regclass").unwrap();
         assert_eq!(n, Some(0));
         assert_eq!(sqlstate_of("SELECT outbox.untrack('public.users', 'user')"), "42704");
+    }
+
+    /// A filter captures a change when it holds for the old row or the new
+    /// one: a row entering it, changing inside it, or leaving it.
+    #[pg_test]
+    fn a_filter_captures_rows_it_holds_for_before_or_after() {
+        Spi::run("SELECT outbox.register('order', 'http://h/{id}')").unwrap();
+        Spi::run(r#"CREATE TABLE public.orders (id int PRIMARY KEY, status text, "Total" numeric, note text)"#).unwrap();
+        let names = Spi::get_one::<String>(r#"SELECT outbox.track('public.orders', 'order', filter => 'status <> ''draft'' AND "Total" > 0')"#).unwrap();
+        assert_eq!(names.as_deref(), Some("outbox_order_insert, outbox_order_update, outbox_order_delete"));
+        Spi::run("INSERT INTO public.orders VALUES (1, 'draft', 5), (2, 'paid', 5), (3, 'paid', 0), (4, NULL, 5)").unwrap();
+        assert_eq!(ids(), ["2"]);
+        reset();
+        // Entering, changing inside, leaving, outside all along.
+        Spi::run("UPDATE public.orders SET status = 'paid' WHERE id = 1").unwrap();
+        Spi::run("UPDATE public.orders SET note = 'x' WHERE id = 2").unwrap();
+        Spi::run(r#"UPDATE public.orders SET "Total" = 0 WHERE id = 2"#).unwrap();
+        Spi::run("UPDATE public.orders SET note = 'y' WHERE id IN (3, 4)").unwrap();
+        assert_eq!(ids(), ["1", "2"]);
+        reset();
+        Spi::run("DELETE FROM public.orders WHERE id IN (1, 3)").unwrap();
+        assert_eq!(ids(), ["1"]);
+        reset();
+        // Tracking again without a filter: one trigger, every change.
+        let name = Spi::get_one::<String>("SELECT outbox.track('public.orders', 'order')").unwrap();
+        assert_eq!(name.as_deref(), Some("outbox_order"));
+        Spi::run("UPDATE public.orders SET note = 'z' WHERE id = 4").unwrap();
+        assert_eq!(ids(), ["4"]);
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass").unwrap();
+        assert_eq!(n, Some(2), "the row trigger and the TRUNCATE trigger");
+    }
+
+    /// What the filter says goes into the triggers as Postgres prints it
+    /// back: text that tries to escape the expression is refused, and a
+    /// function is named with its schema.
+    #[pg_test]
+    fn a_filter_is_checked_and_never_pasted() {
+        Spi::run("SELECT outbox.register('order', 'http://h/{id}')").unwrap();
+        Spi::run("CREATE TABLE public.orders (id int PRIMARY KEY, status text, n int)").unwrap();
+        Spi::run("CREATE TABLE public.other (x int)").unwrap();
+        Spi::run("CREATE FUNCTION public.big(int) RETURNS boolean IMMUTABLE LANGUAGE sql AS 'SELECT $1 > 10'").unwrap();
+        let track = |filter: &str| format!("SELECT outbox.track('public.orders', 'order', filter => {})", pgrx::spi::quote_literal(filter));
+        let cases = [
+            (track("n"), "42804"),
+            (track("'true'"), "42804"),
+            (track("random() > 0.5"), "42P17"),
+            (track("n > (SELECT max(x) FROM public.other)"), "0A000"),
+            (track("count(*) > 1"), "0A000"),
+            (track("generate_series(1, n) > 1"), "0A000"),
+            (track("row_number() OVER () > 1"), "0A000"),
+            (track("nope > 1"), "42703"),
+            (track("n > 1 FROM ONLY public.other WHERE true --"), "42601"),
+            (track("true, false"), "22023"),
+            (track("true\nFROM ONLY public.orders UNION SELECT true"), "22023"),
+            (track("true; SELECT 1"), "22023"),
+            (track("true; DROP TABLE public.other"), "42601"),
+            (track("n > 1) EXECUTE FUNCTION public.big(1) --"), "42601"),
+            (track(""), "22023"),
+            (track("public.big(n)"), "00000"),
+        ];
+        crate::testing::assert_sqlstates(&cases.iter().map(|(q, s)| (q.as_str(), *s)).collect::<Vec<_>>());
+        // As printed where public is not on the path: the name is qualified.
+        Spi::run("SET LOCAL search_path = pg_catalog").unwrap();
+        let when = texts("SELECT pg_catalog.pg_get_triggerdef(oid) FROM pg_catalog.pg_trigger WHERE tgname = 'outbox_order_update'", &[]);
+        Spi::run("RESET search_path").unwrap();
+        assert!(when[0].contains("public.big(old.n) OR public.big(new.n)"), "{when:?}");
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM public.other").unwrap(), Some(0), "still there");
+        Spi::run("INSERT INTO public.orders VALUES (1, 'a', 5), (2, 'b', 50)").unwrap();
+        assert_eq!(ids(), ["2"]);
     }
 
     #[pg_test]

@@ -42,6 +42,23 @@ fn may_act_as(role: pg_sys::Oid) -> bool {
     }
 }
 
+/// Raises 42501 unless the current user may have `what` run as `role`:
+/// it may act as the role, and only a superuser may name a superuser.
+pub fn require_may_run_as(what: &str, role: pg_sys::Oid) {
+    if !role_exists(role) {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("the role {what} would run as does not exist"), None);
+    }
+    // SAFETY: a syscache lookup of the current user.
+    let caller_is_superuser = unsafe { pg_sys::superuser() };
+    if !may_act_as(role) || (is_superuser(role) && !caller_is_superuser) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to make {what} run as role \"{}\"", role_name(role)),
+            Some("Only a member of that role may, and only a superuser for a superuser."),
+        );
+    }
+}
+
 /// What `register` refuses for `run_as`: a role the registrar may not act
 /// as, and a superuser without the explicit opt-in, which only a superuser
 /// may give.

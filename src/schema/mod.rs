@@ -263,6 +263,34 @@ CREATE TABLE outbox.rejected (
     reason      text NOT NULL
 );
 
+-- Backfills (outbox.backfill): the worker pages through a table in the
+-- order of its id column, a chunk at a time, each in a turn of its own,
+-- while the kind has few jobs due. last_id is where it stands: it goes on
+-- from there after a restart.
+CREATE TABLE outbox.backfills (
+    backfill_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tbl         regclass NOT NULL,
+    kind        text COLLATE "C" NOT NULL REFERENCES outbox.kinds ON DELETE CASCADE,
+    id_column   name NOT NULL,
+    -- Which rows: the filter as Postgres printed it back (NULL: all).
+    filter      text,
+    -- Who started it: the table is read with this role's rights.
+    run_as      regrole NOT NULL,
+    state       text NOT NULL DEFAULT 'running'
+                CHECK (state OPERATOR(pg_catalog.=) ANY ('{running,done,failed,cancelled}'::text[])),
+    last_id     text,
+    enqueued    bigint NOT NULL DEFAULT 0,
+    -- The table's rows when it started, as the planner estimated them.
+    rows_estimate bigint,
+    started_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    finished_at timestamptz,
+    error       text
+);
+-- One running backfill per table and kind.
+CREATE UNIQUE INDEX backfills_running ON outbox.backfills (tbl, kind)
+    WHERE state OPERATOR(pg_catalog.=) 'running';
+
 -- Coalescing: at most one fresh job per record.
 CREATE UNIQUE INDEX queue_fresh_key ON outbox.queue (kind, id)
     WHERE state OPERATOR(pg_catalog.=) 'pending' AND last_attempt_at IS NULL;
@@ -281,7 +309,9 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.queue', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.inbox', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.enqueuers', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.rejected', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.backfills', '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('outbox.queue', 'job_id'), '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('outbox.backfills', 'backfill_id'), '');
 
 -- Changes still in the inbox are pending jobs without a job_id yet; inbox
 -- rows the worker set aside are dead ones, with the reason.

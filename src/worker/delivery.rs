@@ -12,6 +12,7 @@ use super::http::{self, Method, Outcome, Pool, Request};
 use super::queue::{self, Failure};
 use super::render::{self, Rendered};
 use super::signals::{handle_interrupts, in_transaction, install_handlers, pause, reloads, report_activity, report_stats, wait};
+use super::backfills::Backfills;
 use super::breakers::Breakers;
 use crate::rules::breaker::Allow;
 use crate::rules::metrics::Tally;
@@ -269,6 +270,8 @@ struct Worker {
     buckets: HashMap<String, rate::Bucket>,
     /// The kinds' circuit breakers.
     breakers: Breakers,
+    /// The running backfills.
+    backfills: Backfills,
     /// The kind a previous worker got stuck rendering (its hash), and how
     /// many times in a row: benched once the kinds are read.
     stuck: Option<(u64, u32)>,
@@ -368,6 +371,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         benched: HashMap::new(),
         buckets: HashMap::new(),
         breakers: Breakers::default(),
+        backfills: Backfills::default(),
         stuck: shmem::take_stuck_kind(),
     };
     loop {
@@ -540,7 +544,8 @@ impl Worker {
     }
 
     /// One transaction of named steps: follow the extension, check
-    /// privileges, recover, record, absorb, read kinds, claim, render.
+    /// privileges, recover, record, absorb, read kinds, backfill, claim,
+    /// render.
     fn turn(&mut self, kinds_generation: Option<u64>) -> Turn {
         if !self.follow_extension() {
             return Turn::NoExtension;
@@ -554,6 +559,7 @@ impl Worker {
             let batch = gucs::BATCH_SIZE.get().max(1) as usize;
             let inbox_full = self.absorb(c, batch);
             self.read_kinds(c, kinds_generation);
+            self.backfills.step(c);
             let now = Instant::now();
             let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
             let room = limit.saturating_sub(self.in_flight.len()).min(batch);
@@ -704,6 +710,7 @@ impl Worker {
         if kinds_generation.is_none() || self.kinds_generation != kinds_generation {
             self.kinds = render::load_kinds(c);
             self.kinds_generation = kinds_generation;
+            self.backfills.forget();
         }
         if let Some((hash, times)) = self.stuck.take() {
             let stuck: Vec<String> = self.kinds.keys().filter(|k| super::watchdog::kind_hash(k) == hash).cloned().collect();

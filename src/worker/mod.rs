@@ -7,6 +7,7 @@
 //! - [`delivery`]: the delivery worker's loop: a turn of named steps
 //!   (record, absorb, claim, render), dispatch to the [`http`] threads, and
 //!   one rest.
+//! - [`backfills`]: `outbox.backfill`'s work, a chunk of a table per turn.
 //! - [`breakers`]: the kinds' circuit breakers, fed every outcome and
 //!   asked before every claim.
 //! - [`connect`]: how the HTTP threads reach receivers, directly or through a
@@ -21,6 +22,7 @@
 //! - [`signals`]: signal handlers, waiting, transactions. [`watchdog`]: ends
 //!   the worker when a render outlives its cancel.
 
+pub mod backfills;
 pub mod breakers;
 pub mod connect;
 pub mod delivery;

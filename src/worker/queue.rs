@@ -101,6 +101,17 @@ macro_rules! insert_changes {
     };
 }
 
+/// A backfill's chunk: ids $2 of kind $1 become jobs, due now, coalescing
+/// into their records' fresh jobs as the absorb's changes do.
+pub const ENQUEUE_BACKFILLED: &str = concat!(
+    "WITH changed AS (
+    SELECT $1::text AS kind, u.id, pg_catalog.now() AS enqueued_at, pg_catalog.now() AS run_at, true AS registered
+      FROM pg_catalog.unnest($2::text[]) AS u(id)
+)
+",
+    insert_changes!()
+);
+
 /// Moves the inbox (every change, tracked or enqueued) into the queue, about
 /// $1 changes per call: whole inbox rows (each holds many ids) while the
 /// count stays under $1. This is where changes coalesce, and the only
@@ -753,6 +764,7 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("FAIL", FAIL),
     ("BUMP_STATS", BUMP_STATS),
     ("BUMP_STATS_0_2", BUMP_STATS_0_2),
+    ("ENQUEUE_BACKFILLED", ENQUEUE_BACKFILLED),
 ];
 
 #[cfg(test)]

@@ -1,0 +1,127 @@
+//! `track(..., filter => ...)`: a boolean SQL expression over a tracked
+//! table's row that says which changes are captured. A change is captured
+//! when it holds for the old row or the new row, so that a row leaving the
+//! filter is still delivered once more.
+//!
+//! Postgres evaluates it, in the WHEN clause of one row trigger per event
+//! (an INSERT trigger can't name OLD, nor a DELETE trigger NEW): a row it
+//! rejects costs no trigger call at all. The text given is never pasted
+//! into SQL. It is parsed and analysed as the only output column of
+//! `SELECT ... FROM ONLY <table>`, the resulting query must be exactly that,
+//! and what goes into the triggers is the expression as Postgres prints it
+//! back, with every column qualified by NEW or OLD.
+
+use crate::pg::errors::raise;
+use pgrx::prelude::*;
+use pgrx::PgList;
+use std::ffi::{CStr, CString};
+
+/// A checked filter, printed for the WHEN clauses of the row triggers and
+/// for a backfill's scan.
+pub struct RowFilter {
+    /// Over the table's row, columns unqualified.
+    pub plain: String,
+    /// Over the new row (`new.<column>`).
+    pub new: String,
+    /// Over the old row (`old.<column>`).
+    pub old: String,
+}
+
+fn invalid(message: String) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message,
+        Some("A filter is one boolean expression over the table's columns, e.g. filter => 'status <> ''draft'''."),
+    )
+}
+
+fn unsupported(what: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        format!("a filter can't hold {what}"),
+        Some("A filter is evaluated for each changed row, on that row alone: use its columns, operators and functions that are not volatile."),
+    )
+}
+
+/// Parses and checks `filter` over the rows of table `tbl`, which
+/// `table` names as regclass prints it. Raises 22023 for anything but one
+/// expression, 0A000 for a subquery, an aggregate, a window function or a
+/// set-returning function, 42804 for a type other than boolean and 42P17
+/// for a volatile function; a syntax error or an unknown column as Postgres
+/// reports them.
+pub fn analyze(tbl: pg_sys::Oid, table: &str, filter: &str) -> RowFilter {
+    let Ok(sql) = CString::new(format!("SELECT {filter}\nFROM ONLY {table}")) else {
+        invalid("a filter must not contain a NUL byte".into())
+    };
+    // SAFETY: parsing and analysing a statement, as any query does, in the
+    // caller's transaction; nothing runs. Every pointer read comes from the
+    // trees Postgres just built, and list lengths are checked first.
+    unsafe {
+        let raws = PgList::<pg_sys::RawStmt>::from_pg(pg_sys::pg_parse_query(sql.as_ptr()));
+        if raws.len() != 1 {
+            invalid("a filter must be one expression".into());
+        }
+        let q = pg_sys::parse_analyze_fixedparams(raws.get_ptr(0).expect("one statement"), sql.as_ptr(), std::ptr::null(), 0, std::ptr::null_mut());
+        let q = &*q;
+        if q.hasSubLinks {
+            unsupported("a subquery");
+        }
+        if q.hasAggs {
+            unsupported("an aggregate function");
+        }
+        if q.hasWindowFuncs {
+            unsupported("a window function");
+        }
+        if q.hasTargetSRFs {
+            unsupported("a set-returning function");
+        }
+        let targets = PgList::<pg_sys::TargetEntry>::from_pg(q.targetList);
+        let from = PgList::<pg_sys::Node>::from_pg((*q.jointree).fromlist);
+        let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg(q.rtable);
+        let only_the_table = rtable.len() == 1 && {
+            let rte = &*rtable.get_ptr(0).expect("one entry");
+            rte.rtekind == pg_sys::RTEKind::RTE_RELATION && rte.relid == tbl && !rte.inh
+        };
+        let one_expression = q.commandType == pg_sys::CmdType::CMD_SELECT
+            && q.utilityStmt.is_null()
+            && q.cteList.is_null()
+            && q.setOperations.is_null()
+            && q.groupClause.is_null()
+            && q.havingQual.is_null()
+            && q.sortClause.is_null()
+            && q.distinctClause.is_null()
+            && q.windowClause.is_null()
+            && q.limitCount.is_null()
+            && q.limitOffset.is_null()
+            && q.rowMarks.is_null()
+            && (*q.jointree).quals.is_null()
+            && from.len() == 1
+            && only_the_table
+            && targets.len() == 1;
+        if !one_expression {
+            invalid(format!("a filter must be one expression, not {filter:?}"));
+        }
+        let expr = (*targets.get_ptr(0).expect("one target")).expr.cast::<pg_sys::Node>();
+        let typ = pg_sys::exprType(expr);
+        if typ != pg_sys::BOOLOID {
+            let name = CStr::from_ptr(pg_sys::format_type_be(typ)).to_string_lossy().into_owned();
+            raise(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!("a filter must be of type boolean, not {name}"),
+                Some("Compare the column: filter => 'amount > 0', not filter => 'amount'."),
+            );
+        }
+        if pg_sys::contain_volatile_functions(expr) {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
+                "a filter must not call volatile functions",
+                Some("Its result must depend on the row alone (and, for a STABLE function, the moment): random() or a function with side effects would capture changes at random."),
+            );
+        }
+        let print = |row: &CStr, prefix: bool| {
+            let context = pg_sys::deparse_context_for(row.as_ptr(), tbl);
+            CStr::from_ptr(pg_sys::deparse_expression(expr, context, prefix, false)).to_string_lossy().into_owned()
+        };
+        RowFilter { plain: print(c"row", false), new: print(c"new", true), old: print(c"old", true) }
+    }
+}
