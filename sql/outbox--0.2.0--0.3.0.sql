@@ -164,3 +164,23 @@ REVOKE EXECUTE ON FUNCTION outbox.backfills_checked() FROM PUBLIC;
 CREATE TRIGGER backfills_checked BEFORE INSERT OR UPDATE ON outbox.backfills
     FOR EACH ROW EXECUTE FUNCTION outbox.backfills_checked();
 ALTER TABLE outbox.backfills ENABLE ALWAYS TRIGGER backfills_checked;
+
+-- The last attempts of each kind: see the table's definition.
+CREATE TABLE outbox.attempts (
+    attempt_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind        text COLLATE "C" NOT NULL,
+    id          text COLLATE "C" NOT NULL,
+    job_id      bigint NOT NULL,
+    attempt     int NOT NULL,
+    method      text NOT NULL,
+    at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- delivered, rejected, throttled, server_error, unreachable or
+    -- unbuildable, as outbox.metrics() counts them.
+    outcome     text NOT NULL,
+    status      int,
+    duration_ms double precision,
+    error       text
+);
+CREATE INDEX attempts_kind ON outbox.attempts (kind, attempt_id);
+REVOKE ALL ON outbox.attempts FROM PUBLIC;
+REVOKE ALL ON SEQUENCE outbox.attempts_attempt_id_seq FROM PUBLIC;

@@ -5,7 +5,9 @@
 //! - [`figure`]: settings from the environment, and one way to report a figure.
 //! - [`nginx`]: a fast receiver that counts requests and records nothing.
 //! - [`cpu`]: where a benchmark's CPU went, read from /proc.
+//! - [`latency`]: commit-to-request latency of paced single-change transactions.
 
 pub mod cpu;
 pub mod figure;
+pub mod latency;
 pub mod nginx;

@@ -135,6 +135,11 @@ struct State {
     /// The path of every request that arrived while another request for it
     /// was still being handled.
     overlaps: Mutex<Vec<String>>,
+    /// Record only requests whose path starts with this (the others are
+    /// counted in `arrivals`): for a load of millions of requests.
+    keep_only: Mutex<Option<String>>,
+    /// Every request that arrived, recorded or not.
+    arrivals: std::sync::atomic::AtomicUsize,
 }
 
 /// A request counted as being handled, from its arrival until the receiver
@@ -305,6 +310,17 @@ impl Receiver {
     pub fn clear(&self) {
         self.state.requests.lock().unwrap().clear();
     }
+
+    /// From now on, records only the requests whose path starts with
+    /// `prefix`; [`Receiver::arrivals`] still counts every one.
+    pub fn keep_only(&self, prefix: &str) {
+        *self.state.keep_only.lock().unwrap() = Some(prefix.to_string());
+    }
+
+    /// Every request that arrived, recorded or not.
+    pub fn arrivals(&self) -> usize {
+        self.state.arrivals.load(Ordering::SeqCst)
+    }
 }
 
 fn next_action(state: &State, path: &str) -> Action {
@@ -358,7 +374,11 @@ fn serve(conn: impl Read + Write, state: &State, stop: &AtomicBool) {
         let handling = InProgress::arrive(state, &path);
         let action = next_action(state, &path);
         let answered = action.answers();
-        state.requests.lock().unwrap().push(Recorded { answered, method, path: path.clone(), headers, body, at: Instant::now() });
+        let at = Instant::now();
+        state.arrivals.fetch_add(1, Ordering::SeqCst);
+        if state.keep_only.lock().unwrap().as_deref().is_none_or(|prefix| path.starts_with(prefix)) {
+            state.requests.lock().unwrap().push(Recorded { answered, method, path: path.clone(), headers, body, at });
+        }
         let action = action.released();
         let writer = reader.get_mut();
         match action {

@@ -127,13 +127,22 @@ fn metrics_pass_promtool_and_the_exporter_file_serves_the_same() {
     assert_eq!(get("outbox_kind_max_in_flight", "ok", ""), 4.0);
     assert_eq!(get("outbox_kind_rate_limit", "ok", ""), 500.0);
 
+    // The exporter's role has only what docs/operations.md grants it.
+    c.batch_execute(
+        "CREATE ROLE exporter LOGIN;
+         GRANT USAGE ON SCHEMA outbox TO exporter;
+         GRANT EXECUTE ON FUNCTION outbox.stats() TO exporter;
+         GRANT SELECT ON outbox.jobs, outbox.kind_stats TO exporter;
+         GRANT SELECT (kind, paused, max_in_flight, rate_limit) ON outbox.kinds TO exporter;",
+    )
+    .unwrap();
     let port = free_port();
     let log = std::env::temp_dir().join(format!("outbox-exporter-{port}.log"));
     let _exporter = Exporter(
         Command::new(tool("prometheus-postgres-exporter"))
             .arg(format!("--extend.query-path={}", monitoring_dir().join("postgres_exporter.yaml").display()))
             .args(["--disable-default-metrics", "--disable-settings-metrics", &format!("--web.listen-address=127.0.0.1:{port}")])
-            .env("DATA_SOURCE_NAME", format!("{} sslmode=disable", db.conninfo("outbox_e2e")))
+            .env("DATA_SOURCE_NAME", format!("{} sslmode=disable", db.conninfo("outbox_e2e").replace("user=postgres", "user=exporter")))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -159,4 +168,49 @@ fn metrics_pass_promtool_and_the_exporter_file_serves_the_same() {
             assert_eq!(*value, other, "{series}");
         }
     }
+}
+
+/// `outbox.attempts` keeps the last `outbox.attempts_kept` attempts of each
+/// kind, with outcome, status, duration and error; none at 0.
+#[test]
+fn the_last_attempts_of_each_kind_are_kept_when_asked() {
+    let mut opts = outbox_e2e::cluster::Options::default();
+    opts.conf.push("outbox.attempts_kept = 3".into());
+    let db = Cluster::start_with(opts);
+    let r = Receiver::start();
+    let mut c = db.client();
+    c.batch_execute(&format!("SELECT outbox.register('a', '{}'); SELECT outbox.register('b', '{}');", r.url("/a/{id}"), r.url("/b/{id}")))
+        .unwrap();
+    db.wait_for_worker();
+    r.script("/a/1", [Action::status(500), Action::status(500), Action::status(204)]);
+    r.script("/a/2", [Action::with_body(422, "no such thing")]);
+    // Jobs not yet settled (the rejected one stays, dead).
+    let left = |c: &mut postgres::Client| -> i64 { c.query_one("SELECT count(*) FROM outbox.jobs WHERE state <> 'dead'", &[]).unwrap().get(0) };
+    c.execute("SELECT outbox.enqueue('a', 1)", &[]).unwrap();
+    assert!(wait_until(LONG, || left(&mut c) == 0));
+    c.execute("SELECT outbox.enqueue('a', 2)", &[]).unwrap();
+    assert!(wait_until(LONG, || r.requests_for("/a/2").len() == 1));
+    c.batch_execute("SELECT count(outbox.enqueue('b', g)) FROM generate_series(1, 5) g").unwrap();
+    assert!(wait_until(LONG, || r.distinct_paths() == 7));
+    let rows = |c: &mut postgres::Client, kind: &str| -> Vec<String> {
+        c.query(
+            "SELECT concat_ws(' ', id, attempt, method, outcome, status, duration_ms >= 0, error) FROM outbox.attempts WHERE kind = $1 ORDER BY attempt_id",
+            &[&kind],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    assert!(wait_until(LONG, || rows(&mut c, "a").len() == 3 && rows(&mut c, "b").len() == 3), "{:?}", rows(&mut c, "a"));
+    assert_eq!(rows(&mut c, "a"), ["1 2 PUT server_error 500 t HTTP 500", "1 3 PUT delivered 204 t", "2 1 PUT rejected 422 t HTTP 422: no such thing"]);
+    // At 0, none more.
+    c.batch_execute("ALTER SYSTEM SET outbox.attempts_kept = 0").unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before: i64 = c.query_one("SELECT max(attempt_id) FROM outbox.attempts", &[]).unwrap().get(0);
+    c.batch_execute("SELECT count(outbox.enqueue('b', g)) FROM generate_series(6, 9) g").unwrap();
+    assert!(wait_until(LONG, || r.distinct_paths() == 11 && left(&mut c) == 0));
+    let after: i64 = c.query_one("SELECT max(attempt_id) FROM outbox.attempts", &[]).unwrap().get(0);
+    assert_eq!(after, before);
 }

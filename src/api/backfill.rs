@@ -6,7 +6,8 @@
 
 use crate::capture::{row_filter, triggers, wake};
 use crate::pg::errors::{raise, require, require_kind, unknown_kind};
-use crate::worker::backfills::{chunk_statement, State};
+use crate::pg::roles::{as_queue_owner, as_restricted, require_may_run_as};
+use crate::worker::backfills::{writing_progress, Reader, State};
 use pgrx::prelude::*;
 use std::ffi::CStr;
 
@@ -14,20 +15,9 @@ use std::ffi::CStr;
 /// until the backfill is recorded.)
 const KIND_EXISTS: &str = "SELECT EXISTS (SELECT FROM outbox.kinds WHERE kind OPERATOR(pg_catalog.=) $1)";
 
-/// Whether column $2 of table $1 leads a btree index without a predicate:
-/// what paging through the table in its order needs.
-const INDEXED: &str = "
-SELECT EXISTS (
-    SELECT FROM pg_catalog.pg_index i
-      JOIN pg_catalog.pg_class ic ON ic.oid OPERATOR(pg_catalog.=) i.indexrelid
-      JOIN pg_catalog.pg_am am ON am.oid OPERATOR(pg_catalog.=) ic.relam
-      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
-     WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2
-       AND i.indkey[0] OPERATOR(pg_catalog.=) a.attnum AND i.indpred IS NULL
-       AND am.amname OPERATOR(pg_catalog.=) 'btree')";
-
 /// Records backfill of table $1 for kind $2 by id column $3, filter $4,
-/// read as role $5; with the table's estimated rows. Returns its id.
+/// for role $5; with the table's estimated rows. Returns its id, nothing if
+/// one is running for the table and kind.
 const START: &str = "
 INSERT INTO outbox.backfills (tbl, kind, id_column, filter, run_as, rows_estimate)
 SELECT $1, $2, $3, $4, $5,
@@ -43,6 +33,9 @@ const RUNNING_ID: &str = "
 SELECT backfill_id FROM outbox.backfills
  WHERE tbl OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) 'running'";
 
+/// Backfill $1's state and the role it reads for.
+const STATE_OF: &str = "SELECT state, run_as::pg_catalog.oid FROM outbox.backfills WHERE backfill_id OPERATOR(pg_catalog.=) $1";
+
 /// Backfill $1 from state $2 to state $3; returns it if it moved.
 const MOVE: &str = "
 UPDATE outbox.backfills
@@ -51,24 +44,17 @@ UPDATE outbox.backfills
  WHERE backfill_id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) ANY ($2::text[])
 RETURNING backfill_id";
 
-const STATE_OF: &str = "SELECT state FROM outbox.backfills WHERE backfill_id OPERATOR(pg_catalog.=) $1";
-
 /// The SQL statements of this module, for the qualification sweep.
 #[cfg(test)]
-pub(crate) const STATEMENTS: &[(&str, &str)] = &[
-    ("KIND_EXISTS", KIND_EXISTS),
-    ("INDEXED", INDEXED),
-    ("START", START),
-    ("RUNNING_ID", RUNNING_ID),
-    ("MOVE", MOVE),
-    ("STATE_OF", STATE_OF),
-];
+pub(crate) const STATEMENTS: &[(&str, &str)] =
+    &[("KIND_EXISTS", KIND_EXISTS), ("START", START), ("RUNNING_ID", RUNNING_ID), ("STATE_OF", STATE_OF), ("MOVE", MOVE)];
 
 /// Delivers every row of `tbl` (those `filter` holds for) as records of
 /// `kind`, by `id_column` (default: the single-column primary key), as if
 /// each had just changed. Returns the backfill's id; the worker does the
 /// rest in the background, and `outbox.backfills` shows its progress. The
-/// table is read with the caller's rights, row-level security included.
+/// caller must be able to read the table, without row-level security
+/// restricting it: the worker reads it as its owner, a chunk at a time.
 #[pg_extern(sql = "
 CREATE FUNCTION outbox.backfill(tbl regclass, kind text, id_column name DEFAULT NULL, filter text DEFAULT NULL)
 RETURNS bigint VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
@@ -76,59 +62,60 @@ RETURNS bigint VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MOD
 fn backfill(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CStr>, filter: Option<&str>) -> i64 {
     let tbl = require(tbl, "tbl");
     let kind = require_kind(kind);
+    // SAFETY: reading the current user.
+    let me = unsafe { pg_sys::GetUserId() };
     Spi::connect_mut(|c| {
-        if c.select(KIND_EXISTS, None, &[kind.into()]).ok().and_then(|t| t.first().get_one::<bool>().ok().flatten()) != Some(true) {
-            unknown_kind(kind);
-        }
         let table = triggers::worker_readable_table(c, tbl);
         let id_column = triggers::id_column_of(c, tbl, &table, id_column);
         let filter = filter.map(|f| row_filter::analyze(tbl, &table, f).plain);
-        let indexed = c.select(INDEXED, None, &[tbl.into(), id_column.as_str().into()]).ok().and_then(|t| t.first().get_one::<bool>().ok().flatten());
-        if indexed != Some(true) {
-            raise(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("column \"{id_column}\" of {table} leads no btree index"),
-                Some("A backfill pages through the table in the order of its id column, which takes an index: CREATE INDEX ON the_table (id_column), or name an indexed id_column."),
-            );
-        }
-        // What the worker will run as the caller, run once now as the caller:
-        // a missing privilege or a filter that can't run fails here.
-        let sql = chunk_statement(c, tbl, &id_column, filter.as_deref());
-        c.select(&sql, None, &[Option::<String>::None.into(), 0i64.into()]).unwrap_or_else(|e| panic!("{e}"));
-        // SAFETY: reading the current user.
-        let me = unsafe { pg_sys::GetUserId() };
-        let args = [tbl.into(), kind.into(), id_column.as_str().into(), filter.clone().into(), me.into()];
-        let started = c.update(START, None, &args).unwrap_or_else(|e| panic!("starting the backfill: {e}"));
-        let Ok(Some(id)) = started.first().get_one::<i64>() else {
-            let running = c.select(RUNNING_ID, None, &[tbl.into(), kind.into()]).ok().and_then(|t| t.first().get_one::<i64>().ok().flatten());
-            raise(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("a backfill of {table} for kind \"{kind}\" is running (backfill_id {})", running.unwrap_or_default()),
-                Some("Wait for it, or stop it with outbox.cancel_backfill(backfill_id)."),
-            );
-        };
-        // The worker reads the running backfills again when the kinds change.
-        wake::kinds_changed();
-        id
+        // What the worker checks and runs at each chunk, once now: what can't
+        // work fails here, with its reason.
+        let reader = Reader::of(c, tbl, &id_column, filter.as_deref(), me);
+        as_restricted(reader.owner, || reader.read(c, None, 0));
+        // The extension's own bookkeeping, as its owner: an admin granted
+        // this function needs no privilege on the table.
+        as_queue_owner(|| {
+            if c.select(KIND_EXISTS, None, &[kind.into()]).ok().and_then(|t| t.first().get_one::<bool>().ok().flatten()) != Some(true) {
+                unknown_kind(kind);
+            }
+            let args = [tbl.into(), kind.into(), id_column.as_str().into(), filter.clone().into(), me.into()];
+            let started = c.update(START, None, &args).unwrap_or_else(|e| panic!("starting the backfill: {e}"));
+            let Ok(Some(id)) = started.first().get_one::<i64>() else {
+                let running = c.select(RUNNING_ID, None, &[tbl.into(), kind.into()]).ok().and_then(|t| t.first().get_one::<i64>().ok().flatten());
+                raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("a backfill of {table} for kind \"{kind}\" is running (backfill_id {})", running.unwrap_or_default()),
+                    Some("Wait for it, or stop it with outbox.cancel_backfill(backfill_id)."),
+                );
+            };
+            // The worker reads the running backfills again when the kinds change.
+            wake::kinds_changed();
+            id
+        })
     })
 }
 
-/// Moves backfill `backfill_id` to `to` from one of `from`, or raises.
+/// Moves backfill `backfill_id` to `to` from one of `from`, or raises. Only
+/// a role that could have started it may: it decides what the worker reads
+/// for whom.
 fn transition(backfill_id: Option<i64>, from: &[State], to: State, hint: &str) {
     let id = require(backfill_id, "backfill_id");
     let from: Vec<String> = from.iter().map(|s| s.name().to_string()).collect();
     Spi::connect_mut(|c| {
-        let moved = c.update(MOVE, None, &[id.into(), from.clone().into(), to.name().into()]).unwrap_or_else(|e| panic!("{e}"));
+        let found = as_queue_owner(|| {
+            c.select(STATE_OF, None, &[id.into()]).ok().and_then(|t| t.first().get_two::<String, pg_sys::Oid>().ok())
+        });
+        let Some((Some(state), Some(run_as))) = found else {
+            raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("backfill {id} does not exist"), None)
+        };
+        require_may_run_as(&format!("backfill {id}"), run_as);
+        let moved = as_queue_owner(|| c.update(MOVE, None, &[id.into(), from.clone().into(), to.name().into()]).unwrap_or_else(|e| panic!("{e}")));
         if moved.is_empty() {
-            let state = c.select(STATE_OF, None, &[id.into()]).ok().and_then(|t| t.first().get_one::<String>().ok().flatten());
-            match state {
-                None => raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("backfill {id} does not exist"), None),
-                Some(state) => raise(
-                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    format!("backfill {id} is {state}, not {}", from.join(" or ")),
-                    Some(hint),
-                ),
-            }
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("backfill {id} is {state}, not {}", from.join(" or ")),
+                Some(hint),
+            );
         }
     });
     wake::kinds_changed();
@@ -157,12 +144,12 @@ fn resume_backfill(backfill_id: Option<i64>) {
     );
 }
 
-/// Checks every write of what decides what the worker runs, and as whom
-/// (the table, id column, filter and `run_as`), however it is made:
-/// `backfill`, or a direct INSERT, UPDATE or COPY by an admin granted the
-/// table. The writer must be able to act as `run_as` (and be a superuser
-/// for a superuser), or a delegated admin could have the worker read as
-/// a role with more rights than its own.
+/// Checks every write of `outbox.backfills` but the worker's own progress,
+/// however it is made: by these functions (as the extension's owner, after
+/// they checked the caller), or a direct INSERT, UPDATE or COPY by an admin
+/// granted the table. The writer must be able to act as `run_as` (and be a
+/// superuser for a superuser's): otherwise a delegated admin could point a
+/// superuser's backfill at a table, a filter or a kind of its choosing.
 #[pg_trigger(sql = "
 CREATE FUNCTION outbox.backfills_checked() RETURNS trigger
 LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
@@ -173,23 +160,22 @@ ALTER TABLE outbox.backfills ENABLE ALWAYS TRIGGER backfills_checked;
 fn backfills_checked<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, std::convert::Infallible> {
+    if writing_progress() {
+        return Ok(trigger.new());
+    }
     let td = trigger.trigger_data();
     let update = matches!(trigger.op(), Ok(PgTriggerOperation::Update));
-    // SAFETY: Postgres hands us the fired trigger, its row(s) and the table's
-    // descriptor, valid for this call; each column is looked up by name and
-    // its datum compared by binary image, as the row trigger does.
-    unsafe {
+    // SAFETY: Postgres hands us the fired trigger, its row and the table's
+    // descriptor, valid for this call; the column is looked up by name.
+    let run_as = unsafe {
         let tupdesc = (*td.tg_relation).rd_att;
         let new = if update { td.tg_newtuple } else { td.tg_trigtuple };
-        let decides = [c"tbl", c"id_column", c"filter", c"run_as"].map(|name| pg_sys::SPI_fnumber(tupdesc, name.as_ptr()));
-        if !update || triggers::changed(td.tg_trigtuple, new, tupdesc, decides) {
-            let attno = pg_sys::SPI_fnumber(tupdesc, c"run_as".as_ptr());
-            let mut is_null = false;
-            let run_as = pg_sys::heap_getattr(new, attno, tupdesc, &mut is_null);
-            let run_as = if is_null { pg_sys::InvalidOid } else { pg_sys::Oid::from(run_as.value() as u32) };
-            crate::pg::roles::require_may_run_as("a backfill", run_as);
-        }
-    }
+        let attno = pg_sys::SPI_fnumber(tupdesc, c"run_as".as_ptr());
+        let mut is_null = false;
+        let run_as = pg_sys::heap_getattr(new, attno, tupdesc, &mut is_null);
+        if is_null { pg_sys::InvalidOid } else { pg_sys::Oid::from(run_as.value() as u32) }
+    };
+    require_may_run_as("a backfill", run_as);
     Ok(trigger.new())
 }
 
@@ -244,8 +230,10 @@ mod tests {
             &[],
         );
         assert_eq!(rows, ["t item id (status = 'live'::text) postgres cancelled t", "t item id postgres running t"]);
-        // A code column with an index will do.
+        // A code column with a unique index will do, not one with another.
         Spi::run("CREATE INDEX ON public.items (code)").unwrap();
+        assert_sqlstates(&[("SELECT outbox.backfill('public.items', 'item', id_column => 'code')", "55000")]);
+        Spi::run("CREATE UNIQUE INDEX ON public.items (code)").unwrap();
         assert_sqlstates(&[("SELECT outbox.backfill('public.items', 'item', id_column => 'code', filter => 'id > 2')", "55000")]);
         Spi::run("SELECT outbox.cancel_backfill(backfill_id) FROM outbox.backfills WHERE state = 'running'").unwrap();
         assert_sqlstates(&[("SELECT outbox.backfill('public.items', 'item', id_column => 'code', filter => 'id > 2')", "00000")]);
@@ -260,16 +248,22 @@ mod tests {
         Spi::run("GRANT USAGE ON SCHEMA outbox TO outbox_test_delegate").unwrap();
         Spi::run("GRANT ALL ON outbox.backfills TO outbox_test_delegate").unwrap();
         Spi::run("GRANT SELECT ON public.items TO outbox_test_delegate").unwrap();
+        Spi::run("GRANT EXECUTE ON FUNCTION outbox.cancel_backfill(bigint) TO outbox_test_delegate").unwrap();
+        Spi::run("SELECT outbox.register('mine', 'http://h/{id}')").unwrap();
         Spi::run("INSERT INTO outbox.backfills (tbl, kind, id_column, run_as) VALUES ('public.items', 'item', 'id', 'postgres')").unwrap();
         Spi::run("SET ROLE outbox_test_delegate").unwrap();
         let cases = [
+            // Pointing a superuser's backfill at another kind, or starting it
+            // again: the worker would read as the table's owner for it.
+            ("UPDATE outbox.backfills SET kind = 'mine', last_id = NULL WHERE run_as = 'postgres'::regrole", "42501"),
+            ("UPDATE outbox.backfills SET state = 'running' WHERE run_as = 'postgres'::regrole", "42501"),
+            ("SELECT outbox.cancel_backfill(backfill_id) FROM outbox.backfills WHERE run_as = 'postgres'::regrole", "42501"),
             ("INSERT INTO outbox.backfills (tbl, kind, id_column, run_as) VALUES ('public.items', 'item', 'code', 'postgres')", "42501"),
             ("INSERT INTO outbox.backfills (tbl, kind, id_column, run_as) VALUES ('public.items', 'item', 'code', 'outbox_test_other')", "42501"),
             ("UPDATE outbox.backfills SET filter = 'true) OR (true' WHERE run_as = 'postgres'::regrole", "42501"),
             ("UPDATE outbox.backfills SET run_as = 'outbox_test_other' WHERE run_as = 'postgres'::regrole", "42501"),
             // Reading with fewer rights than the starter's gains nothing.
             ("UPDATE outbox.backfills SET run_as = 'outbox_test_delegate' WHERE run_as = 'postgres'::regrole", "00000"),
-            // What decides nothing may change: the worker's own progress.
             ("UPDATE outbox.backfills SET enqueued = 5, state = 'cancelled' WHERE run_as = 'outbox_test_delegate'::regrole", "00000"),
             ("INSERT INTO outbox.backfills (tbl, kind, id_column, run_as) VALUES ('public.items', 'item', 'code', 'outbox_test_delegate')", "00000"),
         ];

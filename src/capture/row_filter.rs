@@ -25,6 +25,9 @@ pub struct RowFilter {
     pub new: String,
     /// Over the old row (`old.<column>`).
     pub old: String,
+    /// The columns it reads: a change of them is a change to `track`,
+    /// whatever its `columns` say.
+    pub columns: Vec<String>,
 }
 
 fn invalid(message: String) -> ! {
@@ -118,10 +121,25 @@ pub fn analyze(tbl: pg_sys::Oid, table: &str, filter: &str) -> RowFilter {
                 Some("Its result must depend on the row alone (and, for a STABLE function, the moment): random() or a function with side effects would capture changes at random."),
             );
         }
+        // Columns by name: a whole row ("t.*") or a system column is neither
+        // a column a trigger compares nor one a backfill's reader prints.
+        let mut attnos: *mut pg_sys::Bitmapset = std::ptr::null_mut();
+        pg_sys::pull_varattnos(expr, 1, &mut attnos);
+        let mut columns = Vec::new();
+        let mut member = pg_sys::bms_next_member(attnos, -1);
+        while member >= 0 {
+            let attno = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
+            if attno <= 0 {
+                unsupported("a whole row or a system column");
+            }
+            let name = pg_sys::get_attname(tbl, attno as i16, false);
+            columns.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+            member = pg_sys::bms_next_member(attnos, member);
+        }
         let print = |row: &CStr, prefix: bool| {
             let context = pg_sys::deparse_context_for(row.as_ptr(), tbl);
             CStr::from_ptr(pg_sys::deparse_expression(expr, context, prefix, false)).to_string_lossy().into_owned()
         };
-        RowFilter { plain: print(c"row", false), new: print(c"new", true), old: print(c"old", true) }
+        RowFilter { plain: print(c"row", false), new: print(c"new", true), old: print(c"old", true), columns }
     }
 }

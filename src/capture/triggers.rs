@@ -102,7 +102,7 @@ unsafe fn id_text(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc,
 ///
 /// # Safety
 /// Both tuples must be rows of `tupdesc`; every attno must be in range.
-pub(crate) unsafe fn changed(old: *mut pg_sys::HeapTupleData, new: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attnos: impl IntoIterator<Item = i32>) -> bool {
+unsafe fn changed(old: *mut pg_sys::HeapTupleData, new: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attnos: impl IntoIterator<Item = i32>) -> bool {
     attnos.into_iter().any(|n| {
         // SAFETY: guaranteed by the caller.
         unsafe {
@@ -743,6 +743,15 @@ pub fn track_table(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Opti
             }
         }
         let filter: Option<crate::capture::row_filter::RowFilter> = filter.map(|f| crate::capture::row_filter::analyze(tbl, &table, f));
+        // A row entering or leaving the filter changed, whatever `columns`
+        // watch: the filter's columns are watched too.
+        if let (Some(f), false) = (&filter, watched.is_empty()) {
+            for col in &f.columns {
+                if !watched.contains(col) {
+                    watched.push(col.clone());
+                }
+            }
+        }
         // Tracking again replaces the triggers, e.g. to change the columns,
         // and keeps when each fires (an admin may have made them fire on a
         // logical replication subscriber).
@@ -962,6 +971,23 @@ mod tests {
         assert_eq!(n, Some(2), "the row trigger and the TRUNCATE trigger");
     }
 
+    /// With `columns`, a change of a column the filter reads still counts:
+    /// a row entering or leaving the filter is delivered.
+    #[pg_test]
+    fn a_filters_columns_are_watched_with_the_columns() {
+        Spi::run("SELECT outbox.register('order', 'http://h/{id}')").unwrap();
+        Spi::run("CREATE TABLE public.orders (id int PRIMARY KEY, status text, note text, other int)").unwrap();
+        Spi::run("SELECT outbox.track('public.orders', 'order', columns => '{note}', filter => 'status = ''paid''')").unwrap();
+        Spi::run("INSERT INTO public.orders VALUES (1, 'draft', 'a', 0), (2, 'paid', 'b', 0)").unwrap();
+        reset();
+        Spi::run("UPDATE public.orders SET status = 'paid' WHERE id = 1").unwrap();
+        Spi::run("UPDATE public.orders SET status = 'void' WHERE id = 2").unwrap();
+        assert_eq!(ids(), ["1", "2"]);
+        reset();
+        Spi::run("UPDATE public.orders SET other = 1").unwrap();
+        assert!(ids().is_empty(), "a column neither watched nor filtered on");
+    }
+
     /// What the filter says goes into the triggers as Postgres prints it
     /// back: text that tries to escape the expression is refused, and a
     /// function is named with its schema.
@@ -988,6 +1014,8 @@ mod tests {
             (track("true; DROP TABLE public.other"), "42601"),
             (track("n > 1) EXECUTE FUNCTION public.big(1) --"), "42601"),
             (track(""), "22023"),
+            (track("orders IS NOT NULL"), "0A000"),
+            (track("ctid IS NOT NULL"), "0A000"),
             (track("public.big(n)"), "00000"),
         ];
         crate::testing::assert_sqlstates(&cases.iter().map(|(q, s)| (q.as_str(), *s)).collect::<Vec<_>>());

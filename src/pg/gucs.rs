@@ -16,6 +16,7 @@ static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 static BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
 static BREAKER_MAX_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static ATTEMPTS_KEPT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -128,6 +129,16 @@ pub fn init(preloading: bool) {
         86_400_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.attempts_kept",
+        c"Attempts kept per kind in outbox.attempts, the last ones (0: none).",
+        c"Each with its outcome, status, duration and error, for looking into a receiver without the server log.",
+        &ATTEMPTS_KEPT,
+        0,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"outbox.max_response_bytes",

@@ -50,11 +50,7 @@ impl Tally {
                 }
                 return;
             }
-            Class::Rejected => 0,
-            Class::Throttled => 1,
-            Class::ServerError => 2,
-            Class::Unreachable => 3,
-            Class::Unbuildable => 4,
+            failed => FAILED.iter().position(|c| *c == failed).expect("a failed class"),
         };
         self.failed[failed] += 1;
     }
@@ -83,7 +79,8 @@ pub struct KindRow {
     pub rate_limit: Option<f64>,
 }
 
-const FAILED_OUTCOMES: [&str; 5] = ["rejected", "throttled", "server_error", "unreachable", "unbuildable"];
+/// The classes [`Tally::failed`] counts, in its order.
+const FAILED: [Class; 5] = [Class::Rejected, Class::Throttled, Class::ServerError, Class::Unreachable, Class::Unbuildable];
 
 /// A label value with `\`, `"` and newlines escaped, as the format asks.
 fn escape(value: &str) -> String {
@@ -151,7 +148,7 @@ pub fn exposition(database: &str, rows: &[KindRow]) -> String {
     });
     family(o, database, rows, "outbox_attempts_total", "counter", "Delivery attempts by what came of them.", |r| {
         let mut v = vec![("{outcome=\"delivered\"}".to_string(), r.delivered.to_string())];
-        v.extend(FAILED_OUTCOMES.iter().zip(r.failed).map(|(o, n)| (format!("{{outcome=\"{o}\"}}"), n.to_string())));
+        v.extend(FAILED.iter().zip(r.failed).map(|(o, n)| (format!("{{outcome=\"{}\"}}", o.name()), n.to_string())));
         v
     });
     family(o, database, rows, "outbox_delivery_latency_seconds", "histogram", "From a change's transaction to its delivery.", |r| {

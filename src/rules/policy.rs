@@ -51,6 +51,20 @@ pub enum Class {
     Unbuildable,
 }
 
+impl Class {
+    /// As `outbox.attempts` and `outbox.metrics()` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Delivered => "delivered",
+            Class::Rejected => "rejected",
+            Class::Throttled => "throttled",
+            Class::ServerError => "server_error",
+            Class::Unreachable => "unreachable",
+            Class::Unbuildable => "unbuildable",
+        }
+    }
+}
+
 pub fn class(is_delete: bool, response: Response) -> Class {
     match (classify(is_delete, response), response) {
         (Verdict::Success, _) => Class::Delivered,

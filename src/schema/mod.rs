@@ -263,6 +263,26 @@ CREATE TABLE outbox.rejected (
     reason      text NOT NULL
 );
 
+-- The last attempts of each kind, outbox.attempts_kept of them (none by
+-- default): what a receiver answered, and how long it took, without
+-- reading the server's log. The worker adds and prunes them per batch.
+CREATE TABLE outbox.attempts (
+    attempt_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind        text COLLATE "C" NOT NULL,
+    id          text COLLATE "C" NOT NULL,
+    job_id      bigint NOT NULL,
+    attempt     int NOT NULL,
+    method      text NOT NULL,
+    at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- delivered, rejected, throttled, server_error, unreachable or
+    -- unbuildable, as outbox.metrics() counts them.
+    outcome     text NOT NULL,
+    status      int,
+    duration_ms double precision,
+    error       text
+);
+CREATE INDEX attempts_kind ON outbox.attempts (kind, attempt_id);
+
 -- Backfills (outbox.backfill): the worker pages through a table in the
 -- order of its id column, a chunk at a time, each in a turn of its own,
 -- while the kind has few jobs due. last_id is where it stands: it goes on

@@ -1,24 +1,40 @@
 //! Backfills (`outbox.backfill`), done by the worker a chunk at a time.
 //!
 //! Each turn, for each running backfill whose kind has fewer than a quarter
-//! chunk of jobs due, the worker reads the next [`CHUNK`] ids of the table
-//! in the order of its id column, after `last_id`, as the role that started
-//! the backfill, and makes them jobs, coalescing as the absorb does. So the
-//! queue never holds much more than a chunk of backfilled jobs, live changes
-//! wait behind at most that, every chunk is one short turn (no snapshot
-//! held for long, no giant transaction), and a restarted worker goes on
-//! from `last_id`. A chunk that fails (the table dropped, a privilege
-//! revoked) marks its backfill failed with the error; the others go on.
+//! chunk of jobs due, the worker reads the next [`CHUNK`] rows of the table
+//! in the order of its id column, after `last_id`, and makes jobs of those
+//! the filter holds for, coalescing as the absorb does. So the queue never
+//! holds much more than a chunk of backfilled jobs, live changes wait
+//! behind at most that, every chunk is one short turn (no snapshot held for
+//! long, no giant transaction, a bounded read whatever the filter), and a
+//! restarted worker goes on from `last_id`.
+//!
+//! Who reads: the table's owner, in a security-restricted operation within
+//! a deadline, as Postgres runs maintenance on a table. The owner controls
+//! what reading its table runs (a column's type, an index predicate planned
+//! on the way, a cast); run as the role that started the backfill, a
+//! superuser's, that would be the owner's code with the starter's rights.
+//! The starter's rights are checked at every chunk instead: it may still
+//! read the table, and no row-level security applies to it that the owner
+//! would escape. A chunk that can't run marks its backfill failed with the
+//! reason; one that waited too long on a lock is tried again later.
 
 use super::plans::{execute, types::*};
-use crate::pg::subxact::try_subtransaction;
+use crate::pg::subxact::{try_subtransaction, Caught};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, SpiClient};
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-/// Ids read per turn and backfill.
+/// Rows read per turn and backfill.
 const CHUNK: i64 = 1000;
+
+/// How long a chunk may take, lock waits included.
+const CHUNK_TIME: Duration = Duration::from_secs(2);
+
+/// How long a backfill whose chunk ran out of time waits before the next.
+const AFTER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How often the list of running backfills is read again when no commit
 /// said it changed.
@@ -42,6 +58,18 @@ impl State {
             State::Cancelled => "cancelled",
         }
     }
+}
+
+thread_local! {
+    /// The worker is writing its own progress: `api::backfill`'s trigger
+    /// lets it through whoever the backfill reads as. Only this process's
+    /// own code sets it.
+    static PROGRESS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this backend is the worker writing a backfill's progress.
+pub fn writing_progress() -> bool {
+    PROGRESS.get()
 }
 
 /// The running backfills, oldest first.
@@ -73,63 +101,162 @@ UPDATE outbox.backfills
  WHERE backfill_id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) 'running'
 RETURNING backfill_id";
 
-/// What a chunk's statement needs of table $1 and column $2: the table,
-/// qualified and quoted; whether it is partitioned; the column's type as
-/// the current search_path would name it; its collation, qualified, if it
-/// is not its type's.
-const COLUMN_INFO: &str = "
+/// What reading table $1 by column $2 takes, as it is now: the table,
+/// qualified and quoted; whether it is still a table, and partitioned; its
+/// owner; the column's type; its collation, qualified, if not its type's;
+/// whether a unique btree index of the column's own order leads with it
+/// (what keeps paging by it exact and each chunk an index range); whether
+/// role $3 may read the table.
+pub const TABLE_INFO: &str = "
 SELECT pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
+       c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::\"char\"[]),
        c.relkind OPERATOR(pg_catalog.=) 'p',
-       pg_catalog.format_type(a.atttypid, a.atttypmod),
+       c.relowner,
+       a.atttypid,
        CASE WHEN a.attcollation OPERATOR(pg_catalog.<>) t.typcollation
             THEN (SELECT pg_catalog.quote_ident(cn.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(co.collname)
                     FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace cn ON cn.oid OPERATOR(pg_catalog.=) co.collnamespace
-                   WHERE co.oid OPERATOR(pg_catalog.=) a.attcollation) END
+                   WHERE co.oid OPERATOR(pg_catalog.=) a.attcollation) END,
+       EXISTS (SELECT FROM pg_catalog.pg_index i
+                 JOIN pg_catalog.pg_class ic ON ic.oid OPERATOR(pg_catalog.=) i.indexrelid
+                 JOIN pg_catalog.pg_am am ON am.oid OPERATOR(pg_catalog.=) ic.relam
+                 JOIN pg_catalog.pg_opclass oc ON oc.oid OPERATOR(pg_catalog.=) i.indclass[0]
+                WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisunique AND i.indnkeyatts OPERATOR(pg_catalog.=) 1
+                  AND i.indkey[0] OPERATOR(pg_catalog.=) a.attnum AND i.indpred IS NULL
+                  AND am.amname OPERATOR(pg_catalog.=) 'btree' AND oc.opcdefault
+                  AND i.indcollation[0] OPERATOR(pg_catalog.=) a.attcollation),
+       pg_catalog.has_table_privilege($3::pg_catalog.oid, c.oid, 'SELECT')
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
   JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid
   JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid
- WHERE c.oid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2 AND NOT a.attisdropped";
+ WHERE c.oid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2
+   AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped";
 
 /// The SQL statements of this module, for the qualification sweep.
 #[cfg(test)]
 pub(crate) const STATEMENTS: &[(&str, &str)] =
-    &[("RUNNING", RUNNING), ("KIND_DUE", KIND_DUE), ("ADVANCE", ADVANCE), ("COLUMN_INFO", COLUMN_INFO)];
+    &[("RUNNING", RUNNING), ("KIND_DUE", KIND_DUE), ("ADVANCE", ADVANCE), ("TABLE_INFO", TABLE_INFO)];
 
-/// The statement that reads a chunk: the ids of table `tbl`'s rows after
-/// $1 (text; NULL: from the start) in the order of `id_column`, at most $2,
-/// as the row trigger spells them, those `filter` (as Postgres printed it)
-/// holds for. Raises if the table or the column is gone.
-pub fn chunk_statement(c: &SpiClient<'_>, tbl: pg_sys::Oid, id_column: &str, filter: Option<&str>) -> String {
-    let found = c
-        .select(COLUMN_INFO, None, &[tbl.into(), id_column.into()])
-        .unwrap_or_else(|e| panic!("reading the table: {e}"))
-        .next()
-        .map(|r| (r.get::<String>(1), r.get::<bool>(2), r.get::<String>(3), r.get::<String>(4)));
-    let Some((Ok(Some(table)), Ok(Some(partitioned)), Ok(Some(typ)), Ok(collation))) = found else {
-        raise_gone(tbl, id_column)
-    };
-    let collation = collation.map_or(String::new(), |c| format!(" COLLATE {c}"));
-    let id = quote_identifier(id_column);
-    // A partitioned table's rows are its partitions'.
-    let only = if partitioned { "" } else { "ONLY " };
-    let filter = filter.map_or(String::new(), |f| format!("\n   AND ({f})"));
-    format!(
-        "SELECT pg_catalog.format('%s', {id})
-  FROM {only}{table}
- WHERE {id} IS NOT NULL
-   AND ($1::text IS NULL OR {id} OPERATOR(pg_catalog.>) (CAST($1::text AS {typ}){collation})){filter}
- ORDER BY {id}{collation}
- LIMIT $2"
-    )
+/// How to read a backfill's table: checked against the catalog as it is
+/// now (by [`Reader::of`]), for one chunk.
+pub struct Reader {
+    /// The statement: ids after $1 in id order, at most $2 rows, each with
+    /// whether the filter holds.
+    pub sql: String,
+    /// Who reads: the table's owner.
+    pub owner: pg_sys::Oid,
+    /// The id column's base type: what $1 is, made by that type's input
+    /// function (never a cast or a domain's check, which the owner could
+    /// write).
+    pub base_type: pg_sys::Oid,
 }
 
-fn raise_gone(tbl: pg_sys::Oid, id_column: &str) -> ! {
-    crate::pg::errors::raise(
-        PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-        format!("the backfilled table (oid {}) or its column \"{id_column}\" is gone", tbl.to_u32()),
-        Some("Start a new backfill with outbox.backfill()."),
-    )
+fn refuse(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
+    crate::pg::errors::raise(code, message, Some(hint))
+}
+
+impl Reader {
+    /// Checks, as the catalog stands, that `run_as` may still have table
+    /// `tbl` read for it by `id_column` with `filter` (as Postgres printed
+    /// it), and says how. Raises otherwise.
+    pub fn of(c: &SpiClient<'_>, tbl: pg_sys::Oid, id_column: &str, filter: Option<&str>, run_as: pg_sys::Oid) -> Reader {
+        let gone = |_| -> ! {
+            refuse(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!("the table (oid {}) or its column \"{id_column}\" is gone", tbl.to_u32()),
+                "Start a new backfill with outbox.backfill().",
+            )
+        };
+        let row = c
+            .select(TABLE_INFO, None, &[tbl.into(), id_column.into(), run_as.into()])
+            .unwrap_or_else(|e| panic!("reading the table: {e}"))
+            .next()
+            .map(|r| {
+                (
+                    r.get::<String>(1),
+                    r.get::<bool>(2),
+                    r.get::<bool>(3),
+                    r.get::<pg_sys::Oid>(4),
+                    r.get::<pg_sys::Oid>(5),
+                    r.get::<String>(6),
+                    r.get::<bool>(7),
+                    r.get::<bool>(8),
+                )
+            });
+        let Some((Ok(Some(table)), Ok(Some(is_table)), Ok(Some(partitioned)), Ok(Some(owner)), Ok(Some(typ)), Ok(collation), Ok(Some(indexed)), Ok(Some(may_read)))) = row
+        else {
+            gone(())
+        };
+        if !is_table {
+            refuse(PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, format!("{table} is not a table any more"), "Only tables can be backfilled.");
+        }
+        crate::capture::ids::require_canonical(id_column, typ);
+        if !indexed {
+            refuse(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("column \"{id_column}\" of {table} leads no unique btree index in its own order"),
+                "A backfill pages through the table in the order of its id column, which takes a unique index on it alone (a primary key will do), without a predicate, of the column's collation and default operator class.",
+            );
+        }
+        if !may_read {
+            refuse(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("role \"{}\" may not read {table}", crate::pg::roles::role_name(run_as)),
+                "A backfill reads only what the role that starts it may read: GRANT SELECT on the table to it.",
+            );
+        }
+        // SAFETY: a catalog lookup of a table that exists; no error raised.
+        let rls = unsafe { pg_sys::check_enable_rls(tbl, run_as, true) };
+        if rls == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
+            refuse(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("row-level security of {table} applies to role \"{}\"", crate::pg::roles::role_name(run_as)),
+                "A backfill reads the table as its owner, which its policies don't restrict: start it as a role they don't restrict either (the owner, or one with BYPASSRLS).",
+            );
+        }
+        let id = quote_identifier(id_column);
+        // A partitioned table's rows are its partitions'.
+        let only = if partitioned { "" } else { "ONLY " };
+        let collation = collation.map_or(String::new(), |c| format!(" COLLATE {c}"));
+        let filter = filter.map_or("true".to_string(), |f| format!("coalesce({f}, false)"));
+        let sql = format!(
+            "SELECT pg_catalog.format('%s', {id}), {filter}
+  FROM {only}{table}
+ WHERE {id} IS NOT NULL AND ($1 IS NULL OR {id} OPERATOR(pg_catalog.>) $1{collation})
+ ORDER BY {id}{collation}
+ LIMIT $2"
+        );
+        // SAFETY: a syscache lookup of a type that exists.
+        let base_type = unsafe { pg_sys::getBaseType(typ) };
+        Reader { sql, owner, base_type }
+    }
+
+    /// Reads the ids after `after` (text, as [`Reader::sql`] spells them):
+    /// at most `limit` rows, each with whether the filter holds. Run as the
+    /// table's owner ([`super::render::run_limited`]).
+    pub fn read(&self, c: &SpiClient<'_>, after: Option<&str>, limit: i64) -> Vec<(String, bool)> {
+        let after = after.map(|text| {
+            let text = std::ffi::CString::new(text).expect("an id has no NUL");
+            let (mut input, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+            // SAFETY: the input function of a built-in base type or an enum
+            // (require_canonical), applied to text of its own output.
+            unsafe {
+                pg_sys::getTypeInputInfo(self.base_type, &mut input, &mut ioparam);
+                pg_sys::OidInputFunctionCall(input, text.as_ptr().cast_mut(), ioparam, -1)
+            }
+        });
+        let after = match after {
+            // SAFETY: the datum was made above for base_type, and lives in
+            // the current memory context until the statement is done.
+            Some(d) => unsafe { DatumWithOid::new(d, self.base_type) },
+            None => DatumWithOid::null_oid(self.base_type),
+        };
+        c.select(&self.sql, None, &[after, limit.into()])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<bool>(2).ok()??)))
+            .collect()
+    }
 }
 
 /// A running backfill, as the worker last read it.
@@ -141,22 +268,28 @@ struct Running {
     filter: Option<String>,
     run_as: pg_sys::Oid,
     last_id: Option<String>,
+    /// Not before then: its last chunk ran out of time.
+    not_before: Option<Instant>,
 }
 
-/// What one chunk did.
-struct Chunk {
-    ids: Vec<String>,
-    /// The last id read, valid or not: where the next chunk starts.
-    last: Option<String>,
-    /// Fewer than a chunk: the table is done.
-    done: bool,
+/// What a turn did with one backfill.
+enum Step {
+    /// Its kind has enough due, or it waits after a timeout.
+    Wait,
+    /// A chunk: ids enqueued, where it stands, whether the table is done.
+    Chunk { enqueued: i64, last: Option<String>, done: bool },
+    /// It can't go on.
+    Failed(Caught),
+    /// Its chunk ran out of time or waited too long on a lock.
+    TimedOut,
 }
 
 #[derive(Default)]
 pub struct Backfills {
     running: Vec<Running>,
     read_at: Option<Instant>,
-    /// The worker's role may not read or write `outbox.backfills`: said once.
+    /// Reading or writing `outbox.backfills` failed (the worker's role may
+    /// not): said once, tried again at the next refresh.
     refused: bool,
 }
 
@@ -173,40 +306,35 @@ impl Backfills {
             self.read_at = Some(Instant::now());
             self.running = if crate::schema::at_0_3() { self.read(c) } else { Vec::new() };
         }
-        // A backfill that is done or failed leaves the list.
+        let mut refused = None;
         self.running.retain_mut(|b| {
-            let due = execute(c, KIND_DUE, &[TEXT, INT8], &[b.kind.as_str().into(), (CHUNK / 4).into()])
-                .and_then(|t| t.first().get_one::<i64>())
-                .unwrap_or_else(|e| panic!("backfill: {e}"))
-                .unwrap_or(0);
-            if due >= CHUNK / 4 {
+            if refused.is_some() {
                 return true;
             }
-            let read = try_subtransaction(std::panic::AssertUnwindSafe(|| chunk(c, b)));
-            let (state, last, enqueued, error) = match read {
-                Ok(chunk) => {
-                    let n = enqueue(c, &b.kind, chunk.ids);
-                    let state = if chunk.done { State::Done } else { State::Running };
-                    (state, chunk.last, n, None)
-                }
+            let step = step(c, b);
+            // Progress is written in a subtransaction too: a worker role that
+            // may read the table but not update it stops backfills, not
+            // deliveries.
+            let written = try_subtransaction(std::panic::AssertUnwindSafe(|| advance(c, b, step)));
+            match written {
+                Ok(still_running) => still_running,
                 Err(e) => {
-                    warning!("outbox worker: backfill {} of kind \"{}\" failed: {} (SQLSTATE {})", b.id, b.kind, e.message, e.sqlstate);
-                    (State::Failed, None, 0, Some(format!("{} (SQLSTATE {})", e.message, e.sqlstate)))
+                    refused = Some(e);
+                    true
                 }
-            };
-            let args: [DatumWithOid; 5] = [b.id.into(), last.clone().into(), enqueued.into(), state.name().into(), error.into()];
-            let still_running = execute(c, ADVANCE, &[INT8, TEXT, INT8, TEXT, TEXT], &args).unwrap_or_else(|e| panic!("backfill: {e}")).len() == 1;
-            if !still_running {
-                return false;
             }
-            if state == State::Done {
-                log!("outbox worker: backfill {} of kind \"{}\" is done", b.id, b.kind);
-            }
-            if let Some(last) = last {
-                b.last_id = Some(last);
-            }
-            state == State::Running
         });
+        if let Some(e) = refused {
+            self.refuse(&e);
+            self.running.clear();
+        }
+    }
+
+    fn refuse(&mut self, e: &Caught) {
+        if !self.refused {
+            warning!("outbox worker: backfills wait: {} (SQLSTATE {}); see the README's Security section", e.message, e.sqlstate);
+        }
+        self.refused = true;
     }
 
     fn read(&mut self, c: &mut SpiClient<'_>) -> Vec<Running> {
@@ -222,6 +350,7 @@ impl Backfills {
                         filter: r.get(5).ok()?,
                         run_as: r.get(6).ok()??,
                         last_id: r.get(7).ok()?,
+                        not_before: None,
                     })
                 })
                 .collect::<Vec<_>>()
@@ -232,29 +361,71 @@ impl Backfills {
                 rows
             }
             Err(e) => {
-                if !self.refused {
-                    warning!("outbox worker: backfills wait: reading outbox.backfills failed: {} (SQLSTATE {})", e.message, e.sqlstate);
-                }
-                self.refused = true;
+                self.refuse(&e);
                 Vec::new()
             }
         }
     }
 }
 
-/// Reads backfill `b`'s next chunk, as its role.
-fn chunk(c: &mut SpiClient<'_>, b: &Running) -> Chunk {
-    crate::pg::roles::as_restricted(b.run_as, || {
-        let sql = chunk_statement(c, b.tbl, &b.id_column, b.filter.as_deref());
-        let ids: Vec<String> = c
-            .select(&sql, None, &[b.last_id.clone().into(), CHUNK.into()])
-            .unwrap_or_else(|e| panic!("{e}"))
-            .filter_map(|r| r.get::<String>(1).ok().flatten())
-            .collect();
-        let done = (ids.len() as i64) < CHUNK;
-        let last = ids.last().cloned();
-        Chunk { ids, last, done }
-    })
+/// Reads and enqueues backfill `b`'s next chunk, if its kind has little due.
+fn step(c: &mut SpiClient<'_>, b: &mut Running) -> Step {
+    if b.not_before.is_some_and(|at| at > Instant::now()) {
+        return Step::Wait;
+    }
+    let due = execute(c, KIND_DUE, &[TEXT, INT8], &[b.kind.as_str().into(), (CHUNK / 4).into()])
+        .and_then(|t| t.first().get_one::<i64>())
+        .unwrap_or_else(|e| panic!("backfill: {e}"))
+        .unwrap_or(0);
+    if due >= CHUNK / 4 {
+        return Step::Wait;
+    }
+    let reader = try_subtransaction(std::panic::AssertUnwindSafe(|| Reader::of(c, b.tbl, &b.id_column, b.filter.as_deref(), b.run_as)));
+    let reader = match reader {
+        Ok(reader) => reader,
+        Err(e) => return Step::Failed(e),
+    };
+    let rows = super::render::run_limited(reader.owner, Instant::now() + CHUNK_TIME, std::panic::AssertUnwindSafe(|| {
+        reader.read(c, b.last_id.as_deref(), CHUNK)
+    }));
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) if e.is_transient() => return Step::TimedOut,
+        Err(e) => return Step::Failed(e),
+    };
+    let done = (rows.len() as i64) < CHUNK;
+    let last = rows.last().map(|(id, _)| id.clone());
+    let ids: Vec<String> = rows.into_iter().filter(|(_, holds)| *holds).map(|(id, _)| id).collect();
+    Step::Chunk { enqueued: enqueue(c, &b.kind, ids), last, done }
+}
+
+/// Writes what `step` did to backfill `b`; whether it is still running.
+fn advance(c: &mut SpiClient<'_>, b: &mut Running, step: Step) -> bool {
+    let (state, last, enqueued, error) = match step {
+        Step::Wait => return true,
+        Step::TimedOut => {
+            b.not_before = Some(Instant::now() + AFTER_TIMEOUT);
+            debug1!("outbox worker: backfill {} of kind \"{}\": its chunk ran out of time; trying again", b.id, b.kind);
+            return true;
+        }
+        Step::Chunk { enqueued, last, done } => (if done { State::Done } else { State::Running }, last, enqueued, None),
+        Step::Failed(e) => {
+            warning!("outbox worker: backfill {} of kind \"{}\" failed: {} (SQLSTATE {})", b.id, b.kind, e.message, e.sqlstate);
+            (State::Failed, None, 0, Some(format!("{} (SQLSTATE {})", e.message, e.sqlstate)))
+        }
+    };
+    let args: [DatumWithOid; 5] = [b.id.into(), last.clone().into(), enqueued.into(), state.name().into(), error.into()];
+    PROGRESS.set(true);
+    let written = execute(c, ADVANCE, &[INT8, TEXT, INT8, TEXT, TEXT], &args);
+    PROGRESS.set(false);
+    let still_running = written.unwrap_or_else(|e| panic!("backfill: {e}")).len() == 1;
+    if still_running && state == State::Done {
+        log!("outbox worker: backfill {} of kind \"{}\" is done", b.id, b.kind);
+    }
+    if let Some(last) = last {
+        b.last_id = Some(last);
+    }
+    still_running && state == State::Running
 }
 
 /// Makes jobs of `ids`, coalescing with fresh ones; returns how many ids

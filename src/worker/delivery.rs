@@ -16,7 +16,7 @@ use super::backfills::Backfills;
 use super::breakers::Breakers;
 use crate::rules::breaker::Allow;
 use crate::rules::metrics::Tally;
-use crate::rules::policy::{class, classify, retry_delay, Response, Verdict};
+use crate::rules::policy::{class, classify, retry_delay, Class, Response, Verdict};
 use crate::rules::rate;
 use crate::schema::JobState;
 use crate::pg::shmem::{self, WorkerState};
@@ -143,6 +143,8 @@ const STUCK_EXTRA_STRIKES: u32 = 5;
 /// A job handed to the HTTP threads, until its outcome is recorded.
 struct InFlight {
     kind: String,
+    /// The record's id, for `outbox.attempts`.
+    id: String,
     ctid: String,
     /// Holds the record back from claims while in flight (`queue::CLAIM`).
     key_hash: i64,
@@ -164,6 +166,8 @@ struct Finished {
     /// Seconds from the change to this outcome; None when no request went
     /// out (a skip, a body that failed).
     latency: Option<f64>,
+    /// How long the request took, when one went out.
+    took: Option<Duration>,
 }
 
 /// Seconds from `enqueued_us` (µs since the Unix epoch) to now.
@@ -533,12 +537,12 @@ impl Worker {
     /// feeds them to the kinds' breakers.
     fn collect_outcomes(&mut self) {
         let settings = gucs::breaker();
-        for Outcome { job_id, claim, response, retry_after, detail } in self.pool.drain() {
+        for Outcome { job_id, claim, response, retry_after, detail, took } in self.pool.drain() {
             if let Some(job) = self.in_flight.remove(&(job_id, claim)) {
                 let error = error_text(response, detail.clone());
                 self.breakers.outcome(&job.kind, (job_id, claim), response, error.as_deref(), retry_after, &settings);
                 let latency = Some(seconds_since(job.enqueued_us));
-                self.finished.push(Finished { job, job_id, claim, response, retry_after, detail, latency });
+                self.finished.push(Finished { job, job_id, claim, response, retry_after, detail, latency, took: Some(took) });
             }
         }
     }
@@ -798,6 +802,7 @@ impl Worker {
             let max_attempts = kind.map_or(1, |k| k.max_attempts);
             let info = |is_delete| InFlight {
                 kind: job.kind.clone(),
+                id: job.id.clone(),
                 ctid: job.ctid.clone(),
                 key_hash: job.key_hash,
                 attempts: job.attempts,
@@ -818,6 +823,7 @@ impl Worker {
                     retry_after: None,
                     detail: None,
                     latency: None,
+                    took: None,
                 }),
                 Rendered::Broken(e) => done_now.push(Finished {
                     job: InFlight { max_attempts: if kind.is_none() { 1 } else { max_attempts }, ..info(false) },
@@ -827,6 +833,7 @@ impl Worker {
                     retry_after: None,
                     detail: Some(e),
                     latency: None,
+                    took: None,
                 }),
             }
         }
@@ -897,8 +904,29 @@ fn record(c: &mut SpiClient<'_>, finished: Vec<Finished>) {
     let mut delivered = Vec::new();
     let mut failures = Vec::new();
     let mut tallies: HashMap<String, Tally> = HashMap::new();
+    let kept = gucs::ATTEMPTS_KEPT.get().max(0) as i64;
+    let mut attempts = Vec::new();
     for f in finished {
-        tallies.entry(f.job.kind.clone()).or_default().add(class(f.job.is_delete, f.response), f.latency);
+        let class = class(f.job.is_delete, f.response);
+        tallies.entry(f.job.kind.clone()).or_default().add(class, f.latency);
+        // An attempt is a request, or a body or URL that could not be made
+        // (not a skip of a record gone).
+        if kept > 0 && (f.took.is_some() || f.response == Response::BuildError) {
+            attempts.push(queue::Attempt {
+                kind: f.job.kind.clone(),
+                id: f.job.id.clone(),
+                job_id: f.job_id,
+                attempt: f.job.attempts,
+                method: if f.job.is_delete { "DELETE" } else { "PUT" },
+                outcome: class.name(),
+                status: match f.response {
+                    Response::Status(s) => Some(s as i32),
+                    _ => None,
+                },
+                duration_ms: f.took.map(|d| d.as_secs_f64() * 1000.0),
+                error: error_text(f.response, f.detail.clone()).filter(|_| class != Class::Delivered),
+            });
+        }
         match classify(f.job.is_delete, f.response) {
             Verdict::Success => delivered.push(queue::Delivered { job_id: f.job_id, claim: f.claim, ctid: f.job.ctid }),
             verdict @ (Verdict::Retry | Verdict::Permanent) => {
@@ -921,6 +949,33 @@ fn record(c: &mut SpiClient<'_>, finished: Vec<Finished>) {
     queue::complete(c, delivered);
     queue::fail(c, failures);
     queue::bump_stats(c, tallies.into_iter().collect());
+    if !attempts.is_empty() {
+        keep_attempts(c, attempts, kept);
+    }
+}
+
+thread_local! {
+    /// Keeping attempts failed, and the log said so: it says so again only
+    /// once it worked in between.
+    static ATTEMPTS_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Adds attempts to `outbox.attempts`. Optional: without the table (a
+/// database on 0.2.0) nothing, and a failure (the worker's role may not
+/// write it) costs the attempts, never the turn.
+fn keep_attempts(c: &mut SpiClient<'_>, attempts: Vec<queue::Attempt>, kept: i64) {
+    if !crate::schema::at_0_3() {
+        return;
+    }
+    let kept_them = crate::pg::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| queue::record_attempts(c, attempts, kept)));
+    match kept_them {
+        Ok(()) => ATTEMPTS_REFUSED.set(false),
+        Err(e) => {
+            if !ATTEMPTS_REFUSED.replace(true) {
+                warning!("outbox worker: keeping attempts in outbox.attempts failed: {} (SQLSTATE {})", e.message, e.sqlstate);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -73,6 +73,8 @@ pub struct Outcome {
     pub retry_after: Option<Duration>,
     /// Response excerpt or error text, for `last_error`.
     pub detail: Option<String>,
+    /// From the send's start to its outcome.
+    pub took: Duration,
 }
 
 type HttpClient = Client<Connector, Full<Bytes>>;
@@ -208,7 +210,9 @@ fn event_loop(
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
                 let (client, report, proxies) = (http.clone(), report.clone(), Arc::clone(&proxies));
                 tokio::spawn(async move {
-                    let outcome = send(&client, &proxies, request).await;
+                    let started = Instant::now();
+                    let mut outcome = send(&client, &proxies, request).await;
+                    outcome.took = started.elapsed();
                     drop(slot);
                     report.send(outcome);
                 });
@@ -370,7 +374,7 @@ async fn send(client: &HttpClient, proxies: &Matcher, r: Request) -> Outcome {
     let (job_id, claim, limit, timeout) = (r.job_id, r.claim, r.max_response_bytes, r.timeout);
     let deadline = Instant::now() + timeout;
     let failed =
-        |detail: String| Outcome { job_id, claim, response: Response::NetworkError, retry_after: None, detail: Some(excerpt(&detail)) };
+        |detail: String| Outcome { job_id, claim, response: Response::NetworkError, retry_after: None, detail: Some(excerpt(&detail)), took: Duration::ZERO };
     let timed_out = || format!("timed out after {} ms", timeout.as_millis());
     let request = match build(r, proxies) {
         Ok(request) => request,
@@ -395,7 +399,7 @@ async fn send(client: &HttpClient, proxies: &Matcher, r: Request) -> Outcome {
         Ok(Err(e)) => Some(excerpt(&format!("reading response: {}", describe(&e)))),
         Err(_) => Some(format!("reading response: {}", timed_out())),
     };
-    Outcome { job_id, claim, response: Response::Status(status), retry_after, detail }
+    Outcome { job_id, claim, response: Response::Status(status), retry_after, detail, took: Duration::ZERO }
 }
 
 #[cfg(test)]

@@ -403,6 +403,25 @@ UPDATE outbox.kind_stats s
                WITH ORDINALITY AS v(kind, delivered, rejected, throttled, server_errors, unreachable, unbuildable, latency_sum, n)) u
  WHERE s.kind OPERATOR(pg_catalog.=) u.kind";
 
+/// A batch's attempts, for `outbox.attempts`: kind $1, id $2, job $3,
+/// attempt $4, method $5, outcome $6, status $7, milliseconds $8, error $9.
+const RECORD_ATTEMPTS: &str = "
+INSERT INTO outbox.attempts (kind, id, job_id, attempt, method, outcome, status, duration_ms, error)
+SELECT * FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::bigint[]),
+                         pg_catalog.unnest($4::int[]), pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[]),
+                         pg_catalog.unnest($7::int[]), pg_catalog.unnest($8::float8[]), pg_catalog.unnest($9::text[]))";
+
+/// Keeps the last $2 attempts of each kind in $1: everything up to the
+/// ($2 + 1)th newest goes.
+const PRUNE_ATTEMPTS: &str = "
+DELETE FROM outbox.attempts a
+ USING (SELECT k.kind,
+               (SELECT b.attempt_id FROM outbox.attempts b
+                 WHERE b.kind OPERATOR(pg_catalog.=) k.kind
+                 ORDER BY b.attempt_id DESC OFFSET $2 LIMIT 1) AS cutoff
+          FROM pg_catalog.unnest($1::text[]) AS k(kind)) c
+ WHERE a.kind OPERATOR(pg_catalog.=) c.kind AND a.attempt_id OPERATOR(pg_catalog.<=) c.cutoff";
+
 /// [`BUMP_STATS`] for a database still on 0.2.0 (`schema::at_0_3`), whose
 /// kind_stats has no classes, histogram or breaker.
 const BUMP_STATS_0_2: &str = "
@@ -728,6 +747,42 @@ pub fn bump_stats(c: &mut SpiClient<'_>, tallies: Vec<(String, crate::rules::met
     execute(c, BUMP_STATS, &types, &args).unwrap_or_else(|e| panic!("stats: {e}"));
 }
 
+/// One attempt, as `outbox.attempts` keeps it.
+pub struct Attempt {
+    pub kind: String,
+    pub id: String,
+    pub job_id: i64,
+    pub attempt: i32,
+    pub method: &'static str,
+    pub outcome: &'static str,
+    pub status: Option<i32>,
+    pub duration_ms: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// Adds `attempts` to `outbox.attempts` and keeps the last `kept` of each
+/// of their kinds.
+pub fn record_attempts(c: &mut SpiClient<'_>, attempts: Vec<Attempt>, kept: i64) {
+    let mut kinds: Vec<String> = attempts.iter().map(|a| a.kind.clone()).collect();
+    let args: [DatumWithOid; 9] = [
+        kinds.clone().into(),
+        attempts.iter().map(|a| a.id.clone()).collect::<Vec<_>>().into(),
+        attempts.iter().map(|a| a.job_id).collect::<Vec<_>>().into(),
+        attempts.iter().map(|a| a.attempt).collect::<Vec<_>>().into(),
+        attempts.iter().map(|a| a.method.to_string()).collect::<Vec<_>>().into(),
+        attempts.iter().map(|a| a.outcome.to_string()).collect::<Vec<_>>().into(),
+        attempts.iter().map(|a| a.status).collect::<Vec<_>>().into(),
+        attempts.iter().map(|a| a.duration_ms).collect::<Vec<_>>().into(),
+        attempts.iter().map(|a| a.error.clone()).collect::<Vec<_>>().into(),
+    ];
+    let types = [TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT4_ARRAY, FLOAT8_ARRAY, TEXT_ARRAY];
+    execute(c, RECORD_ATTEMPTS, &types, &args).unwrap_or_else(|e| panic!("attempts: {e}"));
+    kinds.sort();
+    kinds.dedup();
+    let args: [DatumWithOid; 2] = [kinds.into(), kept.into()];
+    execute(c, PRUNE_ATTEMPTS, &[TEXT_ARRAY, INT8], &args).unwrap_or_else(|e| panic!("attempts: {e}"));
+}
+
 /// Moves the whole inbox into the queue as the worker's absorb does, for
 /// tests; returns how many changes moved.
 #[cfg(any(test, feature = "pg_test"))]
@@ -765,6 +820,8 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("BUMP_STATS", BUMP_STATS),
     ("BUMP_STATS_0_2", BUMP_STATS_0_2),
     ("ENQUEUE_BACKFILLED", ENQUEUE_BACKFILLED),
+    ("RECORD_ATTEMPTS", RECORD_ATTEMPTS),
+    ("PRUNE_ATTEMPTS", PRUNE_ATTEMPTS),
 ];
 
 #[cfg(test)]

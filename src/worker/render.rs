@@ -236,9 +236,10 @@ impl Drop for TimeLimit {
     }
 }
 
-/// Runs one body statement as the kind's role, restricted, within the
-/// kind's deadline, in a subtransaction of its own.
-fn run_body<R>(role: pg_sys::Oid, deadline: Instant, f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, crate::pg::subxact::Caught> {
+/// Runs one statement as `role`, restricted, within `deadline` (lock waits
+/// included), in a subtransaction of its own: a body as its kind's role,
+/// a backfill's chunk as its table's owner (`worker::backfills`).
+pub(crate) fn run_limited<R>(role: pg_sys::Oid, deadline: Instant, f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, crate::pg::subxact::Caught> {
     try_subtransaction(move || {
         let Some(_limit) = TimeLimit::until(deadline) else {
             crate::pg::errors::raise(PgSqlErrorCode::ERRCODE_QUERY_CANCELED, "no render time left this turn", None)
@@ -287,7 +288,7 @@ fn bodies(kind: &Kind, function: &str, ids: &[String], limit: i64, timed_out: &m
     let ids_owned = ids.to_vec();
     // Read-write SPI (update) takes a fresh snapshot per statement, so the
     // body is read after the claim's snapshot: never older than the job.
-    let batch = run_body(role, deadline, move || {
+    let batch = run_limited(role, deadline, move || {
         Spi::connect_mut(|c| {
             super::plans::execute_plain(c, &batch_sql, &[TEXT_ARRAY, INT8], &[ids_owned.into(), limit.into()])
                 .unwrap_or_else(|e| panic!("{e}"))
@@ -316,7 +317,7 @@ fn bodies(kind: &Kind, function: &str, ids: &[String], limit: i64, timed_out: &m
             }
             let sql = one_sql.clone();
             let id = id.clone();
-            run_body(role, deadline, move || {
+            run_limited(role, deadline, move || {
                 Spi::connect_mut(|c| {
                     let t = c.update(sql.as_str(), None, &[id.as_str().into(), limit.into()]).unwrap_or_else(|e| panic!("{e}"));
                     t.first().get_two::<String, i64>().unwrap_or_else(|e| panic!("{e}"))
