@@ -161,14 +161,14 @@ REVOKE EXECUTE ON FUNCTION outbox.resume_backfill(bigint) FROM PUBLIC;
 CREATE FUNCTION outbox.backfills_checked() RETURNS trigger
 LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'backfills_checked_wrapper';
 REVOKE EXECUTE ON FUNCTION outbox.backfills_checked() FROM PUBLIC;
-CREATE TRIGGER backfills_checked BEFORE INSERT OR UPDATE ON outbox.backfills
+CREATE TRIGGER backfills_checked BEFORE INSERT OR UPDATE OR DELETE ON outbox.backfills
     FOR EACH ROW EXECUTE FUNCTION outbox.backfills_checked();
 ALTER TABLE outbox.backfills ENABLE ALWAYS TRIGGER backfills_checked;
 
 -- The last attempts of each kind: see the table's definition.
 CREATE TABLE outbox.attempts (
     attempt_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    kind        text COLLATE "C" NOT NULL,
+    kind        text COLLATE "C" NOT NULL REFERENCES outbox.kinds ON DELETE CASCADE,
     id          text COLLATE "C" NOT NULL,
     job_id      bigint NOT NULL,
     attempt     int NOT NULL,

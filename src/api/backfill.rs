@@ -4,7 +4,7 @@
 //! worker does it, a chunk per turn (`worker::backfills`), and
 //! `outbox.backfills` shows how far it got.
 
-use crate::capture::{row_filter, triggers, wake};
+use crate::capture::{triggers, wake};
 use crate::pg::errors::{raise, require, require_kind, unknown_kind};
 use crate::pg::roles::{as_queue_owner, as_restricted, require_may_run_as};
 use crate::worker::backfills::{writing_progress, Reader, State};
@@ -67,11 +67,12 @@ fn backfill(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CSt
     Spi::connect_mut(|c| {
         let table = triggers::worker_readable_table(c, tbl);
         let id_column = triggers::id_column_of(c, tbl, &table, id_column);
-        let filter = filter.map(|f| row_filter::analyze(tbl, &table, f).plain);
         // What the worker checks and runs at each chunk, once now: what can't
-        // work fails here, with its reason.
-        let reader = Reader::of(c, tbl, &id_column, filter.as_deref(), me);
+        // work fails here, with its reason. The filter is kept as the owner
+        // analysed and printed it.
+        let reader = Reader::of(c, tbl, &id_column, filter, me);
         as_restricted(reader.owner, || reader.read(c, None, 0));
+        let filter = reader.filter;
         // The extension's own bookkeeping, as its owner: an admin granted
         // this function needs no privilege on the table.
         as_queue_owner(|| {
@@ -146,37 +147,48 @@ fn resume_backfill(backfill_id: Option<i64>) {
 
 /// Checks every write of `outbox.backfills` but the worker's own progress,
 /// however it is made: by these functions (as the extension's owner, after
-/// they checked the caller), or a direct INSERT, UPDATE or COPY by an admin
-/// granted the table. The writer must be able to act as `run_as` (and be a
-/// superuser for a superuser's): otherwise a delegated admin could point a
-/// superuser's backfill at a table, a filter or a kind of its choosing.
+/// they checked the caller), or a direct INSERT, UPDATE, DELETE or COPY by
+/// an admin granted the table. The writer must be able to act as `run_as`,
+/// before and after (and be a superuser for a superuser's): otherwise a
+/// delegated admin could take over a superuser's backfill, or point it at
+/// a table, a filter or a kind of its choosing. (The worker checks the
+/// starter's rights, and the filter, again at every chunk all the same.)
 #[pg_trigger(sql = "
 CREATE FUNCTION outbox.backfills_checked() RETURNS trigger
 LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
-CREATE TRIGGER backfills_checked BEFORE INSERT OR UPDATE ON outbox.backfills
+CREATE TRIGGER backfills_checked BEFORE INSERT OR UPDATE OR DELETE ON outbox.backfills
     FOR EACH ROW EXECUTE FUNCTION outbox.backfills_checked();
 ALTER TABLE outbox.backfills ENABLE ALWAYS TRIGGER backfills_checked;
 ")]
 fn backfills_checked<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, std::convert::Infallible> {
+    let op = trigger.op();
+    let kept = if matches!(op, Ok(PgTriggerOperation::Delete)) { trigger.old() } else { trigger.new() };
     if writing_progress() {
-        return Ok(trigger.new());
+        return Ok(kept);
     }
     let td = trigger.trigger_data();
-    let update = matches!(trigger.op(), Ok(PgTriggerOperation::Update));
-    // SAFETY: Postgres hands us the fired trigger, its row and the table's
-    // descriptor, valid for this call; the column is looked up by name.
-    let run_as = unsafe {
-        let tupdesc = (*td.tg_relation).rd_att;
-        let new = if update { td.tg_newtuple } else { td.tg_trigtuple };
-        let attno = pg_sys::SPI_fnumber(tupdesc, c"run_as".as_ptr());
-        let mut is_null = false;
-        let run_as = pg_sys::heap_getattr(new, attno, tupdesc, &mut is_null);
-        if is_null { pg_sys::InvalidOid } else { pg_sys::Oid::from(run_as.value() as u32) }
+    // The row as it was (an UPDATE's or a DELETE's), and as it will be (an
+    // INSERT's or an UPDATE's).
+    let rows: &[*mut pg_sys::HeapTupleData] = match op {
+        Ok(PgTriggerOperation::Update) => &[td.tg_trigtuple, td.tg_newtuple],
+        _ => &[td.tg_trigtuple],
     };
-    require_may_run_as("a backfill", run_as);
-    Ok(trigger.new())
+    for &row in rows {
+        // SAFETY: Postgres hands us the fired trigger, its rows and the
+        // table's descriptor, valid for this call; the column is looked up
+        // by name.
+        let run_as = unsafe {
+            let tupdesc = (*td.tg_relation).rd_att;
+            let attno = pg_sys::SPI_fnumber(tupdesc, c"run_as".as_ptr());
+            let mut is_null = false;
+            let run_as = pg_sys::heap_getattr(row, attno, tupdesc, &mut is_null);
+            if is_null { pg_sys::InvalidOid } else { pg_sys::Oid::from(run_as.value() as u32) }
+        };
+        require_may_run_as("a backfill", run_as);
+    }
+    Ok(kept)
 }
 
 #[cfg(test)]
@@ -214,6 +226,12 @@ mod tests {
             ("SELECT outbox.backfill('public.items', 'item', id_column => 'code')", "55000"),
             ("SELECT outbox.backfill('public.items', 'item', filter => 'status')", "42804"),
             ("SELECT outbox.backfill('public.items', 'item', filter => 'random() > 0.5')", "42P17"),
+            // Evaluated as the table's owner: built-in immutable code only.
+            ("CREATE FUNCTION public.f(bigint) RETURNS boolean STABLE LANGUAGE sql AS 'SELECT true'", "00000"),
+            ("SELECT outbox.backfill('public.items', 'item', filter => 'public.f(id)')", "0A000"),
+            ("SELECT outbox.backfill('public.items', 'item', filter => 'id::text::int > 0 AND now() > ''2000-01-01''')", "0A000"),
+            ("SELECT outbox.backfill('public.items', 'item', filter => 'query_to_xml(''SELECT 1'', true, true, '''') IS NOT NULL')", "42P17"),
+            ("SELECT outbox.backfill('public.items', 'item', filter => 'to_regclass(''public.items'') IS NOT NULL')", "0A000"),
             ("SELECT outbox.backfill('public.items', 'item', filter => 'status = ''live''')", "00000"),
             ("SELECT outbox.backfill('public.items', 'item')", "55000"),
             ("SELECT outbox.cancel_backfill(NULL)", "22004"),
@@ -262,10 +280,13 @@ mod tests {
             ("INSERT INTO outbox.backfills (tbl, kind, id_column, run_as) VALUES ('public.items', 'item', 'code', 'outbox_test_other')", "42501"),
             ("UPDATE outbox.backfills SET filter = 'true) OR (true' WHERE run_as = 'postgres'::regrole", "42501"),
             ("UPDATE outbox.backfills SET run_as = 'outbox_test_other' WHERE run_as = 'postgres'::regrole", "42501"),
-            // Reading with fewer rights than the starter's gains nothing.
-            ("UPDATE outbox.backfills SET run_as = 'outbox_test_delegate' WHERE run_as = 'postgres'::regrole", "00000"),
+            // Nor taken over, nor deleted.
+            ("UPDATE outbox.backfills SET run_as = 'outbox_test_delegate' WHERE run_as = 'postgres'::regrole", "42501"),
+            ("DELETE FROM outbox.backfills WHERE run_as = 'postgres'::regrole", "42501"),
+            // Its own, it may.
+            ("INSERT INTO outbox.backfills (tbl, kind, id_column, run_as) VALUES ('public.items', 'mine', 'code', 'outbox_test_delegate')", "00000"),
             ("UPDATE outbox.backfills SET enqueued = 5, state = 'cancelled' WHERE run_as = 'outbox_test_delegate'::regrole", "00000"),
-            ("INSERT INTO outbox.backfills (tbl, kind, id_column, run_as) VALUES ('public.items', 'item', 'code', 'outbox_test_delegate')", "00000"),
+            ("DELETE FROM outbox.backfills WHERE run_as = 'outbox_test_delegate'::regrole", "00000"),
         ];
         assert_sqlstates(&cases);
         Spi::run("RESET ROLE").unwrap();

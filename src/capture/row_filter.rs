@@ -16,6 +16,20 @@ use pgrx::prelude::*;
 use pgrx::PgList;
 use std::ffi::{CStr, CString};
 
+/// Who evaluates a filter, which decides what it may call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvaluatedBy {
+    /// The role changing a row, in a trigger's WHEN: any function that is
+    /// not volatile, as in any WHEN clause.
+    TheWriter,
+    /// The table's owner, reading for a backfill someone else started:
+    /// only built-in immutable functions and operators, as in a logical
+    /// replication row filter. The starter's own code, run with the
+    /// owner's rights, would make it the owner; a stable built-in such as
+    /// query_to_xml() runs SQL text.
+    TheOwner,
+}
+
 /// A checked filter, printed for the WHEN clauses of the row triggers and
 /// for a backfill's scan.
 pub struct RowFilter {
@@ -52,7 +66,7 @@ fn unsupported(what: &str) -> ! {
 /// set-returning function, 42804 for a type other than boolean and 42P17
 /// for a volatile function; a syntax error or an unknown column as Postgres
 /// reports them.
-pub fn analyze(tbl: pg_sys::Oid, table: &str, filter: &str) -> RowFilter {
+pub fn analyze(tbl: pg_sys::Oid, table: &str, filter: &str, by: EvaluatedBy) -> RowFilter {
     let Ok(sql) = CString::new(format!("SELECT {filter}\nFROM ONLY {table}")) else {
         invalid("a filter must not contain a NUL byte".into())
     };
@@ -121,6 +135,13 @@ pub fn analyze(tbl: pg_sys::Oid, table: &str, filter: &str) -> RowFilter {
                 Some("Its result must depend on the row alone (and, for a STABLE function, the moment): random() or a function with side effects would capture changes at random."),
             );
         }
+        if by == EvaluatedBy::TheOwner && (pg_sys::contain_mutable_functions(expr) || calls_user_code(expr)) {
+            raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "a backfill's filter may call only built-in immutable functions and operators",
+                Some("The worker evaluates it as the table's owner: compare columns with constants (status <> 'draft', created_at >= '2026-01-01')."),
+            );
+        }
         // Columns by name: a whole row ("t.*") or a system column is neither
         // a column a trigger compares nor one a backfill's reader prints.
         let mut attnos: *mut pg_sys::Bitmapset = std::ptr::null_mut();
@@ -142,4 +163,36 @@ pub fn analyze(tbl: pg_sys::Oid, table: &str, filter: &str) -> RowFilter {
         };
         RowFilter { plain: print(c"row", false), new: print(c"new", true), old: print(c"old", true), columns }
     }
+}
+
+/// Whether `node` calls a function that is not built in (an operator's, a
+/// cast's or a type's I/O function included) or checks a domain that is
+/// not: code someone other than the bootstrap superuser wrote.
+///
+/// # Safety
+/// `node` is an analysed expression tree.
+unsafe fn calls_user_code(node: *mut pg_sys::Node) -> bool {
+    unsafe extern "C-unwind" fn user_function(func: pg_sys::Oid, _: *mut std::ffi::c_void) -> bool {
+        func.to_u32() >= pg_sys::FirstNormalObjectId
+    }
+    unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        // SAFETY: a node of the tree the caller vouched for; each check only
+        // reads it, and the walker visits its children alike.
+        unsafe {
+            if pg_sys::check_functions_in_node(node, Some(user_function), context) {
+                return true;
+            }
+            if (*node).type_ == pg_sys::NodeTag::T_CoerceToDomain
+                && (*node.cast::<pg_sys::CoerceToDomain>()).resulttype.to_u32() >= pg_sys::FirstNormalObjectId
+            {
+                return true;
+            }
+            pg_sys::expression_tree_walker(node, Some(walk), context)
+        }
+    }
+    // SAFETY: the caller's contract; the walk keeps no state.
+    unsafe { walk(node, std::ptr::null_mut()) }
 }

@@ -742,7 +742,7 @@ pub fn track_table(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Opti
                 }
             }
         }
-        let filter: Option<crate::capture::row_filter::RowFilter> = filter.map(|f| crate::capture::row_filter::analyze(tbl, &table, f));
+        let filter: Option<crate::capture::row_filter::RowFilter> = filter.map(|f| crate::capture::row_filter::analyze(tbl, &table, f, crate::capture::row_filter::EvaluatedBy::TheWriter));
         // A row entering or leaving the filter changed, whatever `columns`
         // watch: the filter's columns are watched too.
         if let (Some(f), false) = (&filter, watched.is_empty()) {

@@ -136,7 +136,7 @@ pub fn init(preloading: bool) {
         c"Each with its outcome, status, duration and error, for looking into a receiver without the server log.",
         &ATTEMPTS_KEPT,
         0,
-        100_000,
+        10_000,
         GucContext::Sighup,
         GucFlags::default(),
     );

@@ -268,7 +268,7 @@ CREATE TABLE outbox.rejected (
 -- reading the server's log. The worker adds and prunes them per batch.
 CREATE TABLE outbox.attempts (
     attempt_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    kind        text COLLATE "C" NOT NULL,
+    kind        text COLLATE "C" NOT NULL REFERENCES outbox.kinds ON DELETE CASCADE,
     id          text COLLATE "C" NOT NULL,
     job_id      bigint NOT NULL,
     attempt     int NOT NULL,

@@ -20,6 +20,9 @@
 //! reason; one that waited too long on a lock is tried again later.
 
 use super::plans::{execute, types::*};
+use crate::capture::row_filter;
+use crate::pg::roles::as_restricted;
+use crate::pg::settings::with_settings;
 use crate::pg::subxact::{try_subtransaction, Caught};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -33,8 +36,12 @@ const CHUNK: i64 = 1000;
 /// How long a chunk may take, lock waits included.
 const CHUNK_TIME: Duration = Duration::from_secs(2);
 
-/// How long a backfill whose chunk ran out of time waits before the next.
+/// How long a backfill whose chunk ran out of time waits before the next:
+/// doubling from the first to the last, and failing after so many in a row
+/// (a lock held for an hour, a table too big to plan in time).
 const AFTER_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_AFTER_TIMEOUT: Duration = Duration::from_secs(60);
+const MOST_TIMEOUTS: u32 = 60;
 
 /// How often the list of running backfills is read again when no commit
 /// said it changed.
@@ -121,7 +128,8 @@ SELECT pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg
                  JOIN pg_catalog.pg_class ic ON ic.oid OPERATOR(pg_catalog.=) i.indexrelid
                  JOIN pg_catalog.pg_am am ON am.oid OPERATOR(pg_catalog.=) ic.relam
                  JOIN pg_catalog.pg_opclass oc ON oc.oid OPERATOR(pg_catalog.=) i.indclass[0]
-                WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisunique AND i.indnkeyatts OPERATOR(pg_catalog.=) 1
+                WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisunique AND i.indisvalid
+                  AND i.indnkeyatts OPERATOR(pg_catalog.=) 1
                   AND i.indkey[0] OPERATOR(pg_catalog.=) a.attnum AND i.indpred IS NULL
                   AND am.amname OPERATOR(pg_catalog.=) 'btree' AND oc.opcdefault
                   AND i.indcollation[0] OPERATOR(pg_catalog.=) a.attcollation),
@@ -150,6 +158,8 @@ pub struct Reader {
     /// function (never a cast or a domain's check, which the owner could
     /// write).
     pub base_type: pg_sys::Oid,
+    /// The filter as analysed now, as the owner, and printed back.
+    pub filter: Option<String>,
 }
 
 fn refuse(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
@@ -158,8 +168,10 @@ fn refuse(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
 
 impl Reader {
     /// Checks, as the catalog stands, that `run_as` may still have table
-    /// `tbl` read for it by `id_column` with `filter` (as Postgres printed
-    /// it), and says how. Raises otherwise.
+    /// `tbl` read for it by `id_column` with `filter`, and says how. The
+    /// filter is analysed again, as the table's owner: only built-in
+    /// immutable functions and operators (`row_filter::EvaluatedBy`).
+    /// Raises otherwise.
     pub fn of(c: &SpiClient<'_>, tbl: pg_sys::Oid, id_column: &str, filter: Option<&str>, run_as: pg_sys::Oid) -> Reader {
         let gone = |_| -> ! {
             refuse(
@@ -219,9 +231,12 @@ impl Reader {
         // A partitioned table's rows are its partitions'.
         let only = if partitioned { "" } else { "ONLY " };
         let collation = collation.map_or(String::new(), |c| format!(" COLLATE {c}"));
-        let filter = filter.map_or("true".to_string(), |f| format!("coalesce({f}, false)"));
+        let filter = filter.map(|f| {
+            as_restricted(owner, || row_filter::analyze(tbl, &table, f, row_filter::EvaluatedBy::TheOwner).plain)
+        });
+        let holds = filter.as_ref().map_or("true".to_string(), |f| format!("coalesce({f}, false)"));
         let sql = format!(
-            "SELECT pg_catalog.format('%s', {id}), {filter}
+            "SELECT pg_catalog.format('%s', {id}), {holds}
   FROM {only}{table}
  WHERE {id} IS NOT NULL AND ($1 IS NULL OR {id} OPERATOR(pg_catalog.>) $1{collation})
  ORDER BY {id}{collation}
@@ -229,7 +244,7 @@ impl Reader {
         );
         // SAFETY: a syscache lookup of a type that exists.
         let base_type = unsafe { pg_sys::getBaseType(typ) };
-        Reader { sql, owner, base_type }
+        Reader { sql, owner, base_type, filter }
     }
 
     /// Reads the ids after `after` (text, as [`Reader::sql`] spells them):
@@ -268,7 +283,9 @@ struct Running {
     filter: Option<String>,
     run_as: pg_sys::Oid,
     last_id: Option<String>,
-    /// Not before then: its last chunk ran out of time.
+    /// Chunks in a row that ran out of time or waited too long on a lock,
+    /// and not before when the next may run.
+    timeouts: u32,
     not_before: Option<Instant>,
 }
 
@@ -276,18 +293,22 @@ struct Running {
 enum Step {
     /// Its kind has enough due, or it waits after a timeout.
     Wait,
-    /// A chunk: ids enqueued, where it stands, whether the table is done.
-    Chunk { enqueued: i64, last: Option<String>, done: bool },
+    /// A chunk read: the ids the filter holds for, where it stands, whether
+    /// the table is done.
+    Read { ids: Vec<String>, last: Option<String>, done: bool },
     /// It can't go on.
     Failed(Caught),
     /// Its chunk ran out of time or waited too long on a lock.
-    TimedOut,
+    TimedOut(Caught),
 }
 
 #[derive(Default)]
 pub struct Backfills {
     running: Vec<Running>,
     read_at: Option<Instant>,
+    /// Which running backfill's turn it is: one chunk a turn, in turn, so
+    /// that a turn waits on one table at most.
+    next: usize,
     /// Reading or writing `outbox.backfills` failed (the worker's role may
     /// not): said once, tried again at the next refresh.
     refused: bool,
@@ -299,34 +320,41 @@ impl Backfills {
         self.read_at = None;
     }
 
-    /// Step: a chunk of each running backfill whose kind has little due.
-    /// Nothing in a database still on 0.2.0.
-    pub fn step(&mut self, c: &mut SpiClient<'_>) {
+    /// Step: a chunk of the next running backfill whose kind has little
+    /// due. Nothing in a database still on 0.2.0. Returns whether it read
+    /// one and goes on: the next turn should come at once, as for a full
+    /// batch, even when the chunk made no job (a filter that held for none).
+    pub fn step(&mut self, c: &mut SpiClient<'_>) -> bool {
         if self.read_at.is_none_or(|at| at.elapsed() >= REFRESH) {
             self.read_at = Some(Instant::now());
             self.running = if crate::schema::at_0_3() { self.read(c) } else { Vec::new() };
         }
-        let mut refused = None;
-        self.running.retain_mut(|b| {
-            if refused.is_some() {
-                return true;
+        if self.running.is_empty() {
+            return false;
+        }
+        let at = self.next % self.running.len();
+        self.next = at + 1;
+        let b = &mut self.running[at];
+        let step = step(c, b);
+        let read = matches!(step, Step::Read { .. });
+        // The jobs and the progress go together, or neither: in one
+        // subtransaction, waiting on no lock for long (an admin's open
+        // transaction holding a job or the backfill's row).
+        let written = try_subtransaction(std::panic::AssertUnwindSafe(|| {
+            with_settings(&[(c"lock_timeout", c"100ms")], || advance(c, b, step))
+        }));
+        match written {
+            Ok(true) => read,
+            Ok(false) => {
+                self.running.remove(at);
+                false
             }
-            let step = step(c, b);
-            // Progress is written in a subtransaction too: a worker role that
-            // may read the table but not update it stops backfills, not
-            // deliveries.
-            let written = try_subtransaction(std::panic::AssertUnwindSafe(|| advance(c, b, step)));
-            match written {
-                Ok(still_running) => still_running,
-                Err(e) => {
-                    refused = Some(e);
-                    true
-                }
+            Err(e) if e.is_transient() => false,
+            Err(e) => {
+                self.refuse(&e);
+                self.running.clear();
+                false
             }
-        });
-        if let Some(e) = refused {
-            self.refuse(&e);
-            self.running.clear();
         }
     }
 
@@ -350,6 +378,7 @@ impl Backfills {
                         filter: r.get(5).ok()?,
                         run_as: r.get(6).ok()??,
                         last_id: r.get(7).ok()?,
+                        timeouts: 0,
                         not_before: None,
                     })
                 })
@@ -357,8 +386,17 @@ impl Backfills {
         }));
         match rows {
             Ok(rows) => {
+                // Waits after timeouts outlive a refresh.
+                let before = std::mem::take(&mut self.running);
                 self.refused = false;
-                rows
+                rows.into_iter()
+                    .map(|mut b| {
+                        if let Some(old) = before.iter().find(|o| o.id == b.id) {
+                            (b.timeouts, b.not_before) = (old.timeouts, old.not_before);
+                        }
+                        b
+                    })
+                    .collect()
             }
             Err(e) => {
                 self.refuse(&e);
@@ -368,7 +406,7 @@ impl Backfills {
     }
 }
 
-/// Reads and enqueues backfill `b`'s next chunk, if its kind has little due.
+/// Reads backfill `b`'s next chunk, if its kind has little due.
 fn step(c: &mut SpiClient<'_>, b: &mut Running) -> Step {
     if b.not_before.is_some_and(|at| at > Instant::now()) {
         return Step::Wait;
@@ -383,6 +421,7 @@ fn step(c: &mut SpiClient<'_>, b: &mut Running) -> Step {
     let reader = try_subtransaction(std::panic::AssertUnwindSafe(|| Reader::of(c, b.tbl, &b.id_column, b.filter.as_deref(), b.run_as)));
     let reader = match reader {
         Ok(reader) => reader,
+        Err(e) if e.is_transient() => return Step::TimedOut(e),
         Err(e) => return Step::Failed(e),
     };
     let rows = super::render::run_limited(reader.owner, Instant::now() + CHUNK_TIME, std::panic::AssertUnwindSafe(|| {
@@ -390,35 +429,66 @@ fn step(c: &mut SpiClient<'_>, b: &mut Running) -> Step {
     }));
     let rows = match rows {
         Ok(rows) => rows,
-        Err(e) if e.is_transient() => return Step::TimedOut,
+        Err(e) if e.is_transient() => return Step::TimedOut(e),
         Err(e) => return Step::Failed(e),
     };
     let done = (rows.len() as i64) < CHUNK;
     let last = rows.last().map(|(id, _)| id.clone());
-    let ids: Vec<String> = rows.into_iter().filter(|(_, holds)| *holds).map(|(id, _)| id).collect();
-    Step::Chunk { enqueued: enqueue(c, &b.kind, ids), last, done }
+    let ids = rows.into_iter().filter(|(_, holds)| *holds).map(|(id, _)| id).collect();
+    Step::Read { ids, last, done }
 }
 
-/// Writes what `step` did to backfill `b`; whether it is still running.
+/// Sets [`PROGRESS`] while alive; an ERROR's unwinding clears it too.
+struct WritingProgress;
+
+impl WritingProgress {
+    fn start() -> WritingProgress {
+        PROGRESS.set(true);
+        WritingProgress
+    }
+}
+
+impl Drop for WritingProgress {
+    fn drop(&mut self) {
+        PROGRESS.set(false);
+    }
+}
+
+/// Enqueues what `step` read of backfill `b` and writes its progress;
+/// whether it is still running.
 fn advance(c: &mut SpiClient<'_>, b: &mut Running, step: Step) -> bool {
     let (state, last, enqueued, error) = match step {
         Step::Wait => return true,
-        Step::TimedOut => {
-            b.not_before = Some(Instant::now() + AFTER_TIMEOUT);
-            debug1!("outbox worker: backfill {} of kind \"{}\": its chunk ran out of time; trying again", b.id, b.kind);
+        Step::TimedOut(e) if b.timeouts < MOST_TIMEOUTS => {
+            b.timeouts += 1;
+            let wait = crate::rules::policy::backoff(b.timeouts, AFTER_TIMEOUT, MAX_AFTER_TIMEOUT);
+            b.not_before = Some(Instant::now() + wait);
+            if b.timeouts == 1 {
+                log!(
+                    "outbox worker: backfill {} of kind \"{}\" waits: reading its table ran out of time ({}); trying again in {} ms",
+                    b.id,
+                    b.kind,
+                    e.message,
+                    wait.as_millis()
+                );
+            }
             return true;
         }
-        Step::Chunk { enqueued, last, done } => (if done { State::Done } else { State::Running }, last, enqueued, None),
-        Step::Failed(e) => {
+        Step::TimedOut(e) | Step::Failed(e) => {
             warning!("outbox worker: backfill {} of kind \"{}\" failed: {} (SQLSTATE {})", b.id, b.kind, e.message, e.sqlstate);
             (State::Failed, None, 0, Some(format!("{} (SQLSTATE {})", e.message, e.sqlstate)))
         }
+        Step::Read { ids, last, done } => {
+            b.timeouts = 0;
+            (if done { State::Done } else { State::Running }, last, enqueue(c, &b.kind, ids), None)
+        }
     };
     let args: [DatumWithOid; 5] = [b.id.into(), last.clone().into(), enqueued.into(), state.name().into(), error.into()];
-    PROGRESS.set(true);
-    let written = execute(c, ADVANCE, &[INT8, TEXT, INT8, TEXT, TEXT], &args);
-    PROGRESS.set(false);
-    let still_running = written.unwrap_or_else(|e| panic!("backfill: {e}")).len() == 1;
+    let written = {
+        let _progress = WritingProgress::start();
+        execute(c, ADVANCE, &[INT8, TEXT, INT8, TEXT, TEXT], &args).unwrap_or_else(|e| panic!("backfill: {e}")).len()
+    };
+    let still_running = written == 1;
     if still_running && state == State::Done {
         log!("outbox worker: backfill {} of kind \"{}\" is done", b.id, b.kind);
     }

@@ -563,7 +563,7 @@ impl Worker {
             let batch = gucs::BATCH_SIZE.get().max(1) as usize;
             let inbox_full = self.absorb(c, batch);
             self.read_kinds(c, kinds_generation);
-            self.backfills.step(c);
+            let backfilling = self.backfills.step(c).then_some(Duration::ZERO);
             let now = Instant::now();
             let limit = gucs::CONCURRENCY.get().max(1) as usize + batch;
             let room = limit.saturating_sub(self.in_flight.len()).min(batch);
@@ -577,7 +577,7 @@ impl Worker {
             if room == 0 || active.is_empty() {
                 self.breakers.write(c);
                 let next_due = if inbox_full { Some(Duration::ZERO) } else { held_ends };
-                return Turn::Worked { requests: Vec::new(), next_due };
+                return Turn::Worked { requests: Vec::new(), next_due: earliest(next_due, backfilling) };
             }
             // Every job in flight is `running`: none was recorded yet.
             let busy: queue::InFlightKeys = self.in_flight.values().map(|j| j.key_hash).collect();
@@ -604,7 +604,7 @@ impl Worker {
                     ms => Duration::from_millis(ms as u64),
                 })
             };
-            let next_due = earliest(next_due, held_ends);
+            let next_due = earliest(earliest(next_due, held_ends), backfilling);
             Turn::Worked { requests, next_due }
         })
     }
@@ -967,7 +967,10 @@ fn keep_attempts(c: &mut SpiClient<'_>, attempts: Vec<queue::Attempt>, kept: i64
     if !crate::schema::at_0_3() {
         return;
     }
-    let kept_them = crate::pg::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| queue::record_attempts(c, attempts, kept)));
+    // Never waiting long on a lock an admin holds on kept attempts.
+    let kept_them = crate::pg::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
+        crate::pg::settings::with_settings(&[(c"lock_timeout", c"100ms")], || queue::record_attempts(c, attempts, kept))
+    }));
     match kept_them {
         Ok(()) => ATTEMPTS_REFUSED.set(false),
         Err(e) => {
