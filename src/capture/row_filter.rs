@@ -78,6 +78,12 @@ pub fn analyze(tbl: pg_sys::Oid, table: &str, filter: &str, by: EvaluatedBy) -> 
         if raws.len() != 1 {
             invalid("a filter must be one expression".into());
         }
+        // Analysing runs code: a literal's cast calls its type's input
+        // function, a domain's check with it. For the owner, nothing in it
+        // may be anyone's but built in: checked on the raw tree, first.
+        if by == EvaluatedBy::TheOwner {
+            require_plain(tbl, (*raws.get_ptr(0).expect("one statement")).stmt);
+        }
         let q = pg_sys::parse_analyze_fixedparams(raws.get_ptr(0).expect("one statement"), sql.as_ptr(), std::ptr::null(), 0, std::ptr::null_mut());
         let q = &*q;
         if q.hasSubLinks {
@@ -195,4 +201,89 @@ unsafe fn calls_user_code(node: *mut pg_sys::Node) -> bool {
     }
     // SAFETY: the caller's contract; the walk keeps no state.
     unsafe { walk(node, std::ptr::null_mut()) }
+}
+
+/// What the raw tree of a backfill's filter, `SELECT <filter> FROM ONLY
+/// <table>`, may hold before it is analysed: columns of the table whose
+/// types are built in (or enums), constants, casts to built-in types,
+/// operators and functions named without a schema or with `pg_catalog`,
+/// and the plain expression forms around them. Raises 0A000 otherwise.
+///
+/// # Safety
+/// `stmt` is the raw tree Postgres just parsed.
+unsafe fn require_plain(tbl: pg_sys::Oid, stmt: *mut pg_sys::Node) {
+    // SAFETY: the caller's contract; every node is read by its tag.
+    unsafe {
+        if (*stmt).type_ != pg_sys::NodeTag::T_SelectStmt {
+            invalid("a filter must be one expression".into());
+        }
+        let targets = PgList::<pg_sys::ResTarget>::from_pg((*stmt.cast::<pg_sys::SelectStmt>()).targetList);
+        for target in targets.iter_ptr() {
+            let mut context = tbl;
+            if raw_walk((*target).val, (&raw mut context).cast()) {
+                unsupported("anything but the table's columns of built-in types, constants, casts to built-in types, and built-in operators and functions");
+            }
+        }
+    }
+}
+
+/// Whether a name list is one name, or `pg_catalog` and one name.
+///
+/// # Safety
+/// `names` is a raw tree's list of String nodes.
+unsafe fn built_in_name(names: *mut pg_sys::List) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let names = PgList::<pg_sys::Node>::from_pg(names);
+        match names.len() {
+            1 => true,
+            2 => {
+                let schema = names.get_ptr(0).expect("a first name");
+                (*schema).type_ == pg_sys::NodeTag::T_String
+                    && CStr::from_ptr((*schema.cast::<pg_sys::String>()).sval) == c"pg_catalog"
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The raw tree walker's callback: true (stop) at anything [`require_plain`]
+/// refuses. `context` points at the table's oid.
+unsafe extern "C-unwind" fn raw_walk(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+    use pg_sys::NodeTag::*;
+    if node.is_null() {
+        return false;
+    }
+    // SAFETY: a node of the raw tree `require_plain` walks, read by its tag;
+    // the context is the oid it passed.
+    unsafe {
+        let tbl = *context.cast::<pg_sys::Oid>();
+        let refused = match (*node).type_ {
+            T_List | T_String | T_TypeName | T_A_Const | T_BoolExpr | T_NullTest | T_BooleanTest | T_CaseExpr | T_CaseWhen | T_CoalesceExpr | T_MinMaxExpr
+            | T_A_ArrayExpr | T_CollateClause => false,
+            T_A_Expr => !built_in_name((*node.cast::<pg_sys::A_Expr>()).name),
+            T_FuncCall => !built_in_name((*node.cast::<pg_sys::FuncCall>()).funcname),
+            T_TypeCast => {
+                let typ = pg_sys::LookupTypeNameOid(std::ptr::null_mut(), (*node.cast::<pg_sys::TypeCast>()).typeName, true);
+                typ == pg_sys::InvalidOid || typ.to_u32() >= pg_sys::FirstNormalObjectId
+            }
+            T_ColumnRef => {
+                let fields = PgList::<pg_sys::Node>::from_pg((*node.cast::<pg_sys::ColumnRef>()).fields);
+                let name = fields.get_ptr(0).filter(|_| fields.len() == 1).filter(|f| (**f).type_ == T_String);
+                match name {
+                    None => true,
+                    Some(name) => {
+                        let attno = pg_sys::get_attnum(tbl, (*name.cast::<pg_sys::String>()).sval);
+                        // An unknown column is the analysis's to report.
+                        attno > 0 && {
+                            let typ = pg_sys::get_atttype(tbl, attno);
+                            typ.to_u32() >= pg_sys::FirstNormalObjectId && pg_sys::get_typtype(typ) != pg_sys::TYPTYPE_ENUM as std::ffi::c_char
+                        }
+                    }
+                }
+            }
+            _ => true,
+        };
+        refused || pg_sys::raw_expression_tree_walker(node, Some(raw_walk), context)
+    }
 }

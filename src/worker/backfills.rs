@@ -418,7 +418,10 @@ fn step(c: &mut SpiClient<'_>, b: &mut Running) -> Step {
     if due >= CHUNK / 4 {
         return Step::Wait;
     }
-    let reader = try_subtransaction(std::panic::AssertUnwindSafe(|| Reader::of(c, b.tbl, &b.id_column, b.filter.as_deref(), b.run_as)));
+    // Analysing the filter locks the table: never for long.
+    let reader = try_subtransaction(std::panic::AssertUnwindSafe(|| {
+        with_settings(&[(c"lock_timeout", c"100ms")], || Reader::of(c, b.tbl, &b.id_column, b.filter.as_deref(), b.run_as))
+    }));
     let reader = match reader {
         Ok(reader) => reader,
         Err(e) if e.is_transient() => return Step::TimedOut(e),
