@@ -11,9 +11,6 @@ use crate::worker::backfills::{writing_progress, Reader, State};
 use pgrx::prelude::*;
 use std::ffi::CStr;
 
-/// Whether kind $1 is registered. (The backfill's foreign key keeps it so
-/// until the backfill is recorded.)
-const KIND_EXISTS: &str = "SELECT EXISTS (SELECT FROM outbox.kinds WHERE kind OPERATOR(pg_catalog.=) $1)";
 
 /// Records backfill of table $1 for kind $2 by id column $3, filter $4,
 /// for role $5; with the table's estimated rows. Returns its id, nothing if
@@ -47,7 +44,7 @@ RETURNING backfill_id";
 /// The SQL statements of this module, for the qualification sweep.
 #[cfg(test)]
 pub(crate) const STATEMENTS: &[(&str, &str)] =
-    &[("KIND_EXISTS", KIND_EXISTS), ("START", START), ("RUNNING_ID", RUNNING_ID), ("STATE_OF", STATE_OF), ("MOVE", MOVE)];
+    &[("START", START), ("RUNNING_ID", RUNNING_ID), ("STATE_OF", STATE_OF), ("MOVE", MOVE)];
 
 /// Delivers every row of `tbl` (those `filter` holds for) as records of
 /// `kind`, by `id_column` (default: the single-column primary key), as if
@@ -76,7 +73,8 @@ fn backfill(tbl: Option<pg_sys::Oid>, kind: Option<&str>, id_column: Option<&CSt
         // The extension's own bookkeeping, as its owner: an admin granted
         // this function needs no privilege on the table.
         as_queue_owner(|| {
-            if c.select(KIND_EXISTS, None, &[kind.into()]).ok().and_then(|t| t.first().get_one::<bool>().ok().flatten()) != Some(true) {
+            // (The backfill's foreign key keeps the kind until it is recorded.)
+            if !super::grants::kind_exists(kind) {
                 unknown_kind(kind);
             }
             let args = [tbl.into(), kind.into(), id_column.as_str().into(), filter.clone().into(), me.into()];

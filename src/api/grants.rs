@@ -170,7 +170,7 @@ thread_local! {
 /// last is tried first; any visible tuple of the table holding that kind
 /// proves it, and anything else (gone, moved, vacuumed, another kind) sends
 /// the lookup to the index.
-fn kind_exists(kind: &str) -> bool {
+pub fn kind_exists(kind: &str) -> bool {
     if let Some(tid) = KIND_ROWS.with(|k| k.borrow().get(kind).copied()) {
         if still_there(kind, tid) {
             return true;

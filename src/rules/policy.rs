@@ -35,6 +35,24 @@ pub fn classify(is_delete: bool, response: Response) -> Verdict {
     }
 }
 
+/// The HTTP status of a response, if it had one.
+pub fn status(response: Response) -> Option<i32> {
+    match response {
+        Response::Status(s) => Some(i32::from(s)),
+        _ => None,
+    }
+}
+
+/// What a failed attempt's job shows as its last_error: the status, and
+/// what the receiver said, if anything.
+pub fn error_text(response: Response, detail: Option<&str>) -> Option<String> {
+    match (status(response), detail.filter(|d| !d.is_empty())) {
+        (Some(s), Some(d)) => Some(format!("HTTP {s}: {d}")),
+        (Some(s), None) => Some(format!("HTTP {s}")),
+        (None, d) => d.map(str::to_string),
+    }
+}
+
 /// What came of an attempt, as the counters and `outbox.metrics()` tell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
@@ -149,6 +167,18 @@ mod tests {
         for (is_delete, response, want) in table {
             assert_eq!(classify(is_delete, response), want, "{is_delete} {response:?}");
         }
+    }
+
+    #[test]
+    fn error_texts_say_the_status_and_what_the_receiver_said() {
+        use Response::*;
+        assert_eq!(error_text(Status(503), Some("busy")).as_deref(), Some("HTTP 503: busy"));
+        assert_eq!(error_text(Status(503), Some("")).as_deref(), Some("HTTP 503"));
+        assert_eq!(error_text(Status(500), None).as_deref(), Some("HTTP 500"));
+        assert_eq!(error_text(NetworkError, Some("timed out")).as_deref(), Some("timed out"));
+        assert_eq!(error_text(NetworkError, None), None);
+        assert_eq!(status(Status(204)), Some(204));
+        assert_eq!(status(BuildError), None);
     }
 
     #[test]

@@ -114,7 +114,7 @@ RETURNING backfill_id";
 /// whether a unique btree index of the column's own order leads with it
 /// (what keeps paging by it exact and each chunk an index range); whether
 /// role $3 may read the table.
-pub const TABLE_INFO: &str = "
+const TABLE_INFO: &str = "
 SELECT pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
        c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::\"char\"[]),
        c.relkind OPERATOR(pg_catalog.=) 'p',
@@ -151,13 +151,13 @@ pub(crate) const STATEMENTS: &[(&str, &str)] =
 pub struct Reader {
     /// The statement: ids after $1 in id order, at most $2 rows, each with
     /// whether the filter holds.
-    pub sql: String,
+    sql: String,
     /// Who reads: the table's owner.
     pub owner: pg_sys::Oid,
     /// The id column's base type: what $1 is, made by that type's input
     /// function (never a cast or a domain's check, which the owner could
     /// write).
-    pub base_type: pg_sys::Oid,
+    base_type: pg_sys::Oid,
     /// The filter as analysed now, as the owner, and printed back.
     pub filter: Option<String>,
 }

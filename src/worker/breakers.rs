@@ -94,9 +94,10 @@ impl Breakers {
         }
     }
 
-    /// Feeds the outcome of request `key` of `kind`; `error` is what the
-    /// job's last_error says of a failure.
-    pub fn outcome(&mut self, kind: &str, key: Key, response: crate::rules::policy::Response, error: Option<&str>, retry_after: Option<Duration>, settings: &Settings) {
+    /// Feeds the outcome of request `key` of `kind`, with what the receiver
+    /// said (`detail`). The error text is made only when the state changes:
+    /// this runs for every delivery.
+    pub fn outcome(&mut self, kind: &str, key: Key, response: crate::rules::policy::Response, detail: Option<&str>, retry_after: Option<Duration>, settings: &Settings) {
         let Some(signal) = breaker::signal(response) else { return };
         if signal == Signal::Up && !self.kinds.contains_key(kind) {
             // A closed breaker with no failures: nothing to keep.
@@ -106,7 +107,7 @@ impl Breakers {
         let e = self.kinds.entry(kind.to_string()).or_default();
         let Some(transition) = e.state.outcome(key, signal, retry_after, now, settings) else { return };
         e.changed = true;
-        let error = error.unwrap_or("no answer").to_string();
+        let error = crate::rules::policy::error_text(response, detail).unwrap_or_else(|| "no answer".to_string());
         let wait = match e.state {
             State::Open { probe_at, .. } => probe_at.saturating_duration_since(now),
             _ => Duration::ZERO,

@@ -16,7 +16,7 @@ use super::backfills::Backfills;
 use super::breakers::Breakers;
 use crate::rules::breaker::Allow;
 use crate::rules::metrics::Tally;
-use crate::rules::policy::{class, classify, retry_delay, Class, Response, Verdict};
+use crate::rules::policy::{class, classify, error_text, retry_delay, status, Class, Response, Verdict};
 use crate::rules::rate;
 use crate::schema::JobState;
 use crate::pg::shmem::{self, WorkerState};
@@ -174,16 +174,6 @@ struct Finished {
 fn seconds_since(enqueued_us: i64) -> f64 {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     now.as_secs_f64() - enqueued_us as f64 / 1e6
-}
-
-/// What a failed attempt's job shows as its last_error: the status, and
-/// what the receiver said, if anything.
-fn error_text(response: Response, detail: Option<String>) -> Option<String> {
-    match (response, detail.filter(|d| !d.is_empty())) {
-        (Response::Status(s), Some(d)) => Some(format!("HTTP {s}: {d}")),
-        (Response::Status(s), None) => Some(format!("HTTP {s}")),
-        (_, d) => d,
-    }
 }
 
 enum Turn {
@@ -539,8 +529,7 @@ impl Worker {
         let settings = gucs::breaker();
         for Outcome { job_id, claim, response, retry_after, detail, took } in self.pool.drain() {
             if let Some(job) = self.in_flight.remove(&(job_id, claim)) {
-                let error = error_text(response, detail.clone());
-                self.breakers.outcome(&job.kind, (job_id, claim), response, error.as_deref(), retry_after, &settings);
+                self.breakers.outcome(&job.kind, (job_id, claim), response, detail.as_deref(), retry_after, &settings);
                 let latency = Some(seconds_since(job.enqueued_us));
                 self.finished.push(Finished { job, job_id, claim, response, retry_after, detail, latency, took: Some(took) });
             }
@@ -908,6 +897,7 @@ fn record(c: &mut SpiClient<'_>, finished: Vec<Finished>) {
     let mut attempts = Vec::new();
     for f in finished {
         let class = class(f.job.is_delete, f.response);
+        let status = status(f.response);
         tallies.entry(f.job.kind.clone()).or_default().add(class, f.latency);
         // An attempt is a request, or a body or URL that could not be made
         // (not a skip of a record gone).
@@ -919,12 +909,9 @@ fn record(c: &mut SpiClient<'_>, finished: Vec<Finished>) {
                 attempt: f.job.attempts,
                 method: if f.job.is_delete { "DELETE" } else { "PUT" },
                 outcome: class.name(),
-                status: match f.response {
-                    Response::Status(s) => Some(s as i32),
-                    _ => None,
-                },
+                status,
                 duration_ms: f.took.map(|d| d.as_secs_f64() * 1000.0),
-                error: error_text(f.response, f.detail.clone()).filter(|_| class != Class::Delivered),
+                error: error_text(f.response, f.detail.as_deref()).filter(|_| class != Class::Delivered),
             });
         }
         match classify(f.job.is_delete, f.response) {
@@ -937,11 +924,8 @@ fn record(c: &mut SpiClient<'_>, finished: Vec<Finished>) {
                     claim: f.claim,
                     state: if give_up { JobState::Dead } else { JobState::Pending },
                     delay_ms: if give_up { 0 } else { delay.as_millis() as i64 },
-                    status: match f.response {
-                        Response::Status(s) => Some(s as i32),
-                        _ => None,
-                    },
-                    error: error_text(f.response, f.detail),
+                    status,
+                    error: error_text(f.response, f.detail.as_deref()),
                 });
             }
         }

@@ -378,8 +378,7 @@ UPDATE outbox.queue q
 const BUMP_STATS: &str = "
 UPDATE outbox.kind_stats s
    SET delivered = s.delivered OPERATOR(pg_catalog.+) u.delivered,
-       failed_attempts = s.failed_attempts OPERATOR(pg_catalog.+) u.rejected OPERATOR(pg_catalog.+) u.throttled
-           OPERATOR(pg_catalog.+) u.server_errors OPERATOR(pg_catalog.+) u.unreachable OPERATOR(pg_catalog.+) u.unbuildable,
+       failed_attempts = s.failed_attempts OPERATOR(pg_catalog.+) (u.attempts OPERATOR(pg_catalog.-) u.delivered),
        rejected = s.rejected OPERATOR(pg_catalog.+) u.rejected,
        throttled = s.throttled OPERATOR(pg_catalog.+) u.throttled,
        server_errors = s.server_errors OPERATOR(pg_catalog.+) u.server_errors,
