@@ -149,6 +149,12 @@ SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('ou
 REVOKE ALL ON outbox.backfills FROM PUBLIC;
 REVOKE ALL ON SEQUENCE outbox.backfills_backfill_id_seq FROM PUBLIC;
 
+-- A backfill's jobs wait behind the kind's live ones: a lane, first in
+-- the claim's index (see the queue's definition).
+ALTER TABLE outbox.queue ADD COLUMN backfilled boolean NOT NULL DEFAULT false;
+DROP INDEX outbox.queue_due;
+CREATE INDEX queue_due ON outbox.queue (kind, backfilled, run_at, job_id) WHERE state OPERATOR(pg_catalog.=) 'pending';
+
 CREATE FUNCTION outbox.backfill(tbl regclass, kind text, id_column name DEFAULT NULL, filter text DEFAULT NULL)
 RETURNS bigint VOLATILE LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'backfill_wrapper';
 REVOKE EXECUTE ON FUNCTION outbox.backfill(regclass, text, name, text) FROM PUBLIC;

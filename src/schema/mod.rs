@@ -59,8 +59,8 @@ pub fn relation(name: &std::ffi::CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
 
 /// Whether the tables have the columns of version 0.3.0 (secret rotation,
 /// `max_in_flight` and `rate_limit` in `outbox.kinds`, the outcome classes,
-/// latency histogram and breaker in `outbox.kind_stats`; one upgrade script
-/// adds them all). The library runs against a database still on 0.2.0
+/// latency histogram and breaker in `outbox.kind_stats`, the backfill lane
+/// of `outbox.queue`; one upgrade script adds them all). The library runs against a database still on 0.2.0
 /// between a server restart and `ALTER EXTENSION outbox UPDATE`: there,
 /// statements that name them can't run.
 pub fn at_0_3() -> bool {
@@ -228,7 +228,11 @@ CREATE TABLE outbox.queue (
     -- An outcome names it, so that one answering an older claim (of a job
     -- id since reused: TRUNCATE ... RESTART IDENTITY, the extension made
     -- anew) changes nothing.
-    claim           bigint
+    claim           bigint,
+    -- A backfill's job (outbox.backfill): claimed only when the kind has
+    -- no live job due, so that a backfill never holds up a change. A change
+    -- that coalesces into it makes it live.
+    backfilled      boolean NOT NULL DEFAULT false
 ) WITH (
     -- A queue churns: vacuum it early so dead index entries stay few.
     autovacuum_vacuum_scale_factor = 0.02,
@@ -314,8 +318,9 @@ CREATE UNIQUE INDEX backfills_running ON outbox.backfills (tbl, kind)
 -- Coalescing: at most one fresh job per record.
 CREATE UNIQUE INDEX queue_fresh_key ON outbox.queue (kind, id)
     WHERE state OPERATOR(pg_catalog.=) 'pending' AND last_attempt_at IS NULL;
--- The claim's scan order, per kind (so paused kinds cost nothing to skip).
-CREATE INDEX queue_due ON outbox.queue (kind, run_at, job_id) WHERE state OPERATOR(pg_catalog.=) 'pending';
+-- The claim's scan order, per kind (so paused kinds cost nothing to skip)
+-- and lane: live jobs, then backfilled ones.
+CREATE INDEX queue_due ON outbox.queue (kind, backfilled, run_at, job_id) WHERE state OPERATOR(pg_catalog.=) 'pending';
 -- No index of running jobs: the worker, their only claimer, keeps them in
 -- memory and skips their records when it claims.
 CREATE INDEX queue_dead ON outbox.queue (kind) WHERE state OPERATOR(pg_catalog.=) 'dead';

@@ -1,13 +1,14 @@
 //! Backfills (`outbox.backfill`), done by the worker a chunk at a time.
 //!
 //! Each turn, for each running backfill whose kind has fewer than a quarter
-//! chunk of jobs due, the worker reads the next [`CHUNK`] rows of the table
-//! in the order of its id column, after `last_id`, and makes jobs of those
-//! the filter holds for, coalescing as the absorb does. So the queue never
-//! holds much more than a chunk of backfilled jobs, live changes wait
-//! behind at most that, every chunk is one short turn (no snapshot held for
-//! long, no giant transaction, a bounded read whatever the filter), and a
-//! restarted worker goes on from `last_id`.
+//! chunk of backfilled jobs due, the worker reads the next [`CHUNK`] rows of
+//! the table in the order of its id column, after `last_id`, and makes
+//! backfilled jobs of those the filter holds for. The claim takes them only
+//! after the kind's live jobs, so live changes never wait behind a backfill;
+//! the queue never holds much more than a chunk of them, every chunk is one
+//! short turn (no snapshot held for long, no giant transaction, a bounded
+//! read whatever the filter), and a restarted worker goes on from
+//! `last_id`.
 //!
 //! Who reads: the table's owner, in a security-restricted operation within
 //! a deadline, as Postgres runs maintenance on a table. The owner controls
@@ -86,11 +87,12 @@ SELECT backfill_id, tbl::oid, kind, id_column::text, filter, run_as::oid, last_i
  WHERE state OPERATOR(pg_catalog.=) 'running'
  ORDER BY backfill_id";
 
-/// How many jobs of kind $1 are due, counted up to $2.
+/// How many backfilled jobs of kind $1 are due, counted up to $2. (Live
+/// ones go first whatever their number.)
 const KIND_DUE: &str = "
 SELECT pg_catalog.count(*)
   FROM (SELECT FROM outbox.queue
-         WHERE kind OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) 'pending'
+         WHERE kind OPERATOR(pg_catalog.=) $1 AND backfilled AND state OPERATOR(pg_catalog.=) 'pending'
            AND run_at OPERATOR(pg_catalog.<=) pg_catalog.now()
          LIMIT $2) d";
 
@@ -320,8 +322,8 @@ impl Backfills {
         self.read_at = None;
     }
 
-    /// Step: a chunk of the next running backfill whose kind has little
-    /// due. Nothing in a database still on 0.2.0. Returns whether it read
+    /// Step: a chunk of the next running backfill whose kind has few
+    /// backfilled jobs due. Nothing in a database still on 0.2.0. Returns whether it read
     /// one and goes on: the next turn should come at once, as for a full
     /// batch, even when the chunk made no job (a filter that held for none).
     pub fn step(&mut self, c: &mut SpiClient<'_>) -> bool {
@@ -406,7 +408,7 @@ impl Backfills {
     }
 }
 
-/// Reads backfill `b`'s next chunk, if its kind has little due.
+/// Reads backfill `b`'s next chunk, if its kind has few backfilled jobs due.
 fn step(c: &mut SpiClient<'_>, b: &mut Running) -> Step {
     if b.not_before.is_some_and(|at| at > Instant::now()) {
         return Step::Wait;

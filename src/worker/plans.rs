@@ -73,6 +73,7 @@ pub mod types {
     pub const TEXT: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTOID);
     pub const TEXT_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTARRAYOID);
     pub const INT8_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT8ARRAYOID);
+    pub const BOOL_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::BOOLARRAYOID);
     pub const INT4_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT4ARRAYOID);
     pub const FLOAT8_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::FLOAT8ARRAYOID);
 }

@@ -7,7 +7,7 @@
 //! every second, delivering nothing.
 
 use super::plans::execute;
-use super::queue::{ABSORB_ROW, REJECT_ROW, ROWS_FROM};
+use super::queue::{for_schema, ABSORB_ROW, ABSORB_ROW_0_2, REJECT_ROW, ROWS_FROM};
 use crate::pg::settings::with_settings;
 use crate::pg::subxact::{try_subtransaction, Caught};
 use pgrx::prelude::*;
@@ -40,7 +40,7 @@ pub fn absorb_one_by_one(c: &mut SpiClient<'_>, limit: i64, start: i64, cause: &
     for tid in rows {
         let absorbed = try_subtransaction(std::panic::AssertUnwindSafe(|| {
             with_settings(&[(c"lock_timeout", ROW_LOCK_TIMEOUT)], || {
-                execute(c, ABSORB_ROW, &[TEXT], &[tid.as_str().into()])
+                execute(c, for_schema(ABSORB_ROW, ABSORB_ROW_0_2), &[TEXT], &[tid.as_str().into()])
                     .and_then(|t| t.first().get_one::<i64>())
                     .unwrap_or_else(|e| panic!("{e}"))
                     .unwrap_or(0)

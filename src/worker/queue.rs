@@ -83,16 +83,26 @@ DELETE FROM outbox.queue
 /// How changes become jobs, in [`ABSORB_INBOX`] and [`ABSORB_ROW`]: the
 /// rows of `changed c` (kind, id, enqueued_at, run_at, registered) coalesce
 /// into their record's fresh job, or make one; a kind nobody registered
-/// makes a dead job. A macro, so that both statements take it in with
-/// `concat!`.
+/// makes a dead job. A macro, so that the statements take it in with
+/// `concat!`; `insert_changes!(backfilled)` makes backfilled jobs.
 macro_rules! insert_changes {
     () => {
+        insert_changes!("", "")
+    };
+    (backfilled) => {
+        insert_changes!(", backfilled", ", true")
+    };
+    ($column:literal, $value:literal) => {
         concat!(
-            "INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error)
+            "INSERT INTO outbox.queue AS q (kind, id, enqueued_at, run_at, state, last_attempt_at, last_error",
+            $column,
+            ")
     SELECT c.kind, c.id, c.enqueued_at, c.run_at,
            CASE WHEN c.registered THEN 'pending' ELSE 'dead' END,
            CASE WHEN NOT c.registered THEN pg_catalog.now() END,
-           CASE WHEN NOT c.registered THEN 'kind is not registered' END
+           CASE WHEN NOT c.registered THEN 'kind is not registered' END",
+            $value,
+            "
       FROM changed c
     ON CONFLICT (kind, id) WHERE ",
             fresh!(),
@@ -101,15 +111,49 @@ macro_rules! insert_changes {
     };
 }
 
-/// A backfill's chunk: ids $2 of kind $1 become jobs, due now, coalescing
-/// into their records' fresh jobs as the absorb's changes do.
+/// A job's lane in a statement, for table alias `$alias`: its `backfilled`
+/// column, or `false` in a database still on 0.2.0, whose queue has no
+/// lanes (`schema::at_0_3`). Statements that name it come in both
+/// versions, `v0_3` and `v0_2`, picked by [`for_schema`].
+macro_rules! backfilled {
+    (v0_3, $alias:literal) => {
+        concat!($alias, ".backfilled")
+    };
+    (v0_2, $alias:literal) => {
+        "false"
+    };
+}
+
+/// In an UPDATE's SET list, a job made live: a change joined it.
+macro_rules! made_live {
+    (v0_3) => {
+        ", backfilled = false"
+    };
+    (v0_2) => {
+        ""
+    };
+}
+
+/// The statement for the database's version: `v0_3`, or `v0_2` for a
+/// database still on 0.2.0 (see [`backfilled!`]).
+pub fn for_schema(v0_3: &'static str, v0_2: &'static str) -> &'static str {
+    if crate::schema::at_0_3() {
+        v0_3
+    } else {
+        v0_2
+    }
+}
+
+/// A backfill's chunk: ids $2 of kind $1 become backfilled jobs, due now.
+/// A record with a fresh job keeps it: that job delivers the record's
+/// state, and a live one stays live.
 pub const ENQUEUE_BACKFILLED: &str = concat!(
     "WITH changed AS (
     SELECT $1::text AS kind, u.id, pg_catalog.now() AS enqueued_at, pg_catalog.now() AS run_at, true AS registered
       FROM pg_catalog.unnest($2::text[]) AS u(id)
 )
 ",
-    insert_changes!()
+    insert_changes!(backfilled)
 );
 
 /// Moves the inbox (every change, tracked or enqueued) into the queue, about
@@ -123,9 +167,11 @@ pub const ENQUEUE_BACKFILLED: &str = concat!(
 ///   it and however the queue was written since.
 /// - A delay means "not before": a record's job is due at the earliest time
 ///   its changes ask for, and a change that asks for an earlier time than
-///   its fresh job's moves the job (`sooner`). Only kinds with a pending job
-///   due later than now look for such jobs: one probe of `queue_due` per
-///   kind otherwise. A job another transaction holds locked (an admin's
+///   its fresh job's moves the job (`sooner`).
+/// - A change that joins a backfilled fresh job makes it live (`sooner`
+///   too): a change never waits behind a backfill.
+/// - Only kinds with a pending job due later than now, or a backfilled one,
+///   look for such jobs: two probes of `queue_due` per kind otherwise. A job another transaction holds locked (an admin's
 ///   `SELECT ... FOR UPDATE`) is skipped, not waited for, and the changes
 ///   that would have moved it go back to the inbox for a later turn.
 /// The scan starts at heap block $2: the blocks before it hold mostly rows
@@ -136,7 +182,8 @@ pub const ENQUEUE_BACKFILLED: &str = concat!(
 /// Returns how many changes moved into the queue (repeats of a record
 /// included), the last block they came from, and how many went back to the
 /// inbox.
-const ABSORB_INBOX: &str = concat!(
+macro_rules! absorb_inbox {
+    ($v:ident) => { concat!(
     "
 WITH picked AS (
     SELECT ctid, pg_catalog.sum(n) OVER (ROWS UNBOUNDED PRECEDING) OPERATOR(pg_catalog.-) n AS before
@@ -180,15 +227,23 @@ WITH picked AS (
     insert_changes!(),
     "
 ), waiting_kinds AS (
-    -- One probe of queue_due per kind: a LATERAL subquery with a LIMIT is
-    -- planned as it reads. (An EXISTS became a merge join reading every
-    -- pending job of the kind, two thirds of an absorb's time.)
+    -- A probe of queue_due per kind and lane: a LATERAL subquery with a
+    -- LIMIT is planned as it reads. (An EXISTS became a merge join reading
+    -- every pending job of the kind, two thirds of an absorb's time.)
     SELECT k.kind FROM (SELECT DISTINCT kind FROM changed) k
-     CROSS JOIN LATERAL (SELECT FROM outbox.queue d
-                          WHERE d.kind OPERATOR(pg_catalog.=) k.kind
-                            AND d.state OPERATOR(pg_catalog.=) 'pending'
-                            AND d.run_at OPERATOR(pg_catalog.>) pg_catalog.now()
-                          LIMIT 1) later_job
+     CROSS JOIN LATERAL ((SELECT FROM outbox.queue d
+                           WHERE d.kind OPERATOR(pg_catalog.=) k.kind
+                             AND NOT ", backfilled!($v, "d"), "
+                             AND d.state OPERATOR(pg_catalog.=) 'pending'
+                             AND d.run_at OPERATOR(pg_catalog.>) pg_catalog.now()
+                           LIMIT 1)
+                         UNION ALL
+                         (SELECT FROM outbox.queue d
+                           WHERE d.kind OPERATOR(pg_catalog.=) k.kind
+                             AND ", backfilled!($v, "d"), "
+                             AND d.state OPERATOR(pg_catalog.=) 'pending'
+                           LIMIT 1)
+                         LIMIT 1) later_job
 ), due_sooner AS (
     -- The queue as it was before this statement: the jobs the insert above
     -- made are due when their changes asked already. A LATERAL subquery
@@ -204,7 +259,7 @@ WITH picked AS (
            AND ",
     fresh!("f"),
     "
-           AND f.run_at OPERATOR(pg_catalog.>) c.run_at
+           AND (f.run_at OPERATOR(pg_catalog.>) c.run_at OR ", backfilled!($v, "f"), ")
         OFFSET 0
      ) q
 ), locked AS (
@@ -215,7 +270,8 @@ WITH picked AS (
        FOR NO KEY UPDATE SKIP LOCKED
 ), sooner AS (
     UPDATE outbox.queue q
-       SET run_at = (SELECT pg_catalog.min(d.run_at) FROM due_sooner d WHERE d.ctid OPERATOR(pg_catalog.=) q.ctid)
+       SET run_at = least(q.run_at, (SELECT pg_catalog.min(d.run_at) FROM due_sooner d WHERE d.ctid OPERATOR(pg_catalog.=) q.ctid))",
+       made_live!($v), "
      WHERE q.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM locked))
 ), left_behind AS (
     -- Only when some are named: otherwise both scans are skipped.
@@ -240,7 +296,10 @@ SELECT (m.changes OPERATOR(pg_catalog.-) l.n)::bigint, m.last_block, l.n
                -- not per row.
                coalesce((pg_catalog.max(ctid)::text::point)[0], 0)::bigint AS last_block
           FROM moved) m"
-);
+    ) };
+}
+const ABSORB_INBOX: &str = absorb_inbox!(v0_3);
+const ABSORB_INBOX_0_2: &str = absorb_inbox!(v0_2);
 
 /// The changes in the inbox from heap block $2 on, about $1 of them (the
 /// rows [`ABSORB_INBOX`] would take next), as distinct (kind, id) pairs.
@@ -252,8 +311,9 @@ SELECT DISTINCT r.kind, u.id
  CROSS JOIN LATERAL pg_catalog.unnest(coalesce(r.ids, ARRAY[r.id])) AS u(id)";
 
 /// Claims up to $2 due jobs of the kinds in $1 (the unpaused ones), at most
-/// $6 of each (what its `max_in_flight` leaves), oldest first, at most one
-/// per record, and none for a record in flight: $5 holds
+/// $6 of each (what its `max_in_flight` leaves), live jobs before
+/// backfilled ones (each kind comes twice, once per lane: $7), then oldest
+/// first, at most one per record, and none for a record in flight: $5 holds
 /// the key hashes of the worker's deliveries in flight, as this statement
 /// returns them (`hashtextextended(id, hashtextextended(kind, 0))`). The
 /// worker is the only claimer and knows them all (a restart sends every
@@ -264,23 +324,25 @@ SELECT DISTINCT r.kind, u.id
 /// thread under a backlog. Equal keys hash alike, so a record in flight is
 /// always held back; two keys that collide only make the other one wait for
 /// that delivery to end.
-/// Each kind's scan starts after a cursor, ($3 run_at in µs since the Unix
-/// epoch, $4 job_id; NULL for the front): the entries before it are mostly jobs claimed a moment
-/// ago, dead in the index until vacuum, and skipping them keeps a claim's
+/// Each lane's scan starts after a cursor, ($3 run_at in µs since the Unix
+/// epoch, $4 job_id; NULL for the front): the entries before it are mostly
+/// jobs claimed a moment ago, dead in the index until vacuum, and skipping them keeps a claim's
 /// cost flat however deep the backlog. The worker resets the cursors when a
 /// scan comes up short and every second, so nothing behind one waits long.
 /// The claiming transaction's id is the claim's token: stored in `claim`, it
 /// is what an outcome must name to change the job.
-const CLAIM: &str = "
+macro_rules! claim {
+    ($v:ident) => { concat!("
 WITH due AS (
-    SELECT d.ctid, d.job_id, d.kind, d.id, d.run_at
-      FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($3::bigint[]), pg_catalog.unnest($4::bigint[]),
-                      pg_catalog.unnest($6::bigint[]))
-           AS k(kind, after_us, after_id, room)
+    SELECT d.ctid, d.job_id, d.kind, d.id, d.run_at, k.backfilled, k.room
+      FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($7::boolean[]), pg_catalog.unnest($3::bigint[]),
+                      pg_catalog.unnest($4::bigint[]), pg_catalog.unnest($6::bigint[]))
+           AS k(kind, backfilled, after_us, after_id, room)
      CROSS JOIN LATERAL (
         SELECT q.ctid, q.job_id, q.kind, q.id, q.run_at
           FROM outbox.queue q
          WHERE q.kind OPERATOR(pg_catalog.=) k.kind
+           AND ", backfilled!($v, "q"), " OPERATOR(pg_catalog.=) k.backfilled
            AND q.state OPERATOR(pg_catalog.=) 'pending'
            AND q.run_at OPERATOR(pg_catalog.<=) pg_catalog.now()
            AND (q.run_at, q.job_id) OPERATOR(pg_catalog.>)
@@ -294,10 +356,17 @@ WITH due AS (
          LIMIT k.room
            FOR UPDATE SKIP LOCKED
      ) d
-     ORDER BY d.run_at, d.job_id
+     ORDER BY k.backfilled, d.run_at, d.job_id
      LIMIT $2
 ), one_per_record AS (
-    SELECT DISTINCT ON (kind, id) ctid FROM due ORDER BY kind, id, job_id
+    SELECT DISTINCT ON (kind, id) ctid, kind, backfilled, run_at, job_id, room FROM due ORDER BY kind, id, job_id
+), in_room AS (
+    -- A kind's two lanes share its room, live jobs first.
+    SELECT r.ctid
+      FROM (SELECT ctid, room,
+                   pg_catalog.row_number() OVER (PARTITION BY kind ORDER BY backfilled, run_at, job_id) AS n
+              FROM one_per_record) r
+     WHERE r.n OPERATOR(pg_catalog.<=) r.room
 )
 -- Rows by their ctid (we hold their locks, so they stay put): a TID scan,
 -- no index descent. An array, not a join: a generic plan can't know the CTE
@@ -305,27 +374,38 @@ WITH due AS (
 UPDATE outbox.queue q
    SET state = 'running', attempts = q.attempts OPERATOR(pg_catalog.+) 1, last_attempt_at = pg_catalog.now(),
        claim = pg_catalog.pg_current_xact_id()::text::bigint
- WHERE q.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM one_per_record))
+ WHERE q.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM in_room))
 RETURNING q.job_id, q.kind, q.id, q.attempts, q.claim,
           (extract(epoch FROM q.run_at) OPERATOR(pg_catalog.*) 1000000)::bigint, q.ctid::text,
           pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0)),
-          (extract(epoch FROM q.enqueued_at) OPERATOR(pg_catalog.*) 1000000)::bigint";
+          (extract(epoch FROM q.enqueued_at) OPERATOR(pg_catalog.*) 1000000)::bigint, ", backfilled!($v, "q")
+    ) };
+}
+const CLAIM: &str = claim!(v0_3);
+const CLAIM_0_2: &str = claim!(v0_2);
 
 /// How long until the next job of the kinds in $1 falls due (among those the
 /// claim could take: not for a record in flight, $2 as for [`CLAIM`]).
-const NEXT_DUE: &str = "
+macro_rules! next_due {
+    ($v:ident) => { concat!("
 SELECT pg_catalog.min(d.run_at) OPERATOR(pg_catalog.-) pg_catalog.now()
   FROM pg_catalog.unnest($1::text[]) AS k(kind)
+ CROSS JOIN pg_catalog.unnest('{false,true}'::boolean[]) AS l(backfilled)
  CROSS JOIN LATERAL (
     SELECT q.run_at
       FROM outbox.queue q
      WHERE q.kind OPERATOR(pg_catalog.=) k.kind
+       AND ", backfilled!($v, "q"), " OPERATOR(pg_catalog.=) l.backfilled
        AND q.state OPERATOR(pg_catalog.=) 'pending'
        AND NOT (pg_catalog.hashtextextended(q.id, pg_catalog.hashtextextended(q.kind, 0))
                 OPERATOR(pg_catalog.=) ANY (SELECT pg_catalog.unnest($2::bigint[])))
      ORDER BY q.run_at, q.job_id
      LIMIT 1
- ) d";
+ ) d"
+    ) };
+}
+const NEXT_DUE: &str = next_due!(v0_3);
+const NEXT_DUE_0_2: &str = next_due!(v0_2);
 
 /// Delivered jobs are done: remove them, each found by the ctid its claim
 /// returned (a TID scan per job: no index descent) and matched on its
@@ -450,10 +530,13 @@ pub struct Claimed {
     /// When the change was made, in µs since the Unix epoch: where its
     /// delivery latency starts.
     pub enqueued_us: i64,
+    /// Whether it came from a backfill: its lane, for the cursors.
+    pub backfilled: bool,
 }
 
-/// Where each kind's next claim scan starts: (run_at µs, job_id).
-pub type Cursors = std::collections::HashMap<String, (i64, i64)>;
+/// Where each lane's next claim scan starts, by (kind, backfilled):
+/// (run_at µs, job_id).
+pub type Cursors = std::collections::HashMap<(String, bool), (i64, i64)>;
 
 
 /// Where the next absorb starts, and how.
@@ -514,7 +597,7 @@ fn absorb_from(c: &mut SpiClient<'_>, limit: i64, start: i64, careful: &mut bool
         crate::pg::subxact::try_subtransaction(std::panic::AssertUnwindSafe(|| {
             crate::pg::settings::with_settings(&[(c"lock_timeout", ABSORB_LOCK_TIMEOUT)], || {
                 let args: [DatumWithOid; 4] = [limit.into(), start.into(), kinds.into(), ids.into()];
-                let t = execute(c, ABSORB_INBOX, &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args)
+                let t = execute(c, for_schema(ABSORB_INBOX, ABSORB_INBOX_0_2), &[INT8, INT8, TEXT_ARRAY, TEXT_ARRAY], &args)
                     .unwrap_or_else(|e| panic!("absorb inbox: {e}"));
                 let row = t.first();
                 let column = |i| row.get::<i64>(i).ok().flatten().unwrap_or(0);
@@ -563,9 +646,11 @@ SELECT ctid::pg_catalog.text FROM outbox.inbox
  LIMIT $1";
 
 /// Inbox row $1 into the queue, as the absorb would move it: coalescing
-/// into fresh jobs (moving a later one to the row's time), dead at once for
-/// a kind nobody registered. Returns how many changes it held.
-pub const ABSORB_ROW: &str = concat!(
+/// into fresh jobs (moving a later one to the row's time, making a
+/// backfilled one live), dead at once for a kind nobody registered. Returns
+/// how many changes it held.
+macro_rules! absorb_row {
+    ($v:ident) => { concat!(
     "
 WITH moved AS (
     DELETE FROM outbox.inbox WHERE ctid OPERATOR(pg_catalog.=) $1::pg_catalog.tid
@@ -580,16 +665,19 @@ WITH moved AS (
     insert_changes!(),
     "
 ), sooner AS (
-    UPDATE outbox.queue q SET run_at = c.run_at
+    UPDATE outbox.queue q SET run_at = least(q.run_at, c.run_at)", made_live!($v), "
       FROM changed c
      WHERE q.kind OPERATOR(pg_catalog.=) c.kind AND q.id OPERATOR(pg_catalog.=) c.id
        AND ",
     fresh!("q"),
     "
-       AND q.run_at OPERATOR(pg_catalog.>) c.run_at
+       AND (q.run_at OPERATOR(pg_catalog.>) c.run_at OR ", backfilled!($v, "q"), ")
 )
 SELECT pg_catalog.count(*) FROM changed"
-);
+    ) };
+}
+pub const ABSORB_ROW: &str = absorb_row!(v0_3);
+pub const ABSORB_ROW_0_2: &str = absorb_row!(v0_2);
 
 /// Inbox row $1 set aside, with reason $2. Returns the start of its kind
 /// (for the log) and how many changes it held.
@@ -605,17 +693,23 @@ RETURNING pg_catalog.left(kind, 64), coalesce(pg_catalog.cardinality(ids), 1)::p
 /// The key hashes of every delivery in flight (see [`CLAIM`]).
 pub type InFlightKeys = Vec<i64>;
 
-/// Claims up to `limit` jobs of `kinds`, each kind scanned from its cursor,
-/// none for a record in `busy`. A kind whose scan claimed nothing has its
-/// cursor reset for the next turn.
+/// Claims up to `limit` jobs of `kinds`, live ones first, each lane scanned
+/// from its cursor, none for a record in `busy`. A lane whose scan claimed
+/// nothing has its cursor reset for the next turn.
 pub fn claim(c: &mut SpiClient<'_>, kinds: &[(String, i64)], cursors: &mut Cursors, limit: i64, busy: &InFlightKeys) -> Vec<Claimed> {
-    let (after_us, after_id): (Vec<Option<i64>>, Vec<Option<i64>>) =
-        kinds.iter().map(|(k, _)| cursors.get(k).map_or((None, None), |&(t, j)| (Some(t), Some(j)))).unzip();
-    let (names, rooms): (Vec<String>, Vec<i64>) = kinds.iter().map(|(k, room)| (k.clone(), (*room).min(limit))).unzip();
-    let args: [DatumWithOid; 6] =
-        [names.into(), limit.into(), after_us.into(), after_id.into(), busy.clone().into(), rooms.into()];
-    let types = [TEXT_ARRAY, INT8, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY];
-    let rows = execute(c, CLAIM, &types, &args).unwrap_or_else(|e| panic!("claim: {e}"));
+    let lanes: Vec<(String, bool, i64)> =
+        kinds.iter().flat_map(|(k, room)| [false, true].map(|b| (k.clone(), b, (*room).min(limit)))).collect();
+    let (after_us, after_id): (Vec<Option<i64>>, Vec<Option<i64>>) = lanes
+        .iter()
+        .map(|(k, b, _)| cursors.get(&(k.clone(), *b)).map_or((None, None), |&(t, j)| (Some(t), Some(j))))
+        .unzip();
+    let names: Vec<&str> = lanes.iter().map(|(k, _, _)| k.as_str()).collect();
+    let backfilled: Vec<bool> = lanes.iter().map(|(_, b, _)| *b).collect();
+    let rooms: Vec<i64> = lanes.iter().map(|(_, _, room)| *room).collect();
+    let args: [DatumWithOid; 7] =
+        [names.into(), limit.into(), after_us.into(), after_id.into(), busy.clone().into(), rooms.into(), backfilled.into()];
+    let types = [TEXT_ARRAY, INT8, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, BOOL_ARRAY];
+    let rows = execute(c, for_schema(CLAIM, CLAIM_0_2), &types, &args).unwrap_or_else(|e| panic!("claim: {e}"));
     let claimed: Vec<Claimed> = rows
         .filter_map(|r| {
             Some(Claimed {
@@ -628,17 +722,18 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[(String, i64)], cursors: &mut Curso
                 ctid: r.get::<String>(7).ok()??,
                 key_hash: r.get::<i64>(8).ok()??,
                 enqueued_us: r.get::<i64>(9).ok()??,
+                backfilled: r.get::<bool>(10).ok()??,
             })
         })
         .collect();
-    for (kind, _) in kinds {
-        let last = claimed.iter().filter(|j| &j.kind == kind).map(|j| (j.run_at_us, j.job_id)).max();
+    for (kind, lane, _) in lanes {
+        let last = claimed.iter().filter(|j| j.kind == kind && j.backfilled == lane).map(|j| (j.run_at_us, j.job_id)).max();
         match last {
             Some(pos) => {
-                cursors.insert(kind.clone(), pos);
+                cursors.insert((kind, lane), pos);
             }
             None => {
-                cursors.remove(kind);
+                cursors.remove(&(kind, lane));
             }
         }
     }
@@ -648,7 +743,7 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[(String, i64)], cursors: &mut Curso
 /// Milliseconds until the next job is due (0 if overdue), None if none.
 pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>, busy: &InFlightKeys) -> Option<i64> {
     let args: [DatumWithOid; 2] = [kinds.into(), busy.clone().into()];
-    let t = execute(c, NEXT_DUE, &[TEXT_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("next due: {e}"));
+    let t = execute(c, for_schema(NEXT_DUE, NEXT_DUE_0_2), &[TEXT_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("next due: {e}"));
     let iv = t.first().get_one::<pgrx::datum::Interval>().ok().flatten()?;
     Some((iv.as_micros() / 1000).max(0) as i64)
 }
@@ -807,12 +902,16 @@ pub(crate) const STATEMENTS: &[(&str, &str)] = &[
     ("DISCARD", DISCARD),
     ("PURGE_DEAD", PURGE_DEAD),
     ("ABSORB_INBOX", ABSORB_INBOX),
+    ("ABSORB_INBOX_0_2", ABSORB_INBOX_0_2),
     ("INBOX_CHANGES", INBOX_CHANGES),
     ("ROWS_FROM", ROWS_FROM),
     ("ABSORB_ROW", ABSORB_ROW),
+    ("ABSORB_ROW_0_2", ABSORB_ROW_0_2),
     ("REJECT_ROW", REJECT_ROW),
     ("CLAIM", CLAIM),
+    ("CLAIM_0_2", CLAIM_0_2),
     ("NEXT_DUE", NEXT_DUE),
+    ("NEXT_DUE_0_2", NEXT_DUE_0_2),
     ("COMPLETE", COMPLETE),
     ("COMPLETE_MOVED", COMPLETE_MOVED),
     ("FAIL", FAIL),
@@ -1027,6 +1126,53 @@ mod tests {
         assert_eq!((count("k"), count("j")), (1, 5));
     }
 
+    fn backfill(kind: &str, ids: &[&str]) {
+        Spi::connect_mut(|c| {
+            let args: [pgrx::datum::DatumWithOid; 2] = [kind.into(), ids.to_vec().into()];
+            super::execute(c, super::ENQUEUE_BACKFILLED, &[super::super::plans::types::TEXT, TEXT_ARRAY], &args).unwrap();
+        });
+    }
+
+    /// A kind's live jobs are claimed before its backfilled ones, older or
+    /// not, and both lanes share the kind's room.
+    #[pg_test]
+    fn live_jobs_go_before_backfilled_ones() {
+        Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
+        backfill("k", &["b1", "b2", "b3"]);
+        Spi::run("SELECT outbox.enqueue('k', 'l1'), outbox.enqueue('k', 'l2')").unwrap();
+        crate::worker::queue::absorb_all();
+        let lanes = crate::testing::texts("SELECT string_agg(format('%s:%s', id, backfilled), ' ' ORDER BY job_id) FROM outbox.queue", &[]);
+        assert_eq!(lanes, ["b1:t b2:t b3:t l1:f l2:f"]);
+        let first = claim_at_most("k", 3, &Vec::new());
+        assert_eq!(ids(&first), ["b1", "l1", "l2"]);
+        assert_eq!(first.iter().filter(|j| j.backfilled).count(), 1);
+        assert_eq!(ids(&claim(&Vec::new())), ["b2", "b3"]);
+    }
+
+    /// A change that joins a record's backfilled fresh job makes it live,
+    /// in the absorb and in the one-row absorb of the quarantine; a
+    /// backfill leaves a live fresh job live.
+    #[pg_test]
+    fn a_change_makes_a_backfilled_job_live() {
+        Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
+        backfill("k", &["a", "b", "c"]);
+        Spi::run("SELECT outbox.enqueue('k', 'a'), outbox.enqueue('k', 'd', interval '1 hour')").unwrap();
+        crate::worker::queue::absorb_all();
+        Spi::run("INSERT INTO outbox.inbox (kind, ids, enqueued_at, run_at) VALUES ('k', '{b}', now(), now() + interval '1 hour')").unwrap();
+        Spi::connect_mut(|c| {
+            let tid = c.select("SELECT ctid::text FROM outbox.inbox", None, &[]).unwrap().first().get_one::<String>().unwrap().unwrap();
+            super::execute(c, super::ABSORB_ROW, &[super::super::plans::types::TEXT], &[tid.as_str().into()]).unwrap();
+        });
+        backfill("k", &["c", "d"]);
+        let jobs = crate::testing::texts(
+            "SELECT string_agg(format('%s:%s:%s', id, backfilled, run_at <= now()), ' ' ORDER BY id) FROM outbox.queue",
+            &[],
+        );
+        // b's change asked for an hour from now: it joins a job due now, as
+        // any later delay does, and stays due now.
+        assert_eq!(jobs, ["a:f:t b:f:t c:t:t d:f:f"]);
+    }
+
     fn ids(claimed: &[super::Claimed]) -> Vec<&str> {
         let mut ids: Vec<&str> = claimed.iter().map(|j| j.id.as_str()).collect();
         ids.sort();
@@ -1095,8 +1241,11 @@ mod tests {
             if analyzed {
                 Spi::run("ANALYZE outbox.queue").unwrap();
             }
-            let claim =
-                worker_plan(super::CLAIM, "text[], bigint, bigint[], bigint[], bigint[], bigint[]", "'{user}', 10, '{NULL}', '{NULL}', '{}', '{10}'");
+            let claim = worker_plan(
+                super::CLAIM,
+                "text[], bigint, bigint[], bigint[], bigint[], bigint[], boolean[]",
+                "'{user,user}', 10, '{NULL,NULL}', '{NULL,NULL}', '{}', '{10,10}', '{f,t}'",
+            );
             let next_due = worker_plan(super::NEXT_DUE, "text[], bigint[]", "'{user}', '{}'");
             for plan in [claim, next_due] {
                 assert!(plan.contains("using queue_due") && !plan.contains("queue_fresh_key"), "analyzed: {analyzed}\n{plan}");
