@@ -135,6 +135,11 @@ const LOCKED_BACKOFF: Duration = Duration::from_millis(100);
 /// PREPARED, which runs no callback of ours).
 const CURSOR_RESET: Duration = Duration::from_secs(1);
 
+/// A turn claims at most this many backfilled jobs of a kind: a live change
+/// that commits during a turn waits for its end, so a backfill keeps turns
+/// short. (Its jobs still fill the HTTP threads' queue over a few turns.)
+const BACKFILLED_PER_TURN: i64 = 64;
+
 /// How many strikes more a kind whose render the watchdog had to end
 /// starts with than one that ran out of time: benched from 16-32 s at the
 /// default `outbox.retry_base`, since each time costs a worker restart.
@@ -232,10 +237,15 @@ struct Worker {
     /// Where the next absorb starts in the inbox.
     inbox: queue::InboxCursor,
     cursors_reset_at: Instant,
-    /// Rows absorbed and jobs claimed by the last turn.
+    /// Rows absorbed and live jobs claimed by the last turn: what paces
+    /// turns (see [`turn_gap`]). Backfilled jobs come from no commit, and
+    /// a pause for them would hold up the live changes that come meanwhile.
     last_work: usize,
     /// The last turn left work that was due at once.
     more_due: bool,
+    /// The last turn claimed backfilled jobs: it works a backlog, without
+    /// gaps, as for `more_due`.
+    backfilling: bool,
     /// The last absorb stopped at its limit: the inbox has more.
     inbox_backlog: bool,
     /// The `outbox-sequence` of the last turn that claimed.
@@ -351,6 +361,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         inbox: queue::InboxCursor::default(),
         cursors_reset_at: Instant::now(),
         last_work: 0,
+        backfilling: false,
         more_due: false,
         inbox_backlog: true,
         inbox_left: false,
@@ -476,7 +487,7 @@ impl Worker {
                 Rest {
                     state: if delivering { WorkerState::Delivering } else { WorkerState::Idle },
                     activity: c"waiting",
-                    pace: turn_gap(self.last_work, self.more_due, self.last_turn_time, delivering),
+                    pace: turn_gap(self.last_work, self.more_due || self.backfilling, self.last_turn_time, delivering),
                     timeout: self.sleep_limit(next_due),
                     outcomes: true,
                 }
@@ -570,7 +581,7 @@ impl Worker {
             }
             // Every job in flight is `running`: none was recorded yet.
             let busy: queue::InFlightKeys = self.in_flight.values().map(|j| j.key_hash).collect();
-            let claimed = self.claim(c, &active, room, &busy);
+            let (claimed, more) = self.claim(c, &active, room, &busy);
             let (requests, done_now) = self.render(&claimed);
             for (request, job) in &requests {
                 self.breakers.sent(&job.kind, (request.job_id, request.claim), now);
@@ -578,7 +589,7 @@ impl Worker {
             self.breakers.write(c);
             record(c, done_now);
             // A full batch means more is probably due: come straight back.
-            let next_due = if claimed.len() >= room || inbox_full {
+            let next_due = if more || inbox_full {
                 Some(Duration::ZERO)
             } else if !requests.is_empty() {
                 // Their outcomes wake us, and that turn looks again.
@@ -758,21 +769,30 @@ impl Worker {
         (active, rate_wait)
     }
 
-    /// Step: claims up to `room` due jobs, none of a record in flight.
-    fn claim(&mut self, c: &mut SpiClient<'_>, active: &[(String, i64)], room: usize, busy: &queue::InFlightKeys) -> Vec<queue::Claimed> {
-        let claimed = queue::claim(c, active, &mut self.cursors, room as i64, busy);
-        self.last_work += claimed.len();
+    /// Step: claims up to `room` due jobs, none of a record in flight, and
+    /// up to [`BACKFILLED_PER_TURN`] backfilled ones of a kind. Says whether
+    /// more are probably due: the claim was full, or a backfill had more.
+    fn claim(
+        &mut self,
+        c: &mut SpiClient<'_>,
+        active: &[(String, i64)],
+        room: usize,
+        busy: &queue::InFlightKeys,
+    ) -> (Vec<queue::Claimed>, bool) {
+        let claimed = queue::claim(c, active, &mut self.cursors, room as i64, BACKFILLED_PER_TURN, busy);
+        let mut backfilled: HashMap<&str, i64> = HashMap::new();
         for job in &claimed {
             if let Some(bucket) = self.buckets.get_mut(&job.kind) {
                 bucket.take(1);
             }
+            if job.backfilled {
+                *backfilled.entry(job.kind.as_str()).or_default() += 1;
+            }
         }
-        let wanted = active.iter().map(|(_, left)| *left as usize).sum::<usize>().min(room);
-        if claimed.len() < wanted {
-            // Short: the scans reached the end; start the next ones over.
-            self.cursors.clear();
-        }
-        claimed
+        self.last_work += claimed.len() - backfilled.values().sum::<i64>() as usize;
+        self.backfilling = !backfilled.is_empty();
+        let more = claimed.len() >= room || backfilled.values().any(|&n| n >= BACKFILLED_PER_TURN);
+        (claimed, more)
     }
 
     /// Step: renders the claimed jobs into requests, and what needs no

@@ -361,9 +361,10 @@ WITH due AS (
 ), one_per_record AS (
     SELECT DISTINCT ON (kind, id) ctid, kind, backfilled, run_at, job_id, room FROM due ORDER BY kind, id, job_id
 ), in_room AS (
-    -- A kind's two lanes share its room, live jobs first.
+    -- A kind's lanes share its room (the live lane's: the other's may be
+    -- smaller), live jobs first.
     SELECT r.ctid
-      FROM (SELECT ctid, room,
+      FROM (SELECT ctid, pg_catalog.max(room) OVER (PARTITION BY kind) AS room,
                    pg_catalog.row_number() OVER (PARTITION BY kind ORDER BY backfilled, run_at, job_id) AS n
               FROM one_per_record) r
      WHERE r.n OPERATOR(pg_catalog.<=) r.room
@@ -693,12 +694,26 @@ RETURNING pg_catalog.left(kind, 64), coalesce(pg_catalog.cardinality(ids), 1)::p
 /// The key hashes of every delivery in flight (see [`CLAIM`]).
 pub type InFlightKeys = Vec<i64>;
 
-/// Claims up to `limit` jobs of `kinds`, live ones first, each lane scanned
-/// from its cursor, none for a record in `busy`. A lane whose scan claimed
-/// nothing has its cursor reset for the next turn.
-pub fn claim(c: &mut SpiClient<'_>, kinds: &[(String, i64)], cursors: &mut Cursors, limit: i64, busy: &InFlightKeys) -> Vec<Claimed> {
-    let lanes: Vec<(String, bool, i64)> =
-        kinds.iter().flat_map(|(k, room)| [false, true].map(|b| (k.clone(), b, (*room).min(limit)))).collect();
+/// Claims up to `limit` jobs of `kinds` (each with its room), live ones
+/// first and at most `backfilled_limit` backfilled ones of a kind, each lane
+/// scanned from its cursor, none for a record in `busy`. A lane whose scan
+/// came up short has reached its end: its cursor is reset for the next
+/// turn.
+pub fn claim(
+    c: &mut SpiClient<'_>,
+    kinds: &[(String, i64)],
+    cursors: &mut Cursors,
+    limit: i64,
+    backfilled_limit: i64,
+    busy: &InFlightKeys,
+) -> Vec<Claimed> {
+    let lanes: Vec<(String, bool, i64)> = kinds
+        .iter()
+        .flat_map(|(k, room)| {
+            let room = (*room).min(limit);
+            [(k.clone(), false, room), (k.clone(), true, room.min(backfilled_limit))]
+        })
+        .collect();
     let (after_us, after_id): (Vec<Option<i64>>, Vec<Option<i64>>) = lanes
         .iter()
         .map(|(k, b, _)| cursors.get(&(k.clone(), *b)).map_or((None, None), |&(t, j)| (Some(t), Some(j))))
@@ -726,9 +741,15 @@ pub fn claim(c: &mut SpiClient<'_>, kinds: &[(String, i64)], cursors: &mut Curso
             })
         })
         .collect();
-    for (kind, lane, _) in lanes {
-        let last = claimed.iter().filter(|j| j.kind == kind && j.backfilled == lane).map(|j| (j.run_at_us, j.job_id)).max();
+    let all_taken = claimed.len() as i64 >= limit;
+    for (kind, lane, room) in lanes {
+        let mine = claimed.iter().filter(|j| j.kind == kind && j.backfilled == lane);
+        let (n, last) = mine.fold((0, None), |(n, last), j| (n + 1, last.max(Some((j.run_at_us, j.job_id)))));
         match last {
+            // Short, and not for the statement's limit.
+            Some(_) if n < room && !all_taken => {
+                cursors.remove(&(kind, lane));
+            }
             Some(pos) => {
                 cursors.insert((kind, lane), pos);
             }
@@ -1108,7 +1129,7 @@ mod tests {
     }
 
     fn claim_at_most(kind: &str, room: i64, busy: &super::InFlightKeys) -> Vec<super::Claimed> {
-        Spi::connect_mut(|c| super::claim(c, &[(kind.to_string(), room)], &mut super::Cursors::new(), 10, busy))
+        Spi::connect_mut(|c| super::claim(c, &[(kind.to_string(), room)], &mut super::Cursors::new(), 10, 10, busy))
     }
 
     /// A kind's room (what its `max_in_flight` leaves) bounds its claim;
@@ -1120,7 +1141,7 @@ mod tests {
         crate::worker::queue::absorb_all();
         assert_eq!(claim_at_most("k", 2, &Vec::new()).len(), 2);
         let both = Spi::connect_mut(|c| {
-            super::claim(c, &[("k".to_string(), 1), ("j".to_string(), 10)], &mut super::Cursors::new(), 10, &Vec::new())
+            super::claim(c, &[("k".to_string(), 1), ("j".to_string(), 10)], &mut super::Cursors::new(), 10, 10, &Vec::new())
         });
         let count = |kind: &str| both.iter().filter(|j| j.kind == kind).count();
         assert_eq!((count("k"), count("j")), (1, 5));
@@ -1134,7 +1155,8 @@ mod tests {
     }
 
     /// A kind's live jobs are claimed before its backfilled ones, older or
-    /// not, and both lanes share the kind's room.
+    /// not; a turn takes at most so many backfilled ones, and both lanes
+    /// share the kind's room.
     #[pg_test]
     fn live_jobs_go_before_backfilled_ones() {
         Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
@@ -1143,9 +1165,16 @@ mod tests {
         crate::worker::queue::absorb_all();
         let lanes = crate::testing::texts("SELECT string_agg(format('%s:%s', id, backfilled), ' ' ORDER BY job_id) FROM outbox.queue", &[]);
         assert_eq!(lanes, ["b1:t b2:t b3:t l1:f l2:f"]);
-        let first = claim_at_most("k", 3, &Vec::new());
-        assert_eq!(ids(&first), ["b1", "l1", "l2"]);
-        assert_eq!(first.iter().filter(|j| j.backfilled).count(), 1);
+        // Live ones first, though the others are older.
+        assert_eq!(ids(&claim_at_most("k", 2, &Vec::new())), ["l1", "l2"]);
+        // At most the backfilled limit of the others, which does not bound
+        // the live ones.
+        crate::capture::inbox::forget();
+        Spi::run("SELECT outbox.enqueue('k', 'l3')").unwrap();
+        crate::worker::queue::absorb_all();
+        let mixed = Spi::connect_mut(|c| super::claim(c, &[("k".to_string(), 10)], &mut super::Cursors::new(), 10, 1, &Vec::new()));
+        assert_eq!(ids(&mixed), ["b1", "l3"]);
+        assert_eq!(mixed.iter().map(|j| (j.id.as_str(), j.backfilled)).filter(|(_, b)| *b).count(), 1);
         assert_eq!(ids(&claim(&Vec::new())), ["b2", "b3"]);
     }
 
