@@ -47,14 +47,30 @@ const BUSY_GAP_PER_TURN: u32 = 10;
 /// Low enough that 2 ms turns under a few thousand commits/s reach it.
 const BUSY_WORK: usize = 4;
 
-/// The pause before the next turn, given how much the last one found, how
-/// long it took, and whether anything is being delivered. A lone commit is
-/// never delayed, and a backlog (a full batch) is worked without gaps. A busy
-/// stream that leaves nothing to deliver (its kinds paused, or every change
-/// coalesced into a job not due yet) waits the longest gap: no delivery is
-/// held back by it.
-fn turn_gap(last_work: usize, more_due: bool, last_turn: Duration, delivering: bool) -> Duration {
-    if last_work < BUSY_WORK || more_due {
+/// What the last turn left to do at once, for the pause before the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Left {
+    Nothing,
+    /// Jobs due at once: a full claim, or an inbox it could not empty.
+    Backlog,
+    /// Backfilled jobs: it claimed some, and there may be more.
+    Backfill,
+}
+
+/// The pause before the next turn, given how much the last one found (live
+/// work: absorbed rows and live jobs claimed), what it left, how long it
+/// took, and whether anything is being delivered. A lone commit is never
+/// delayed, and a backlog (a full batch) is worked without gaps. So is a
+/// backfill: its jobs come from no commit, and while it runs with little
+/// live work, a commit's latch ends the wait at once. A busy stream that
+/// leaves nothing to deliver (its kinds paused, or every change coalesced
+/// into a job not due yet) waits the longest gap: no delivery is held back
+/// by it.
+fn turn_gap(last_work: usize, left: Left, last_turn: Duration, delivering: bool) -> Duration {
+    if left == Left::Backfill && last_work < BUSY_WORK {
+        return Duration::ZERO;
+    }
+    if last_work < BUSY_WORK || left != Left::Nothing {
         return MIN_TURN_GAP;
     }
     if !delivering {
@@ -137,8 +153,8 @@ const CURSOR_RESET: Duration = Duration::from_secs(1);
 
 /// A turn claims at most this many backfilled jobs of a kind: a live change
 /// that commits during a turn waits for its end, so a backfill keeps turns
-/// short. (Its jobs still fill the HTTP threads' queue over a few turns.)
-const BACKFILLED_PER_TURN: i64 = 64;
+/// short.
+const BACKFILLED_PER_TURN: usize = 64;
 
 /// How many strikes more a kind whose render the watchdog had to end
 /// starts with than one that ran out of time: benched from 16-32 s at the
@@ -243,8 +259,7 @@ struct Worker {
     last_work: usize,
     /// The last turn left work that was due at once.
     more_due: bool,
-    /// The last turn claimed backfilled jobs: it works a backlog, without
-    /// gaps, as for `more_due`.
+    /// The last turn claimed backfilled jobs (see [`turn_gap`]).
     backfilling: bool,
     /// The last absorb stopped at its limit: the inbox has more.
     inbox_backlog: bool,
@@ -487,11 +502,21 @@ impl Worker {
                 Rest {
                     state: if delivering { WorkerState::Delivering } else { WorkerState::Idle },
                     activity: c"waiting",
-                    pace: turn_gap(self.last_work, self.more_due || self.backfilling, self.last_turn_time, delivering),
+                    pace: turn_gap(self.last_work, self.left(), self.last_turn_time, delivering),
                     timeout: self.sleep_limit(next_due),
                     outcomes: true,
                 }
             }
+        }
+    }
+
+    fn left(&self) -> Left {
+        if self.backfilling {
+            Left::Backfill
+        } else if self.more_due {
+            Left::Backlog
+        } else {
+            Left::Nothing
         }
     }
 
@@ -551,6 +576,7 @@ impl Worker {
     /// privileges, recover, record, absorb, read kinds, backfill, claim,
     /// render.
     fn turn(&mut self, kinds_generation: Option<u64>) -> Turn {
+        self.backfilling = false;
         if !self.follow_extension() {
             return Turn::NoExtension;
         }
@@ -770,8 +796,11 @@ impl Worker {
     }
 
     /// Step: claims up to `room` due jobs, none of a record in flight, and
-    /// up to [`BACKFILLED_PER_TURN`] backfilled ones of a kind. Says whether
-    /// more are probably due: the claim was full, or a backfill had more.
+    /// of a kind's backfilled ones up to [`BACKFILLED_PER_TURN`], and only
+    /// while fewer than two rounds of `outbox.concurrency` are in flight: a
+    /// live request then waits in the HTTP threads' queue behind at most
+    /// one round of them. Says whether more are probably due: the claim was
+    /// full, or a backfill had more.
     fn claim(
         &mut self,
         c: &mut SpiClient<'_>,
@@ -779,8 +808,12 @@ impl Worker {
         room: usize,
         busy: &queue::InFlightKeys,
     ) -> (Vec<queue::Claimed>, bool) {
-        let claimed = queue::claim(c, active, &mut self.cursors, room as i64, BACKFILLED_PER_TURN, busy);
-        let mut backfilled: HashMap<&str, i64> = HashMap::new();
+        let free = (2 * gucs::CONCURRENCY.get().max(1) as usize).saturating_sub(self.in_flight.len());
+        let backfilled_limit = BACKFILLED_PER_TURN.min(free);
+        let mut claimed = queue::claim(c, active, &mut self.cursors, room as i64, backfilled_limit as i64, busy);
+        // Sent in this order: live ones first.
+        claimed.sort_by_key(|j| j.backfilled);
+        let mut backfilled: HashMap<&str, usize> = HashMap::new();
         for job in &claimed {
             if let Some(bucket) = self.buckets.get_mut(&job.kind) {
                 bucket.take(1);
@@ -789,9 +822,9 @@ impl Worker {
                 *backfilled.entry(job.kind.as_str()).or_default() += 1;
             }
         }
-        self.last_work += claimed.len() - backfilled.values().sum::<i64>() as usize;
+        self.last_work += claimed.len() - backfilled.values().sum::<usize>();
         self.backfilling = !backfilled.is_empty();
-        let more = claimed.len() >= room || backfilled.values().any(|&n| n >= BACKFILLED_PER_TURN);
+        let more = claimed.len() >= room || (backfilled_limit > 0 && backfilled.values().any(|&n| n >= backfilled_limit));
         (claimed, more)
     }
 
@@ -993,18 +1026,22 @@ mod tests {
     fn turns_are_spaced_by_their_own_length_only_while_busy() {
         let ms = Duration::from_millis;
         // Little work, or a backlog: the shortest gap.
-        assert_eq!(turn_gap(1, false, ms(30), true), MIN_TURN_GAP);
-        assert_eq!(turn_gap(500, true, ms(30), true), MIN_TURN_GAP);
-        assert_eq!(turn_gap(1, false, ms(30), false), MIN_TURN_GAP);
-        assert_eq!(turn_gap(500, true, ms(30), false), MIN_TURN_GAP);
+        assert_eq!(turn_gap(1, Left::Nothing, ms(30), true), MIN_TURN_GAP);
+        assert_eq!(turn_gap(500, Left::Backlog, ms(30), true), MIN_TURN_GAP);
+        assert_eq!(turn_gap(1, Left::Nothing, ms(30), false), MIN_TURN_GAP);
+        assert_eq!(turn_gap(500, Left::Backlog, ms(30), false), MIN_TURN_GAP);
         // A steady stream: ten times the turn, within bounds.
-        assert_eq!(turn_gap(BUSY_WORK, false, ms(2), true), ms(20));
-        assert_eq!(turn_gap(40, false, Duration::from_micros(300), true), BUSY_TURN_GAP);
-        assert_eq!(turn_gap(40, false, ms(9), true), MAX_BUSY_TURN_GAP);
-        assert_eq!(turn_gap(40, false, Duration::MAX, true), MAX_BUSY_TURN_GAP);
+        assert_eq!(turn_gap(BUSY_WORK, Left::Nothing, ms(2), true), ms(20));
+        assert_eq!(turn_gap(40, Left::Nothing, Duration::from_micros(300), true), BUSY_TURN_GAP);
+        assert_eq!(turn_gap(40, Left::Nothing, ms(9), true), MAX_BUSY_TURN_GAP);
+        assert_eq!(turn_gap(40, Left::Nothing, Duration::MAX, true), MAX_BUSY_TURN_GAP);
         // A steady stream with nothing to deliver: the longest gap.
-        assert_eq!(turn_gap(BUSY_WORK, false, ms(2), false), MAX_BUSY_TURN_GAP);
-        assert_eq!(turn_gap(40, false, Duration::from_micros(300), false), MAX_BUSY_TURN_GAP);
+        assert_eq!(turn_gap(BUSY_WORK, Left::Nothing, ms(2), false), MAX_BUSY_TURN_GAP);
+        assert_eq!(turn_gap(40, Left::Nothing, Duration::from_micros(300), false), MAX_BUSY_TURN_GAP);
+        // A backfill: no pause while live work is light, the shortest gap
+        // under a stream.
+        assert_eq!(turn_gap(0, Left::Backfill, ms(30), true), Duration::ZERO);
+        assert_eq!(turn_gap(40, Left::Backfill, ms(9), true), MIN_TURN_GAP);
     }
 
     #[test]

@@ -3,8 +3,7 @@
 //! client). They do network I/O and pure Rust only: no pgrx, no pg_sys, no
 //! logging (Postgres is bound to the main thread). They take requests from
 //! the main thread, round robin, keep up to `outbox.concurrency` of them in
-//! flight at once between them (one shared limit), send a waiting live
-//! request before a waiting backfilled one, and report outcomes over
+//! flight at once between them (one shared limit), and report outcomes over
 //! one channel. When the main loop is about to wait, the first outcome after
 //! that writes a byte to a pipe that it waits on together with its latch;
 //! while it is busy, outcomes just queue up.
@@ -29,7 +28,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
-use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -65,8 +63,6 @@ pub struct Request {
     /// per record: the pool caps idle connections per host only, and would
     /// otherwise keep one open per record for a minute and a half.
     pub keep_alive: bool,
-    /// A backfill's: it waits for a slot behind every live request.
-    pub backfilled: bool,
 }
 
 /// What happened to one request.
@@ -178,8 +174,8 @@ impl Pool {
 
 /// Starts one event-loop thread (a current-thread tokio runtime with its own
 /// pooled client) that sends each request once it holds one of `slots`
-/// (`concurrency` in all, shared with the other threads), live requests
-/// before backfilled ones, and returns where to send it work.
+/// (`concurrency` in all, shared with the other threads), and returns where
+/// to send it work.
 fn event_loop(
     concurrency: usize,
     slots: &Arc<Semaphore>,
@@ -199,19 +195,19 @@ fn event_loop(
     let slots = Arc::clone(slots);
     std::thread::Builder::new().name("outbox-http".into()).spawn(move || {
         runtime.block_on(async move {
-            let mut waiting = Waiting::default();
-            loop {
-                if waiting.is_empty() {
-                    let Some(message) = req_rx.recv().await else { return };
-                    waiting.take(message, &mut http, concurrency, &proxies);
-                }
+            while let Some(message) = req_rx.recv().await {
+                let request = match message {
+                    Message::Send(request) => request,
+                    Message::Trust(roots) => {
+                        // Fails only for a bad protocol setup, which the
+                        // first build would have hit already.
+                        if let Ok(c) = client(concurrency, roots, &proxies) {
+                            http = c;
+                        }
+                        continue;
+                    }
+                };
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
-                // What came while we waited for the slot: a live request
-                // takes it before any backfilled one.
-                while let Ok(message) = req_rx.try_recv() {
-                    waiting.take(message, &mut http, concurrency, &proxies);
-                }
-                let Some(request) = waiting.next() else { continue };
                 let (client, report, proxies) = (http.clone(), report.clone(), Arc::clone(&proxies));
                 tokio::spawn(async move {
                     let started = Instant::now();
@@ -226,40 +222,6 @@ fn event_loop(
         // worker is exiting, and they are delivered again after it.
     })?;
     Ok(req_tx)
-}
-
-/// The requests an event loop has taken and not sent yet, in two lanes.
-#[derive(Default)]
-struct Waiting {
-    live: VecDeque<Request>,
-    backfilled: VecDeque<Request>,
-}
-
-impl Waiting {
-    fn is_empty(&self) -> bool {
-        self.live.is_empty() && self.backfilled.is_empty()
-    }
-
-    /// A request joins its lane; new roots make a new client.
-    fn take(&mut self, message: Message, http: &mut HttpClient, concurrency: usize, proxies: &Arc<Matcher>) {
-        match message {
-            Message::Send(r) if r.backfilled => self.backfilled.push_back(r),
-            Message::Send(r) => self.live.push_back(r),
-            Message::Trust(roots) => {
-                // Fails only for a bad protocol setup, which the first
-                // build would have hit already.
-                if let Ok(c) = client(concurrency, roots, proxies) {
-                    *http = c;
-                }
-            }
-        }
-    }
-
-    /// The next request to send: the oldest live one, else the oldest
-    /// backfilled one.
-    fn next(&mut self) -> Option<Request> {
-        self.live.pop_front().or_else(|| self.backfilled.pop_front())
-    }
 }
 
 /// The HTTP threads' side of the outcome channel and the wake-up pipe.
@@ -474,7 +436,6 @@ mod tests {
             timeout,
             max_response_bytes: 4,
             keep_alive: true,
-            backfilled: false,
         }
     }
 
@@ -607,56 +568,6 @@ mod tests {
         }
         assert_eq!(outcomes.len(), 6);
         assert!(outcomes.iter().all(|o| o.response == Response::Status(201)));
-    }
-
-    /// With one slot taken, a live request submitted after backfilled ones
-    /// goes out before them; each lane keeps its order.
-    #[test]
-    fn a_live_request_goes_out_before_waiting_backfilled_ones() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = Arc::clone(&order);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let seen = Arc::clone(&seen);
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(stream.try_clone().unwrap());
-                    loop {
-                        let mut head = String::new();
-                        while reader.read_line(&mut head).unwrap_or(0) > 2 {}
-                        let Some(path) = head.split(' ').nth(1) else { return };
-                        seen.lock().unwrap().push(path.to_string());
-                        std::thread::sleep(Duration::from_millis(50));
-                        if (&stream).write_all(b"HTTP/1.1 204 No Content\r\n\r\n").is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        let pool = Pool::start(1, 1, mozilla_roots()).unwrap();
-        let submit = |path: &str, backfilled: bool| {
-            pool.submit(Request { backfilled, ..request(format!("http://127.0.0.1:{port}{path}"), Duration::from_secs(10)) });
-        };
-        for i in 0..3 {
-            submit(&format!("/b/{i}"), true);
-        }
-        submit("/live", false);
-        let mut outcomes = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while outcomes.len() < 4 && std::time::Instant::now() < deadline {
-            outcomes.extend(pool.drain());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(outcomes.len(), 4);
-        let order = order.lock().unwrap().clone();
-        // The first backfilled request may have taken the slot already.
-        let live = order.iter().position(|p| p == "/live").unwrap();
-        assert!(live <= 1, "{order:?}");
-        let backfilled: Vec<&String> = order.iter().filter(|p| p.starts_with("/b/")).collect();
-        assert_eq!(backfilled, ["/b/0", "/b/1", "/b/2"]);
     }
 
     #[test]

@@ -270,7 +270,10 @@ WITH picked AS (
        FOR NO KEY UPDATE SKIP LOCKED
 ), sooner AS (
     UPDATE outbox.queue q
-       SET run_at = least(q.run_at, (SELECT pg_catalog.min(d.run_at) FROM due_sooner d WHERE d.ctid OPERATOR(pg_catalog.=) q.ctid))",
+       -- Made live, a job is due now at the earliest: the live lane's
+       -- cursor may be past its old time.
+       SET run_at = greatest(least(q.run_at, (SELECT pg_catalog.min(d.run_at) FROM due_sooner d WHERE d.ctid OPERATOR(pg_catalog.=) q.ctid)),
+                             pg_catalog.now())",
        made_live!($v), "
      WHERE q.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM locked))
 ), left_behind AS (
@@ -359,7 +362,8 @@ WITH due AS (
      ORDER BY k.backfilled, d.run_at, d.job_id
      LIMIT $2
 ), one_per_record AS (
-    SELECT DISTINCT ON (kind, id) ctid, kind, backfilled, run_at, job_id, room FROM due ORDER BY kind, id, job_id
+    -- A record's live job before its backfilled one (a retry).
+    SELECT DISTINCT ON (kind, id) ctid, kind, backfilled, run_at, job_id, room FROM due ORDER BY kind, id, backfilled, job_id
 ), in_room AS (
     -- A kind's lanes share its room (the live lane's: the other's may be
     -- smaller), live jobs first.
@@ -666,7 +670,7 @@ WITH moved AS (
     insert_changes!(),
     "
 ), sooner AS (
-    UPDATE outbox.queue q SET run_at = least(q.run_at, c.run_at)", made_live!($v), "
+    UPDATE outbox.queue q SET run_at = greatest(least(q.run_at, c.run_at), pg_catalog.now())", made_live!($v), "
       FROM changed c
      WHERE q.kind OPERATOR(pg_catalog.=) c.kind AND q.id OPERATOR(pg_catalog.=) c.id
        AND ",
@@ -743,6 +747,10 @@ pub fn claim(
         .collect();
     let all_taken = claimed.len() as i64 >= limit;
     for (kind, lane, room) in lanes {
+        if room == 0 {
+            // Not scanned: it stays where it was.
+            continue;
+        }
         let mine = claimed.iter().filter(|j| j.kind == kind && j.backfilled == lane);
         let (n, last) = mine.fold((0, None), |(n, last), j| (n + 1, last.max(Some((j.run_at_us, j.job_id)))));
         match last {
@@ -1185,6 +1193,9 @@ mod tests {
     fn a_change_makes_a_backfilled_job_live() {
         Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
         backfill("k", &["a", "b", "c"]);
+        // a's chunk was read a while ago: made live, it is due now, not
+        // before the live lane's cursor.
+        Spi::run("UPDATE outbox.queue SET run_at = now() - interval '1 min' WHERE id = 'a'").unwrap();
         Spi::run("SELECT outbox.enqueue('k', 'a'), outbox.enqueue('k', 'd', interval '1 hour')").unwrap();
         crate::worker::queue::absorb_all();
         Spi::run("INSERT INTO outbox.inbox (kind, ids, enqueued_at, run_at) VALUES ('k', '{b}', now(), now() + interval '1 hour')").unwrap();
@@ -1200,6 +1211,23 @@ mod tests {
         // b's change asked for an hour from now: it joins a job due now, as
         // any later delay does, and stays due now.
         assert_eq!(jobs, ["a:f:t b:f:t c:t:t d:f:f"]);
+        let a_now = Spi::get_one::<bool>("SELECT run_at = now() FROM outbox.queue WHERE id = 'a'").unwrap();
+        assert_eq!(a_now, Some(true));
+    }
+
+    /// Of a record's two due jobs, a backfilled one being retried and a
+    /// live one, the claim takes the live one.
+    #[pg_test]
+    fn a_records_live_job_goes_before_its_backfilled_retry() {
+        Spi::run("SELECT outbox.register('k', 'http://h/{id}')").unwrap();
+        backfill("k", &["r"]);
+        Spi::run("UPDATE outbox.queue SET attempts = 1, last_attempt_at = now() - interval '1 min', run_at = now() - interval '1 min'")
+            .unwrap();
+        Spi::run("SELECT outbox.enqueue('k', 'r')").unwrap();
+        crate::worker::queue::absorb_all();
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.queue WHERE id = 'r'").unwrap(), Some(2));
+        let first = claim(&Vec::new());
+        assert_eq!(first.iter().map(|j| (j.id.as_str(), j.backfilled)).collect::<Vec<_>>(), [("r", false)]);
     }
 
     fn ids(claimed: &[super::Claimed]) -> Vec<&str> {

@@ -411,7 +411,6 @@ pub fn render(
                 timeout: kind.timeout,
                 max_response_bytes,
                 keep_alive: !kind.host_per_record,
-                backfilled: job.backfilled,
             })
         })
         .collect();
