@@ -390,12 +390,13 @@ const CLAIM: &str = claim!(v0_3);
 const CLAIM_0_2: &str = claim!(v0_2);
 
 /// How long until the next job of the kinds in $1 falls due (among those the
-/// claim could take: not for a record in flight, $2 as for [`CLAIM`]).
+/// claim could take: not for a record in flight, $2 as for [`CLAIM`]; in the
+/// lanes of $3: live, and backfilled when the claim may take them).
 macro_rules! next_due {
     ($v:ident) => { concat!("
 SELECT pg_catalog.min(d.run_at) OPERATOR(pg_catalog.-) pg_catalog.now()
   FROM pg_catalog.unnest($1::text[]) AS k(kind)
- CROSS JOIN pg_catalog.unnest('{false,true}'::boolean[]) AS l(backfilled)
+ CROSS JOIN pg_catalog.unnest($3::boolean[]) AS l(backfilled)
  CROSS JOIN LATERAL (
     SELECT q.run_at
       FROM outbox.queue q
@@ -769,10 +770,12 @@ pub fn claim(
     claimed
 }
 
-/// Milliseconds until the next job is due (0 if overdue), None if none.
-pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>, busy: &InFlightKeys) -> Option<i64> {
-    let args: [DatumWithOid; 2] = [kinds.into(), busy.clone().into()];
-    let t = execute(c, for_schema(NEXT_DUE, NEXT_DUE_0_2), &[TEXT_ARRAY, INT8_ARRAY], &args).unwrap_or_else(|e| panic!("next due: {e}"));
+/// Milliseconds until the next job is due (0 if overdue), None if none;
+/// backfilled jobs only if `backfilled`.
+pub fn next_due_ms(c: &mut SpiClient<'_>, kinds: Vec<String>, busy: &InFlightKeys, backfilled: bool) -> Option<i64> {
+    let lanes: Vec<bool> = if backfilled { vec![false, true] } else { vec![false] };
+    let args: [DatumWithOid; 3] = [kinds.into(), busy.clone().into(), lanes.into()];
+    let t = execute(c, for_schema(NEXT_DUE, NEXT_DUE_0_2), &[TEXT_ARRAY, INT8_ARRAY, BOOL_ARRAY], &args).unwrap_or_else(|e| panic!("next due: {e}"));
     let iv = t.first().get_one::<pgrx::datum::Interval>().ok().flatten()?;
     Some((iv.as_micros() / 1000).max(0) as i64)
 }
@@ -1253,7 +1256,7 @@ mod tests {
         Spi::run("SELECT outbox.enqueue('k', 'a'), outbox.enqueue('k', 'c')").unwrap();
         crate::worker::queue::absorb_all();
         let in_flight = vec![a.key_hash];
-        let due = |busy: &super::InFlightKeys| Spi::connect_mut(|c| super::next_due_ms(c, vec!["k".into()], busy));
+        let due = |busy: &super::InFlightKeys| Spi::connect_mut(|c| super::next_due_ms(c, vec!["k".into()], busy, true));
         let second = claim(&in_flight);
         assert_eq!(ids(&second), ["c"], "a is in flight");
         assert_eq!(due(&in_flight), None, "nothing the claim could take");
@@ -1303,7 +1306,7 @@ mod tests {
                 "text[], bigint, bigint[], bigint[], bigint[], bigint[], boolean[]",
                 "'{user,user}', 10, '{NULL,NULL}', '{NULL,NULL}', '{}', '{10,10}', '{f,t}'",
             );
-            let next_due = worker_plan(super::NEXT_DUE, "text[], bigint[]", "'{user}', '{}'");
+            let next_due = worker_plan(super::NEXT_DUE, "text[], bigint[], boolean[]", "'{user}', '{}', '{f,t}'");
             for plan in [claim, next_due] {
                 assert!(plan.contains("using queue_due") && !plan.contains("queue_fresh_key"), "analyzed: {analyzed}\n{plan}");
                 assert!(!plan.contains("Seq Scan on queue"), "analyzed: {analyzed}\n{plan}");
