@@ -291,6 +291,7 @@ fn enqueue_takes_a_grant_for_the_kind_and_returns_nothing() {
     admin
         .batch_execute(&format!(
             "CREATE ROLE app LOGIN NOSUPERUSER;
+             CREATE ROLE boss LOGIN SUPERUSER;
              CREATE ROLE team NOLOGIN NOSUPERUSER;
              CREATE ROLE member LOGIN NOSUPERUSER IN ROLE team;
              SELECT outbox.register('user', '{}');
@@ -355,6 +356,19 @@ fn enqueue_takes_a_grant_for_the_kind_and_returns_nothing() {
     member.batch_execute("SELECT outbox.enqueue('other', 'm')").unwrap();
     refused(&mut member, "SELECT outbox.enqueue('user', 1)", "42501");
 
+    // What a session found allowed in one transaction is looked at again
+    // in the next: a grant made anew still allows; a membership taken
+    // back, or the superuser attribute, no longer does.
+    admin.batch_execute("SELECT outbox.revoke_enqueue('app', 'user'); SELECT outbox.grant_enqueue('app', 'user');").unwrap();
+    app.batch_execute("SELECT outbox.enqueue('user', 'r')").unwrap();
+    admin.batch_execute("REVOKE team FROM member").unwrap();
+    refused(&mut member, "SELECT outbox.enqueue('other', 'm2')", "42501");
+    admin.batch_execute("GRANT team TO member").unwrap();
+    let mut boss = client_as(&s.db, "boss");
+    boss.batch_execute("SELECT outbox.enqueue('user', 'b')").unwrap();
+    admin.batch_execute("ALTER ROLE boss NOSUPERUSER").unwrap();
+    refused(&mut boss, "SELECT outbox.enqueue('user', 'b2')", "42501");
+
     // Every kind, then taken back.
     admin.batch_execute("SELECT outbox.grant_enqueue('app')").unwrap();
     app.batch_execute("SELECT outbox.enqueue('other', 'o')").unwrap();
@@ -363,7 +377,10 @@ fn enqueue_takes_a_grant_for_the_kind_and_returns_nothing() {
     refused(&mut app, "SELECT outbox.enqueue('other', 5)", "42501");
 
     let expected: Vec<String> =
-        ["/user/1", "/user/a", &format!("/user/{uuid}"), "/user/2", "/other/m", "/other/o"].iter().map(|p| p.to_string()).collect();
+        ["/user/1", "/user/a", &format!("/user/{uuid}"), "/user/2", "/other/m", "/user/r", "/user/b", "/other/o"]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
     assert!(
         wait_until(LONG, || expected.iter().all(|p| r.requests_for(p).len() == 1) && jobs_left(&mut admin) == 0),
         "delivered: {:?}",
