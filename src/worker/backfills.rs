@@ -323,9 +323,10 @@ impl Backfills {
     }
 
     /// Step: a chunk of the next running backfill whose kind has few
-    /// backfilled jobs due. Nothing in a database still on 0.2.0. Returns whether it read
-    /// one and goes on: the next turn should come at once, as for a full
-    /// batch, even when the chunk made no job (a filter that held for none).
+    /// backfilled jobs due. Nothing in a database still on 0.2.0. Returns
+    /// whether it read one and goes on: the next turn should come at once,
+    /// as for a full batch, even when the chunk made no job (a filter that
+    /// held for none).
     pub fn step(&mut self, c: &mut SpiClient<'_>) -> bool {
         if self.read_at.is_none_or(|at| at.elapsed() >= REFRESH) {
             self.read_at = Some(Instant::now());
