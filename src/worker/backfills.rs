@@ -22,6 +22,7 @@
 
 use super::plans::{execute, types::*};
 use crate::capture::row_filter;
+use crate::pg::errors::raise;
 use crate::pg::roles::as_restricted;
 use crate::pg::settings::with_settings;
 use crate::pg::subxact::{try_subtransaction, Caught};
@@ -164,10 +165,6 @@ pub struct Reader {
     pub filter: Option<String>,
 }
 
-fn refuse(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
-    crate::pg::errors::raise(code, message, Some(hint))
-}
-
 impl Reader {
     /// Checks, as the catalog stands, that `run_as` may still have table
     /// `tbl` read for it by `id_column` with `filter`, and says how. The
@@ -176,10 +173,10 @@ impl Reader {
     /// Raises otherwise.
     pub fn of(c: &SpiClient<'_>, tbl: pg_sys::Oid, id_column: &str, filter: Option<&str>, run_as: pg_sys::Oid) -> Reader {
         let gone = |_| -> ! {
-            refuse(
+            raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
                 format!("the table (oid {}) or its column \"{id_column}\" is gone", tbl.to_u32()),
-                "Start a new backfill with outbox.backfill().",
+                Some("Start a new backfill with outbox.backfill()."),
             )
         };
         let row = c
@@ -203,30 +200,30 @@ impl Reader {
             gone(())
         };
         if !is_table {
-            refuse(PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, format!("{table} is not a table any more"), "Only tables can be backfilled.");
+            raise(PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, format!("{table} is not a table any more"), Some("Only tables can be backfilled."));
         }
         crate::capture::ids::require_canonical(id_column, typ);
         if !indexed {
-            refuse(
+            raise(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("column \"{id_column}\" of {table} leads no unique btree index in its own order"),
-                "A backfill pages through the table in the order of its id column, which takes a unique index on it alone (a primary key will do), without a predicate, of the column's collation and default operator class.",
+                Some("A backfill pages through the table in the order of its id column, which takes a unique index on it alone (a primary key will do), without a predicate, of the column's collation and default operator class."),
             );
         }
         if !may_read {
-            refuse(
+            raise(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("role \"{}\" may not read {table}", crate::pg::roles::role_name(run_as)),
-                "A backfill reads only what the role that starts it may read: GRANT SELECT on the table to it.",
+                Some("A backfill reads only what the role that starts it may read: GRANT SELECT on the table to it."),
             );
         }
         // SAFETY: a catalog lookup of a table that exists; no error raised.
         let rls = unsafe { pg_sys::check_enable_rls(tbl, run_as, true) };
         if rls == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
-            refuse(
+            raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 format!("row-level security of {table} applies to role \"{}\"", crate::pg::roles::role_name(run_as)),
-                "A backfill reads the table as its owner, which its policies don't restrict: start it as a role they don't restrict either (the owner, or one with BYPASSRLS).",
+                Some("A backfill reads the table as its owner, which its policies don't restrict: start it as a role they don't restrict either (the owner, or one with BYPASSRLS)."),
             );
         }
         let id = quote_identifier(id_column);

@@ -755,14 +755,12 @@ pub fn claim(
         let mine = claimed.iter().filter(|j| j.kind == kind && j.backfilled == lane);
         let (n, last) = mine.fold((0, None), |(n, last), j| (n + 1, last.max(Some((j.run_at_us, j.job_id)))));
         match last {
-            // Short, and not for the statement's limit.
-            Some(_) if n < room && !all_taken => {
-                cursors.remove(&(kind, lane));
-            }
-            Some(pos) => {
+            // Full (or cut by the statement's limit): go on after it.
+            Some(pos) if n >= room || all_taken => {
                 cursors.insert((kind, lane), pos);
             }
-            None => {
+            // Short: the scan reached the end; start over next time.
+            _ => {
                 cursors.remove(&(kind, lane));
             }
         }
